@@ -1,0 +1,19 @@
+import os
+
+# Kernels allocate their outputs filled with NaN instead of uninitialised memory, so a row a
+# kernel forgets to write fails the comparison (must be set before dtk is imported).
+os.environ.setdefault("DTK_DEBUG_NAN_FILL", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import dtk  # noqa: E402,F401
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # Fresh random inputs on every run; the seed is printed on failure to reproduce it.
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield

@@ -1,0 +1,1 @@
+"""dtk benchmark suite: `python -m benchmarks [--gpu] ...` (see benchmarks/README.md)."""

@@ -1,0 +1,393 @@
+"""Window attention (`dtk.window_attention`): shapes, implementations and the correctness check.
+
+Implementations, all run in one process on the same tensors:
+  dtk              the op (CPU tensors: C++ engine; CUDA tensors: Triton engine); checked first.
+  sdpa-<backend>   dense SDPA (no mask: the cost of ignoring locality) for flash, cudnn,
+                   efficient, math via torch.nn.attention.sdpa_kernel; a backend that errors is
+                   skipped with the error in the row.
+  flex             FlexAttention with the equivalent mask_mod (GPU only), in the case's token
+                   order (row-major or tile order); mask building time is reported as mask_s.
+  naive            dense boolean mask + SDPA math backend, where memory allows; checked.
+
+FLOPs are the mask's: 4 * B * H * D * pair_count(spec) (exact number of allowed (q, k) pairs), for
+every implementation, so TFLOP/s are "effective" and comparable across rows.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, asdict
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from dtk.ops.window.reference import masked_attention, window_mask
+from dtk.ops.window.spec import (box_range, circle_center, grid_coords, make_spec, pair_count)
+
+from ..registry import Case, CheckResult, Impl, Prepared, Skip, register
+
+OP = "window"
+
+
+@dataclass(frozen=True)
+class WindowShape:
+    name: str
+    B: int
+    H: int
+    D: int
+    grid: Tuple[int, ...]
+    window: Optional[Tuple[int, ...]] = None
+    radius: Optional[int] = None
+    border: str = "inward"
+    num_prefix: int = 0
+    tile: Optional[Tuple[int, ...]] = None
+    note: str = ""
+
+    def spec(self):
+        return make_spec(self.grid, self.window, self.radius, self.border, self.num_prefix, self.tile)
+
+    def op_kwargs(self):
+        return dict(radius=self.radius, border=self.border, num_prefix=self.num_prefix, tile=self.tile)
+
+
+# Default (CPU, fp32) set: tiny, the whole run takes well under a minute on 2 cores.
+CPU_SHAPES = [
+    WindowShape("2d-24x24-w7-p8", 1, 4, 64, (24, 24), window=(7, 7), num_prefix=8),
+    WindowShape("2d-24x24-w7-p8-tile4x8", 1, 4, 64, (24, 24), window=(7, 7), num_prefix=8, tile=(4, 8)),
+    WindowShape("3d-4x8x8-w(-1,3,5)", 1, 2, 64, (4, 8, 8), window=(-1, 3, 5)),
+    WindowShape("circle-r4-20x20-p16-clip", 1, 2, 64, (20, 20), radius=4, border="clip", num_prefix=16),
+]
+
+# --gpu set (bf16, d=128): DESIGN §4 headline shapes, cheapest first.
+GPU_SHAPES = [
+    WindowShape("flux1024-r16-clip-p512-tile8x16", 1, 24, 128, (64, 64), radius=16, border="clip",
+                num_prefix=512, tile=(8, 16), note="CLEAR on FLUX 1024^2"),
+    WindowShape("na2d-256-w64-tile8x16", 1, 24, 128, (256, 256), window=(64, 64), tile=(8, 16),
+                note="FLUX 4K grid, inward 64x64 window"),
+    WindowShape("na2d-256-w64-rowmajor", 1, 24, 128, (256, 256), window=(64, 64)),
+    WindowShape("freeswim-1080p-tile1x8x16", 1, 12, 128, (21, 68, 120), window=(-1, 31, 53), tile=(1, 8, 16),
+                note="FreeSwim Wan2.1 1080p, 81 frames"),
+    WindowShape("freeswim-1080p-rowmajor", 1, 12, 128, (21, 68, 120), window=(-1, 31, 53)),
+    WindowShape("clear8k-r16-clip-p512-tile8x16", 1, 24, 128, (512, 512), radius=16, border="clip",
+                num_prefix=512, tile=(8, 16), note="CLEAR at 8K"),
+]
+
+SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
+CHECK_ALL_ROWS_UP_TO = 2048      # sequences up to this length are checked on every query row
+CHECK_ROWS = 256                 # else on this many rows (random, plus the first/last prefix and grid rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask rows and the reference on a subset of query rows (never an S x S mask for big shapes).
+
+def mask_rows(spec, rows: torch.Tensor, device=None) -> torch.Tensor:
+    """(len(rows), S) bool: the rows `rows` (sequence positions) of the window mask, built from
+    coordinates in O(len(rows) * S); equals window_mask(spec)[rows]."""
+    P, S = spec.num_prefix, spec.seq_len
+    rows = rows.to(device)
+    coords = grid_coords(spec, device)
+    out = torch.ones(rows.numel(), S, dtype=torch.bool, device=device)   # prefix rows see all keys
+    g = rows >= P
+    if g.any():
+        gi = rows[g] - P
+        allowed = torch.ones(gi.numel(), spec.num_grid, dtype=torch.bool, device=device)
+        dist2 = torch.zeros(gi.numel(), spec.num_grid, dtype=torch.int64, device=device)
+        for a in range(3):
+            n, p, k = spec.grid[a], coords[a][gi][:, None], coords[a][None, :]
+            if spec.window is not None:
+                lo, hi = box_range(p, n, spec.window[a], spec.border)
+                allowed &= (k >= lo) & (k <= hi)
+            else:
+                d = k - circle_center(p, n, spec.radius, spec.border, spec.padded(a))
+                dist2 += d * d
+        if spec.radius is not None:
+            allowed &= dist2 < spec.radius * spec.radius
+        sub = out[g]
+        sub[:, P:] = allowed
+        out[g] = sub
+    return out
+
+
+def check_rows_for(spec, device) -> torch.Tensor:
+    S, P = spec.seq_len, spec.num_prefix
+    if S <= CHECK_ALL_ROWS_UP_TO:
+        return torch.arange(S, device=device)
+    fixed = [0, S - 1, P] + ([P - 1] if P > 0 else [])
+    rnd = torch.randperm(S)[:CHECK_ROWS]
+    return torch.unique(torch.cat([torch.tensor(fixed), rnd])).to(device)
+
+
+def reference_rows(state, dtype) -> torch.Tensor:
+    """Masked attention on the check rows only, computed in `dtype`, head chunks bounded in memory."""
+    q, k, v, rows, spec = state["q"], state["k"], state["v"], state["rows"], state["spec"]
+    mask = state.get("_mask_rows")
+    if mask is None:
+        mask = state["_mask_rows"] = mask_rows(spec, rows, q.device)
+    B, S, H, D = q.shape
+    per_head = B * rows.numel() * S
+    hc = max(1, min(H, (1 << 27) // max(1, per_head)))
+    outs = []
+    for h0 in range(0, H, hc):
+        hs = slice(h0, min(H, h0 + hc))
+        qq = q[:, :, hs].index_select(1, rows).to(dtype)
+        o, _ = masked_attention(qq, k[:, :, hs].to(dtype), v[:, :, hs].to(dtype), mask, state["scale"])
+        outs.append(o)
+    return torch.cat(outs, 2)
+
+
+def check(state, out) -> CheckResult:
+    """DESIGN §6 rule on the check rows: error vs the float64 reference <= 2 x (error of the
+    reference computed in the run's dtype) + atol; NaN anywhere in the output fails."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    rows = state["rows"]
+    against = f"float64 masked reference on {rows.numel()}/{state['spec'].seq_len} query rows"
+    B, S, H, D = state["q"].shape
+    if tuple(out.shape) != (B, S, H, D):
+        return CheckResult(False, float("inf"), 0.0, rows.numel(), against + f"; shape {tuple(out.shape)}")
+    if torch.isnan(out).any():
+        return CheckResult(False, float("nan"), 0.0, rows.numel(), against + "; NaN in output")
+    if "_ref64" not in state:
+        state["_ref64"] = reference_rows(state, torch.float64)
+        lowp = state["q"].dtype
+        state["_base"] = 0.0 if lowp == torch.float64 else \
+            (reference_rows(state, lowp).double() - state["_ref64"]).abs().max().item()
+    ref = state["_ref64"]
+    err = (out.index_select(1, rows).double() - ref).abs().nan_to_num(nan=float("inf")).max().item()
+    atol = 1e-5 if state["q"].dtype in (torch.float32, torch.float64) else 1e-3
+    tol = 2 * state["_base"] + atol
+    return CheckResult(err <= tol, err, tol, rows.numel(), against)
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations
+
+def _dtk_op():
+    try:
+        import dtk
+    except Exception as e:  # pragma: no cover
+        raise Skip(f"import dtk failed: {e!r}"[:200])
+    fn = getattr(dtk, "window_attention", None)
+    if fn is None:
+        raise Skip("dtk.window_attention not available in this build (op not merged yet)")
+    return fn
+
+
+def _prep_dtk(state):
+    op = _dtk_op()
+    sh: WindowShape = state["shape"]
+    q, k, v = state["q"], state["k"], state["v"]
+    kw = dict(sh.op_kwargs(), scale=state["scale"])
+    return Prepared(lambda: op(q, k, v, sh.grid, sh.window, **kw))
+
+
+_BACKEND = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+
+
+def _available_bytes(device: str) -> float:
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info()
+        return float(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8.0 * 2 ** 30
+
+
+def _dense_scores_bytes(state) -> float:
+    B, S, H, D = state["q"].shape
+    return 3.0 * B * H * S * S * 4      # scores, probabilities, a temporary (fp32 worst case)
+
+
+def _fmt_gib(x):
+    return f"{x / 2 ** 30:.1f} GiB"
+
+
+def _sdpa_prep(backend):
+    def prep(state):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        be = getattr(SDPBackend, _BACKEND[backend])
+        qh, kh, vh, scale = state["qh"], state["kh"], state["vh"], state["scale"]
+        if backend == "math":
+            need, avail = _dense_scores_bytes(state), _available_bytes(state["device"])
+            if need > 0.5 * avail:
+                raise Skip(f"memory: needs ~{_fmt_gib(need)}, {_fmt_gib(avail)} available")
+
+        def fn():
+            with sdpa_kernel([be]):
+                return F.scaled_dot_product_attention(qh, kh, vh, scale=scale).transpose(1, 2)
+        try:
+            fn()
+            if state["device"].startswith("cuda"):
+                torch.cuda.synchronize()
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            if msg.startswith("No viable backend"):
+                msg = "no kernel for this device/dtype/shape (SDPA: no viable backend)"
+            raise Skip(f"{backend} backend: {msg}"[:160])
+        B, S, H, D = state["q"].shape
+        return Prepared(fn, {"dense_flops": 4.0 * B * H * S * S * D})
+    return prep
+
+
+def _sdpa_reuse_key(backend):
+    def key(state):
+        return ("sdpa", backend, tuple(state["qh"].shape), str(state["qh"].dtype), state["device"])
+    return key
+
+
+_FLEX = None
+
+
+def _flex_fn():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+def flex_mask_mod(spec, device):
+    """mask_mod equivalent to window_mask(spec), looking up per-token coordinate tensors (as in
+    shared/anchors/h200_anchors.py); the grid tokens are in the spec's storage order."""
+    P = spec.num_prefix
+    coords = grid_coords(spec, device)
+    zeros = torch.zeros(P, dtype=torch.int64, device=device)
+    axes = [a for a in range(3) if spec.grid[a] > 1]
+    xk = {a: torch.cat([zeros, coords[a]]) for a in axes}
+    if spec.window is not None:
+        lo, hi = {}, {}
+        for a in axes:
+            l, h = box_range(coords[a], spec.grid[a], spec.window[a], spec.border)
+            lo[a], hi[a] = torch.cat([zeros, l]), torch.cat([zeros, h])
+
+        def mask_mod(b, h, qi, ki):
+            ok = (qi < P) | (ki < P)
+            inside = ki >= P
+            for a in axes:
+                x = xk[a][ki]
+                inside = inside & (x >= lo[a][qi]) & (x <= hi[a][qi])
+            return ok | inside
+        return mask_mod
+    r2 = spec.radius * spec.radius
+    cen = {a: torch.cat([zeros, circle_center(coords[a], spec.grid[a], spec.radius, spec.border, spec.padded(a))])
+           for a in axes}
+
+    def mask_mod(b, h, qi, ki):
+        ok = (qi < P) | (ki < P)
+        d2 = None
+        for a in axes:
+            d = xk[a][ki] - cen[a][qi]
+            d2 = d * d if d2 is None else d2 + d * d
+        inside = (d2 < r2) if d2 is not None else (ki >= P)
+        return ok | inside
+    return mask_mod
+
+
+def _prep_flex(state):
+    if not state["device"].startswith("cuda"):
+        raise Skip("GPU only")
+    from torch.nn.attention.flex_attention import create_block_mask
+    spec, S = state["spec"], state["spec"].seq_len
+    mm = flex_mask_mod(spec, state["device"])
+    t = time.perf_counter()
+    bm = create_block_mask(mm, None, None, S, S, device=state["device"], _compile=True)
+    torch.cuda.synchronize()
+    mask_s = time.perf_counter() - t
+    flex = _flex_fn()
+    qh, kh, vh, scale = state["qh"], state["kh"], state["vh"], state["scale"]
+
+    def fn():
+        return flex(qh, kh, vh, block_mask=bm, scale=scale).transpose(1, 2)
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    info = {"mask_s": round(mask_s, 2), "first_call_s": round(time.perf_counter() - t, 2)}
+    try:
+        info["sparsity"] = round(float(bm.sparsity()), 1)
+    except Exception:
+        pass
+    return Prepared(fn, info)
+
+
+def _prep_naive(state):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    spec = state["spec"]
+    S = spec.seq_len
+    need = _dense_scores_bytes(state) + 9.0 * spec.num_grid ** 2 + S * S
+    avail = _available_bytes(state["device"])
+    if need > 0.5 * avail:
+        raise Skip(f"memory: needs ~{_fmt_gib(need)}, {_fmt_gib(avail)} available")
+    t = time.perf_counter()
+    mask = window_mask(spec, 0, state["device"])
+    if state["device"].startswith("cuda"):
+        torch.cuda.synchronize()
+    mask_s = time.perf_counter() - t
+    qh, kh, vh, scale = state["qh"], state["kh"], state["vh"], state["scale"]
+
+    def fn():
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale).transpose(1, 2)
+    return Prepared(fn, {"mask_s": round(mask_s, 3)})
+
+
+def _flex_cost_hint(shape: WindowShape) -> float:
+    S = shape.spec().seq_len
+    return min(30.0, 3.0 + S * S / 1.7e8)
+
+
+def make_impls(shape: WindowShape, gpu: bool):
+    spec = shape.spec()
+    big = spec.seq_len > 100_000
+    impls = [Impl("dtk", _prep_dtk, kind="dtk", check=True)]
+    if gpu:
+        impls.append(Impl("flex", _prep_flex, check=True, devices=("cuda",), cost_hint_s=_flex_cost_hint(shape)))
+    for be in SDPA_BACKENDS:
+        impls.append(Impl(f"sdpa-{be}", _sdpa_prep(be), slow=big, reuse_key=_sdpa_reuse_key(be),
+                          note="dense, no mask"))
+    impls.append(Impl("naive", _prep_naive, check=True, note="dense bool mask + SDPA math"))
+    return impls
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases
+
+def make_setup(shape: WindowShape):
+    def setup(device, dtype):
+        spec = shape.spec()
+        S = spec.seq_len
+        gen = dict(device=device, dtype=dtype)
+        # SDPA layout (B,H,S,D) tensors; the op gets their (B,S,H,D) transpose views (no copy).
+        qh, kh, vh = (torch.randn(shape.B, shape.H, S, shape.D, **gen) for _ in range(3))
+        return dict(shape=shape, spec=spec, device=device, dtype=dtype, qh=qh, kh=kh, vh=vh,
+                    q=qh.transpose(1, 2), k=kh.transpose(1, 2), v=vh.transpose(1, 2),
+                    scale=1.0 / math.sqrt(shape.D), rows=check_rows_for(spec, device))
+    return setup
+
+
+def make_work(shape: WindowShape, elem_bytes: int):
+    def work():
+        spec = shape.spec()
+        flops = 4.0 * shape.B * shape.H * shape.D * pair_count(spec)
+        nbytes = 4.0 * shape.B * spec.seq_len * shape.H * shape.D * elem_bytes   # q, k, v read; out written
+        return flops, nbytes
+    return work
+
+
+def make_case(shape: WindowShape, gpu: bool) -> Case:
+    dtype = "bfloat16" if gpu else "float32"
+    params = {k: v for k, v in asdict(shape).items() if k not in ("name", "note") and v is not None}
+    params["seq_len"] = shape.spec().seq_len
+    return Case(op=OP, shape=shape.name, params=params, setup=make_setup(shape), impls=make_impls(shape, gpu),
+                check=check, work=make_work(shape, 2 if gpu else 4), dtype=dtype, gpu=gpu, note=shape.note)
+
+
+for _s in CPU_SHAPES:
+    register(make_case(_s, gpu=False))
+for _s in GPU_SHAPES:
+    register(make_case(_s, gpu=True))

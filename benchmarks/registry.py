@@ -1,0 +1,124 @@
+"""The one registry of benchmark cases: (op, shape) -> implementations, reference check, work counts.
+
+A *case* is one op on one shape. It knows how to build its input tensors on a device/dtype
+(`setup`), which implementations to time (`impls`: dtk and the anchors it is compared with), how
+to check an implementation's output for correctness (`check`), and how much work one call is
+(`work() -> (flops, bytes)`, flops being the mask's FLOPs, i.e. the useful work, identical for every implementation so that
+effective TFLOP/s and speedups compare like with like; `bytes`: the minimum traffic).
+
+Adding an op family: write `benchmarks/cases/<family>.py` that builds `Case` objects and calls
+`register(...)` at import time, one call per case, for the CPU set (`gpu=False`) and the GPU set
+(`gpu=True`). `benchmarks.cases` imports every module in that folder, so nothing else changes.
+See `benchmarks/cases/window.py` for the pattern and `benchmarks/README.md` for the conventions.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+
+class Skip(Exception):
+    """Raised by an implementation's `prepare` (or by `setup`) when it cannot run here; the
+    message is shown in the row (e.g. 'GPU only', 'needs 200 GiB', 'cuDNN: unsupported shape')."""
+
+
+@dataclass
+class Prepared:
+    """What `Impl.prepare` returns: `fn()` runs one call (the thing that is timed) and returns the
+    output in the op's layout (for the correctness check); `info` holds one-off costs measured
+    while preparing (e.g. FlexAttention's `mask_s`), shown beside the row, never in its time."""
+    fn: Callable[[], Any]
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Impl:
+    name: str
+    prepare: Callable[[Dict[str, Any]], Prepared]   # state (from Case.setup) -> Prepared
+    kind: str = "anchor"                  # "dtk" (the library) or "anchor" (what it is compared with)
+    check: bool = False                   # check output against the reference before timing (always for dtk)
+    devices: Tuple[str, ...] = ("cpu", "cuda")
+    cost_hint_s: float = 0.0              # rough one-off cost (mask building, compile): used by --budget-s
+    slow: bool = False                    # one call may take ~1 s: time with few reps
+    reuse_key: Optional[Callable[[Dict[str, Any]], tuple]] = None  # same key -> reuse an earlier timing
+    note: str = ""
+
+
+@dataclass
+class CheckResult:
+    ok: bool
+    err: float
+    tol: float
+    rows: int            # query rows compared
+    against: str         # what the output was compared with
+
+    def as_dict(self):
+        return dict(ok=self.ok, err=self.err, tol=self.tol, rows=self.rows, against=self.against)
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    params: Dict[str, Any]                           # shown in JSON/RESULTS (grid, window, heads, ...)
+    setup: Callable[[str, Any], Dict[str, Any]]      # (device, dtype) -> state (tensors, spec, ...)
+    impls: List[Impl]
+    check: Callable[[Dict[str, Any], Any], CheckResult]  # (state, output) -> CheckResult
+    work: Callable[[], Tuple[float, float]]          # () -> (flops, bytes); lazy: exact counts can cost a second
+    dtype: str                                       # "float32", "bfloat16", ...
+    gpu: bool                                        # belongs to the --gpu set
+    note: str = ""
+
+    _work: Optional[Tuple[float, float]] = field(default=None, repr=False)
+
+    def _get_work(self):
+        if self._work is None:
+            f, b = self.work()
+            self._work = (float(f), float(b))
+        return self._work
+
+    @property
+    def flops(self) -> float:
+        return self._get_work()[0]
+
+    @property
+    def bytes(self) -> float:
+        return self._get_work()[1]
+
+    @property
+    def key(self) -> str:
+        return f"{self.op}/{self.shape}"
+
+
+_CASES: List[Case] = []
+
+
+def register(case: Case) -> Case:
+    if any(c.key == case.key and c.gpu == case.gpu for c in _CASES):
+        raise ValueError(f"duplicate benchmark case {case.key}")
+    _CASES.append(case)
+    return case
+
+
+def all_cases() -> List[Case]:
+    from . import cases  # noqa: F401  (imports every family module, which registers its cases)
+    return list(_CASES)
+
+
+def select(gpu: bool, ops: Optional[Sequence[str]] = None, shapes: Optional[Sequence[str]] = None) -> List[Case]:
+    """Cases of the CPU (gpu=False) or GPU set, filtered by op names and shape globs."""
+    out = []
+    for c in all_cases():
+        if c.gpu != gpu:
+            continue
+        if ops and c.op not in ops:
+            continue
+        if shapes and not any(fnmatch.fnmatchcase(c.shape, s) or c.shape == s for s in shapes):
+            continue
+        out.append(c)
+    return out
+
+
+def ops() -> List[str]:
+    return sorted({c.op for c in all_cases()})

@@ -1,0 +1,102 @@
+"""Timers and the FLOP floor.
+
+GPU: `triton.testing.do_bench` (median), except for calls that take ~100 ms or more (dense
+anchors on the big shapes), which are timed with CUDA events over a few reps after one warmup.
+CPU: a repeat timer with warmup (median of wall-clock times).
+The FLOP floor is a GEMM measured in the same run: bf16 8192^3 on a GPU, fp32 on the CPU.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+
+
+def _sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_cpu(fn: Callable, *, warmup_s: float = 0.05, min_reps: int = 3, max_reps: int = 50,
+             target_s: float = 0.3) -> Dict:
+    """Median wall time (ms) of fn(): at least one warmup call (until warmup_s), then reps until
+    target_s or max_reps, never fewer than min_reps."""
+    t0 = time.perf_counter()
+    fn()
+    n_warm = 1
+    while time.perf_counter() - t0 < warmup_s and n_warm < 20:
+        fn()
+        n_warm += 1
+    times = []
+    t_start = time.perf_counter()
+    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() - t_start < target_s):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return dict(ms=statistics.median(times), reps=len(times), timer="cpu-median")
+
+
+def time_cuda_events(fn: Callable, reps: int = 3, warmup: int = 1) -> Dict:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return dict(ms=statistics.median(times), reps=reps, timer="cuda-events-median")
+
+
+def time_gpu(fn: Callable, *, slow: bool = False, slow_reps: int = 3, warmup_ms: int = 25, rep_ms: int = 100) -> Dict:
+    """do_bench median for ordinary calls; CUDA events with few reps when one call is slow
+    (flagged by the case, or measured >= 100 ms on a first call)."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    first_ms = (time.perf_counter() - t) * 1e3
+    if slow or first_ms >= 100:
+        r = time_cuda_events(fn, reps=slow_reps, warmup=0 if first_ms >= 1000 else 1)
+        r["first_ms"] = round(first_ms, 3)
+        return r
+    from triton.testing import do_bench
+    ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    return dict(ms=float(ms), timer="do_bench-median")
+
+
+def time_fn(fn: Callable, device: str, *, slow: bool = False, slow_reps: int = 3) -> Dict:
+    if device.startswith("cuda"):
+        return time_gpu(fn, slow=slow, slow_reps=slow_reps)
+    return time_cpu(fn)
+
+
+def measure_floor(device: str, n: Optional[int] = None) -> Dict:
+    """Peak-ish matrix-multiply rate of this device: the FLOP floor of every row is flops / rate."""
+    if device.startswith("cuda"):
+        n = n or 8192
+        dtype = torch.bfloat16
+    else:
+        n = n or 1024
+        dtype = torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    r = time_fn(lambda: a @ b, device)
+    flops = 2.0 * n ** 3
+    return dict(name=f"gemm {str(dtype).replace('torch.', '')} {n}^3", ms=r["ms"], tflops=tflops(flops, r["ms"]),
+                dtype=str(dtype).replace("torch.", ""), n=n)
+
+
+def tflops(flops: float, ms: float) -> float:
+    return flops / (ms * 1e-3) / 1e12
+
+
+def pct_of_floor(flops: float, ms: float, floor_tflops: float) -> float:
+    """Percent of the device's FLOP floor: floor time (flops at the GEMM rate) / measured time."""
+    floor_ms = flops / (floor_tflops * 1e12) * 1e3
+    return 100.0 * floor_ms / ms

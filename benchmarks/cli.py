@@ -91,11 +91,13 @@ def environment(device: str, argv: List[str]) -> Dict[str, Any]:
 
 class Runner:
     def __init__(self, device: str, floor: Dict, *, budget_s: Optional[float] = None,
-                 skip_anchors: Optional[List[str]] = None, slow_reps: int = 3, bar=None, log=print):
+                 skip_anchors: Optional[List[str]] = None, slow_reps: int = 3, bar=None, log=print,
+                 cpu_target_s: float = 0.3):
         self.device, self.floor = device, floor
         self.budget_s, self.t0 = budget_s, time.perf_counter()
         self.skip_anchors = skip_anchors or []
         self.slow_reps = slow_reps
+        self.cpu_target_s = cpu_target_s
         self.bar = bar
         self.log = log
         self.reuse: Dict[tuple, Dict] = {}
@@ -182,7 +184,8 @@ class Runner:
             if not res.ok:
                 row.update(status="FAILED", reason=f"wrong result: err {res.err:.3g} > tol {res.tol:.3g} ({res.against})")
                 return
-        t = time_fn(prep.fn, self.device, slow=impl.slow, slow_reps=self.slow_reps)
+        t = time_fn(prep.fn, self.device, slow=impl.slow, slow_reps=self.slow_reps,
+                    cpu_target_s=self.cpu_target_s)
         row["status"] = "ok"
         self._fill_time(row, t["ms"], t.get("timer"), t.get("reps"))
         if key is not None:
@@ -376,6 +379,7 @@ def parse_args(argv):
                    help="once this many seconds have passed, skip the remaining anchors (dtk rows still run)")
     p.add_argument("--skip-anchor", action="append", default=[], help="anchor name or glob to skip (repeatable)")
     p.add_argument("--slow-reps", type=int, default=3, help="reps for anchors taking ~0.1 s or more per call")
+    p.add_argument("--cpu-target-s", type=float, default=0.3, help="CPU timer: seconds of timed reps per row")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -398,14 +402,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     device = "cuda" if args.gpu else "cpu"
     meta = environment(device, argv)
-    floor = measure_floor(device)
+    floor = measure_floor(device, cpu_target_s=args.cpu_target_s)
     meta["floor"] = floor
     print(f"# {meta['card']} | torch {meta['torch']} | triton {meta['triton']} | cuda {meta['cuda']} | {meta['date']}")
     print(f"# FLOP floor: {floor['name']} {floor['ms']:.3f} ms = {floor['tflops']:.3g} TFLOP/s")
     data = dict(schema=SCHEMA, meta=meta, rows=[])
     bar = progress(sum(len(c.impls) for c in cases), enabled=not args.no_progress)
     runner = Runner(device, floor, budget_s=args.budget_s, skip_anchors=args.skip_anchor,
-                    slow_reps=args.slow_reps, bar=bar, log=lambda s: (sys.stderr.write(s + "\n"), sys.stderr.flush()))
+                    slow_reps=args.slow_reps, cpu_target_s=args.cpu_target_s, bar=bar, log=lambda s: (sys.stderr.write(s + "\n"), sys.stderr.flush()))
     t0 = time.perf_counter()
     for case in cases:
         dtype = getattr(torch, case.dtype)

@@ -70,13 +70,13 @@ def time_gpu(fn: Callable, *, slow: bool = False, slow_reps: int = 3, warmup_ms:
     return dict(ms=float(ms), timer="do_bench-median")
 
 
-def time_fn(fn: Callable, device: str, *, slow: bool = False, slow_reps: int = 3) -> Dict:
+def time_fn(fn: Callable, device: str, *, slow: bool = False, slow_reps: int = 3, cpu_target_s: float = 0.3) -> Dict:
     if device.startswith("cuda"):
         return time_gpu(fn, slow=slow, slow_reps=slow_reps)
-    return time_cpu(fn)
+    return time_cpu(fn, target_s=cpu_target_s, warmup_s=min(0.05, cpu_target_s / 4))
 
 
-def measure_floor(device: str, n: Optional[int] = None) -> Dict:
+def measure_floor(device: str, n: Optional[int] = None, cpu_target_s: float = 0.3) -> Dict:
     """Peak-ish matrix-multiply rate of this device: the FLOP floor of every row is flops / rate."""
     if device.startswith("cuda"):
         n = n or 8192
@@ -86,7 +86,7 @@ def measure_floor(device: str, n: Optional[int] = None) -> Dict:
         dtype = torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    r = time_fn(lambda: a @ b, device)
+    r = time_fn(lambda: a @ b, device, cpu_target_s=cpu_target_s)
     flops = 2.0 * n ** 3
     return dict(name=f"gemm {str(dtype).replace('torch.', '')} {n}^3", ms=r["ms"], tflops=tflops(flops, r["ms"]),
                 dtype=str(dtype).replace("torch.", ""), n=n)

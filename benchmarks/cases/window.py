@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, asdict
 from typing import Optional, Tuple
 
@@ -296,7 +297,9 @@ def _prep_flex(state):
     spec, S = state["spec"], state["spec"].seq_len
     mm = flex_mask_mod(spec, state["device"])
     t = time.perf_counter()
-    bm = create_block_mask(mm, None, None, S, S, device=state["device"], _compile=True)
+    with warnings.catch_warnings():   # torch >= 2.12 deprecates _compile (still works); 2.11 needs it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        bm = create_block_mask(mm, None, None, S, S, device=state["device"], _compile=True)
     torch.cuda.synchronize()
     mask_s = time.perf_counter() - t
     flex = _flex_fn()

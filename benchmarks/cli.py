@@ -27,11 +27,11 @@ SCHEMA = "dtk-bench/1"
 
 class _SimpleBar:
     def __init__(self, total, stream):
-        self.total, self.n, self.stream = total, 0, stream
+        self.total, self.n, self.stream, self.t0 = total, 0, stream, time.perf_counter()
 
     def set_description(self, text):
         self.text = text
-        self.stream.write(f"[{self.n + 1}/{self.total}] {text}\n")
+        self.stream.write(f"[{self.n + 1}/{self.total} {time.perf_counter() - self.t0:6.1f}s] {text}\n")
         self.stream.flush()
 
     def update(self, k=1):
@@ -148,7 +148,10 @@ class Runner:
                 row.update(status="error", reason=f"{type(e).__name__}: {e}"[:200])
             finally:
                 if self.device.startswith("cuda"):
-                    torch.cuda.synchronize()
+                    try:
+                        torch.cuda.synchronize()
+                    except Exception as e:  # a sticky CUDA error: every later row will say so too
+                        row.setdefault("reason", f"after row: {e!r}"[:200])
             rows.append(row)
             if self.bar:
                 self.bar.update()

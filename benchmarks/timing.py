@@ -54,16 +54,23 @@ def time_cuda_events(fn: Callable, reps: int = 3, warmup: int = 1) -> Dict:
 
 
 def time_gpu(fn: Callable, *, slow: bool = False, slow_reps: int = 3, warmup_ms: int = 25, rep_ms: int = 100) -> Dict:
-    """do_bench median for ordinary calls; CUDA events with few reps when one call is slow
-    (flagged by the case, or measured >= 100 ms on a first call)."""
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    first_ms = (time.perf_counter() - t) * 1e3
-    if slow or first_ms >= 100:
-        r = time_cuda_events(fn, reps=slow_reps, warmup=0 if first_ms >= 1000 else 1)
-        r["first_ms"] = round(first_ms, 3)
+    """do_bench median for ordinary calls. Calls flagged slow by the case (dense anchors on the big
+    shapes, already run once while preparing) get `slow_reps` CUDA-event reps and no warmup; a
+    call measured >= 100 ms twice in a row (the first may include a compile) gets the same."""
+    if slow:
+        return time_cuda_events(fn, reps=slow_reps, warmup=0)
+    firsts = []
+    for _ in range(2):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        firsts.append((time.perf_counter() - t) * 1e3)
+        if firsts[-1] < 100:
+            break
+    if min(firsts) >= 100:
+        r = time_cuda_events(fn, reps=slow_reps, warmup=0)
+        r["first_ms"] = round(firsts[0], 3)
         return r
     from triton.testing import do_bench
     ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")

@@ -344,15 +344,22 @@ def _flex_cost_hint(shape: WindowShape) -> float:
     return min(30.0, 3.0 + S * S / 1.7e8)
 
 
-def make_impls(shape: WindowShape, gpu: bool):
+# Rough dense rates (TFLOP/s, H100/H200 bf16) for --budget-s cost hints only; never reported.
+_DENSE_RATE = {"cudnn": 550.0, "flash": 350.0, "efficient": 200.0, "math": 50.0}
+
+
+def make_impls(shape: WindowShape, gpu: bool, slow_reps: int = 3):
     spec = shape.spec()
-    big = spec.seq_len > 100_000
+    S = spec.seq_len
+    big = S > 100_000
+    dense_flops = 4.0 * shape.B * shape.H * S * S * shape.D
     impls = [Impl("dtk", _prep_dtk, kind="dtk", check=True)]
     if gpu:
         impls.append(Impl("flex", _prep_flex, check=True, devices=("cuda",), cost_hint_s=_flex_cost_hint(shape)))
     for be in SDPA_BACKENDS:
+        hint = (slow_reps + 2) * dense_flops / (_DENSE_RATE[be] * 1e12) if gpu else 0.0
         impls.append(Impl(f"sdpa-{be}", _sdpa_prep(be), slow=big, reuse_key=_sdpa_reuse_key(be),
-                          note="dense, no mask"))
+                          cost_hint_s=hint, note="dense, no mask"))
     impls.append(Impl("naive", _prep_naive, check=True, note="dense bool mask + SDPA math"))
     return impls
 

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The prepared check for the lent GPU machine (H100/H200, torch 2.11, Triton 3.6, nvcc, no network).
+# Builds dtk in place, runs the test suite, then the GPU benchmarks; everything lands in $OUT
+# (7 files: env.txt build.log tests.log bench.log bench.json bench.png RESULTS.md).
+# Whole run sized to ~9 minutes: each step gets what is left of TOTAL_S.
+#   run from the repo root:  bash scripts/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+TOTAL_S="${TOTAL_S:-540}"
+export PYTHONUNBUFFERED=1
+left() { echo $(( TOTAL_S - SECONDS )); }
+
+# CUDA toolkit: /usr/local/cuda if it has nvcc, else the root above the real nvcc
+if [ -x /usr/local/cuda/bin/nvcc ]; then
+  CUDA_HOME=/usr/local/cuda
+else
+  CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
+fi
+export CUDA_HOME
+
+{
+  echo "== $(date -u '+%F %T UTC')"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,temperature.gpu,utilization.gpu --format=csv || true
+  echo "CUDA_HOME=$CUDA_HOME"; "$CUDA_HOME/bin/nvcc" --version | tail -n 2 || true
+  python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__)"
+  echo "nproc $(nproc)"
+} 2>&1 | tee "$OUT/env.txt"
+
+echo "== build ($(left) s left)"
+# a CMake cache configured here without CUDA (DTK_WITH_CUDA=0 builds) would keep CUDA off: drop it
+for c in build/temp*/dtk._C/CMakeCache.txt; do
+  if [ -f "$c" ] && grep -q '^DTK_WITH_CUDA:BOOL=OFF' "$c"; then rm -f "$c"; fi
+done
+TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 timeout "$(left)" python setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+  || { echo "BUILD FAILED"; tail -n 40 "$OUT/build.log"; exit 1; }
+tail -n 3 "$OUT/build.log"
+echo "build done at ${SECONDS} s"
+export PYTHONPATH="$PWD/python:$PWD"
+
+# tests: at most 150 s (or a third of what is left), never blocking the benchmarks
+T_TESTS=$(( $(left) / 3 < 150 ? $(left) / 3 : 150 ))
+echo "== tests (timeout ${T_TESTS} s)"
+rc_tests=0
+timeout "$T_TESTS" python -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" || rc_tests=$?
+echo "tests rc=$rc_tests at ${SECONDS} s"
+
+# benchmarks: anchors stop at the budget; dtk rows always run; JSON is rewritten after every case
+T_BENCH=$(( $(left) - 15 ))
+BUDGET=$(( T_BENCH - 120 < 300 ? T_BENCH - 120 : 300 ))
+[ "$BUDGET" -lt 30 ] && BUDGET=30
+echo "== benchmarks (timeout ${T_BENCH} s, --budget-s ${BUDGET})"
+rc_bench=0
+timeout "$T_BENCH" python -m benchmarks --gpu --json "$OUT/bench.json" --plot "$OUT/bench.png" \
+  --budget-s "$BUDGET" 2>&1 | tee "$OUT/bench.log" || rc_bench=$?
+echo "bench rc=$rc_bench at ${SECONDS} s"
+
+if [ -f "$OUT/bench.json" ]; then
+  python -m benchmarks.results_md "$OUT/bench.json" > "$OUT/RESULTS.md" || echo "results_md failed"
+fi
+echo "== done in ${SECONDS} s (tests rc=$rc_tests, bench rc=$rc_bench)"
+exit $(( rc_tests != 0 || rc_bench != 0 ))

@@ -12,19 +12,24 @@ TOTAL_S="${TOTAL_S:-540}"
 export PYTHONUNBUFFERED=1
 left() { echo $(( TOTAL_S - SECONDS )); }
 
+# the GPU image's torch python is python3 (a plain `python` may be missing there)
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+
 # CUDA toolkit: /usr/local/cuda if it has nvcc, else the root above the real nvcc
 if [ -x /usr/local/cuda/bin/nvcc ]; then
   CUDA_HOME=/usr/local/cuda
-else
+elif command -v nvcc > /dev/null; then
   CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
+else
+  CUDA_HOME=""; echo "warning: no nvcc found, the CUDA C++ sources will not be built"
 fi
 export CUDA_HOME
 
 {
   echo "== $(date -u '+%F %T UTC')"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,temperature.gpu,utilization.gpu --format=csv || true
-  echo "CUDA_HOME=$CUDA_HOME"; "$CUDA_HOME/bin/nvcc" --version | tail -n 2 || true
-  python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__)"
+  echo "CUDA_HOME=$CUDA_HOME"; [ -n "$CUDA_HOME" ] && "$CUDA_HOME/bin/nvcc" --version | tail -n 2 || true
+  "$PY" -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__)"
   echo "nproc $(nproc)"
 } 2>&1 | tee "$OUT/env.txt"
 
@@ -33,7 +38,7 @@ echo "== build ($(left) s left)"
 for c in build/temp*/dtk._C/CMakeCache.txt; do
   if [ -f "$c" ] && grep -q '^DTK_WITH_CUDA:BOOL=OFF' "$c"; then rm -f "$c"; fi
 done
-TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 timeout "$(left)" python setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 timeout "$(left)" "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
   || { echo "BUILD FAILED"; tail -n 40 "$OUT/build.log"; exit 1; }
 tail -n 3 "$OUT/build.log"
 echo "build done at ${SECONDS} s"
@@ -43,7 +48,7 @@ export PYTHONPATH="$PWD/python:$PWD"
 T_TESTS=$(( $(left) / 3 < 150 ? $(left) / 3 : 150 ))
 echo "== tests (timeout ${T_TESTS} s)"
 rc_tests=0
-timeout "$T_TESTS" python -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" || rc_tests=$?
+timeout "$T_TESTS" "$PY" -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" || rc_tests=$?
 echo "tests rc=$rc_tests at ${SECONDS} s"
 
 # benchmarks: anchors stop at the budget; dtk rows always run; JSON is rewritten after every case
@@ -52,12 +57,12 @@ BUDGET=$(( T_BENCH - 120 < 300 ? T_BENCH - 120 : 300 ))
 [ "$BUDGET" -lt 30 ] && BUDGET=30
 echo "== benchmarks (timeout ${T_BENCH} s, --budget-s ${BUDGET})"
 rc_bench=0
-timeout "$T_BENCH" python -m benchmarks --gpu --json "$OUT/bench.json" --plot "$OUT/bench.png" \
+timeout "$T_BENCH" "$PY" -m benchmarks --gpu --json "$OUT/bench.json" --plot "$OUT/bench.png" \
   --budget-s "$BUDGET" 2>&1 | tee "$OUT/bench.log" || rc_bench=$?
 echo "bench rc=$rc_bench at ${SECONDS} s"
 
 if [ -f "$OUT/bench.json" ]; then
-  python -m benchmarks.results_md "$OUT/bench.json" > "$OUT/RESULTS.md" || echo "results_md failed"
+  "$PY" -m benchmarks.results_md "$OUT/bench.json" > "$OUT/RESULTS.md" || echo "results_md failed"
 fi
 echo "== done in ${SECONDS} s (tests rc=$rc_tests, bench rc=$rc_bench)"
 exit $(( rc_tests != 0 || rc_bench != 0 ))

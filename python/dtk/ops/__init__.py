@@ -1,0 +1,1 @@
+"""dtk op families: one sub-package per family (wrapper, reference, kernels, registrations)."""

@@ -1,0 +1,56 @@
+"""Window attention: local windows (CLEAR's circle, clipped borders) and inward sliding windows
+(NATTEN / FreeSwim) over a 1D/2D/3D token grid that follows `num_prefix` global tokens."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import _register  # noqa: F401  (fake kernel and Triton CUDA kernel of dtk::window_attention)
+from .spec import tile_permutation  # noqa: F401
+
+IntOrTuple = Union[int, Sequence[int]]
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: IntOrTuple,
+                     window: Optional[IntOrTuple] = None, *, radius: Optional[int] = None,
+                     border: str = "inward", num_prefix: int = 0, tile: Optional[IntOrTuple] = None,
+                     scale: Optional[float] = None, extra_k: Optional[torch.Tensor] = None,
+                     extra_v: Optional[torch.Tensor] = None, return_lse: bool = False):
+    """Attention where each grid query sees a window of the token grid.
+
+    Args:
+        q: (B, S, H, D); k, v: (B, S, H_kv, D) with H % H_kv == 0 (GQA). Any strides on B, S, H
+            (an SDPA-layout tensor passes as ``x.transpose(1, 2)`` without a copy); the last dim
+            must be contiguous. S = num_prefix + prod(grid).
+        grid: (L,), (H, W) or (T, H, W): the token grid after the prefix.
+        window: box size, one int or one per axis; -1 = the whole axis. With ``border="inward"``
+            (NATTEN / FreeSwim) a query at p on an axis of length N sees [s, s + w - 1] with
+            s = max(0, min(p - w//2, N - w)) (constant size, shifted inside); with ``"clip"`` it
+            sees [p - w//2, p + w - 1 - w//2] clipped to the axis.
+        radius: circle window instead of a box (CLEAR): keys with sum over axes of
+            (k_a - c_a)^2 < radius^2; c = p under "clip", c = max(r-1, min(p, N-r)) under
+            "inward". Exactly one of window / radius.
+        num_prefix: global tokens (text) before the grid: they attend to and are attended by all.
+        tile: grid tokens are stored in tile order with this tile (see ``dtk.tile_permutation``);
+            None means row-major.
+        scale: softmax scale, default 1/sqrt(D).
+        extra_k, extra_v: (B, E, H_kv, D) extra keys seen by the grid queries only (CLEAR's pooled
+            tokens).
+        return_lse: also return the log-sum-exp (B, H, S) float32 (natural log).
+
+    A query that sees no key at all (possible for inward circles on grids smaller than the
+    circle) gets a zero output and lse = -inf.
+    """
+    if isinstance(grid, int):
+        grid = (grid,)
+    ndim = len(grid)
+    if isinstance(window, int):
+        window = (window,) * ndim
+    if isinstance(tile, int):
+        tile = (tile,) * ndim
+    out, lse = torch.ops.dtk.window_attention(
+        q, k, v, list(grid), None if window is None else list(window), radius, border, num_prefix,
+        None if tile is None else list(tile), None if scale is None else float(scale), extra_k, extra_v)
+    return (out, lse) if return_lse else out

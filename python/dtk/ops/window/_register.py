@@ -1,0 +1,73 @@
+"""Python-side registrations of dtk::window_attention: argument checks shared by the fake and the
+Triton (CUDA) kernel. The CPU kernel is C++ (csrc/window/cpu.cpp) with the same checks."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .spec import make_spec
+
+SUPPORTED_GPU_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+def check_inputs(q, k, v, grid, window, radius, border, num_prefix, tile, scale, extra_k, extra_v):
+    """Validates everything; returns (spec, scale). Errors name the argument at fault."""
+    spec = make_spec(tuple(grid), None if window is None else tuple(window), radius, border, num_prefix,
+                     None if tile is None else tuple(tile))
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (B, S, H, D), got shape {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, expected q's dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, expected q's device {q.device}")
+        if t.stride(-1) != 1 and t.shape[-1] != 1:
+            raise ValueError(f"{name} must have a contiguous last dim (stride 1), got stride {t.stride(-1)}")
+    B, S, H, D = q.shape
+    if S != spec.seq_len:
+        raise ValueError(f"grid {tuple(grid)} with num_prefix={num_prefix} needs S = {spec.seq_len} tokens, "
+                         f"but q has S = {S}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[1] != S or k.shape[3] != D:
+        raise ValueError(f"k must be (B={B}, S={S}, H_kv, D={D}), got {tuple(k.shape)}")
+    if H % k.shape[2] != 0:
+        raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({k.shape[2]})")
+    if (extra_k is None) != (extra_v is None):
+        raise ValueError("extra_k and extra_v must be given together")
+    if extra_k is not None:
+        for name, t in (("extra_k", extra_k), ("extra_v", extra_v)):
+            if t.dim() != 4 or t.shape[0] != B or t.shape[2] != k.shape[2] or t.shape[3] != D:
+                raise ValueError(f"{name} must be (B={B}, E, H_kv={k.shape[2]}, D={D}), got {tuple(t.shape)}")
+            if t.dtype != q.dtype or t.device != q.device:
+                raise TypeError(f"{name} must match q's dtype {q.dtype} and device {q.device}")
+            if t.stride(-1) != 1 and t.shape[-1] != 1:
+                raise ValueError(f"{name} must have a contiguous last dim (stride 1)")
+        if extra_k.shape[1] != extra_v.shape[1]:
+            raise ValueError("extra_k and extra_v must have the same number of tokens")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    if q.device.type == "cuda":
+        if q.dtype not in SUPPORTED_GPU_DTYPES:
+            raise TypeError(f"q dtype {q.dtype} unsupported on GPU: use float16 or bfloat16")
+        if not 1 <= D <= MAX_HEAD_DIM:
+            raise ValueError(f"head dim D={D} unsupported on GPU (1..{MAX_HEAD_DIM})")
+    return spec, scale
+
+
+@torch.library.register_fake("dtk::window_attention")
+def _fake(q, k, v, grid, window, radius, border, num_prefix, tile, scale, extra_k, extra_v):
+    check_inputs(q, k, v, grid, window, radius, border, num_prefix, tile, scale, extra_k, extra_v)
+    B, S, H, D = q.shape
+    return q.new_empty(B, S, H, D), q.new_empty(B, H, S, dtype=torch.float32)
+
+
+@torch.library.register_kernel("dtk::window_attention", "cuda")
+def _cuda(q, k, v, grid, window, radius, border, num_prefix, tile, scale, extra_k, extra_v):
+    spec, scale = check_inputs(q, k, v, grid, window, radius, border, num_prefix, tile, scale, extra_k, extra_v)
+    from .triton import window_attention_triton  # Triton compiles lazily, only where CUDA runs
+    return window_attention_triton(q, k, v, spec, scale, extra_k, extra_v)

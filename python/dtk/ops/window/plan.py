@@ -1,0 +1,211 @@
+"""Analytic block-sparse plan for window attention (DESIGN §3).
+
+Blocks are boxes of at most `block` grid tokens that are contiguous in memory: the memory layout
+is split into layout tiles (the `tile` argument, or the whole grid for row-major), and each
+layout tile into sub-boxes of whole rows/planes (or row segments) that fit in a block. For every
+query block the plan lists the key blocks its window reaches, each flagged full (no element
+mask needed) or partial. Everything is built with a fixed number of tensor ops on the plan's
+device, in O(#blocks x #entries) work, without a host sync and without any S x S mask; a new grid
+only builds a new plan, never a new kernel.
+
+Layouts: q_blocks[n, 7] = (start, origin0..2, extent0..2);
+entries[n, L, 8] = (start, origin0..2, extent0..2, full) for the first kv_count[n] entries.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .spec import WindowSpec, box_range, circle_center
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    q_blocks: torch.Tensor   # (n, 7) int32
+    entries: torch.Tensor    # (n, L, 8) int32
+    kv_count: torch.Tensor   # (n,) int32
+    order: torch.Tensor      # (n,) int32: q blocks by decreasing work (programs take them in this order)
+    num_blocks: int
+    max_entries: int
+    block: int
+
+
+def _balanced(n, cap):
+    """Largest piece size that splits n into ceil(n / cap) nearly equal pieces."""
+    pieces = (n + cap - 1) // cap
+    return (n + pieces - 1) // pieces
+
+
+def _sub_shape(h0, h1, h2, cap):
+    """Sub-box of a row-major layout tile of extents (h0,h1,h2) holding <= cap tokens that stays
+    contiguous in memory: a row segment, whole rows, or whole planes. Works on ints and tensors."""
+    is_t = isinstance(h2, torch.Tensor)
+    where = torch.where if is_t else (lambda c, a, b: a if c else b)
+    v2 = _balanced(h2, cap)
+    full2 = v2 == h2
+    cap1 = (cap // h2).clamp(min=1) if is_t else max(cap // h2, 1)
+    v1 = where(full2, _balanced(h1, cap1), 1 if not is_t else torch.ones_like(h1))
+    full1 = full2 & (v1 == h1)
+    cap0 = (cap // (h1 * h2)).clamp(min=1) if is_t else max(cap // (h1 * h2), 1)
+    v0 = where(full1, _balanced(h0, cap0), 1 if not is_t else torch.ones_like(h0))
+    return v0, v1, v2
+
+
+def _ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+def _tile_extent(t, n, u):
+    return torch.clamp(n - t * u, max=u)
+
+
+def _tile_offset(t0, t1, t2, h0, h1, spec: WindowSpec):
+    """Memory position (within the grid tokens) of the first token of layout tile (t0,t1,t2)."""
+    n0, n1, n2 = spec.grid
+    u0, u1, u2 = spec.tile
+    return t0 * (u0 * n1 * n2) + h0 * (t1 * u1 * n2) + h0 * h1 * (t2 * u2)
+
+
+def _unravel(i, dims):
+    """Row-major unravel of index tensor i over dims (tensors or ints broadcastable with i)."""
+    d1d2 = dims[1] * dims[2]
+    return i // d1d2, (i // dims[2]) % dims[1], i % dims[2]
+
+
+def _host_geometry(spec: WindowSpec, block: int):
+    """Static facts from Python ints only (no device work): block count and enumeration bounds."""
+    types = []
+    for a in range(3):
+        n, u = spec.grid[a], spec.tile[a]
+        full, last = n // u, n - (n // u) * u
+        types.append([(u, full)] + ([(last, 1)] if last else []))
+    num_blocks, nsub_max, vmin, ns_max, ext_max = 0, 1, [block] * 3, [1, 1, 1], [1, 1, 1]
+    for (h0, c0), (h1, c1), (h2, c2) in itertools.product(*types):
+        v = _sub_shape(h0, h1, h2, block)
+        ns = [_ceil_div(h, x) for h, x in zip((h0, h1, h2), v)]
+        num_blocks += c0 * c1 * c2 * math.prod(ns)
+        nsub_max = max(nsub_max, math.prod(ns))
+        for a in range(3):
+            vmin[a] = min(vmin[a], v[a])
+            ns_max[a] = max(ns_max[a], ns[a])
+            ext_max[a] = max(ext_max[a], v[a])
+    return num_blocks, nsub_max, vmin, ns_max, ext_max
+
+
+def _key_range(spec: WindowSpec, a: int, pmin, pmax):
+    n = spec.grid[a]
+    if spec.window is not None:
+        lo, _ = box_range(pmin, n, spec.window[a], spec.border)
+        _, hi = box_range(pmax, n, spec.window[a], spec.border)
+        return lo, hi
+    r = spec.radius
+    cmin = circle_center(pmin, n, r, spec.border, spec.padded(a))
+    cmax = circle_center(pmax, n, r, spec.border, spec.padded(a))
+    return torch.clamp(cmin - (r - 1), min=0), torch.clamp(cmax + (r - 1), max=n - 1)
+
+
+@lru_cache(maxsize=64)
+def build_plan(spec: WindowSpec, block: int, device: torch.device) -> WindowPlan:
+    """The plan of `spec` for blocks of at most `block` tokens, on `device` (cached per spec)."""
+    dev, i64 = device, torch.int64
+    N, U, P = spec.grid, spec.tile, spec.num_prefix
+    nt = [_ceil_div(n, u) for n, u in zip(N, U)]
+    num_blocks, nsub_max, vmin, ns_max, ext_max = _host_geometry(spec, block)
+
+    def tile_info(t0, t1, t2):
+        h = [_tile_extent(t, n, u) for t, n, u in zip((t0, t1, t2), N, U)]
+        v = _sub_shape(*h, block)
+        ns = [_ceil_div(x, y) for x, y in zip(h, v)]
+        return h, v, ns
+
+    def block_desc(t, h, v, sub):
+        """(start, origin, extent) of sub-box `sub` of tile t."""
+        local = [s * x for s, x in zip(sub, v)]
+        ext = [torch.minimum(x, hh - lo) for x, hh, lo in zip(v, h, local)]
+        origin = [tt * u + lo for tt, u, lo in zip(t, U, local)]
+        start = P + _tile_offset(*t, h[0], h[1], spec) + local[0] * h[1] * h[2] + local[1] * h[2] + local[2]
+        return start, origin, ext
+
+    # --- query blocks: every (tile, sub-box), compacted in memory order.
+    tid = torch.arange(nt[0] * nt[1] * nt[2], device=dev, dtype=i64)[:, None]
+    t = _unravel(tid, nt)
+    h, v, ns = tile_info(*t)
+    s = torch.arange(nsub_max, device=dev, dtype=i64)[None, :]
+    sub = _unravel(s, ns)
+    valid = s < ns[0] * ns[1] * ns[2]
+    start, origin, ext = block_desc(t, h, v, sub)
+    qb = torch.stack([start.expand_as(valid), *(o.expand_as(valid) for o in origin),
+                      *(e.expand_as(valid) for e in ext)], -1).reshape(-1, 7)
+    keep = torch.argsort((~valid).reshape(-1).to(torch.int8), stable=True)[:num_blocks]
+    qb = qb[keep]                                            # (n, 7) int64
+
+    # --- key range of each query block, per axis.
+    qo, qe = qb[:, 1:4], qb[:, 4:7]
+    klo, khi = zip(*(_key_range(spec, a, qo[:, a], qo[:, a] + qe[:, a] - 1) for a in range(3)))
+
+    # Static enumeration bounds: key span per axis <= query extent + window extent - 1.
+    ct, cs = [], []
+    for a in range(3):
+        wext = spec.window[a] if spec.window is not None else 2 * spec.radius - 1
+        span = min(N[a], ext_max[a] + wext - 1)
+        ct.append(min(nt[a], (span - 1) // U[a] + 2))
+        cs.append(min(ns_max[a], (span - 1) // vmin[a] + 2))
+    n_ct, n_cs = math.prod(ct), math.prod(cs)
+
+    # --- candidate key tiles (axis 1 of the entry tensors) x sub-boxes inside them (axis 2).
+    j = _unravel(torch.arange(n_ct, device=dev, dtype=i64)[None, :, None], ct)
+    tlo = [(x // u)[:, None, None] for x, u in zip(klo, U)]
+    thi = [(x // u)[:, None, None] for x, u in zip(khi, U)]
+    kt = [lo + jj for lo, jj in zip(tlo, j)]
+    ok = (kt[0] <= thi[0]) & (kt[1] <= thi[1]) & (kt[2] <= thi[2])
+    kt = [torch.minimum(x, torch.tensor(n - 1, device=dev)) for x, n in zip(kt, nt)]  # keep invalid ones in range
+    kh, kv_, kns = tile_info(*kt)
+    llo = [torch.clamp(x[:, None, None] - tt * u, min=0) for x, tt, u in zip(klo, kt, U)]
+    lhi = [torch.minimum(x[:, None, None] - tt * u, hh - 1) for x, tt, u, hh in zip(khi, kt, U, kh)]
+    slo = [lo // vv for lo, vv in zip(llo, kv_)]
+    shi = [hi // vv for hi, vv in zip(lhi, kv_)]
+    c = _unravel(torch.arange(n_cs, device=dev, dtype=i64)[None, None, :], cs)
+    ksub = [lo + cc for lo, cc in zip(slo, c)]
+    ok = ok & (ksub[0] <= shi[0]) & (ksub[1] <= shi[1]) & (ksub[2] <= shi[2])
+    kstart, korig, kext = block_desc(kt, kh, kv_, ksub)
+
+    # --- per pair: skip (circle corners), full (no element mask needed).
+    full = torch.ones_like(ok)
+    pmin = [qo[:, a][:, None, None] for a in range(3)]
+    pmax = [(qo[:, a] + qe[:, a] - 1)[:, None, None] for a in range(3)]
+    kmin, kmax = korig, [o + e - 1 for o, e in zip(korig, kext)]
+    if spec.window is not None:
+        for a in range(3):
+            lo_hi_min = box_range(pmin[a], N[a], spec.window[a], spec.border)
+            lo_hi_max = box_range(pmax[a], N[a], spec.window[a], spec.border)
+            full = full & (lo_hi_max[0] <= kmin[a]) & (lo_hi_min[1] >= kmax[a])
+    else:
+        r = spec.radius
+        dmin2 = torch.zeros_like(kstart)
+        dmax2 = torch.zeros_like(kstart)
+        for a in range(3):
+            cmin = circle_center(pmin[a], N[a], r, spec.border, spec.padded(a))
+            cmax = circle_center(pmax[a], N[a], r, spec.border, spec.padded(a))
+            dmin = torch.clamp(torch.maximum(kmin[a] - cmax, cmin - kmax[a]), min=0)
+            dmax = torch.maximum((kmax[a] - cmin).abs(), (cmax - kmin[a]).abs())
+            dmin2 = dmin2 + dmin * dmin
+            dmax2 = dmax2 + dmax * dmax
+        ok = ok & (dmin2 < r * r)
+        full = full & (dmax2 < r * r)
+    klen = kext[0] * kext[1] * kext[2]
+    full = full & (klen == block)
+
+    shape = ok.shape
+    ent = torch.stack([x.expand(shape) for x in (kstart, *korig, *kext, full.to(i64))], -1)
+    ent = ent.reshape(num_blocks, n_ct * n_cs, 8)
+    ok = ok.reshape(num_blocks, n_ct * n_cs)
+    pos = torch.argsort((~ok).to(torch.int8), dim=1, stable=True)
+    ent = torch.gather(ent, 1, pos[..., None].expand(-1, -1, 8))
+    count = ok.sum(1)
+    order = torch.argsort(count, descending=True, stable=True)
+    return WindowPlan(qb.to(torch.int32).contiguous(), ent.to(torch.int32).contiguous(),
+                      count.to(torch.int32), order.to(torch.int32), num_blocks, n_ct * n_cs, block)

@@ -1,0 +1,194 @@
+"""Triton engine for window attention: one program per (query block, batch x head) walks the
+plan's key blocks with an online softmax; element masks are evaluated only on partial blocks.
+Prefix (global) queries and keys and the extra keys are dense ranges around the plan."""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._debug import new_output
+from .plan import build_plan
+from .spec import WindowSpec
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _softmax_step(q, acc, m_i, l_i, k, v, qk_mask, MASKED: tl.constexpr, qk_scale):
+    """One online-softmax update with a key block k (BN, BD) / v (BN, BD); scores in log2 units."""
+    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASKED:
+        qk = tl.where(qk_mask, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing allowed yet
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, lo, hi, qk_scale,
+                 offs_n, offs_d, d_mask, BLOCK: tl.constexpr):
+    """Attend to every key in [lo, hi) of one (batch, kv head) row pointer pair."""
+    for start in range(lo, hi, BLOCK):
+        n = start + offs_n
+        n_ok = n < hi
+        rows = n.to(tl.int64)
+        k = tl.load(k_ptr + rows[:, None] * sk + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
+        v = tl.load(v_ptr + rows[:, None] * sv + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
+        acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _coords(i, o0, o1, o2, e1, e2):
+    return o0 + i // (e1 * e2), o1 + (i // e2) % e1, o2 + i % e2
+
+
+@triton.jit
+def _window_fwd(
+    Q, K, V, EK, EV, O, LSE, QB, ENT, CNT, ORDER,
+    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh,
+    sekb, seks, sekh, sevb, sevs, sevh, sob, sos, soh,
+    H, GROUP, S, P, E, L, N_PQB, D,
+    N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1,
+    qk_scale,
+    IS_BOX: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    kvh = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    k_ptr = K + b * skb + kvh * skh
+    v_ptr = V + b * svb + kvh * svh
+
+    if pid < N_PQB:  # prefix queries: every sequence key
+        q_start = pid * BLOCK
+        q_len = tl.minimum(P - q_start, BLOCK)
+    else:
+        qb = tl.load(ORDER + (pid - N_PQB)).to(tl.int64)
+        q_start = tl.load(QB + qb * 7)
+        qo0 = tl.load(QB + qb * 7 + 1)
+        qo1 = tl.load(QB + qb * 7 + 2)
+        qo2 = tl.load(QB + qb * 7 + 3)
+        qe0 = tl.load(QB + qb * 7 + 4)
+        qe1 = tl.load(QB + qb * 7 + 5)
+        qe2 = tl.load(QB + qb * 7 + 6)
+        q_len = qe0 * qe1 * qe2
+    rows_q = (q_start + offs_n).to(tl.int64)
+    q_ok = offs_n < q_len
+    q = tl.load(Q + b * sqb + h * sqh + rows_q[:, None] * sqs + offs_d[None, :],
+                mask=q_ok[:, None] & d_mask[None, :], other=0.0)
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+
+    if pid < N_PQB:
+        acc, m_i, l_i = _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sks, svs, 0, S, qk_scale,
+                                     offs_n, offs_d, d_mask, BLOCK)
+    else:
+        acc, m_i, l_i = _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sks, svs, 0, P, qk_scale,
+                                     offs_n, offs_d, d_mask, BLOCK)
+        # Per-query window geometry, computed once: box bounds or circle centres per axis.
+        x0, x1, x2 = _coords(offs_n, qo0, qo1, qo2, qe1, qe2)
+        if IS_BOX:
+            lo0 = tl.where(INWARD, tl.maximum(tl.minimum(x0 - W0 // 2, N0 - W0), 0), tl.maximum(x0 - W0 // 2, 0))
+            lo1 = tl.where(INWARD, tl.maximum(tl.minimum(x1 - W1 // 2, N1 - W1), 0), tl.maximum(x1 - W1 // 2, 0))
+            lo2 = tl.where(INWARD, tl.maximum(tl.minimum(x2 - W2 // 2, N2 - W2), 0), tl.maximum(x2 - W2 // 2, 0))
+            hi0 = tl.where(INWARD, lo0 + W0 - 1, x0 + (W0 - 1 - W0 // 2))
+            hi1 = tl.where(INWARD, lo1 + W1 - 1, x1 + (W1 - 1 - W1 // 2))
+            hi2 = tl.where(INWARD, lo2 + W2 - 1, x2 + (W2 - 1 - W2 // 2))
+        else:
+            lo0 = tl.where(INWARD & (PAD0 == 0), tl.maximum(tl.minimum(x0, N0 - R), R - 1), x0)
+            lo1 = tl.where(INWARD & (PAD1 == 0), tl.maximum(tl.minimum(x1, N1 - R), R - 1), x1)
+            lo2 = tl.where(INWARD, tl.maximum(tl.minimum(x2, N2 - R), R - 1), x2)
+            hi0 = lo0
+            hi1 = lo1
+            hi2 = lo2
+        ent_ptr = ENT + qb * L * 8
+        cnt = tl.load(CNT + qb)
+        for j in range(0, cnt):
+            e = ent_ptr + j * 8
+            k_start = tl.load(e)
+            ko0 = tl.load(e + 1)
+            ko1 = tl.load(e + 2)
+            ko2 = tl.load(e + 3)
+            ke0 = tl.load(e + 4)
+            ke1 = tl.load(e + 5)
+            ke2 = tl.load(e + 6)
+            full = tl.load(e + 7)
+            k_len = ke0 * ke1 * ke2
+            n_ok = offs_n < k_len
+            rows = (k_start + offs_n).to(tl.int64)
+            k = tl.load(k_ptr + rows[:, None] * sks + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
+            v = tl.load(v_ptr + rows[:, None] * svs + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
+            if full != 0:
+                acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, n_ok[None, :], False, qk_scale)
+            else:
+                y0, y1, y2 = _coords(offs_n, ko0, ko1, ko2, ke1, ke2)
+                if IS_BOX:
+                    allowed = ((y0[None, :] >= lo0[:, None]) & (y0[None, :] <= hi0[:, None])
+                               & (y1[None, :] >= lo1[:, None]) & (y1[None, :] <= hi1[:, None])
+                               & (y2[None, :] >= lo2[:, None]) & (y2[None, :] <= hi2[:, None]))
+                else:
+                    d0 = y0[None, :] - lo0[:, None]
+                    d1 = y1[None, :] - lo1[:, None]
+                    d2 = y2[None, :] - lo2[:, None]
+                    allowed = d0 * d0 + d1 * d1 + d2 * d2 < R * R
+                allowed = allowed & n_ok[None, :]
+                acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, allowed, True, qk_scale)
+        acc, m_i, l_i = _dense_range(q, acc, m_i, l_i, EK + b * sekb + kvh * sekh, EV + b * sevb + kvh * sevh,
+                                     seks, sevs, 0, E, qk_scale, offs_n, offs_d, d_mask, BLOCK)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    tl.store(O + b * sob + h * soh + rows_q[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=q_ok[:, None] & d_mask[None, :])
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(LSE + bh.to(tl.int64) * S + rows_q, lse, mask=q_ok)
+
+
+def default_block(device: torch.device) -> int:
+    return 128 if device.type == "cuda" else 16
+
+
+def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=None, extra_v=None, block=None):
+    """Runs the Triton engine (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    B, S, H, D = q.shape
+    Hkv = k.shape[2]
+    block = block or default_block(q.device)
+    plan = build_plan(spec, block, q.device)
+    out = new_output((B, S, H, D), like=q)
+    lse = new_output((B, H, S), like=q, dtype=torch.float32)
+    E = 0 if extra_k is None else extra_k.shape[1]
+    ek, ev = (k, v) if extra_k is None else (extra_k, extra_v)
+    P = spec.num_prefix
+    n_pqb = (P + block - 1) // block
+    block_d = max(16, triton.next_power_of_2(D))
+    w = spec.window or (1, 1, 1)
+    big = D > 128
+    grid = (n_pqb + plan.num_blocks, B * H)
+    _window_fwd[grid](
+        q, k, v, ek, ev, out, lse, plan.q_blocks, plan.entries, plan.kv_count, plan.order,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), ek.stride(0), ek.stride(1), ek.stride(2),
+        ev.stride(0), ev.stride(1), ev.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        H, H // Hkv, S, P, E, plan.max_entries, n_pqb, D,
+        spec.grid[0], spec.grid[1], spec.grid[2], w[0], w[1], w[2], spec.radius or 1,
+        spec.border == "inward", spec.padded(0), spec.padded(1),
+        scale * LOG2E,
+        IS_BOX=spec.window is not None, BLOCK=block, BLOCK_D=block_d,
+        num_warps=8 if (block >= 128 or big) else 4, num_stages=2 if big else 3,
+    )
+    return out, lse

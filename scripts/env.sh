@@ -1,0 +1,22 @@
+# Sourced by scripts/test.sh and scripts/bench.sh: a project venv (.venv) with dtk built in place.
+# Works on a fresh CPU-only machine; compiles the CUDA sources too when nvcc is present.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+stamp=".venv/.dtk-deps-$(sha1sum pyproject.toml | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  python -m pip install -q --upgrade pip
+  python -m pip install -q "torch>=2.11" numpy "setuptools>=64" wheel "cmake>=3.24" ninja nvidia-cutlass \
+    pytest pytest-xdist matplotlib tqdm
+  touch "$stamp"
+fi
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda   # the toolkit root holding lib64/libcudart.so
+fi
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+python -m pip install -q --no-build-isolation --no-deps -e .

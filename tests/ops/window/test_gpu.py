@@ -1,0 +1,65 @@
+"""GPU checks of the public op (Triton engine, default 128-token blocks), bf16 and fp16."""
+import random
+
+import pytest
+import torch
+
+import dtk
+from dtk.ops.window.reference import window_attention_reference
+
+from ...helpers import assert_matches_reference
+from .cases import as_dtype, kwargs, make_inputs, random_case
+
+pytestmark = pytest.mark.gpu
+
+
+def check(case, dtype):
+    q, k, v, ek, ev = make_inputs(case, dtype, "cuda")
+    out, lse = dtk.window_attention(q, k, v, case["grid"], case["window"], extra_k=ek, extra_v=ev,
+                                    return_lse=True, **kwargs(case))
+    ref = lambda dt: window_attention_reference(  # noqa: E731
+        q.to(dt), k.to(dt), v.to(dt), case["grid"], case["window"], extra_k=as_dtype(ek, dt),
+        extra_v=as_dtype(ev, dt), **kwargs(case))
+    r64, l64 = ref(torch.float64)
+    rlow, llow = ref(dtype)
+    assert_matches_reference(out, r64, rlow, atol=2e-3)
+    fin = torch.isfinite(l64)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert_matches_reference(lse[fin], l64[fin], llow[fin], atol=2e-3, name="lse")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seed", range(3))
+def test_gpu_random(seed, dtype):
+    rng = random.Random(seed * 7 + torch.randint(0, 10**6, ()).item())
+    for _ in range(6):
+        check(random_case(rng, max_side=40, head_dims=(40, 64, 80, 96, 128, 160), max_tokens=3000), dtype)
+
+
+@pytest.mark.parametrize("case", [
+    dict(grid=(48, 64), window=(17, 17), radius=None, border="inward", num_prefix=0, tile=(8, 16), num_extra=0),
+    dict(grid=(48, 64), window=(17, 17), radius=None, border="inward", num_prefix=0, tile=None, num_extra=0),
+    dict(grid=(40, 56), window=None, radius=8, border="clip", num_prefix=64, tile=(8, 16), num_extra=24),
+    dict(grid=(6, 20, 36), window=(-1, 7, 11), radius=None, border="inward", num_prefix=0, tile=None, num_extra=0),
+    dict(grid=(6, 20, 36), window=(-1, 7, 11), radius=None, border="inward", num_prefix=0, tile=(1, 8, 16), num_extra=0),
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_headline_geometries(case, dtype):
+    check(dict(case, heads=(4, 2), D=128, B=1, transposed=True, scale=None), dtype)
+
+
+def test_gpu_bad_input():
+    q = torch.randn(1, 16, 2, 64, device="cuda")
+    with pytest.raises(TypeError, match="dtype"):
+        dtk.window_attention(q, q, q, (4, 4), 3)
+    q = torch.randn(1, 16, 2, 320, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="head dim"):
+        dtk.window_attention(q, q, q, (4, 4), 3)
+
+
+def test_gpu_compile_and_new_grid_without_recompiling_the_kernel():
+    f = torch.compile(lambda q, k, v, g: dtk.window_attention(q, k, v, g, (5, 5), tile=(4, 8)), fullgraph=True)
+    for grid in ((16, 24), (20, 28)):
+        S = grid[0] * grid[1]
+        q, k, v = (torch.randn(1, S, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        torch.testing.assert_close(f(q, k, v, grid), dtk.window_attention(q, k, v, grid, (5, 5), tile=(4, 8)))

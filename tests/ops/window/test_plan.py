@@ -1,0 +1,71 @@
+"""The analytic block-sparse plan against the dense mask: every allowed pair is covered exactly
+once per query block, full entries need no mask, no entry is useless, geometry is exact."""
+import random
+
+import pytest
+import torch
+
+from dtk.ops.window.plan import build_plan
+from dtk.ops.window.reference import window_mask
+from dtk.ops.window.spec import grid_coords, make_spec
+
+from .cases import random_case
+
+
+def check_plan(spec, block):
+    plan = build_plan(spec, block, torch.device("cpu"))
+    P = spec.num_prefix
+    mask = window_mask(spec)[P:, P:]
+    coords = grid_coords(spec)
+    covered = torch.zeros_like(mask)
+    seen = torch.zeros(spec.num_grid, dtype=torch.int64)
+
+    def rows_of(start, orig, ext):
+        n = ext[0] * ext[1] * ext[2]
+        assert 1 <= n <= block
+        rows = torch.arange(start - P, start - P + n)
+        for a in range(3):  # the block is the box it claims to be
+            assert coords[a][rows].min() == orig[a] and coords[a][rows].max() == orig[a] + ext[a] - 1
+        return rows
+
+    for i in range(plan.num_blocks):
+        d = plan.q_blocks[i].tolist()
+        rows = rows_of(d[0], d[1:4], d[4:7])
+        seen[rows] += 1
+        for j in range(int(plan.kv_count[i])):
+            e = plan.entries[i, j].tolist()
+            cols = rows_of(e[0], e[1:4], e[4:7])
+            sub = mask[rows][:, cols]
+            assert sub.any(), "entry with no allowed pair"
+            if e[7]:
+                assert sub.all() and len(cols) == block, "entry flagged full is not full"
+            assert not covered[rows[:, None], cols[None, :]].any(), "key block listed twice"
+            covered[rows[:, None], cols[None, :]] = True
+    assert (seen == 1).all(), "query blocks must partition the grid"
+    assert not (mask & ~covered).any(), "allowed pairs missing from the plan"
+    assert sorted(plan.order.tolist()) == list(range(plan.num_blocks))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_random(seed):
+    rng = random.Random(seed * 7919 + torch.randint(0, 10**6, ()).item())
+    for _ in range(12):
+        c = random_case(rng, max_side=13, max_tokens=300)
+        spec = make_spec(c["grid"], c["window"], c["radius"], c["border"], c["num_prefix"], c["tile"])
+        check_plan(spec, rng.choice([8, 16, 32]))
+
+
+@pytest.mark.parametrize("grid,window,radius,border,tile", [
+    ((24, 40), (7, 9), None, "inward", (8, 16)),     # tile order, partial edge tiles
+    ((24, 40), None, 6, "clip", None),               # row-major rows longer than a block
+    ((5, 12, 20), (-1, 5, 7), None, "inward", None), # FreeSwim-like, whole time axis
+    ((5, 12, 20), (-1, 5, 7), None, "inward", (1, 4, 8)),
+    ((300,), (31,), None, "clip", None),
+])
+def test_plan_shapes(grid, window, radius, border, tile):
+    check_plan(make_spec(grid, window, radius, border, 2, tile), 32)
+
+
+def test_plan_is_cached_and_grid_change_needs_no_recompile():
+    a = make_spec((12, 12), 5)
+    assert build_plan(a, 16, torch.device("cpu")) is build_plan(make_spec((12, 12), 5), 16, torch.device("cpu"))

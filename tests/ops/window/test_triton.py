@@ -1,0 +1,58 @@
+"""Triton engine against the float64 reference: in the interpreter on the CPU (fp32/fp16; bf16
+tl.dot is broken in Triton 3.8's interpreter) or compiled on a GPU when one is present."""
+import math
+import random
+
+import pytest
+import torch
+
+from dtk.ops.window.reference import window_attention_reference
+from dtk.ops.window.spec import make_spec
+from dtk.ops.window.triton import window_attention_triton
+
+from ..window.cases import as_dtype, kwargs, make_inputs, random_case
+from ...helpers import assert_matches_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float32, torch.float16]
+
+
+def run_case(case, dtype, block):
+    q, k, v, ek, ev = make_inputs(case, dtype, DEVICE)
+    spec = make_spec(case["grid"], case["window"], case["radius"], case["border"], case["num_prefix"], case["tile"])
+    scale = case["scale"] or 1.0 / math.sqrt(case["D"])
+    out, lse = window_attention_triton(q, k, v, spec, scale, ek, ev, block=block)
+    ref = lambda dt: window_attention_reference(  # noqa: E731
+        q.to(dt), k.to(dt), v.to(dt), case["grid"], case["window"], extra_k=as_dtype(ek, dt),
+        extra_v=as_dtype(ev, dt), **kwargs(case))
+    r64, l64 = ref(torch.float64)
+    rlow, llow = ref(dtype if DEVICE == "cuda" or dtype != torch.float16 else torch.float32)
+    assert_matches_reference(out, r64, rlow, atol=1e-3 if dtype != torch.float32 else 1e-5)
+    fin = torch.isfinite(l64)
+    assert torch.equal(torch.isfinite(lse), fin), "lse -inf rows differ"
+    assert_matches_reference(lse[fin], l64[fin], llow[fin].float(), atol=1e-3, name="lse")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(4))
+def test_triton_random(seed, dtype):
+    rng = random.Random(seed * 104729 + torch.randint(0, 10**6, ()).item())
+    for _ in range(2):
+        run_case(random_case(rng, max_side=8, head_dims=(16, 40), max_tokens=120), dtype, block=16)
+
+
+@pytest.mark.parametrize("D", [40, 64, 80, 128, 160])
+def test_triton_head_dims(D):
+    case = dict(grid=(5, 6), window=(3, 3), radius=None, border="inward", num_prefix=2, tile=(2, 4),
+                num_extra=0, heads=(2, 1), D=D, B=1, transposed=True, scale=None)
+    run_case(case, DTYPES[0], block=16)
+
+
+@pytest.mark.parametrize("case", [
+    dict(grid=(9, 11), window=None, radius=3, border="clip", num_prefix=5, tile=(4, 4), num_extra=3),
+    dict(grid=(4, 6, 7), window=(-1, 3, 5), radius=None, border="inward", num_prefix=0, tile=None, num_extra=0),
+    dict(grid=(2, 3), window=None, radius=4, border="inward", num_prefix=0, tile=None, num_extra=0),  # empty rows
+    dict(grid=(37,), window=(6,), radius=None, border="clip", num_prefix=17, tile=None, num_extra=0),
+])
+def test_triton_named(case):
+    run_case(dict(case, heads=(2, 2), D=16, B=2, transposed=False, scale=None), DTYPES[0], block=16)

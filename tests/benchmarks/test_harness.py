@@ -226,3 +226,11 @@ def test_cli_subprocess_list_and_bad_shape():
     assert r.returncode == 0 and "window/2d-24x24-w7-p8" in r.stdout
     r = subprocess.run([sys.executable, "-m", "benchmarks", "--shape", "nope"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no case matches" in r.stderr
+
+
+def test_op_without_a_kernel_for_the_device_is_skipped(monkeypatch):
+    def no_kernel(*a, **kw):
+        raise NotImplementedError("Could not run 'dtk::window_attention' with arguments from the 'CPU' backend.")
+    monkeypatch.setattr(W, "_dtk_op", lambda: no_kernel)
+    d = _runner().run_case(_cpu_case("3d-4x8x8-w(-1,3,5)"), torch.float32)[0]
+    assert d["status"] == "skipped" and "no cpu kernel" in d["reason"]

@@ -409,6 +409,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta["floor"] = floor
     print(f"# {meta['card']} | torch {meta['torch']} | triton {meta['triton']} | cuda {meta['cuda']} | {meta['date']}")
     print(f"# FLOP floor: {floor['name']} {floor['ms']:.3f} ms = {floor['tflops']:.3g} TFLOP/s")
+    meta["cases"] = {c.key: dict(c.params, dtype=c.dtype, note=c.note) for c in cases}
     data = dict(schema=SCHEMA, meta=meta, rows=[])
     bar = progress(sum(len(c.impls) for c in cases), enabled=not args.no_progress)
     runner = Runner(device, floor, budget_s=args.budget_s, skip_anchors=args.skip_anchor,

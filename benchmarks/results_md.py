@@ -50,8 +50,17 @@ def render(data: Dict) -> str:
             "row, dense anchors included; % floor = that work at the GEMM rate / measured time; "
             "dtk × = anchor time / dtk time.", ""]
     ops = list(dict.fromkeys(r["op"] for r in data.get("rows", [])))
+    cases = m.get("cases") or {}
     for op in ops:
-        out += [f"## {op}", "", "| shape | impl | ms | eff TFLOP/s | % floor | dtk × | notes |",
+        out += [f"## {op}", ""]
+        mine = {k.split("/", 1)[1]: v for k, v in cases.items() if k.startswith(op + "/")}
+        if mine:
+            out += ["| shape | parameters |", "|---|---|"]
+            for name, prm in mine.items():
+                desc = ", ".join(f"{k}={v}" for k, v in prm.items() if v not in (None, "") and k != "note")
+                out.append(f"| {name} | {desc}" + (f" ({prm['note']})" if prm.get("note") else "") + " |")
+            out.append("")
+        out += [ "| shape | impl | ms | eff TFLOP/s | % floor | dtk × | notes |",
                 "|---|---|---:|---:|---:|---:|---|"]
         for r in data["rows"]:
             if r["op"] != op:

@@ -12,15 +12,16 @@ from dtk.ops.window.spec import grid_coords, make_spec
 from .cases import random_case
 
 
-def check_plan(spec, block):
-    plan = build_plan(spec, block, torch.device("cpu"))
+def check_plan(spec, block_q, block_k=None):
+    block_k = block_k or block_q
+    plan = build_plan(spec, block_q, block_k, torch.device("cpu"))
     P = spec.num_prefix
     mask = window_mask(spec)[P:, P:]
     coords = grid_coords(spec)
     covered = torch.zeros_like(mask)
     seen = torch.zeros(spec.num_grid, dtype=torch.int64)
 
-    def rows_of(start, orig, ext):
+    def rows_of(start, orig, ext, block):
         n = ext[0] * ext[1] * ext[2]
         assert 1 <= n <= block
         rows = torch.arange(start - P, start - P + n)
@@ -30,15 +31,17 @@ def check_plan(spec, block):
 
     for i in range(plan.num_blocks):
         d = plan.q_blocks[i].tolist()
-        rows = rows_of(d[0], d[1:4], d[4:7])
+        rows = rows_of(d[0], d[1:4], d[4:7], block_q)
         seen[rows] += 1
-        for j in range(int(plan.kv_count[i])):
+        n_full, n_all = plan.kv_count[i].tolist()
+        for j in range(n_all):
             e = plan.entries[i, j].tolist()
-            cols = rows_of(e[0], e[1:4], e[4:7])
+            assert e[7] == (j < n_full), "full entries must come first"
+            cols = rows_of(e[0], e[1:4], e[4:7], block_k)
             sub = mask[rows][:, cols]
             assert sub.any(), "entry with no allowed pair"
             if e[7]:
-                assert sub.all() and len(cols) == block, "entry flagged full is not full"
+                assert sub.all() and len(cols) == block_k, "entry flagged full is not full"
             assert not covered[rows[:, None], cols[None, :]].any(), "key block listed twice"
             covered[rows[:, None], cols[None, :]] = True
     assert (seen == 1).all(), "query blocks must partition the grid"
@@ -52,7 +55,7 @@ def test_plan_random(seed):
     for _ in range(12):
         c = random_case(rng, max_side=13, max_tokens=300)
         spec = make_spec(c["grid"], c["window"], c["radius"], c["border"], c["num_prefix"], c["tile"])
-        check_plan(spec, rng.choice([8, 16, 32]))
+        check_plan(spec, rng.choice([8, 16, 32]), rng.choice([None, 8, 16]))
 
 
 @pytest.mark.parametrize("grid,window,radius,border,tile", [
@@ -64,8 +67,10 @@ def test_plan_random(seed):
 ])
 def test_plan_shapes(grid, window, radius, border, tile):
     check_plan(make_spec(grid, window, radius, border, 2, tile), 32)
+    check_plan(make_spec(grid, window, radius, border, 2, tile), 32, 16)
 
 
 def test_plan_is_cached_and_grid_change_needs_no_recompile():
     a = make_spec((12, 12), 5)
-    assert build_plan(a, 16, torch.device("cpu")) is build_plan(make_spec((12, 12), 5), 16, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    assert build_plan(a, 16, 16, cpu) is build_plan(make_spec((12, 12), 5), 16, 16, cpu)

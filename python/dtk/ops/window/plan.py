@@ -1,6 +1,6 @@
 """Analytic block-sparse plan for window attention (DESIGN §3).
 
-Blocks are boxes of at most `block` grid tokens that are contiguous in memory: the memory layout
+Blocks are boxes of at most `block_q` (query) or `block_k` (key) grid tokens that are contiguous in memory: the memory layout
 is split into layout tiles (the `tile` argument, or the whole grid for row-major), and each
 layout tile into sub-boxes of whole rows/planes (or row segments) that fit in a block. For every
 query block the plan lists the key blocks its window reaches, each flagged full (no element
@@ -9,7 +9,9 @@ device, in O(#blocks x #entries) work, without a host sync and without any S x S
 only builds a new plan, never a new kernel.
 
 Layouts: q_blocks[n, 7] = (start, origin0..2, extent0..2);
-entries[n, L, 8] = (start, origin0..2, extent0..2, full) for the first kv_count[n] entries.
+entries[n, L, 8] = (start, origin0..2, extent0..2, full); kv_count[n] = (n_full, n_total): the
+first n_full entries are full, the next n_total - n_full partial, the rest padding. Key blocks may
+be smaller than query blocks (finer key blocks waste fewer keys at the window's edges).
 """
 from __future__ import annotations
 
@@ -27,11 +29,12 @@ from .spec import WindowSpec, box_range, circle_center
 class WindowPlan:
     q_blocks: torch.Tensor   # (n, 7) int32
     entries: torch.Tensor    # (n, L, 8) int32
-    kv_count: torch.Tensor   # (n,) int32
+    kv_count: torch.Tensor   # (n, 2) int32: (full entries, all entries)
     order: torch.Tensor      # (n,) int32: q blocks by decreasing work (programs take them in this order)
     num_blocks: int
     max_entries: int
-    block: int
+    block_q: int
+    block_k: int
 
 
 def _balanced(n, cap):
@@ -109,14 +112,16 @@ def _key_range(spec: WindowSpec, a: int, pmin, pmax):
 
 
 @lru_cache(maxsize=64)
-def build_plan(spec: WindowSpec, block: int, device: torch.device) -> WindowPlan:
-    """The plan of `spec` for blocks of at most `block` tokens, on `device` (cached per spec)."""
+def build_plan(spec: WindowSpec, block_q: int, block_k: int, device: torch.device) -> WindowPlan:
+    """The plan of `spec` for query blocks of at most `block_q` tokens and key blocks of at most
+    `block_k`, on `device` (cached per geometry)."""
     dev, i64 = device, torch.int64
     N, U, P = spec.grid, spec.tile, spec.num_prefix
     nt = [_ceil_div(n, u) for n, u in zip(N, U)]
-    num_blocks, nsub_max, vmin, ns_max, ext_max = _host_geometry(spec, block)
+    num_blocks, nsub_max, _, _, ext_max = _host_geometry(spec, block_q)
+    _, _, vmin, ns_max, _ = _host_geometry(spec, block_k)
 
-    def tile_info(t0, t1, t2):
+    def tile_info(t0, t1, t2, block):
         h = [_tile_extent(t, n, u) for t, n, u in zip((t0, t1, t2), N, U)]
         v = _sub_shape(*h, block)
         ns = [_ceil_div(x, y) for x, y in zip(h, v)]
@@ -133,7 +138,7 @@ def build_plan(spec: WindowSpec, block: int, device: torch.device) -> WindowPlan
     # --- query blocks: every (tile, sub-box), compacted in memory order.
     tid = torch.arange(nt[0] * nt[1] * nt[2], device=dev, dtype=i64)[:, None]
     t = _unravel(tid, nt)
-    h, v, ns = tile_info(*t)
+    h, v, ns = tile_info(*t, block_q)
     s = torch.arange(nsub_max, device=dev, dtype=i64)[None, :]
     sub = _unravel(s, ns)
     valid = s < ns[0] * ns[1] * ns[2]
@@ -163,7 +168,7 @@ def build_plan(spec: WindowSpec, block: int, device: torch.device) -> WindowPlan
     kt = [lo + jj for lo, jj in zip(tlo, j)]
     ok = (kt[0] <= thi[0]) & (kt[1] <= thi[1]) & (kt[2] <= thi[2])
     kt = [torch.minimum(x, torch.tensor(n - 1, device=dev)) for x, n in zip(kt, nt)]  # keep invalid ones in range
-    kh, kv_, kns = tile_info(*kt)
+    kh, kv_, _ = tile_info(*kt, block_k)
     llo = [torch.clamp(x[:, None, None] - tt * u, min=0) for x, tt, u in zip(klo, kt, U)]
     lhi = [torch.minimum(x[:, None, None] - tt * u, hh - 1) for x, tt, u, hh in zip(khi, kt, U, kh)]
     slo = [lo // vv for lo, vv in zip(llo, kv_)]
@@ -197,15 +202,19 @@ def build_plan(spec: WindowSpec, block: int, device: torch.device) -> WindowPlan
         ok = ok & (dmin2 < r * r)
         full = full & (dmax2 < r * r)
     klen = kext[0] * kext[1] * kext[2]
-    full = full & (klen == block)
+    full = full & (klen == block_k)
 
     shape = ok.shape
     ent = torch.stack([x.expand(shape) for x in (kstart, *korig, *kext, full.to(i64))], -1)
     ent = ent.reshape(num_blocks, n_ct * n_cs, 8)
+    full = (full & ok).reshape(num_blocks, n_ct * n_cs)
     ok = ok.reshape(num_blocks, n_ct * n_cs)
-    pos = torch.argsort((~ok).to(torch.int8), dim=1, stable=True)
+    rank = (~ok).to(torch.int8) * 2 + (~full).to(torch.int8)   # full, then partial, then padding
+    pos = torch.argsort(rank, dim=1, stable=True)
     ent = torch.gather(ent, 1, pos[..., None].expand(-1, -1, 8))
-    count = ok.sum(1)
-    order = torch.argsort(count, descending=True, stable=True)
+    count = torch.stack([full.sum(1), ok.sum(1)], 1)
+    work = count[:, 1] * 2 - count[:, 0]                        # partial blocks cost more
+    order = torch.argsort(work, descending=True, stable=True)
     return WindowPlan(qb.to(torch.int32).contiguous(), ent.to(torch.int32).contiguous(),
-                      count.to(torch.int32), order.to(torch.int32), num_blocks, n_ct * n_cs, block)
+                      count.to(torch.int32).contiguous(), order.to(torch.int32), num_blocks, n_ct * n_cs,
+                      block_q, block_k)

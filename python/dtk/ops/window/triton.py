@@ -34,9 +34,9 @@ def _softmax_step(q, acc, m_i, l_i, k, v, qk_mask, MASKED: tl.constexpr, qk_scal
 
 @triton.jit
 def _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, lo, hi, qk_scale,
-                 offs_n, offs_d, d_mask, BLOCK: tl.constexpr):
+                 offs_n, offs_d, d_mask, BLOCK_N: tl.constexpr):
     """Attend to every key in [lo, hi) of one (batch, kv head) row pointer pair."""
-    for start in range(lo, hi, BLOCK):
+    for start in range(lo, hi, BLOCK_N):
         n = start + offs_n
         n_ok = n < hi
         rows = n.to(tl.int64)
@@ -59,7 +59,7 @@ def _window_fwd(
     H, GROUP, S, P, E, L, N_PQB, D,
     N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1,
     qk_scale,
-    IS_BOX: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_BOX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -67,15 +67,16 @@ def _window_fwd(
     h = bh % H
     kvh = (h // GROUP).to(tl.int64)
     h = h.to(tl.int64)
-    offs_n = tl.arange(0, BLOCK)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     k_ptr = K + b * skb + kvh * skh
     v_ptr = V + b * svb + kvh * svh
 
     if pid < N_PQB:  # prefix queries: every sequence key
-        q_start = pid * BLOCK
-        q_len = tl.minimum(P - q_start, BLOCK)
+        q_start = pid * BLOCK_M
+        q_len = tl.minimum(P - q_start, BLOCK_M)
     else:
         qb = tl.load(ORDER + (pid - N_PQB)).to(tl.int64)
         q_start = tl.load(QB + qb * 7)
@@ -86,22 +87,22 @@ def _window_fwd(
         qe1 = tl.load(QB + qb * 7 + 5)
         qe2 = tl.load(QB + qb * 7 + 6)
         q_len = qe0 * qe1 * qe2
-    rows_q = (q_start + offs_n).to(tl.int64)
-    q_ok = offs_n < q_len
+    rows_q = (q_start + offs_m).to(tl.int64)
+    q_ok = offs_m < q_len
     q = tl.load(Q + b * sqb + h * sqh + rows_q[:, None] * sqs + offs_d[None, :],
                 mask=q_ok[:, None] & d_mask[None, :], other=0.0)
-    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     if pid < N_PQB:
         acc, m_i, l_i = _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sks, svs, 0, S, qk_scale,
-                                     offs_n, offs_d, d_mask, BLOCK)
+                                     offs_n, offs_d, d_mask, BLOCK_N)
     else:
         acc, m_i, l_i = _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sks, svs, 0, P, qk_scale,
-                                     offs_n, offs_d, d_mask, BLOCK)
+                                     offs_n, offs_d, d_mask, BLOCK_N)
         # Per-query window geometry, computed once: box bounds or circle centres per axis.
-        x0, x1, x2 = _coords(offs_n, qo0, qo1, qo2, qe1, qe2)
+        x0, x1, x2 = _coords(offs_m, qo0, qo1, qo2, qe1, qe2)
         if IS_BOX:
             lo0 = tl.where(INWARD, tl.maximum(tl.minimum(x0 - W0 // 2, N0 - W0), 0), tl.maximum(x0 - W0 // 2, 0))
             lo1 = tl.where(INWARD, tl.maximum(tl.minimum(x1 - W1 // 2, N1 - W1), 0), tl.maximum(x1 - W1 // 2, 0))
@@ -117,8 +118,15 @@ def _window_fwd(
             hi1 = lo1
             hi2 = lo2
         ent_ptr = ENT + qb * L * 8
-        cnt = tl.load(CNT + qb)
-        for j in range(0, cnt):
+        n_full = tl.load(CNT + qb * 2)
+        n_all = tl.load(CNT + qb * 2 + 1)
+        for j in range(0, n_full):  # full key blocks: no mask at all
+            e = ent_ptr + j * 8
+            rows = (tl.load(e) + offs_n).to(tl.int64)
+            k = tl.load(k_ptr + rows[:, None] * sks + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+            v = tl.load(v_ptr + rows[:, None] * svs + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+            acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, None, False, qk_scale)
+        for j in range(n_full, n_all):  # partial key blocks: element mask from coordinates
             e = ent_ptr + j * 8
             k_start = tl.load(e)
             ko0 = tl.load(e + 1)
@@ -127,29 +135,24 @@ def _window_fwd(
             ke0 = tl.load(e + 4)
             ke1 = tl.load(e + 5)
             ke2 = tl.load(e + 6)
-            full = tl.load(e + 7)
-            k_len = ke0 * ke1 * ke2
-            n_ok = offs_n < k_len
+            n_ok = offs_n < ke0 * ke1 * ke2
             rows = (k_start + offs_n).to(tl.int64)
             k = tl.load(k_ptr + rows[:, None] * sks + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
             v = tl.load(v_ptr + rows[:, None] * svs + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
-            if full != 0:
-                acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, n_ok[None, :], False, qk_scale)
+            y0, y1, y2 = _coords(offs_n, ko0, ko1, ko2, ke1, ke2)
+            if IS_BOX:
+                allowed = ((y0[None, :] >= lo0[:, None]) & (y0[None, :] <= hi0[:, None])
+                           & (y1[None, :] >= lo1[:, None]) & (y1[None, :] <= hi1[:, None])
+                           & (y2[None, :] >= lo2[:, None]) & (y2[None, :] <= hi2[:, None]))
             else:
-                y0, y1, y2 = _coords(offs_n, ko0, ko1, ko2, ke1, ke2)
-                if IS_BOX:
-                    allowed = ((y0[None, :] >= lo0[:, None]) & (y0[None, :] <= hi0[:, None])
-                               & (y1[None, :] >= lo1[:, None]) & (y1[None, :] <= hi1[:, None])
-                               & (y2[None, :] >= lo2[:, None]) & (y2[None, :] <= hi2[:, None]))
-                else:
-                    d0 = y0[None, :] - lo0[:, None]
-                    d1 = y1[None, :] - lo1[:, None]
-                    d2 = y2[None, :] - lo2[:, None]
-                    allowed = d0 * d0 + d1 * d1 + d2 * d2 < R * R
-                allowed = allowed & n_ok[None, :]
-                acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, allowed, True, qk_scale)
+                d0 = y0[None, :] - lo0[:, None]
+                d1 = y1[None, :] - lo1[:, None]
+                d2 = y2[None, :] - lo2[:, None]
+                allowed = d0 * d0 + d1 * d1 + d2 * d2 < R * R
+            allowed = allowed & n_ok[None, :]
+            acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, allowed, True, qk_scale)
         acc, m_i, l_i = _dense_range(q, acc, m_i, l_i, EK + b * sekb + kvh * sekh, EV + b * sevb + kvh * sevh,
-                                     seks, sevs, 0, E, qk_scale, offs_n, offs_d, d_mask, BLOCK)
+                                     seks, sevs, 0, E, qk_scale, offs_n, offs_d, d_mask, BLOCK_N)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -159,22 +162,28 @@ def _window_fwd(
     tl.store(LSE + bh.to(tl.int64) * S + rows_q, lse, mask=q_ok)
 
 
-def default_block(device: torch.device) -> int:
-    return 128 if device.type == "cuda" else 16
+def default_blocks(device: torch.device, D: int):
+    """(query block, key block) sizes: 128 x 64 on a GPU; small ones in the interpreter."""
+    if device.type != "cuda":
+        return 16, 16
+    return 128, 64
 
 
 def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=None, extra_v=None, block=None):
-    """Runs the Triton engine (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    """Runs the Triton engine (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). `block`
+    is (block_q, block_k) or one int for both; default `default_blocks`."""
     B, S, H, D = q.shape
     Hkv = k.shape[2]
-    block = block or default_block(q.device)
-    plan = build_plan(spec, block, q.device)
+    if block is None:
+        block = default_blocks(q.device, D)
+    block_q, block_k = (block, block) if isinstance(block, int) else block
+    plan = build_plan(spec, block_q, block_k, q.device)
     out = new_output((B, S, H, D), like=q)
     lse = new_output((B, H, S), like=q, dtype=torch.float32)
     E = 0 if extra_k is None else extra_k.shape[1]
     ek, ev = (k, v) if extra_k is None else (extra_k, extra_v)
     P = spec.num_prefix
-    n_pqb = (P + block - 1) // block
+    n_pqb = (P + block_q - 1) // block_q
     block_d = max(16, triton.next_power_of_2(D))
     w = spec.window or (1, 1, 1)
     big = D > 128
@@ -188,7 +197,7 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
         spec.grid[0], spec.grid[1], spec.grid[2], w[0], w[1], w[2], spec.radius or 1,
         spec.border == "inward", spec.padded(0), spec.padded(1),
         scale * LOG2E,
-        IS_BOX=spec.window is not None, BLOCK=block, BLOCK_D=block_d,
-        num_warps=8 if (block >= 128 or big) else 4, num_stages=2 if big else 3,
+        IS_BOX=spec.window is not None, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d,
+        num_warps=8 if (block_q >= 128 or big) else 4, num_stages=2 if big else 3,
     )
     return out, lse

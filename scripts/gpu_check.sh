@@ -24,6 +24,12 @@ else
   CUDA_HOME=""; echo "warning: no nvcc found, the CUDA C++ sources will not be built"
 fi
 export CUDA_HOME
+# CUTLASS headers: the machine has no network and may lack nvidia-cutlass; the session carries
+# them as .gpu/cutlass-include.tar.gz (made from the nvidia-cutlass package) when needed
+if [ -f .gpu/cutlass-include.tar.gz ] && [ ! -d third_party/cutlass/include/cutlass ]; then
+  mkdir -p /tmp/dtk-cutlass && tar xzf .gpu/cutlass-include.tar.gz -C /tmp/dtk-cutlass
+  export DTK_CUTLASS_INCLUDE=/tmp/dtk-cutlass/include
+fi
 
 {
   echo "== $(date -u '+%F %T UTC')"

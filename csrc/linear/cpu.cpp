@@ -199,7 +199,7 @@ Tensor linear_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v, s
   if (!cu_seqlens) {
     auto [kv, ks] = state_dense(k, v, fm, acc);
     Tensor count = at::full({q.size(0)}, k.size(1), q.options().dtype(at::kLong));
-    return apply_dense(q, kv, ks, count, fm, normalize, eps, scale, acc).to(q.scalar_type());
+    return apply_dense(q, kv, ks, count, fm, normalize, eps, scale, acc).to(q.scalar_type()).contiguous();
   }
   auto bounds = seq_bounds(*cu_seqlens, q.size(1), op);
   Tensor out = new_output({1, q.size(1), q.size(2), v.size(3)}, q.options());
@@ -224,12 +224,12 @@ std::tuple<Tensor, Tensor, Tensor> linear_attention_backward_cpu(
   const auto acc = acc_type(q);
   if (!cu_seqlens) {
     auto [dq, dk, dv] = backward_dense(grad_out, q, k, v, fm, normalize, eps, scale, acc);
-    return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+    return {dq.to(q.scalar_type()).contiguous(), dk.to(k.scalar_type()).contiguous(), dv.to(v.scalar_type()).contiguous()};
   }
   auto bounds = seq_bounds(*cu_seqlens, q.size(1), op);
-  Tensor dq = at::zeros_like(q, at::MemoryFormat::Contiguous);
-  Tensor dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
-  Tensor dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
+  Tensor dq = at::zeros(q.sizes(), q.options());
+  Tensor dk = at::zeros(k.sizes(), k.options());
+  Tensor dv = at::zeros(v.sizes(), v.options());
   for (auto [s, e] : bounds) {
     if (e == s) continue;
     auto [a, b, c] = backward_dense(grad_out.narrow(1, s, e - s), q.narrow(1, s, e - s), k.narrow(1, s, e - s),
@@ -291,7 +291,7 @@ Tensor linear_attention_apply_cpu(const Tensor& q, const Tensor& kv_sum, const T
   const auto acc = acc_type(q);
   if (!cu_seqlens) {
     TORCH_CHECK(Bs == q.size(0), op, ": the state's batch ", Bs, " must equal q's batch ", q.size(0));
-    return apply_dense(q, kv_sum, k_sum, count, fm, normalize, eps, scale, acc).to(q.scalar_type());
+    return apply_dense(q, kv_sum, k_sum, count, fm, normalize, eps, scale, acc).to(q.scalar_type()).contiguous();
   }
   TORCH_CHECK(q.size(0) == 1, op, ": with cu_seqlens, q must be packed as (1, total, H, D)");
   auto bounds = seq_bounds(*cu_seqlens, q.size(1), op);
@@ -339,7 +339,7 @@ Tensor memory_linear_attention_cpu(const Tensor& q, const Tensor& k, const Tenso
     z = z + decay * mem_z->to(acc);
   }
   Tensor out = at::matmul(fq, kv) / at::matmul(fq, z.unsqueeze(-1)).clamp_min(1e-10);
-  return out.permute({0, 2, 1, 3}).to(q.scalar_type());
+  return out.permute({0, 2, 1, 3}).to(q.scalar_type()).contiguous();
 }
 
 std::tuple<Tensor, Tensor> memory_linear_attention_update_cpu(const Tensor& k, const Tensor& v,

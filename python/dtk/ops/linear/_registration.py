@@ -26,7 +26,7 @@ def _la_fake(q, k, v, feature_map, normalize, eps, scale, cu_seqlens):
 
 @torch.library.register_fake(_LIB + "linear_attention_backward")
 def _la_bwd_fake(grad_out, q, k, v, feature_map, normalize, eps, scale, cu_seqlens):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @torch.library.register_fake(_LIB + "linear_attention_state")

@@ -496,7 +496,7 @@ def linear_attention_backward_triton(grad_out, q, k, v, feature_map="elu1", norm
     BLOCK_M = 32 if BLOCK_D * BLOCK_DV > 128 * 128 else 64
     fm = _FM[feature_map]
     n_chunks, chunk = _chunking(max_len, nseq * H, q.device, BLOCK_M)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     pgs = torch.empty(n_chunks, nseq, H, D, Dv, dtype=torch.float32, device=q.device)
     pgz = torch.zeros(n_chunks, nseq, H, D, dtype=torch.float32, device=q.device)
     nw = 8 if BLOCK_D * BLOCK_DV >= 128 * 128 else 4
@@ -509,8 +509,8 @@ def linear_attention_backward_triton(grad_out, q, k, v, feature_map="elu1", norm
             BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=nw)
     gS = pgs.sum(0).view(nseq, Hkv, H // max(Hkv, 1), D, Dv).sum(2).contiguous()
     gz = pgz.sum(0).view(nseq, Hkv, H // max(Hkv, 1), D).sum(2).contiguous()
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     _, max_len_k, _ = _seqs(k, cu_seqlens)
     if nseq * Hkv > 0 and max_len_k > 0:
         _grad_kv_kernel[(triton.cdiv(max_len_k, BLOCK_M), nseq * Hkv)](

@@ -81,10 +81,9 @@ def _triton():
 
 
 def _register_cuda():
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # no Triton: CUDA tensors get a clear "no kernel" error from the dispatcher
-        return
+    import importlib.util
+    if importlib.util.find_spec("triton") is None:  # no Triton: the dispatcher says "no CUDA kernel"
+        return  # (find_spec, not import: Triton must first be imported after TRITON_INTERPRET is set)
 
     @torch.library.register_kernel(_LIB + "linear_attention", "cuda")
     def _la_cuda(q, k, v, feature_map, normalize, eps, scale, cu_seqlens):

@@ -466,7 +466,7 @@ def linear_attention_apply_triton(q, kv_sum, k_sum, count, feature_map="elu1", n
     out = _new_output((B, S, H, Dv), q)
     BLOCK_D = _next_pow2(D)
     BLOCK_DV = _block_dv(D, Dv, lowp)
-    BLOCK_M = 64 if BLOCK_D <= 128 else 32
+    BLOCK_M = 128 if BLOCK_D <= 128 else 32  # 128 rows per state read keeps the L2 traffic low
     grid = (triton.cdiv(max(max_len, 1), BLOCK_M), nseq * H, triton.cdiv(Dv, BLOCK_DV))
     if nseq * H > 0 and max_len > 0:
         _apply_kernel[grid](
@@ -474,7 +474,7 @@ def linear_attention_apply_triton(q, kv_sum, k_sum, count, feature_map="elu1", n
             out.stride(0), out.stride(1), out.stride(2), S, H, Hkv, D, Dv,
             1.0 if scale is None else float(scale), float(eps), FM=_FM[feature_map],
             VARLEN=cu_seqlens is not None, NORMALIZE=bool(normalize), LOWP=lowp, IEEE=ieee,
-            BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=4)
+            BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=8 if BLOCK_M * BLOCK_D >= 128 * 128 else 4)
     return out
 
 
@@ -488,6 +488,8 @@ def linear_attention_backward_triton(grad_out, q, k, v, feature_map="elu1", norm
     q, k, v, g = _lastdim(q), _lastdim(k), _lastdim(v), _lastdim(grad_out)
     B, Sq, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
+    if _next_pow2(D) * _next_pow2(Dv) > 128 * 128:  # whole D x Dv tiles would not fit on chip
+        return _backward_torch(g, q, k, v, feature_map, normalize, eps, scale, cu_seqlens)
     kv_sum, k_sum, count = linear_attention_state_triton(k, v, feature_map, cu_seqlens)
     nseq, max_len, cu = _seqs(q, cu_seqlens)
     lowp, ieee = _flags(q.dtype)
@@ -519,6 +521,17 @@ def linear_attention_backward_triton(grad_out, q, k, v, feature_map="elu1", norm
             k.shape[1], Hkv, D, Dv, FM=fm, VARLEN=cu_seqlens is not None, NORMALIZE=bool(normalize),
             LOWP=lowp, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=nw)
     return dq, dk, dv
+
+
+def _backward_torch(g, q, k, v, feature_map, normalize, eps, scale, cu_seqlens):
+    """fp32 PyTorch backward (recomputes the forward under autograd), used for head dims above 128."""
+    from .reference import linear_attention_reference
+    with torch.enable_grad():
+        ts = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        out = linear_attention_reference(*ts, feature_map=feature_map, normalize=normalize, eps=eps, scale=scale,
+                                         cu_seqlens=cu_seqlens)
+        grads = torch.autograd.grad(out, ts, g.float())
+    return tuple(gr.to(t.dtype) for gr, t in zip(grads, (q, k, v)))
 
 
 def memory_linear_attention_triton(q, k, v, mem_kv=None, mem_z=None, decay=0.9):

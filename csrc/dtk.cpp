@@ -18,4 +18,30 @@ TORCH_LIBRARY(dtk, m) {
       "-> (Tensor, Tensor)");
   // Reorders the grid tokens (dim 1, after num_prefix) of x between row-major and tile order.
   m.def("tile_reorder(Tensor x, int[] grid, int[] tile, int num_prefix, bool inverse) -> Tensor");
+
+  // Linear attention (LinFusion / MEMO). See python/dtk/ops/linear/__init__.py.
+  // q (B,Sq,H,D), k (B,Sk,Hkv,D), v (B,Sk,Hkv,Dv); with cu_seqlens (int32, shared by q and k)
+  // the inputs are packed (1,total,H,D). Returns out (B,Sq,H,Dv) in q's dtype.
+  m.def(
+      "linear_attention(Tensor q, Tensor k, Tensor v, str feature_map, bool normalize, float eps, "
+      "float? scale, Tensor? cu_seqlens) -> Tensor");
+  // Gradients of linear_attention: (dq, dk, dv).
+  m.def(
+      "linear_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, str feature_map, "
+      "bool normalize, float eps, float? scale, Tensor? cu_seqlens) -> (Tensor, Tensor, Tensor)");
+  // Additive state of a key/value sequence: (kv_sum (B,Hkv,D,Dv), k_sum (B,Hkv,D), count (B,) int64),
+  // float32 (float64 for float64 inputs); B = number of sequences with cu_seqlens.
+  m.def("linear_attention_state(Tensor k, Tensor v, str feature_map, Tensor? cu_seqlens) -> (Tensor, Tensor, Tensor)");
+  // linear_attention of q against a (summed) state.
+  m.def(
+      "linear_attention_apply(Tensor q, Tensor kv_sum, Tensor k_sum, Tensor count, str feature_map, "
+      "bool normalize, float eps, float? scale, Tensor? cu_seqlens) -> Tensor");
+  // MEMO: memory linear attention over frames with a decayed memory (mem_kv (B,H,D,Dv), mem_z (B,H,D)).
+  m.def(
+      "memory_linear_attention(Tensor q, Tensor k, Tensor v, Tensor? mem_kv, Tensor? mem_z, float decay) "
+      "-> Tensor");
+  // MEMO: memory after n past frames (k, v): returns (kv, z), float32 (float64 for float64 inputs).
+  m.def(
+      "memory_linear_attention_update(Tensor k, Tensor v, Tensor? mem_kv, Tensor? mem_z, float decay) "
+      "-> (Tensor, Tensor)");
 }

@@ -1,0 +1,383 @@
+// CPU kernels of the linear-attention family (LinFusion, MEMO), registered for the CPU key.
+//
+// Every op is "state reduction, then apply": the state phi(k)^T v (D x Dv) and sum phi(k) (D) are
+// accumulated per (sequence, kv head) with batched GEMMs in float32 (float64 for float64 inputs),
+// then each query row reads it. Packed sequences (cu_seqlens) are processed one at a time.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <optional>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace dtk::linear {
+namespace {
+
+using at::Tensor;
+
+enum class FeatureMap { Elu1, Relu, Identity };
+
+FeatureMap parse_feature_map(std::string_view s, const char* op) {
+  if (s == "elu1") return FeatureMap::Elu1;
+  if (s == "relu") return FeatureMap::Relu;
+  if (s == "identity") return FeatureMap::Identity;
+  TORCH_CHECK(false, op, ": feature_map must be one of 'elu1', 'relu', 'identity', got '", s, "'");
+}
+
+Tensor phi(const Tensor& x, FeatureMap fm) {
+  switch (fm) {
+    case FeatureMap::Elu1: return at::elu(x) + 1;
+    case FeatureMap::Relu: return at::relu(x);
+    default: return x;
+  }
+}
+
+// d phi / dx evaluated at x.
+Tensor phi_grad(const Tensor& x, FeatureMap fm) {
+  switch (fm) {
+    case FeatureMap::Elu1: return at::where(x > 0, at::ones_like(x), at::exp(at::clamp_max(x, 0)));
+    case FeatureMap::Relu: return (x > 0).to(x.scalar_type());
+    default: return at::ones_like(x);
+  }
+}
+
+at::ScalarType acc_type(const Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+bool nan_fill() {
+  const char* e = std::getenv("DTK_DEBUG_NAN_FILL");
+  return e != nullptr && std::string_view(e) == "1";
+}
+
+Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  Tensor t = at::empty(sizes, opts);
+  if (nan_fill()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+void check_float(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU for this kernel, got ", t.device());
+}
+
+void check_bshd(const Tensor& t, const char* op, const char* name) {
+  check_float(t, op, name);
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be (B, S, H, D), got shape ", t.sizes());
+}
+
+// [start, end) of each packed sequence; validates cu_seqlens against the packed length.
+std::vector<std::pair<int64_t, int64_t>> seq_bounds(const Tensor& cu, int64_t total, const char* op) {
+  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2, op, ": cu_seqlens must be 1-D with at least 2 entries, got shape ",
+              cu.sizes());
+  TORCH_CHECK(cu.scalar_type() == at::kInt, op, ": cu_seqlens must be int32, got ", cu.scalar_type());
+  Tensor c = cu.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  const int64_t n = c.numel();
+  TORCH_CHECK(p[0] == 0, op, ": cu_seqlens must start at 0, got ", p[0]);
+  std::vector<std::pair<int64_t, int64_t>> out;
+  out.reserve(n - 1);
+  for (int64_t i = 1; i < n; ++i) {
+    TORCH_CHECK(p[i] >= p[i - 1], op, ": cu_seqlens must be non-decreasing, got ", p[i - 1], " then ", p[i],
+                " at index ", i);
+    out.emplace_back(p[i - 1], p[i]);
+  }
+  TORCH_CHECK(p[n - 1] == total, op, ": cu_seqlens must end at the packed length ", total, ", got ", p[n - 1]);
+  return out;
+}
+
+Tensor expand_heads(const Tensor& t, int64_t H) {  // t (B, Hkv, ...) -> (B, H, ...)
+  const int64_t Hkv = t.size(1);
+  return Hkv == H ? t : t.repeat_interleave(H / Hkv, 1);
+}
+
+// ---- dense (one batch of equal-length sequences) building blocks, in the accumulation dtype ----
+
+// k (B,S,Hkv,D), v (B,S,Hkv,Dv) -> kv (B,Hkv,D,Dv), ksum (B,Hkv,D)
+std::pair<Tensor, Tensor> state_dense(const Tensor& k, const Tensor& v, FeatureMap fm, at::ScalarType acc) {
+  Tensor fk = phi(k.to(acc), fm).permute({0, 2, 3, 1});   // B,Hkv,D,S
+  Tensor va = v.to(acc).permute({0, 2, 1, 3});             // B,Hkv,S,Dv
+  return {at::matmul(fk, va), fk.sum(-1)};
+}
+
+// q (B,Sq,H,D) against state -> out (B,Sq,H,Dv) in acc
+Tensor apply_dense(const Tensor& q, const Tensor& kv, const Tensor& ksum, const Tensor& count, FeatureMap fm,
+                   bool normalize, double eps, std::optional<double> scale, at::ScalarType acc) {
+  const int64_t B = q.size(0), H = q.size(2);
+  Tensor qa = q.to(acc);
+  if (scale) qa = qa * *scale;
+  Tensor fq = phi(qa, fm).permute({0, 2, 1, 3});           // B,H,Sq,D
+  Tensor kvh = expand_heads(kv.to(acc), H);
+  Tensor out;
+  if (!normalize) {
+    out = at::matmul(fq, kvh);
+  } else {
+    Tensor n = count.to(at::kCPU).clamp_min(1).to(acc).view({B, 1, 1, 1});
+    Tensor sn = kvh / n;                                   // S = (1/N) sum phi(k) v^T
+    Tensor zn = expand_heads(ksum.to(acc), H).unsqueeze(-1) / n;  // mean phi(k), (B,H,D,1)
+    out = at::matmul(fq, sn) / (at::matmul(fq, zn) + eps);
+  }
+  return out.permute({0, 2, 1, 3});
+}
+
+// Gradients of apply_dense(q, state_dense(k, v)) -> (dq, dk, dv) in acc, (B,S,H,D) layouts.
+std::tuple<Tensor, Tensor, Tensor> backward_dense(const Tensor& g, const Tensor& q, const Tensor& k, const Tensor& v,
+                                                  FeatureMap fm, bool normalize, double eps,
+                                                  std::optional<double> scale, at::ScalarType acc) {
+  const int64_t B = q.size(0), H = q.size(2), Hkv = k.size(2), G = H / Hkv, D = q.size(3), Dv = v.size(3);
+  const int64_t N = std::max<int64_t>(k.size(1), 1);
+  Tensor qs = q.to(acc);
+  if (scale) qs = qs * *scale;
+  Tensor ka = k.to(acc);
+  Tensor fq = phi(qs, fm).permute({0, 2, 1, 3});           // B,H,Sq,D
+  Tensor fk = phi(ka, fm).permute({0, 2, 1, 3});           // B,Hkv,Sk,D
+  Tensor va = v.to(acc).permute({0, 2, 1, 3});             // B,Hkv,Sk,Dv
+  Tensor gg = g.to(acc).permute({0, 2, 1, 3});             // B,H,Sq,Dv
+  Tensor kv = at::matmul(fk.transpose(-1, -2), va);        // B,Hkv,D,Dv
+  Tensor kvh = expand_heads(kv, H);
+  Tensor gfq, gS, gz;
+  if (normalize) {
+    Tensor sn = kvh / static_cast<double>(N);
+    Tensor zn = expand_heads(fk.sum(2), H).unsqueeze(-1) / static_cast<double>(N);  // B,H,D,1
+    Tensor den = at::matmul(fq, zn) + eps;                 // B,H,Sq,1
+    Tensor o = at::matmul(fq, sn) / den;
+    Tensor ga = gg / den;
+    Tensor gd = -(gg * o).sum(-1, true) / den;             // B,H,Sq,1
+    gfq = at::matmul(ga, sn.transpose(-1, -2)) + gd * zn.transpose(-1, -2);
+    gS = at::matmul(fq.transpose(-1, -2), ga) / static_cast<double>(N);   // B,H,D,Dv
+    gz = (fq * gd).sum(2) / static_cast<double>(N);                       // B,H,D
+  } else {
+    gfq = at::matmul(gg, kvh.transpose(-1, -2));
+    gS = at::matmul(fq.transpose(-1, -2), gg);
+  }
+  if (G > 1) {
+    gS = gS.view({B, Hkv, G, D, Dv}).sum(2);
+    if (gz.defined()) gz = gz.view({B, Hkv, G, D}).sum(2);
+  }
+  Tensor gfk = at::matmul(va, gS.transpose(-1, -2));      // B,Hkv,Sk,D
+  if (gz.defined()) gfk = gfk + gz.unsqueeze(2);
+  Tensor gv = at::matmul(fk, gS);                          // B,Hkv,Sk,Dv
+  Tensor dq = gfq.permute({0, 2, 1, 3}) * phi_grad(qs, fm);
+  if (scale) dq = dq * *scale;
+  Tensor dk = gfk.permute({0, 2, 1, 3}) * phi_grad(ka, fm);
+  return {dq, dk, gv.permute({0, 2, 1, 3})};
+}
+
+void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& cu, const char* op) {
+  check_bshd(q, op, "q");
+  check_bshd(k, op, "k");
+  check_bshd(v, op, "v");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), op, ": q, k and v must have the same batch size");
+  TORCH_CHECK(k.size(3) == q.size(3), op, ": k must have q's head dim ", q.size(3), ", got ", k.size(3));
+  TORCH_CHECK(v.size(1) == k.size(1) && v.size(2) == k.size(2), op,
+              ": v must match k in sequence length and heads, got v ", v.sizes(), " and k ", k.sizes());
+  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, op, ": the heads of q (", q.size(2),
+              ") must be a multiple of the heads of k (", k.size(2), ")");
+  if (cu) {
+    TORCH_CHECK(q.size(0) == 1, op, ": with cu_seqlens, q, k and v must be packed as (1, total, H, D)");
+    TORCH_CHECK(k.size(1) == q.size(1), op, ": with cu_seqlens, q and k share the packing and must have the same length");
+  }
+}
+
+// ---------------------------------------------------------------- ops
+
+Tensor linear_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v, std::string_view feature_map,
+                            bool normalize, double eps, std::optional<double> scale,
+                            const std::optional<Tensor>& cu_seqlens) {
+  constexpr const char* op = "dtk.linear_attention";
+  const FeatureMap fm = parse_feature_map(feature_map, op);
+  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+  check_qkv(q, k, v, cu_seqlens, op);
+  const auto acc = acc_type(q);
+  if (!cu_seqlens) {
+    auto [kv, ks] = state_dense(k, v, fm, acc);
+    Tensor count = at::full({q.size(0)}, k.size(1), q.options().dtype(at::kLong));
+    return apply_dense(q, kv, ks, count, fm, normalize, eps, scale, acc).to(q.scalar_type()).contiguous();
+  }
+  auto bounds = seq_bounds(*cu_seqlens, q.size(1), op);
+  Tensor out = new_output({1, q.size(1), q.size(2), v.size(3)}, q.options());
+  for (auto [s, e] : bounds) {
+    if (e == s) continue;
+    auto [kv, ks] = state_dense(k.narrow(1, s, e - s), v.narrow(1, s, e - s), fm, acc);
+    Tensor count = at::full({1}, e - s, q.options().dtype(at::kLong));
+    out.narrow(1, s, e - s).copy_(apply_dense(q.narrow(1, s, e - s), kv, ks, count, fm, normalize, eps, scale, acc));
+  }
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_attention_backward_cpu(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, std::string_view feature_map,
+    bool normalize, double eps, std::optional<double> scale, const std::optional<Tensor>& cu_seqlens) {
+  constexpr const char* op = "dtk.linear_attention_backward";
+  const FeatureMap fm = parse_feature_map(feature_map, op);
+  check_qkv(q, k, v, cu_seqlens, op);
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == q.size(0) && grad_out.size(1) == q.size(1) &&
+                  grad_out.size(2) == q.size(2) && grad_out.size(3) == v.size(3),
+              op, ": grad_out must have the output's shape");
+  const auto acc = acc_type(q);
+  if (!cu_seqlens) {
+    auto [dq, dk, dv] = backward_dense(grad_out, q, k, v, fm, normalize, eps, scale, acc);
+    return {dq.to(q.scalar_type()).contiguous(), dk.to(k.scalar_type()).contiguous(), dv.to(v.scalar_type()).contiguous()};
+  }
+  auto bounds = seq_bounds(*cu_seqlens, q.size(1), op);
+  Tensor dq = at::zeros(q.sizes(), q.options());
+  Tensor dk = at::zeros(k.sizes(), k.options());
+  Tensor dv = at::zeros(v.sizes(), v.options());
+  for (auto [s, e] : bounds) {
+    if (e == s) continue;
+    auto [a, b, c] = backward_dense(grad_out.narrow(1, s, e - s), q.narrow(1, s, e - s), k.narrow(1, s, e - s),
+                                    v.narrow(1, s, e - s), fm, normalize, eps, scale, acc);
+    dq.narrow(1, s, e - s).copy_(a);
+    dk.narrow(1, s, e - s).copy_(b);
+    dv.narrow(1, s, e - s).copy_(c);
+  }
+  return {dq, dk, dv};
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_attention_state_cpu(const Tensor& k, const Tensor& v,
+                                                              std::string_view feature_map,
+                                                              const std::optional<Tensor>& cu_seqlens) {
+  constexpr const char* op = "dtk.linear_attention_state";
+  const FeatureMap fm = parse_feature_map(feature_map, op);
+  check_bshd(k, op, "k");
+  check_bshd(v, op, "v");
+  TORCH_CHECK(v.scalar_type() == k.scalar_type(), op, ": k and v must share a dtype");
+  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2), op,
+              ": v must match k in batch, sequence length and heads, got v ", v.sizes(), " and k ", k.sizes());
+  const auto acc = acc_type(k);
+  if (!cu_seqlens) {
+    auto [kv, ks] = state_dense(k, v, fm, acc);
+    return {kv.contiguous(), ks.contiguous(), at::full({k.size(0)}, k.size(1), k.options().dtype(at::kLong))};
+  }
+  TORCH_CHECK(k.size(0) == 1, op, ": with cu_seqlens, k and v must be packed as (1, total, H, D)");
+  auto bounds = seq_bounds(*cu_seqlens, k.size(1), op);
+  const int64_t n = static_cast<int64_t>(bounds.size()), H = k.size(2), D = k.size(3), Dv = v.size(3);
+  Tensor kv = at::zeros({n, H, D, Dv}, k.options().dtype(acc));
+  Tensor ks = at::zeros({n, H, D}, k.options().dtype(acc));
+  Tensor count = at::empty({n}, k.options().dtype(at::kLong));
+  for (int64_t i = 0; i < n; ++i) {
+    auto [s, e] = bounds[i];
+    count[i] = e - s;
+    if (e == s) continue;
+    auto [a, b] = state_dense(k.narrow(1, s, e - s), v.narrow(1, s, e - s), fm, acc);
+    kv.narrow(0, i, 1).copy_(a);
+    ks.narrow(0, i, 1).copy_(b);
+  }
+  return {kv, ks, count};
+}
+
+Tensor linear_attention_apply_cpu(const Tensor& q, const Tensor& kv_sum, const Tensor& k_sum, const Tensor& count,
+                                  std::string_view feature_map, bool normalize, double eps,
+                                  std::optional<double> scale, const std::optional<Tensor>& cu_seqlens) {
+  constexpr const char* op = "dtk.linear_attention_apply";
+  const FeatureMap fm = parse_feature_map(feature_map, op);
+  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+  check_bshd(q, op, "q");
+  TORCH_CHECK(kv_sum.dim() == 4 && kv_sum.size(2) == q.size(3), op,
+              ": kv_sum must be (B, H_kv, D, Dv) with q's head dim, got ", kv_sum.sizes());
+  const int64_t Bs = kv_sum.size(0), Hkv = kv_sum.size(1);
+  TORCH_CHECK(k_sum.dim() == 3 && k_sum.size(0) == Bs && k_sum.size(1) == Hkv && k_sum.size(2) == q.size(3), op,
+              ": k_sum must be (B, H_kv, D) = ", Bs, ", ", Hkv, ", ", q.size(3), ", got ", k_sum.sizes());
+  TORCH_CHECK(count.dim() == 1 && count.size(0) == Bs, op, ": count must be (", Bs, ",), got ", count.sizes());
+  TORCH_CHECK(Hkv > 0 && q.size(2) % Hkv == 0, op, ": the heads of q (", q.size(2),
+              ") must be a multiple of the state's heads (", Hkv, ")");
+  const auto acc = acc_type(q);
+  if (!cu_seqlens) {
+    TORCH_CHECK(Bs == q.size(0), op, ": the state's batch ", Bs, " must equal q's batch ", q.size(0));
+    return apply_dense(q, kv_sum, k_sum, count, fm, normalize, eps, scale, acc).to(q.scalar_type()).contiguous();
+  }
+  TORCH_CHECK(q.size(0) == 1, op, ": with cu_seqlens, q must be packed as (1, total, H, D)");
+  auto bounds = seq_bounds(*cu_seqlens, q.size(1), op);
+  TORCH_CHECK(static_cast<int64_t>(bounds.size()) == Bs, op, ": cu_seqlens describes ", bounds.size(),
+              " sequences but the state has ", Bs);
+  Tensor out = new_output({1, q.size(1), q.size(2), kv_sum.size(3)}, q.options());
+  for (int64_t i = 0; i < Bs; ++i) {
+    auto [s, e] = bounds[i];
+    if (e == s) continue;
+    out.narrow(1, s, e - s)
+        .copy_(apply_dense(q.narrow(1, s, e - s), kv_sum.narrow(0, i, 1), k_sum.narrow(0, i, 1),
+                           count.narrow(0, i, 1), fm, normalize, eps, scale, acc));
+  }
+  return out;
+}
+
+void check_memory(const std::optional<Tensor>& mem_kv, const std::optional<Tensor>& mem_z, int64_t B, int64_t H,
+                  int64_t D, int64_t Dv, const char* op) {
+  TORCH_CHECK(mem_kv.has_value() == mem_z.has_value(), op, ": mem_kv and mem_z must be given together");
+  if (!mem_kv) return;
+  TORCH_CHECK(mem_kv->dim() == 4 && mem_kv->size(0) == B && mem_kv->size(1) == H && mem_kv->size(2) == D &&
+                  mem_kv->size(3) == Dv,
+              op, ": mem_kv must be (B, H, D, Dv) = (", B, ", ", H, ", ", D, ", ", Dv, "), got ", mem_kv->sizes());
+  TORCH_CHECK(mem_z->dim() == 3 && mem_z->size(0) == B && mem_z->size(1) == H && mem_z->size(2) == D, op,
+              ": mem_z must be (B, H, D) = (", B, ", ", H, ", ", D, "), got ", mem_z->sizes());
+}
+
+Tensor memory_linear_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                   const std::optional<Tensor>& mem_kv, const std::optional<Tensor>& mem_z,
+                                   double decay) {
+  constexpr const char* op = "dtk.memory_linear_attention";
+  check_qkv(q, k, v, std::nullopt, op);
+  TORCH_CHECK(k.size(2) == q.size(2), op, ": q, k and v must have the same number of heads");
+  TORCH_CHECK(k.size(1) == q.size(1), op, ": q and k must have the same number of frames");
+  const int64_t D = q.size(3);
+  check_memory(mem_kv, mem_z, q.size(0), q.size(2), D, v.size(3), op);
+  const auto acc = acc_type(q);
+  Tensor fq = (at::softmax(q.to(acc), -1) * (1.0 / std::sqrt(static_cast<double>(D)))).permute({0, 2, 1, 3});
+  Tensor fk = at::softmax(k.to(acc), 1).permute({0, 2, 3, 1});     // B,H,D,S
+  Tensor va = v.to(acc).permute({0, 2, 1, 3});                      // B,H,S,Dv
+  Tensor kv = at::matmul(fk, va);
+  Tensor z = fk.sum(-1);
+  if (mem_kv) {
+    kv = kv + decay * mem_kv->to(acc);
+    z = z + decay * mem_z->to(acc);
+  }
+  Tensor out = at::matmul(fq, kv) / at::matmul(fq, z.unsqueeze(-1)).clamp_min(1e-10);
+  return out.permute({0, 2, 1, 3}).to(q.scalar_type()).contiguous();
+}
+
+std::tuple<Tensor, Tensor> memory_linear_attention_update_cpu(const Tensor& k, const Tensor& v,
+                                                              const std::optional<Tensor>& mem_kv,
+                                                              const std::optional<Tensor>& mem_z, double decay) {
+  constexpr const char* op = "dtk.memory_linear_attention_update";
+  check_bshd(k, op, "k");
+  check_bshd(v, op, "v");
+  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2), op,
+              ": v must match k in batch, frames and heads, got v ", v.sizes(), " and k ", k.sizes());
+  check_memory(mem_kv, mem_z, k.size(0), k.size(2), k.size(3), v.size(3), op);
+  const auto acc = acc_type(k);
+  const int64_t n = k.size(1);
+  // w_j = decay^(n-1-j)
+  Tensor w = at::pow(at::full({}, decay, k.options().dtype(acc)),
+                     at::arange(n - 1, -1, -1, k.options().dtype(acc)))
+                 .view({1, n, 1, 1});
+  Tensor fk = (at::softmax(k.to(acc), 1) * w).permute({0, 2, 3, 1});  // B,H,D,n
+  Tensor va = (v.to(acc) * w).permute({0, 2, 1, 3});
+  Tensor kv = at::matmul(fk, va);
+  Tensor z = fk.sum(-1);
+  if (mem_kv) {
+    const double dn = std::pow(decay, static_cast<double>(n));
+    kv = kv + dn * mem_kv->to(acc);
+    z = z + dn * mem_z->to(acc);
+  }
+  return {kv.contiguous(), z.contiguous()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dtk, CPU, m) {
+  m.impl("linear_attention", &linear_attention_cpu);
+  m.impl("linear_attention_backward", &linear_attention_backward_cpu);
+  m.impl("linear_attention_state", &linear_attention_state_cpu);
+  m.impl("linear_attention_apply", &linear_attention_apply_cpu);
+  m.impl("memory_linear_attention", &memory_linear_attention_cpu);
+  m.impl("memory_linear_attention_update", &memory_linear_attention_update_cpu);
+}
+
+}  // namespace dtk::linear

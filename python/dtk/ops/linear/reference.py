@@ -1,0 +1,144 @@
+"""Reference engine for the linear-attention family: plain PyTorch, computed in the inputs' dtype
+(float64 is the ground truth of the tests; a float16/bfloat16 run gives the error baseline of
+DESIGN §6). No argument checking: the public wrappers in ``dtk.ops.linear`` do that.
+
+Layouts: q ``(B, S_q, H, D)``, k ``(B, S_k, H_kv, D)``, v ``(B, S_k, H_kv, D_v)``; states are
+``kv_sum (B, H_kv, D, D_v)``, ``k_sum (B, H_kv, D)``, ``count (B,)`` int64. Query head ``h`` reads
+key/value head ``h // (H // H_kv)`` (the ``repeat_interleave`` convention of GQA).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+FEATURE_MAPS = ("elu1", "relu", "identity")
+
+
+def feature_map_fn(x: torch.Tensor, feature_map: str) -> torch.Tensor:
+    if feature_map == "elu1":
+        return F.elu(x) + 1
+    if feature_map == "relu":
+        return F.relu(x)
+    if feature_map == "identity":
+        return x
+    raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+
+
+def _expand_heads(t: torch.Tensor, H: int, dim: int) -> torch.Tensor:
+    return t if t.shape[dim] == H else t.repeat_interleave(H // t.shape[dim], dim=dim)
+
+
+def _bounds(cu_seqlens) -> list[tuple[int, int]]:
+    c = [int(x) for x in cu_seqlens.tolist()]
+    return list(zip(c[:-1], c[1:]))
+
+
+def linear_attention_state_reference(k, v, feature_map: str = "elu1", cu_seqlens=None):
+    """(kv_sum (B,H_kv,D,D_v), k_sum (B,H_kv,D), count (B,) int64) in k's dtype; with cu_seqlens the
+    leading dimension is the number of packed sequences."""
+    if cu_seqlens is not None:
+        parts = [linear_attention_state_reference(k[:, s:e], v[:, s:e], feature_map) for s, e in _bounds(cu_seqlens)]
+        return tuple(torch.cat([p[i] for p in parts], 0) for i in range(3))
+    fk = feature_map_fn(k, feature_map)
+    kv_sum = torch.einsum("bshd,bshe->bhde", fk, v)
+    k_sum = fk.sum(1)
+    count = torch.full((k.shape[0],), k.shape[1], dtype=torch.int64, device=k.device)
+    return kv_sum, k_sum, count
+
+
+def linear_attention_apply_reference(q, kv_sum, k_sum, count, feature_map: str = "elu1", normalize: bool = True,
+                                     eps: float = 1e-4, scale: Optional[float] = None, cu_seqlens=None):
+    """Output of linear attention for queries q against a (summed) state, in q's dtype."""
+    if cu_seqlens is not None:
+        outs = [linear_attention_apply_reference(q[:, s:e], kv_sum[i:i + 1], k_sum[i:i + 1], count[i:i + 1],
+                                                 feature_map, normalize, eps, scale)
+                for i, (s, e) in enumerate(_bounds(cu_seqlens))]
+        return torch.cat(outs, 1)
+    dt = q.dtype
+    if scale is not None:
+        q = q * scale
+    fq = feature_map_fn(q, feature_map)
+    H = q.shape[2]
+    kv = _expand_heads(kv_sum.to(dt), H, 1)
+    if not normalize:
+        return torch.einsum("bshd,bhde->bshe", fq, kv)
+    n = count.clamp_min(1).to(dt)
+    kv = kv / n[:, None, None, None]                                   # S = (1/N) sum phi(k) v^T
+    z = _expand_heads(k_sum.to(dt), H, 1) / n[:, None, None]           # mean_j phi(k_j)
+    num = torch.einsum("bshd,bhde->bshe", fq, kv)
+    den = torch.einsum("bshd,bhd->bsh", fq, z) + eps
+    return num / den[..., None]
+
+
+def linear_attention_reference(q, k, v, feature_map: str = "elu1", normalize: bool = True, eps: float = 1e-4,
+                               scale: Optional[float] = None, cu_seqlens=None):
+    """LinFusion's generalised linear attention (normalize=True) or plain phi(q) (sum phi(k) v^T)."""
+    kv_sum, k_sum, count = linear_attention_state_reference(k, v, feature_map, cu_seqlens)
+    return linear_attention_apply_reference(q, kv_sum, k_sum, count, feature_map, normalize, eps, scale, cu_seqlens)
+
+
+def linear_attention_quadratic_reference(q, k, v, feature_map: str = "elu1", normalize: bool = True,
+                                         eps: float = 1e-4, scale: Optional[float] = None):
+    """The same function through the S_q x S_k similarity matrix (an independent check of the
+    factorised form above; O(S^2) memory)."""
+    if scale is not None:
+        q = q * scale
+    H = q.shape[2]
+    fq = feature_map_fn(q, feature_map)
+    fk = _expand_heads(feature_map_fn(k, feature_map), H, 2)
+    v = _expand_heads(v, H, 2)
+    a = torch.einsum("bqhd,bkhd->bhqk", fq, fk)
+    if not normalize:
+        return torch.einsum("bhqk,bkhe->bqhe", a, v)
+    N = max(k.shape[1], 1)
+    num = torch.einsum("bhqk,bkhe->bqhe", a, v) / N
+    den = a.sum(-1).transpose(1, 2) / N + eps
+    return num / den[..., None]
+
+
+# ---------------------------------------------------------------------------------------------
+# MEMO memory linear attention
+# ---------------------------------------------------------------------------------------------
+
+def memo_features(q, k):
+    """phi_q = softmax over the feature axis * D^-1/2; phi_k = softmax over the frame axis (dim 1)."""
+    D = q.shape[-1]
+    return torch.softmax(q, dim=-1) * D ** -0.5, torch.softmax(k, dim=1)
+
+
+def memory_linear_attention_reference(q, k, v, mem_kv=None, mem_z=None, decay: float = 0.9):
+    """o_i = (phi_q_i . KV) / max(phi_q_i . Z, 1e-10) with KV = decay * M_KV + sum_i phi_k_i v_i^T and
+    Z = decay * M_Z + sum_i phi_k_i (plain sums without memory). Heads of q, k and v are equal."""
+    fq, fk = memo_features(q, k)
+    kv = torch.einsum("bshd,bshe->bhde", fk, v)
+    z = fk.sum(1)
+    if mem_kv is not None:
+        kv = decay * mem_kv.to(kv.dtype) + kv
+        z = decay * mem_z.to(z.dtype) + z
+    num = torch.einsum("bshd,bhde->bshe", fq, kv)
+    den = torch.einsum("bshd,bhd->bsh", fq, z).clamp_min(1e-10)
+    return num / den[..., None]
+
+
+def memory_update_reference(k_p, v_p, mem_kv=None, mem_z=None, decay: float = 0.9):
+    """New memory after n past frames: w_j = decay^(n-1-j), KV_new = sum_j (w_j phi_k_j)(w_j v_j)^T,
+    Z_new = sum_j w_j phi_k_j, M <- decay^n M + new (M = new the first time)."""
+    n = k_p.shape[1]
+    fk = torch.softmax(k_p, dim=1)
+    w = decay ** torch.arange(n - 1, -1, -1, dtype=fk.dtype, device=fk.device)
+    fkw = fk * w[None, :, None, None]
+    vw = v_p * w[None, :, None, None].to(v_p.dtype)
+    kv = torch.einsum("bshd,bshe->bhde", fkw, vw)
+    z = fkw.sum(1)
+    if mem_kv is not None:
+        kv = decay ** n * mem_kv.to(kv.dtype) + kv
+        z = decay ** n * mem_z.to(z.dtype) + z
+    return kv, z
+
+
+def split_bounds(n: int, parts: int) -> Sequence[tuple[int, int]]:
+    """Contiguous [start, end) shards covering range(n) (some may be empty)."""
+    cuts = [round(i * n / parts) for i in range(parts + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))

@@ -1,0 +1,267 @@
+"""Linear-attention ops on the CPU (C++ kernels) against the float64 reference."""
+import random
+
+import pytest
+import torch
+
+import dtk
+from dtk.ops.linear.reference import (linear_attention_quadratic_reference, linear_attention_reference,
+                                      linear_attention_state_reference, memo_features,
+                                      memory_linear_attention_reference, memory_update_reference, split_bounds)
+from helpers import assert_matches_reference, bshd, max_err
+
+FMS = ("elu1", "relu", "identity")
+
+
+def _inputs(B, Sq, Sk, H, Hkv, D, Dv, dtype, strided=False):
+    q = bshd(B, Sq, H, D, dtype, transposed=strided)
+    k = bshd(B, Sk, Hkv, D, dtype, transposed=strided)
+    v = bshd(B, Sk, Hkv, Dv, dtype, transposed=strided)
+    return q, k, v
+
+
+def _check(out, q, k, v, atol=1e-5, **kw):
+    ref64 = linear_attention_reference(q.double(), k.double(), v.double(), **kw)
+    ref = linear_attention_reference(q, k, v, **kw)
+    assert_matches_reference(out, ref64, ref, atol=atol)
+
+
+def test_reference_matches_quadratic_form():
+    q, k, v = _inputs(2, 9, 13, 4, 2, 16, 8, torch.float64)
+    for fm in FMS:
+        for norm in (True, False):
+            a = linear_attention_reference(q, k, v, fm, norm, 1e-4, 0.3)
+            b = linear_attention_quadratic_reference(q, k, v, fm, norm, 1e-4, 0.3)
+            assert max_err(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("D", [40, 64, 80, 128, 160])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_dims(D, dtype):
+    H, Hkv = random.choice([(2, 2), (4, 2), (4, 1)])
+    Dv = random.choice([D, 32])
+    Sq, Sk = random.randint(1, 300), random.randint(1, 300)
+    q, k, v = _inputs(2, Sq, Sk, H, Hkv, D, Dv, dtype, strided=random.random() < 0.5)
+    fm = random.choice(FMS)
+    norm = fm != "identity" or random.random() < 0.5  # identity + normalize may have a ~0 denominator
+    out = dtk.linear_attention(q, k, v, feature_map=fm, normalize=norm)
+    _check(out, q, k, v, feature_map=fm, normalize=norm, atol=1e-4 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("S", [1, 2, 17, 1000, 4097, 10000])
+def test_sequence_lengths(S):
+    q, k, v = _inputs(1, S, S, 2, 2, 64, 64, torch.float32)
+    scale = random.choice([None, 0.125])
+    out = dtk.linear_attention(q, k, v, scale=scale)
+    _check(out, q, k, v, scale=scale, atol=1e-4)
+
+
+def test_sq_differs_from_sk_and_gqa_strided():
+    q, k, v = _inputs(3, 50, 333, 6, 2, 80, 80, torch.float32, strided=True)
+    for norm in (True, False):
+        out = dtk.linear_attention(q, k, v, normalize=norm, feature_map="relu")
+        _check(out, q, k, v, normalize=norm, feature_map="relu", atol=1e-3)
+
+
+def test_fp64_exact():
+    q, k, v = _inputs(2, 30, 40, 4, 2, 40, 40, torch.float64)
+    out = dtk.linear_attention(q, k, v)
+    assert max_err(out, linear_attention_quadratic_reference(q, k, v)) < 1e-12
+
+
+def test_cu_seqlens():
+    lens = [random.randint(0, 400) for _ in range(4)] + [1]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    T = int(cu[-1])
+    q, k, v = _inputs(1, T, T, 4, 2, 64, 48, torch.float32)
+    out = dtk.linear_attention(q, k, v, cu_seqlens=cu)
+    _check(out, q, k, v, cu_seqlens=cu, atol=1e-4)
+    # each sequence alone gives the same rows
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if e > s:
+            alone = dtk.linear_attention(q[:, s:e], k[:, s:e], v[:, s:e])
+            assert max_err(out[:, s:e], alone) < 1e-5
+
+
+@pytest.mark.parametrize("parts", [2, 3, 4])
+def test_state_split_merge(parts):
+    S = random.randint(parts, 3000)
+    q, k, v = _inputs(2, 77, S, 4, 2, 64, 64, torch.float32)
+    fm = random.choice(["elu1", "relu"])
+    states = [dtk.linear_attention_state(k[:, s:e], v[:, s:e], feature_map=fm) for s, e in split_bounds(S, parts)]
+    kv = sum(st[0] for st in states)
+    ks = sum(st[1] for st in states)
+    cnt = sum(st[2] for st in states)
+    assert cnt.dtype == torch.int64 and cnt.tolist() == [S, S]
+    for norm in (True, False):
+        merged = dtk.linear_attention_apply(q, kv, ks, cnt, feature_map=fm, normalize=norm)
+        whole = dtk.linear_attention(q, k, v, feature_map=fm, normalize=norm)
+        assert max_err(merged, whole) <= 1e-5 * (1 + whole.abs().max().item())
+        _check(merged, q, k, v, feature_map=fm, normalize=norm, atol=1e-3)
+
+
+def test_state_matches_reference_and_varlen():
+    cu = torch.tensor([0, 5, 5, 60], dtype=torch.int32)
+    k = torch.randn(1, 60, 2, 40, dtype=torch.float64)
+    v = torch.randn(1, 60, 2, 24, dtype=torch.float64)
+    got = dtk.linear_attention_state(k, v, cu_seqlens=cu)
+    ref = linear_attention_state_reference(k, v, "elu1", cu)
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape and max_err(a, b) < 1e-10
+    assert got[2].tolist() == [5, 0, 55]
+    q = torch.randn(1, 60, 4, 40, dtype=torch.float64)
+    out = dtk.linear_attention_apply(q, *got, cu_seqlens=cu)
+    assert max_err(out, dtk.linear_attention(q, k, v, cu_seqlens=cu)) < 1e-12
+
+
+def test_duplicated_tokens_leave_normalised_output_unchanged():
+    q, k, v = _inputs(2, 64, 200, 4, 4, 64, 64, torch.float64)
+    a = dtk.linear_attention(q, k, v)
+    b = dtk.linear_attention(q, torch.cat([k, k], 1), torch.cat([v, v], 1))
+    c = dtk.linear_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    assert max_err(a, b) < 1e-12 and max_err(a, c) < 1e-12
+
+
+@pytest.mark.parametrize("fm", FMS)
+@pytest.mark.parametrize("norm", [True, False])
+def test_gradcheck(fm, norm):
+    q, k, v = _inputs(2, 5, 7, 4, 2, 8, 6, torch.float64)
+    if fm == "identity" and norm:
+        k = k.abs()  # keep the denominator away from 0
+        q = q.abs()
+    for t in (q, k, v):
+        t.requires_grad_()
+    torch.autograd.gradcheck(lambda q, k, v: dtk.linear_attention(q, k, v, feature_map=fm, normalize=norm, scale=0.7),
+                             (q, k, v))
+
+
+def test_gradcheck_varlen_and_fp32_grad():
+    cu = torch.tensor([0, 3, 9], dtype=torch.int32)
+    q, k, v = (torch.randn(1, 9, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    torch.autograd.gradcheck(lambda q, k, v: dtk.linear_attention(q, k, v, cu_seqlens=cu), (q, k, v))
+    # float32 gradients against float64 autograd of the reference
+    q, k, v = _inputs(2, 100, 120, 4, 2, 40, 40, torch.float32)
+    g = torch.randn(2, 100, 4, 40)
+    qs = [t.clone().requires_grad_() for t in (q, k, v)]
+    dtk.linear_attention(*qs).backward(g)
+    rs = [t.double().requires_grad_() for t in (q, k, v)]
+    linear_attention_reference(*rs).backward(g.double())
+    for a, b in zip(qs, rs):
+        assert max_err(a.grad, b.grad) < 1e-4 * (1 + b.grad.abs().max().item())
+
+
+def test_opcheck():
+    q, k, v = _inputs(2, 6, 9, 4, 2, 16, 8, torch.float32)
+    cu = torch.tensor([0, 4, 6], dtype=torch.int32)
+    for t in (q, k, v):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.dtk.linear_attention.default, (q, k, v, "elu1", True, 1e-4, None, None))
+    torch.library.opcheck(torch.ops.dtk.linear_attention.default, (q[:1], k[:1, :6], v[:1, :6], "relu", False, 1e-4,
+                                                                   0.5, cu))
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+    g = torch.randn(2, 6, 4, 8)
+    torch.library.opcheck(torch.ops.dtk.linear_attention_backward.default,
+                          (g, qd, kd, vd, "elu1", True, 1e-4, None, None))
+    st = torch.ops.dtk.linear_attention_state(kd, vd, "elu1", None)
+    torch.library.opcheck(torch.ops.dtk.linear_attention_state.default, (kd, vd, "elu1", None))
+    torch.library.opcheck(torch.ops.dtk.linear_attention_apply.default, (qd, *st, "elu1", True, 1e-4, None, None))
+    m = torch.randn(2, 9, 4, 16)
+    mv = torch.randn(2, 9, 4, 8)
+    mkv, mz = torch.ops.dtk.memory_linear_attention_update(m, mv, None, None, 0.9)
+    torch.library.opcheck(torch.ops.dtk.memory_linear_attention.default, (m, m, mv, mkv, mz, 0.9))
+    torch.library.opcheck(torch.ops.dtk.memory_linear_attention.default, (m, m, mv, None, None, 0.9))
+    torch.library.opcheck(torch.ops.dtk.memory_linear_attention_update.default, (m, mv, mkv, mz, 0.9))
+
+
+# ---------------------------------------------------------------------------------------- MEMO
+
+def test_memory_matches_reference():
+    B, S, H, D = 300, 16, 2, 40
+    q, k, v = _inputs(B, S, S, H, H, D, D, torch.float32, strided=True)
+    mkv, mz = torch.rand(B, H, D, D), torch.rand(B, H, D)
+    out, st = dtk.memory_linear_attention(q, k, v, (mkv, mz), decay=0.9, update_with=4)
+    ref64 = memory_linear_attention_reference(q.double(), k.double(), v.double(), mkv.double(), mz.double(), 0.9)
+    ref = memory_linear_attention_reference(q, k, v, mkv, mz, 0.9)
+    assert_matches_reference(out, ref64, ref, atol=1e-5)
+    rkv, rz = memory_update_reference(k[:, -4:].double(), v[:, -4:].double(), mkv.double(), mz.double(), 0.9)
+    assert max_err(st[0], rkv) < 1e-5 and max_err(st[1], rz) < 1e-5
+    out0, st0 = dtk.memory_linear_attention(q, k, v, update_with=False)
+    assert st0 is None
+    assert_matches_reference(out0, memory_linear_attention_reference(q.double(), k.double(), v.double()),
+                             memory_linear_attention_reference(q, k, v), atol=1e-5)
+
+
+def test_memory_three_clips_direct():
+    """Memory carried over three clips equals the explicit decayed sum over all past frames."""
+    B, S, H, D, lam = 7, 16, 2, 16, 0.9
+    clips = [_inputs(B, S, S, H, H, D, D, torch.float64) for _ in range(3)]
+    state, outs = None, []
+    for q, k, v in clips:
+        o, state = dtk.memory_linear_attention(q, k, v, state, decay=lam)
+        outs.append(o)
+    # direct: memory before clip c = sum over earlier clips p of decay^(frames after p's frame j) ...
+    for c, (q, k, v) in enumerate(clips):
+        fq, fk = memo_features(q, k)
+        KV = torch.einsum("bshd,bshe->bhde", fk, v)
+        Z = fk.sum(1)
+        if c > 0:
+            MKV = torch.zeros_like(KV)
+            MZ = torch.zeros_like(Z)
+            for p in range(c):
+                _, kp, vp = clips[p]
+                fkp = torch.softmax(kp, 1)
+                after = S * (c - 1 - p)   # frames of later clips already folded into the memory
+                for j in range(S):
+                    w = lam ** (S - 1 - j)
+                    MKV += lam ** after * torch.einsum("bhd,bhe->bhde", w * fkp[:, j], w * vp[:, j])
+                    MZ += lam ** after * w * fkp[:, j]
+            KV = KV + lam * MKV
+            Z = Z + lam * MZ
+        direct = torch.einsum("bshd,bhde->bshe", fq, KV) / torch.einsum("bshd,bhd->bsh", fq, Z).clamp_min(1e-10)[..., None]
+        assert max_err(outs[c], direct) < 1e-12
+    assert state[0].dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+def _raises(match, fn):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        fn()
+
+
+def test_bad_inputs_name_the_argument():
+    q, k, v = _inputs(1, 10, 10, 4, 2, 16, 16, torch.float32)
+    la = dtk.linear_attention
+    _raises("feature_map", lambda: la(q, k, v, feature_map="softmax"))
+    _raises("eps", lambda: la(q, k, v, eps=0.0))
+    _raises("eps", lambda: la(q, k, v, eps=-1.0))
+    _raises("head dim", lambda: la(q, k[..., :8], v))
+    _raises("v must match k", lambda: la(q, k, v[:, :5]))
+    _raises("heads of q", lambda: la(q[:, :, :3], k, v))
+    _raises("batch", lambda: la(q, torch.cat([k, k]), torch.cat([v, v])))
+    _raises("dtype", lambda: la(q, k.double(), v))
+    _raises("q must be 4-D", lambda: la(q[0], k, v))
+    _raises("cu_seqlens must be int32", lambda: la(q, k, v, cu_seqlens=torch.tensor([0, 10])))
+    _raises("non-decreasing", lambda: la(q, k, v, cu_seqlens=torch.tensor([0, 6, 3, 10], dtype=torch.int32)))
+    _raises("end at", lambda: la(q, k, v, cu_seqlens=torch.tensor([0, 6, 9], dtype=torch.int32)))
+    _raises("start at 0", lambda: la(q, k, v, cu_seqlens=torch.tensor([1, 6, 10], dtype=torch.int32)))
+    _raises("packed", lambda: la(torch.cat([q, q]), torch.cat([k, k]), torch.cat([v, v]),
+                                 cu_seqlens=torch.tensor([0, 10], dtype=torch.int32)))
+    # the raw ops check too (C++ messages name the argument)
+    op = torch.ops.dtk.linear_attention
+    _raises("feature_map", lambda: op(q, k, v, "tanh", True, 1e-4, None, None))
+    _raises("eps", lambda: op(q, k, v, "elu1", True, 0.0, None, None))
+    _raises("cu_seqlens", lambda: op(q, k, v, "elu1", True, 1e-4, None, torch.tensor([0, 7, 3, 10], dtype=torch.int32)))
+    _raises("cu_seqlens", lambda: op(q, k, v, "elu1", True, 1e-4, None, torch.tensor([0, 3, 9], dtype=torch.int32)))
+    st = dtk.linear_attention_state(k, v)
+    _raises("feature_map", lambda: dtk.linear_attention_state(k, v, feature_map="x"))
+    _raises("k_sum", lambda: dtk.linear_attention_apply(q, st[0], st[1][:, :1], st[2]))
+    _raises("count must be int64", lambda: dtk.linear_attention_apply(q, st[0], st[1], st[2].int()))
+    _raises("kv_sum must have q's head dim", lambda: dtk.linear_attention_apply(q[..., :8], *st))
+    _raises("eps", lambda: dtk.linear_attention_apply(q, *st, eps=0))
+    m = torch.randn(4, 16, 2, 8)
+    ml = dtk.memory_linear_attention
+    _raises("state\\[0\\]", lambda: ml(m, m, m, (torch.zeros(4, 2, 8, 7), torch.zeros(4, 2, 8))))
+    _raises("decay", lambda: ml(m, m, m, decay=1.5))
+    _raises("update_with", lambda: ml(m, m, m, update_with=17))
+    _raises("same number of heads|q's number of heads", lambda: ml(m, m[:, :, :1], m[:, :, :1]))

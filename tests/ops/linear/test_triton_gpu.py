@@ -1,0 +1,85 @@
+"""The compiled Triton kernels (CUDA key of torch.ops.dtk.*) in bf16/fp16 against the float64
+reference. Runs only where a GPU is present (the lent GPU machine)."""
+import random
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+import dtk  # noqa: E402
+from dtk.ops.linear.reference import (linear_attention_reference, memory_linear_attention_reference,  # noqa: E402
+                                      memory_update_reference, split_bounds)
+from helpers import assert_matches_reference, bshd, max_err  # noqa: E402
+
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _ref(q, k, v, **kw):
+    return (linear_attention_reference(q.double(), k.double(), v.double(), **kw),
+            linear_attention_reference(q, k, v, **kw))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [40, 64, 80, 128, 160])
+@pytest.mark.parametrize("fm", ["elu1", "relu"])
+def test_forward(dtype, D, fm):
+    H, Hkv = random.choice([(4, 4), (8, 2)])
+    Sq, Sk = random.choice([(1, 1), (333, 4097), (4096, 4096), (10000, 777)])
+    q = bshd(2, Sq, H, D, dtype, "cuda", transposed=True)
+    k, v = bshd(2, Sk, Hkv, D, dtype, "cuda"), bshd(2, Sk, Hkv, D, dtype, "cuda")
+    for norm in (True, False):
+        out = dtk.linear_attention(q, k, v, feature_map=fm, normalize=norm)
+        ref64, ref = _ref(q, k, v, feature_map=fm, normalize=norm)
+        assert_matches_reference(out, ref64, ref, atol=1e-3 * (1 if norm else max(1.0, ref64.abs().max().item())))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen_and_shards(dtype):
+    lens = [random.randint(0, 3000) for _ in range(5)]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    T = int(cu[-1])
+    q, k, v = (bshd(1, T, 4, 64, dtype, "cuda") for _ in range(3))
+    out = dtk.linear_attention(q, k, v, cu_seqlens=cu)
+    ref64, ref = _ref(q, k, v, cu_seqlens=cu)
+    assert_matches_reference(out, ref64, ref, atol=1e-3)
+    S = 20000
+    k2, v2, q2 = bshd(1, S, 4, 128, dtype, "cuda"), bshd(1, S, 4, 128, dtype, "cuda"), bshd(1, 999, 4, 128, dtype, "cuda")
+    st = [dtk.linear_attention_state(k2[:, s:e], v2[:, s:e]) for s, e in split_bounds(S, 4)]
+    merged = dtk.linear_attention_apply(q2, *(sum(x[i] for x in st) for i in range(3)))
+    ref64, ref = _ref(q2, k2, v2)
+    assert_matches_reference(merged, ref64, ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [True, False])
+def test_backward(dtype, norm):
+    q, k, v = bshd(2, 1000, 8, 64, dtype, "cuda"), bshd(2, 1500, 4, 64, dtype, "cuda"), bshd(2, 1500, 4, 64, dtype, "cuda")
+    g = bshd(2, 1000, 8, 64, dtype, "cuda")
+    ts = [t.clone().requires_grad_() for t in (q, k, v)]
+    dtk.linear_attention(*ts, normalize=norm).backward(g)
+    r64 = [t.double().requires_grad_() for t in (q, k, v)]
+    linear_attention_reference(*r64, normalize=norm).backward(g.double())
+    rl = [t.clone().requires_grad_() for t in (q, k, v)]
+    linear_attention_reference(*rl, normalize=norm).backward(g)
+    for name, a, b, c in zip("qkv", ts, r64, rl):
+        assert_matches_reference(a.grad, b.grad, c.grad, atol=1e-3 * (1 + b.grad.abs().max().item()), name="d" + name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_memory(dtype):
+    B, S, H, D = 4096, 16, 2, 64
+    q, k, v = (bshd(B, S, H, D, dtype, "cuda") for _ in range(3))
+    state, outs = None, []
+    for clip in range(3):
+        o, new_state = dtk.memory_linear_attention(q, k, v, state, decay=0.9)
+        mkv, mz = (None, None) if state is None else state
+        ref64 = memory_linear_attention_reference(q.double(), k.double(), v.double(),
+                                                  None if mkv is None else mkv.double(),
+                                                  None if mz is None else mz.double(), 0.9)
+        ref = memory_linear_attention_reference(q, k, v, mkv, mz, 0.9)
+        assert_matches_reference(o, ref64, ref, atol=1e-3)
+        rkv, rz = memory_update_reference(k.double(), v.double(), None if mkv is None else mkv.double(),
+                                          None if mz is None else mz.double(), 0.9)
+        assert max_err(new_state[0], rkv) < 1e-4 and max_err(new_state[1], rz) < 1e-4
+        state = new_state

@@ -1,0 +1,102 @@
+"""Triton kernels under the interpreter (TRITON_INTERPRET=1) on CPU tensors, fp16/fp32 only (the
+interpreter's bf16 tl.dot is wrong, DESIGN §6). Skipped where a GPU is present: there
+test_triton_gpu.py runs the compiled kernels (the interpreter switch is process-wide)."""
+import importlib.util
+import os
+import random
+
+import pytest
+import torch
+
+if torch.cuda.is_available():
+    pytest.skip("interpreter tests run on CPU-only machines", allow_module_level=True)
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton not installed", allow_module_level=True)
+os.environ["TRITON_INTERPRET"] = "1"  # before Triton is first imported
+
+from dtk.ops.linear import triton as tr  # noqa: E402
+from dtk.ops.linear.reference import (linear_attention_reference, linear_attention_state_reference,  # noqa: E402
+                                      memory_linear_attention_reference, memory_update_reference, split_bounds)
+from helpers import assert_matches_reference, bshd, max_err  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16]
+
+
+def _atol(dtype):
+    return 1e-4 if dtype == torch.float32 else 2e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D,Dv,H,Hkv", [(40, 40, 2, 1), (64, 32, 2, 2), (80, 80, 4, 2), (160, 24, 1, 1)])
+def test_forward(dtype, D, Dv, H, Hkv):
+    Sq, Sk = random.randint(1, 150), random.randint(1, 150)
+    strided = random.random() < 0.5
+    q, k, v = bshd(2, Sq, H, D, dtype, transposed=strided), bshd(2, Sk, Hkv, D, dtype), bshd(2, Sk, Hkv, Dv, dtype)
+    fm = random.choice(["elu1", "relu"])
+    norm = random.random() < 0.7
+    scale = random.choice([None, 0.3])
+    kw = dict(feature_map=fm, normalize=norm, scale=scale)
+    out = tr.linear_attention_triton(q, k, v, fm, norm, 1e-4, scale)
+    ref64 = linear_attention_reference(q.double(), k.double(), v.double(), **kw)
+    atol = _atol(dtype) * (1 if norm else max(1.0, ref64.abs().max().item()))
+    assert_matches_reference(out, ref64, linear_attention_reference(q, k, v, **kw), atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen_and_states(dtype):
+    cu = torch.tensor([0, 7, 7, 100, 130], dtype=torch.int32)
+    q, k, v = (bshd(1, 130, 2, 64, dtype) for _ in range(3))
+    out = tr.linear_attention_triton(q, k, v, "elu1", True, 1e-4, None, cu)
+    ref64 = linear_attention_reference(q.double(), k.double(), v.double(), cu_seqlens=cu)
+    assert_matches_reference(out, ref64, linear_attention_reference(q, k, v, cu_seqlens=cu), atol=_atol(dtype))
+    st = tr.linear_attention_state_triton(k, v, "elu1", cu)
+    rst = linear_attention_state_reference(k.double(), v.double(), "elu1", cu)
+    assert st[2].tolist() == rst[2].tolist()
+    assert max_err(st[0], rst[0]) < 1e-3 * (1 + rst[0].abs().max().item())
+    # split into shards, merge, apply == whole
+    k2, v2 = bshd(2, 300, 2, 64, dtype), bshd(2, 300, 2, 64, dtype)
+    q2 = bshd(2, 40, 2, 64, dtype)
+    parts = [tr.linear_attention_state_triton(k2[:, s:e], v2[:, s:e]) for s, e in split_bounds(300, 3)]
+    merged = tr.linear_attention_apply_triton(q2, sum(p[0] for p in parts), sum(p[1] for p in parts),
+                                              sum(p[2] for p in parts))
+    whole = tr.linear_attention_triton(q2, k2, v2)
+    assert max_err(merged, whole) <= _atol(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [True, False])
+def test_backward(dtype, norm):
+    q, k, v = bshd(2, 50, 4, 40, dtype), bshd(2, 70, 2, 40, dtype), bshd(2, 70, 2, 32, dtype)
+    g = bshd(2, 50, 4, 32, dtype)
+    dq, dk, dv = tr.linear_attention_backward_triton(g, q, k, v, "elu1", norm, 1e-4, 0.5)
+    rs = [t.double().requires_grad_() for t in (q, k, v)]
+    linear_attention_reference(*rs, normalize=norm, scale=0.5).backward(g.double())
+    for name, a, r in zip("qkv", (dq, dk, dv), rs):
+        tol = (1e-4 if dtype == torch.float32 else 4e-3) * (1 + r.grad.abs().max().item())
+        assert max_err(a, r.grad) < tol, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_memory(dtype):
+    B, S, H, D = 5, 16, 2, 40
+    q, k, v = (bshd(B, S, H, D, dtype, transposed=True) for _ in range(3))
+    mkv, mz = torch.rand(B, H, D, D), torch.rand(B, H, D)
+    out = tr.memory_linear_attention_triton(q, k, v, mkv, mz, 0.9)
+    ref64 = memory_linear_attention_reference(q.double(), k.double(), v.double(), mkv.double(), mz.double(), 0.9)
+    assert_matches_reference(out, ref64, memory_linear_attention_reference(q, k, v, mkv, mz, 0.9), atol=_atol(dtype))
+    out0 = tr.memory_linear_attention_triton(q, k, v)
+    assert_matches_reference(out0, memory_linear_attention_reference(q.double(), k.double(), v.double()),
+                             memory_linear_attention_reference(q, k, v), atol=_atol(dtype))
+    nkv, nz = tr.memory_linear_attention_update_triton(k[:, 5:], v[:, 5:], mkv, mz, 0.9)
+    rkv, rz = memory_update_reference(k[:, 5:].double(), v[:, 5:].double(), mkv.double(), mz.double(), 0.9)
+    assert max_err(nkv, rkv) < 1e-5 and max_err(nz, rz) < 1e-5
+
+
+def test_backward_large_head_dim_fallback():
+    q, k, v = bshd(1, 20, 2, 160, torch.float32), bshd(1, 30, 1, 160, torch.float32), bshd(1, 30, 1, 160, torch.float32)
+    g = bshd(1, 20, 2, 160, torch.float32)
+    got = tr.linear_attention_backward_triton(g, q, k, v)
+    rs = [t.double().requires_grad_() for t in (q, k, v)]
+    linear_attention_reference(*rs).backward(g.double())
+    for a, r in zip(got, rs):
+        assert max_err(a, r.grad) < 1e-4 * (1 + r.grad.abs().max().item())

@@ -8,7 +8,7 @@ import dtk
 from dtk.ops.linear.reference import (linear_attention_quadratic_reference, linear_attention_reference,
                                       linear_attention_state_reference, memo_features,
                                       memory_linear_attention_reference, memory_update_reference, split_bounds)
-from helpers import assert_matches_reference, bshd, max_err
+from ...helpers import assert_matches_reference, bshd, max_err
 
 FMS = ("elu1", "relu", "identity")
 

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 import dtk  # noqa: E402
 from dtk.ops.linear.reference import (linear_attention_reference, memory_linear_attention_reference,  # noqa: E402
                                       memory_update_reference, split_bounds)
-from helpers import assert_matches_reference, bshd, max_err  # noqa: E402
+from ...helpers import assert_matches_reference, bshd, max_err  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16]
 

@@ -17,7 +17,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before Triton is first imported
 from dtk.ops.linear import triton as tr  # noqa: E402
 from dtk.ops.linear.reference import (linear_attention_reference, linear_attention_state_reference,  # noqa: E402
                                       memory_linear_attention_reference, memory_update_reference, split_bounds)
-from helpers import assert_matches_reference, bshd, max_err  # noqa: E402
+from ...helpers import assert_matches_reference, bshd, max_err  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16]
 

@@ -1,9 +1,10 @@
 // CUDA registration of dtk::tile_reorder: argument checks, then the plain launcher in cuda.cu on
-// the current stream.
+// the current stream. Only c10/cuda headers (ATen/cuda/CUDAContext.h needs the cuBLAS/cuSPARSE
+// headers, which a bare toolkit may lack).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -31,7 +32,7 @@ at::Tensor tile_reorder_cuda(const at::Tensor& x_in, at::IntArrayRef grid, at::I
   const int64_t g[3] = {layout.n0, layout.n1, layout.n2};
   const int64_t t[3] = {layout.u0, layout.u1, layout.u2};
   launch_tile_reorder(x.const_data_ptr(), out.mutable_data_ptr(), B, S, num_prefix, row_bytes, x.stride(0) * es,
-                      x.stride(1) * es, g, t, inverse, at::cuda::getCurrentCUDAStream());
+                      x.stride(1) * es, g, t, inverse, c10::cuda::getCurrentCUDAStream(x.device().index()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -34,8 +34,8 @@ class CMakeBuild(build_ext):
             "-DCMAKE_BUILD_TYPE=Release",
             "-G", "Ninja",
         ]
-        if os.environ.get("DTK_WITH_CUDA", "1") == "0":
-            cfg.append("-DDTK_WITH_CUDA=OFF")
+        # Always pass the option: the CMake cache would otherwise keep an earlier DTK_WITH_CUDA=0.
+        cfg.append("-DDTK_WITH_CUDA=" + ("OFF" if os.environ.get("DTK_WITH_CUDA", "1") == "0" else "ON"))
         cuda_home = _cuda_home()
         if cuda_home:
             cfg.append(f"-DCMAKE_CUDA_COMPILER={cuda_home}/bin/nvcc")

@@ -1,0 +1,138 @@
+// Argument checks shared by every op family. Every message names the argument at fault and
+// says what was expected. Value errors raise ValueError, dtype errors TypeError (from Python).
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "common/layout.h"
+
+namespace dtk {
+
+// grid: 1..3 sizes >= 1. Returns the grid padded to 3 axes with leading 1s.
+inline std::array<int64_t, 3> check_grid(at::IntArrayRef grid) {
+  TORCH_CHECK_VALUE(grid.size() >= 1 && grid.size() <= 3,
+                    "grid must be 1, 2 or 3 ints (L), (H, W) or (T, H, W), got ", grid.size(), " values ", grid);
+  std::array<int64_t, 3> g{1, 1, 1};
+  const size_t pad = 3 - grid.size();
+  for (size_t a = 0; a < grid.size(); ++a) {
+    TORCH_CHECK_VALUE(grid[a] >= 1, "grid sizes must be >= 1, got grid=", grid);
+    g[pad + a] = grid[a];
+  }
+  return g;
+}
+
+inline void check_num_prefix(int64_t num_prefix) {
+  TORCH_CHECK_VALUE(num_prefix >= 0, "num_prefix must be >= 0, got ", num_prefix);
+}
+
+// The sequence length must be num_prefix + prod(grid) (overflow-safe).
+inline void check_grid_matches_seq(at::IntArrayRef grid, const std::array<int64_t, 3>& g, int64_t num_prefix,
+                                   int64_t seq_len, const char* seq_name) {
+  const int64_t avail = seq_len - num_prefix;
+  TORCH_CHECK_VALUE(avail >= 1, "num_prefix (", num_prefix, ") must leave grid tokens in the sequence: ", seq_name,
+                    " = ", seq_len, " but num_prefix + prod(grid) with grid=", grid, " needs more");
+  bool ok = true;
+  int64_t prod = 1;
+  for (int64_t n : g) {
+    if (n > avail / prod) { ok = false; break; }
+    prod *= n;
+  }
+  TORCH_CHECK_VALUE(ok && prod == avail, "grid=", grid, " does not match the sequence length: expected ", seq_name,
+                    " = num_prefix + prod(grid) but ", seq_name, " = ", seq_len, ", num_prefix = ", num_prefix);
+}
+
+// tile: one size >= 1 per grid axis. Returns the layout (tile padded with 1s, clipped to the grid).
+inline TileLayout check_tile(at::OptionalIntArrayRef tile, at::IntArrayRef grid, const std::array<int64_t, 3>& g) {
+  TileLayout layout{g[0], g[1], g[2], g[0], g[1], g[2]};
+  if (!tile.has_value()) return layout;
+  const at::IntArrayRef t = tile.value();
+  TORCH_CHECK_VALUE(t.size() == grid.size(), "tile must have one size per grid axis (", grid.size(), " for grid=", grid,
+                    "), got tile=", t);
+  std::array<int64_t, 3> u{1, 1, 1};
+  const size_t pad = 3 - t.size();
+  for (size_t a = 0; a < t.size(); ++a) {
+    TORCH_CHECK_VALUE(t[a] >= 1, "tile sizes must be >= 1, got tile=", t);
+    u[pad + a] = std::min(t[a], g[pad + a]);
+  }
+  layout.u0 = u[0];
+  layout.u1 = u[1];
+  layout.u2 = u[2];
+  return layout;
+}
+
+// A (B, S, H, D) tensor: 4-D with a contiguous last dim (any strides on B, S, H).
+inline void check_bshd(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 4, name, " must be a 4-D (batch, seq, heads, head_dim) tensor, got ", t.dim(),
+                    "-D with shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(3) >= 1, name, " must have a head dim >= 1, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(2) >= 1, name, " must have at least one head, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.stride(3) == 1 || t.size(3) == 1, name,
+                    " must have a contiguous last (head_dim) dim (stride 1), got strides ", t.strides(),
+                    "; any strides on batch, seq and heads are fine");
+}
+
+// Same dtype and device as a reference tensor.
+inline void check_same_dtype_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ", ref_name, " (",
+                   ref.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (", ref.device(),
+              "), got ", t.device());
+}
+
+inline void check_attention_dtype(const at::Tensor& t, const char* name, bool allow_double) {
+  const auto st = t.scalar_type();
+  const bool ok = st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || (allow_double && st == at::kDouble);
+  TORCH_CHECK_TYPE(ok, name, " must be float16, bfloat16, float32", allow_double ? " or float64" : "",
+                   ", got ", st);
+}
+
+inline double check_scale(std::optional<double> scale, int64_t head_dim) {
+  if (!scale.has_value()) return 1.0 / std::sqrt(static_cast<double>(head_dim));
+  TORCH_CHECK_VALUE(std::isfinite(*scale) && *scale > 0, "scale must be a finite float > 0, got ", *scale);
+  return *scale;
+}
+
+// q (B,S,H,D), k/v (B,Skv,H_kv,D) with H % H_kv == 0, and optional extra_k/extra_v (B,E,H_kv,D),
+// given together. Same dtype and device throughout. Set same_seq when k must have q's length.
+inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const std::optional<at::Tensor>& extra_k, const std::optional<at::Tensor>& extra_v,
+                      bool allow_double, bool same_seq) {
+  check_bshd(q, "q");
+  check_bshd(k, "k");
+  check_bshd(v, "v");
+  check_attention_dtype(q, "q", allow_double);
+  check_same_dtype_device(k, "k", q, "q");
+  check_same_dtype_device(v, "v", q, "q");
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0),
+                    "q, k and v must have the same batch size, got q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK_VALUE(!same_seq || k.size(1) == q.size(1), "k must have the sequence length of q (", q.size(1),
+                    "), got k ", k.sizes());
+  TORCH_CHECK_VALUE(v.size(1) == k.size(1), "v must have the sequence length of k (", k.size(1), "), got v ", v.sizes());
+  TORCH_CHECK_VALUE(v.size(2) == k.size(2), "v must have the number of heads of k (", k.size(2), "), got v ", v.sizes());
+  TORCH_CHECK_VALUE(q.size(2) % k.size(2) == 0, "the number of q heads (", q.size(2),
+                    ") must be a multiple of the number of k/v heads (", k.size(2), ") for GQA");
+  TORCH_CHECK_VALUE(k.size(3) == q.size(3) && v.size(3) == q.size(3),
+                    "q, k and v must have the same head dim, got q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK_VALUE(extra_k.has_value() == extra_v.has_value(),
+                    "extra_k and extra_v must be given together, got only ", extra_k.has_value() ? "extra_k" : "extra_v");
+  if (!extra_k.has_value()) return;
+  const at::Tensor& ek = *extra_k;
+  const at::Tensor& ev = *extra_v;
+  check_bshd(ek, "extra_k");
+  check_bshd(ev, "extra_v");
+  check_same_dtype_device(ek, "extra_k", q, "q");
+  check_same_dtype_device(ev, "extra_v", q, "q");
+  TORCH_CHECK_VALUE(ek.size(0) == q.size(0) && ek.size(2) == k.size(2) && ek.size(3) == q.size(3),
+                    "extra_k must be (batch, num_extra, kv_heads, head_dim) = (", q.size(0), ", E, ", k.size(2), ", ",
+                    q.size(3), "), got ", ek.sizes());
+  TORCH_CHECK_VALUE(ev.sizes() == ek.sizes(), "extra_v must have the shape of extra_k ", ek.sizes(), ", got ", ev.sizes());
+}
+
+}  // namespace dtk

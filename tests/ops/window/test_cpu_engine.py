@@ -9,7 +9,7 @@ import torch
 import dtk  # noqa: F401
 from dtk.ops.window.reference import window_attention_reference
 from dtk.ops.window.spec import make_spec, pair_count
-from helpers import assert_matches_reference, bshd
+from ...helpers import assert_matches_reference, bshd
 
 OP = torch.ops.dtk.window_attention
 

@@ -243,7 +243,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("changes,name", BAD, ids=lambda x: str(x)[:60] if isinstance(x, dict) else x)
+@pytest.mark.parametrize("changes,name", BAD, ids=[f"{i}-{n}" for i, (_, n) in enumerate(BAD)])  # stable ids (xdist)
 def test_bad_inputs(changes, name):
     with pytest.raises((RuntimeError, ValueError, TypeError)) as e:
         _run(**changes)

@@ -3,10 +3,39 @@
 #include <Python.h>
 #include <torch/library.h>
 
+// Build facts set by CMakeLists.txt (read by dtk.info(); DTK_WITH_CUDA says the CUDA C++ kernels exist).
+#ifndef DTK_BUILD_CUDA_ARCHS
+#define DTK_BUILD_CUDA_ARCHS ""
+#endif
+#ifndef DTK_BUILD_CUDA_VERSION
+#define DTK_BUILD_CUDA_VERSION ""
+#endif
+#ifndef DTK_BUILD_CUDA_NOTE
+#define DTK_BUILD_CUDA_NOTE ""
+#endif
+#ifndef DTK_BUILD_TORCH_VERSION
+#define DTK_BUILD_TORCH_VERSION ""
+#endif
+
 // `import dtk._C` loads this library, which runs the static registrations below.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+#ifdef DTK_WITH_CUDA
+  const int with_cuda = 1;
+#else
+  const int with_cuda = 0;
+#endif
+  if (PyModule_AddIntConstant(m, "with_cuda", with_cuda) < 0 ||
+      PyModule_AddStringConstant(m, "cuda_archs", DTK_BUILD_CUDA_ARCHS) < 0 ||
+      PyModule_AddStringConstant(m, "cuda_version", DTK_BUILD_CUDA_VERSION) < 0 ||
+      PyModule_AddStringConstant(m, "cuda_note", DTK_BUILD_CUDA_NOTE) < 0 ||
+      PyModule_AddStringConstant(m, "torch_version", DTK_BUILD_TORCH_VERSION) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 
 TORCH_LIBRARY(dtk, m) {

@@ -1,15 +1,25 @@
 """dtk: attention kernels for diffusion transformers.
 
 Ops live in ``torch.ops.dtk`` (schemas in csrc/dtk.cpp); this package exports their typed wrappers.
+``dtk.info()`` (or ``python -m dtk``) reports the version and which engines this install has.
 """
-from . import _C  # noqa: F401  (op schemas and C++ kernels)
+try:
+    from . import _C  # noqa: F401  (op schemas and C++ kernels)
+except ImportError as _e:  # most often: built against another torch (the C++ ABI changes between releases)
+    import torch as _torch
+    raise ImportError(f"dtk: cannot load its compiled extension dtk._C ({_e}). The extension must be built "
+                      f"against the installed torch ({_torch.__version__}): rebuild dtk "
+                      f"(`pip install --no-build-isolation .` from the source tree).") from _e
+from ._info import info
+from .ops.layout import from_tile_order, to_tile_order
 from .ops.linear import (linear_attention, linear_attention_apply, linear_attention_state,
                          memory_linear_attention, memory_linear_attention_update)
 from .ops.window import tile_permutation, window_attention
 
 __all__ = [
-    "window_attention", "tile_permutation",
+    "window_attention", "tile_permutation", "to_tile_order", "from_tile_order",
     "linear_attention", "linear_attention_state", "linear_attention_apply",
     "memory_linear_attention", "memory_linear_attention_update",
+    "info",
 ]
 __version__ = "0.1.0"

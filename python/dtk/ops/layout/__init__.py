@@ -7,6 +7,7 @@ partial, so any grid and tile work. It matches `dtk.ops.window.spec.tile_permuta
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence, Union
 
@@ -55,12 +56,43 @@ def from_tile_order(x: torch.Tensor, grid: IntOrTuple, tile: IntOrTuple, *, num_
     return torch.ops.dtk.tile_reorder(x, g, t, num_prefix, True)
 
 
-@torch.library.register_fake("dtk::tile_reorder")
-def _tile_reorder_fake(x, grid, tile, num_prefix, inverse):
+def _check_args(x, grid, tile, num_prefix):
     torch._check(x.dim() >= 2, lambda: f"x must have at least 2 dims (batch, seq, ...), got shape {tuple(x.shape)}")
     torch._check(1 <= len(grid) <= 3, lambda: f"grid must be 1, 2 or 3 ints, got {list(grid)}")
     torch._check(len(tile) == len(grid), lambda: f"tile must have one size per grid axis, got tile={list(tile)}")
     torch._check(num_prefix >= 0, lambda: f"num_prefix must be >= 0, got {num_prefix}")
     torch._check(x.shape[1] == num_prefix + math.prod(grid),
                  lambda: f"grid={list(grid)} does not match S (x.shape[1]) = {x.shape[1]} with num_prefix={num_prefix}")
+
+
+@torch.library.register_fake("dtk::tile_reorder")
+def _tile_reorder_fake(x, grid, tile, num_prefix, inverse):
+    _check_args(x, grid, tile, num_prefix)
     return x.new_empty(x.shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _gather_index(grid: tuple, tile: tuple, inverse: bool, device: torch.device) -> torch.Tensor:
+    from ..window.spec import tile_permutation
+    perm, inv = tile_permutation(grid, tile, device=device)
+    return inv if inverse else perm
+
+
+def tile_reorder_torch(x, grid, tile, num_prefix, inverse):
+    """dtk::tile_reorder in plain torch ops (any device): the CUDA kernel of a build without the
+    CUDA C++ sources (registered below), so a CPU-only wheel still serves CUDA tensors."""
+    _check_args(x, grid, tile, num_prefix)
+    torch._check(all(n >= 1 for n in grid), lambda: f"grid sizes must be >= 1, got grid={list(grid)}")
+    torch._check(all(t >= 1 for t in tile), lambda: f"tile sizes must be >= 1, got tile={list(tile)}")
+    idx = _gather_index(tuple(grid), tuple(tile), bool(inverse), x.device)
+    P = num_prefix
+    return torch.cat([x[:, :P], x[:, P:].index_select(1, idx)], 1).contiguous()
+
+
+def _register_cuda_fallback():
+    from ... import _C
+    if not getattr(_C, "with_cuda", 0):   # the C++ CUDA kernel (csrc/layout/cuda_ops.cpp) was not compiled
+        torch.library.register_kernel("dtk::tile_reorder", "cuda", tile_reorder_torch)
+
+
+_register_cuda_fallback()

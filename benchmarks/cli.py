@@ -17,7 +17,7 @@ import torch
 
 from . import registry
 from .registry import Case, Impl, Skip
-from .timing import measure_floor, pct_of_floor, tflops, time_fn
+from .timing import gbs, measure_copy_bandwidth, measure_floor, pct_of_bandwidth, pct_of_floor, tflops, time_fn
 
 SCHEMA = "dtk-bench/1"
 
@@ -92,8 +92,9 @@ def environment(device: str, argv: List[str]) -> Dict[str, Any]:
 class Runner:
     def __init__(self, device: str, floor: Dict, *, budget_s: Optional[float] = None,
                  skip_anchors: Optional[List[str]] = None, slow_reps: int = 3, bar=None, log=print,
-                 cpu_target_s: float = 0.3):
+                 cpu_target_s: float = 0.3, copy_floor: Optional[Dict] = None):
         self.device, self.floor = device, floor
+        self.copy_floor = copy_floor    # measure_copy_bandwidth(): rows get pct_bw (% of copy GB/s)
         self.budget_s, self.t0 = budget_s, time.perf_counter()
         self.skip_anchors = skip_anchors or []
         self.slow_reps = slow_reps
@@ -201,7 +202,9 @@ class Runner:
             row["reps"] = reps
         row["tflops"] = tflops(row["flops"], ms)
         row["pct_floor"] = pct_of_floor(row["flops"], ms, self.floor["tflops"])
-        row["gbs"] = row["bytes"] / (ms * 1e-3) / 1e9
+        row["gbs"] = gbs(row["bytes"], ms)
+        if self.copy_floor and row["bytes"]:
+            row["pct_bw"] = pct_of_bandwidth(row["bytes"], ms, self.copy_floor["gbs"])
         dense = row.get("info", {}).get("dense_flops")
         if dense:
             row.setdefault("info", {})["dense_tflops"] = round(tflops(dense, ms), 1)
@@ -242,14 +245,16 @@ def _row_note(r):
 
 
 def format_table(rows: List[Dict]) -> str:
-    head = ["shape", "impl", "ms", "eff TFLOP/s", "% floor", "dtk x", "notes"]
+    head = ["shape", "impl", "ms", "eff TFLOP/s", "% floor", "dtk x", "GB/s", "% copy", "notes"]
     body = []
     for r in rows:
         body.append([r["shape"], r["impl"], _fmt(r.get("ms"), ".3f"), _fmt(r.get("tflops"), ".3g"),
-                     _fmt(r.get("pct_floor"), ".1f"), _fmt(r.get("dtk_speedup"), ".2f"), _row_note(r)])
+                     _fmt(r.get("pct_floor"), ".1f"), _fmt(r.get("dtk_speedup"), ".2f"),
+                     _fmt(r.get("gbs"), ".4g"), _fmt(r.get("pct_bw"), ".1f"), _row_note(r)])
     w = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     w[-1] = len(head[-1])
-    line = lambda cells: "  ".join(c.ljust(w[i]) if i < 2 or i == 6 else c.rjust(w[i]) for i, c in enumerate(cells)).rstrip()
+    last = len(head) - 1
+    line = lambda cells: "  ".join(c.ljust(w[i]) if i < 2 or i == last else c.rjust(w[i]) for i, c in enumerate(cells)).rstrip()
     out = [line(head), line(["-" * x for x in w])]
     prev = None
     for b in body:
@@ -407,13 +412,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta = environment(device, argv)
     floor = measure_floor(device, cpu_target_s=args.cpu_target_s)
     meta["floor"] = floor
+    copy_floor = measure_copy_bandwidth(device, cpu_target_s=args.cpu_target_s)
+    meta["copy_floor"] = copy_floor
     print(f"# {meta['card']} | torch {meta['torch']} | triton {meta['triton']} | cuda {meta['cuda']} | {meta['date']}")
     print(f"# FLOP floor: {floor['name']} {floor['ms']:.3f} ms = {floor['tflops']:.3g} TFLOP/s")
+    print(f"# bandwidth floor: {copy_floor['name']} {copy_floor['ms']:.3f} ms = {copy_floor['gbs']:.4g} GB/s "
+          "(read + write)")
     meta["cases"] = {c.key: dict(c.params, dtype=c.dtype, note=c.note) for c in cases}
     data = dict(schema=SCHEMA, meta=meta, rows=[])
     bar = progress(sum(len(c.impls) for c in cases), enabled=not args.no_progress)
     runner = Runner(device, floor, budget_s=args.budget_s, skip_anchors=args.skip_anchor,
-                    slow_reps=args.slow_reps, cpu_target_s=args.cpu_target_s, bar=bar, log=lambda s: (sys.stderr.write(s + "\n"), sys.stderr.flush()))
+                    slow_reps=args.slow_reps, cpu_target_s=args.cpu_target_s, bar=bar, copy_floor=copy_floor, log=lambda s: (sys.stderr.write(s + "\n"), sys.stderr.flush()))
     t0 = time.perf_counter()
     for case in cases:
         dtype = getattr(torch, case.dtype)

@@ -44,11 +44,15 @@ def render(data: Dict) -> str:
     out.append(f"- command: `{m.get('command')}`")
     if fl:
         out.append(f"- FLOP floor (same run): {fl.get('name')} = {fl.get('tflops', 0):.4g} TFLOP/s")
+    cf = m.get("copy_floor") or {}
+    if cf:
+        out.append(f"- bandwidth floor (same run): {cf.get('name')} = {cf.get('gbs', 0):.4g} GB/s (read + write)")
     if m.get("elapsed_s") is not None:
         out.append(f"- run time: {m['elapsed_s']} s" + (" (**--budget-s exceeded: later anchors skipped**)" if m.get("budget_hit") else ""))
-    out += ["", "Times are medians. Effective TFLOP/s count the mask's FLOPs (4·B·H·D·allowed pairs) for every "
-            "row, dense anchors included; % floor = that work at the GEMM rate / measured time; "
-            "dtk × = anchor time / dtk time.", ""]
+    out += ["", "Times are medians. Effective TFLOP/s count the op's useful FLOPs (window: the mask's, "
+            "4·B·H·D·allowed pairs) for every row, dense anchors included; % floor = that work at the GEMM rate / measured time; "
+            "dtk × = anchor time / dtk time; GB/s = the op's minimum memory traffic / time, % copy = that "
+            "rate / the device-copy rate (the floor of memory-bound ops such as linear attention).", ""]
     ops = list(dict.fromkeys(r["op"] for r in data.get("rows", [])))
     cases = m.get("cases") or {}
     for op in ops:
@@ -60,13 +64,14 @@ def render(data: Dict) -> str:
                 desc = ", ".join(f"{k}={v}" for k, v in prm.items() if v not in (None, "") and k != "note")
                 out.append(f"| {name} | {desc}" + (f" ({prm['note']})" if prm.get("note") else "") + " |")
             out.append("")
-        out += [ "| shape | impl | ms | eff TFLOP/s | % floor | dtk × | notes |",
-                "|---|---|---:|---:|---:|---:|---|"]
+        out += ["| shape | impl | ms | eff TFLOP/s | % floor | dtk × | GB/s | % copy | notes |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for r in data["rows"]:
             if r["op"] != op:
                 continue
             out.append(f"| {r['shape']} | {r['impl']} | {_f(r.get('ms'), '.3f')} | {_f(r.get('tflops'), '.3g')} | "
-                       f"{_f(r.get('pct_floor'), '.1f')} | {_f(r.get('dtk_speedup'), '.2f')} | {_notes(r)} |")
+                       f"{_f(r.get('pct_floor'), '.1f')} | {_f(r.get('dtk_speedup'), '.2f')} | "
+                       f"{_f(r.get('gbs'), '.4g')} | {_f(r.get('pct_bw'), '.1f')} | {_notes(r)} |")
         out.append("")
     if not ops:
         out += ["(no rows)", ""]

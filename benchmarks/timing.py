@@ -3,7 +3,8 @@
 GPU: `triton.testing.do_bench` (median), except for calls that take ~100 ms or more (dense
 anchors on the big shapes), which are timed with CUDA events over a few reps after one warmup.
 CPU: a repeat timer with warmup (median of wall-clock times).
-The FLOP floor is a GEMM measured in the same run: bf16 8192^3 on a GPU, fp32 on the CPU.
+The FLOP floor is a GEMM measured in the same run: bf16 8192^3 on a GPU, fp32 on the CPU; the
+bandwidth floor (for memory-bound ops) a device copy measured in the same run.
 """
 from __future__ import annotations
 
@@ -97,6 +98,27 @@ def measure_floor(device: str, n: Optional[int] = None, cpu_target_s: float = 0.
     flops = 2.0 * n ** 3
     return dict(name=f"gemm {str(dtype).replace('torch.', '')} {n}^3", ms=r["ms"], tflops=tflops(flops, r["ms"]),
                 dtype=str(dtype).replace("torch.", ""), n=n)
+
+
+def measure_copy_bandwidth(device: str, nbytes: Optional[int] = None, cpu_target_s: float = 0.3) -> Dict:
+    """Device-copy bandwidth (``y.copy_(x)``, read + write bytes / time): the floor of memory-bound
+    ops (linear attention, layout); a row's ``% copy`` is its minimum traffic at this rate / time.
+    1 GiB buffers on a GPU (DESIGN §5 measured 4.27 TB/s on an H200), 64 MiB on the CPU."""
+    nbytes = nbytes or (1 << 30 if device.startswith("cuda") else 1 << 26)
+    x = torch.empty(nbytes // 4, device=device, dtype=torch.float32).normal_()
+    y = torch.empty_like(x)
+    r = time_fn(lambda: y.copy_(x), device, cpu_target_s=cpu_target_s)
+    moved = 2.0 * x.numel() * 4
+    return dict(name=f"copy {nbytes / 2 ** 20:.0f} MiB", ms=r["ms"], gbs=gbs(moved, r["ms"]), bytes=moved)
+
+
+def gbs(nbytes: float, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def pct_of_bandwidth(nbytes: float, ms: float, copy_gbs: float) -> float:
+    """Percent of the device-copy bandwidth: the bytes' time at the copy rate / measured time."""
+    return 100.0 * gbs(nbytes, ms) / copy_gbs
 
 
 def tflops(flops: float, ms: float) -> float:

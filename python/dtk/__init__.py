@@ -7,9 +7,9 @@ try:
     from . import _C  # noqa: F401  (op schemas and C++ kernels)
 except ImportError as _e:  # most often: built against another torch (the C++ ABI changes between releases)
     import torch as _torch
-    raise ImportError(f"dtk: cannot load its compiled extension dtk._C ({_e}). The extension must be built "
-                      f"against the installed torch ({_torch.__version__}): rebuild dtk "
-                      f"(`pip install --no-build-isolation .` from the source tree).") from _e
+    raise ImportError(f"dtk: cannot load its compiled extension dtk._C ({_e}). Build it against the installed "
+                      f"torch ({_torch.__version__}): `pip install --no-build-isolation .` from the source tree, or "
+                      f"`python setup.py build_ext --inplace` for a checkout used via PYTHONPATH=python.") from _e
 from ._info import info
 from .ops.layout import from_tile_order, to_tile_order
 from .ops.linear import (linear_attention, linear_attention_apply, linear_attention_state,

@@ -11,7 +11,7 @@ fi
 stamp=".venv/.dtk-deps-$(sha1sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   python -m pip install -q --upgrade pip
-  python -m pip install -q "torch>=2.11" numpy "setuptools>=64" wheel "cmake>=3.24" ninja nvidia-cutlass \
+  python -m pip install -q "torch>=2.11" numpy "setuptools>=77" wheel "cmake>=3.24" ninja nvidia-cutlass \
     pytest pytest-xdist matplotlib tqdm
   touch "$stamp"
 fi

@@ -56,13 +56,15 @@ def _window_fwd(
     Q, K, V, EK, EV, O, LSE, QB, ENT, CNT, ORDER,
     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh,
     sekb, seks, sekh, sevb, sevs, sevh, sob, sos, soh,
-    H, GROUP, S, P, E, L, N_PQB, D,
+    B, H, GROUP, S, P, E, L, N_PQB, D,
     N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1,
     qk_scale,
     IS_BOX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    # 1D grid, heads fastest: the heaviest query blocks (prefix rows, then the plan's order) start
+    # first for every head, so no long tail of late heavy programs.
+    pid = tl.program_id(0) // (B * H)
+    bh = tl.program_id(0) % (B * H)
     b = (bh // H).to(tl.int64)
     h = bh % H
     kvh = (h // GROUP).to(tl.int64)
@@ -74,19 +76,19 @@ def _window_fwd(
     k_ptr = K + b * skb + kvh * skh
     v_ptr = V + b * svb + kvh * svh
 
-    if pid < N_PQB:  # prefix queries: every sequence key
-        q_start = pid * BLOCK_M
-        q_len = tl.minimum(P - q_start, BLOCK_M)
-    else:
-        qb = tl.load(ORDER + (pid - N_PQB)).to(tl.int64)
-        q_start = tl.load(QB + qb * 7)
-        qo0 = tl.load(QB + qb * 7 + 1)
-        qo1 = tl.load(QB + qb * 7 + 2)
-        qo2 = tl.load(QB + qb * 7 + 3)
-        qe0 = tl.load(QB + qb * 7 + 4)
-        qe1 = tl.load(QB + qb * 7 + 5)
-        qe2 = tl.load(QB + qb * 7 + 6)
-        q_len = qe0 * qe1 * qe2
+    # Query block: a prefix block (rows [pid*BLOCK_M, ...) of the prefix, attending to every
+    # sequence key) or a grid block from the plan. Both descriptors are read unconditionally so
+    # that every value is defined on every path (the compiler does not merge one-sided branches).
+    is_prefix = pid < N_PQB
+    qb = tl.load(ORDER + tl.maximum(pid - N_PQB, 0)).to(tl.int64)
+    qo0 = tl.load(QB + qb * 7 + 1)
+    qo1 = tl.load(QB + qb * 7 + 2)
+    qo2 = tl.load(QB + qb * 7 + 3)
+    qe0 = tl.load(QB + qb * 7 + 4)
+    qe1 = tl.load(QB + qb * 7 + 5)
+    qe2 = tl.load(QB + qb * 7 + 6)
+    q_start = tl.where(is_prefix, pid * BLOCK_M, tl.load(QB + qb * 7))
+    q_len = tl.where(is_prefix, tl.minimum(P - pid * BLOCK_M, BLOCK_M), qe0 * qe1 * qe2)
     rows_q = (q_start + offs_m).to(tl.int64)
     q_ok = offs_m < q_len
     q = tl.load(Q + b * sqb + h * sqh + rows_q[:, None] * sqs + offs_d[None, :],
@@ -95,7 +97,7 @@ def _window_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    if pid < N_PQB:
+    if is_prefix:
         acc, m_i, l_i = _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sks, svs, 0, S, qk_scale,
                                      offs_n, offs_d, d_mask, BLOCK_N)
     else:
@@ -162,6 +164,13 @@ def _window_fwd(
     tl.store(LSE + bh.to(tl.int64) * S + rows_q, lse, mask=q_ok)
 
 
+# On a GPU the launch configuration is tuned once per head dim and window kind.
+_window_fwd_tuned = triton.autotune(
+    configs=[triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 3)],
+    key=["D", "IS_BOX", "BLOCK_D"],
+)(_window_fwd)
+
+
 def default_blocks(device: torch.device, D: int):
     """(query block, key block) sizes: 128 x 64 on a GPU; small ones in the interpreter."""
     if device.type != "cuda":
@@ -187,17 +196,19 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     block_d = max(16, triton.next_power_of_2(D))
     w = spec.window or (1, 1, 1)
     big = D > 128
-    grid = (n_pqb + plan.num_blocks, B * H)
-    _window_fwd[grid](
+    grid = ((n_pqb + plan.num_blocks) * B * H,)
+    interpret = q.device.type != "cuda"
+    kernel = _window_fwd if interpret else _window_fwd_tuned
+    launch = dict(num_warps=8 if (block_q >= 128 or big) else 4, num_stages=2 if big else 3) if interpret else {}
+    kernel[grid](
         q, k, v, ek, ev, out, lse, plan.q_blocks, plan.entries, plan.kv_count, plan.order,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), ek.stride(0), ek.stride(1), ek.stride(2),
         ev.stride(0), ev.stride(1), ev.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        H, H // Hkv, S, P, E, plan.max_entries, n_pqb, D,
+        B, H, H // Hkv, S, P, E, plan.max_entries, n_pqb, D,
         spec.grid[0], spec.grid[1], spec.grid[2], w[0], w[1], w[2], spec.radius or 1,
         spec.border == "inward", spec.padded(0), spec.padded(1),
         scale * LOG2E,
-        IS_BOX=spec.window is not None, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d,
-        num_warps=8 if (block_q >= 128 or big) else 4, num_stages=2 if big else 3,
+        IS_BOX=spec.window is not None, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, **launch,
     )
     return out, lse

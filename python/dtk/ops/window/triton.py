@@ -120,15 +120,23 @@ def _window_fwd(
             hi1 = lo1
             hi2 = lo2
         ent_ptr = ENT + qb * L * 8
-        n_full = tl.load(CNT + qb * 2)
-        n_all = tl.load(CNT + qb * 2 + 1)
-        for j in range(0, n_full):  # full key blocks: no mask at all
+        c0 = tl.load(CNT + qb * 3)
+        c1 = tl.load(CNT + qb * 3 + 1)
+        c2 = tl.load(CNT + qb * 3 + 2)
+        for j in range(0, c0):  # full key blocks of BLOCK_N keys: no mask at all
             e = ent_ptr + j * 8
             rows = (tl.load(e) + offs_n).to(tl.int64)
             k = tl.load(k_ptr + rows[:, None] * sks + offs_d[None, :], mask=d_mask[None, :], other=0.0)
             v = tl.load(v_ptr + rows[:, None] * svs + offs_d[None, :], mask=d_mask[None, :], other=0.0)
             acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, None, False, qk_scale)
-        for j in range(n_full, n_all):  # partial key blocks: element mask from coordinates
+        for j in range(c0, c1):  # full but shorter key blocks: mask the missing columns only
+            e = ent_ptr + j * 8
+            n_ok = offs_n < tl.load(e + 4) * tl.load(e + 5) * tl.load(e + 6)
+            rows = (tl.load(e) + offs_n).to(tl.int64)
+            k = tl.load(k_ptr + rows[:, None] * sks + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
+            v = tl.load(v_ptr + rows[:, None] * svs + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
+            acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale)
+        for j in range(c1, c2):  # partial key blocks: element mask from coordinates
             e = ent_ptr + j * 8
             k_start = tl.load(e)
             ko0 = tl.load(e + 1)

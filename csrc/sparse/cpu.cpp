@@ -171,7 +171,7 @@ std::pair<Tensor, Tensor> mkv_batch(const Tensor& q, at::TensorList ks, at::Tens
     valid = rows >= 0;
     qb = qb.index_select(0, rows.clamp_min(0));
   }
-  Tensor qh = heads_first(qb, acc).mul_(a.scale);
+  Tensor qh = heads_first(qb, acc) * a.scale;  // (never in place: may be a view of q)
   Online st(a.H, qh.size(1), a.D, qh.options());
   for (int64_t i = 0; i < a.nseg; ++i) {
     Tensor kb = ks[i][b], vb = vs[i][b];
@@ -275,7 +275,7 @@ std::tuple<Tensor, Tensor> segment_attention_cpu(const Tensor& q, const Tensor& 
     for (int64_t a = 0; a < G; ++a) {
       const int64_t qs = c[a], qn = c[a + 1] - c[a];
       if (qn == 0) continue;
-      Tensor qh = heads_first(q[b].narrow(0, qs, qn), acc).mul_(sc);
+      Tensor qh = heads_first(q[b].narrow(0, qs, qn), acc) * sc;
       Online st(H, qn, D, qh.options());
       for (int64_t kb = 0; kb < G; ++kb) {
         const int64_t ks = c[kb], kn = c[kb + 1] - c[kb];

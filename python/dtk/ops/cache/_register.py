@@ -10,6 +10,8 @@ import torch
 
 _LIB = "dtk::"
 
+from ..sparse._register import readable  # noqa: E402
+
 
 def check_scatter_blend(base, cache, fresh, index, lam, lam_per_batch):
     for name, t in (("base", base), ("cache", cache), ("fresh", fresh), ("index", index)):
@@ -44,7 +46,7 @@ def check_scatter_blend(base, cache, fresh, index, lam, lam_per_batch):
         if lam_per_batch.numel() != B:
             raise ValueError(f"a lam tensor must hold one value per batch (B={B}), got shape "
                              f"{tuple(lam_per_batch.shape)}")
-    if index.device.type == "cpu" and index.numel():
+    if index.numel() and readable(index):
         lo, hi = int(index.min()), int(index.max())
         if lo < -1 or hi >= N:
             raise IndexError(f"index out of range: entries must be in [0, {N}) or -1, got values in [{lo}, {hi}]")

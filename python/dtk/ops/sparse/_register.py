@@ -15,6 +15,14 @@ MAX_HEAD_DIM = 256
 _INT = (torch.int32, torch.int64)
 
 
+def readable(t: torch.Tensor) -> bool:
+    """True when t's values can be read without a device sync and outside tracing (CPU, not fake)."""
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+    return not is_fake(t)
+
+
 def _check_bshd(t, q, name):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -39,7 +47,7 @@ def _check_index(idx, name, q, limit, shapes):
         raise ValueError(f"{name} is on {idx.device}, expected q's device {q.device}")
     if tuple(idx.shape[:-1]) not in shapes and not (idx.dim() == 1 and () in shapes):
         raise ValueError(f"{name} has shape {tuple(idx.shape)}; expected {' or '.join(_fmt(s) for s in shapes)}")
-    if idx.device.type == "cpu" and idx.numel():
+    if idx.numel() and readable(idx):
         lo, hi = int(idx.min()), int(idx.max())
         if lo < -1 or hi >= limit:
             raise IndexError(f"{name} out of range: entries must be in [0, {limit}) or -1 (padding), "
@@ -138,7 +146,7 @@ def check_segment(q, k, v, cu_seqlens, group_mask, group_bias, scale):
             raise TypeError(f"group_bias must be a floating tensor, got {group_bias.dtype}")
         if tuple(group_bias.shape) != (G, G):
             raise ValueError(f"group_bias must be G x G = {G} x {G}, got shape {tuple(group_bias.shape)}")
-    if cu_seqlens.device.type == "cpu":
+    if cu_seqlens.numel() and readable(cu_seqlens):
         c = cu_seqlens.tolist()
         if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])) or c[-1] != S:
             raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at S={S}, got {c}")

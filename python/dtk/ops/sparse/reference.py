@@ -41,6 +41,9 @@ def multi_kv_attention_reference(q, ks: Sequence[torch.Tensor], vs: Sequence[tor
         else:
             idx = idx.long().to(q.device)
             idx = idx.expand(B, -1) if idx.dim() == 1 else idx
+            if k.shape[1] == 0:  # empty segment: only padding can index it
+                k = k.new_zeros(B, 1, k.shape[2], k.shape[3])
+                v = v.new_zeros(B, 1, v.shape[2], v.shape[3])
             g = idx.clamp_min(0)[:, :, None, None].expand(-1, -1, k.shape[2], k.shape[3])
             keys.append(torch.gather(k, 1, g))
             vals.append(torch.gather(v, 1, g))

@@ -186,7 +186,7 @@ Tensor dilate_mask(const Tensor& mask, int64_t iterations) {
   const char* op = "dtk.dilate_mask";
   Tensor x = check_mask3(mask, op);
   TORCH_CHECK(iterations >= 0, op, ": iterations must be >= 0, got ", iterations);
-  for (int64_t i = 0; i < iterations && x.numel() > 0; ++i) x = at::max_pool2d(x, {3, 3}, {1, 1}, {1, 1});
+  for (int64_t i = 0; i < iterations && x.sym_numel() != 0; ++i) x = at::max_pool2d(x, {3, 3}, {1, 1}, {1, 1});
   return (x > 0.5).squeeze(1);
 }
 
@@ -194,7 +194,7 @@ Tensor prune_isolated(const Tensor& mask, int64_t min_neighbors) {
   const char* op = "dtk.prune_isolated";
   Tensor x = check_mask3(mask, op);
   TORCH_CHECK(min_neighbors >= 0 && min_neighbors <= 8, op, ": min_neighbors must be in [0, 8], got ", min_neighbors);
-  if (x.numel() == 0) return mask.clone();
+  if (x.sym_numel() == 0) return mask.clone();
   // 3x3 sum (zero padding) minus the centre = number of set 8-neighbours.
   Tensor cnt = (at::avg_pool2d(x, {3, 3}, {1, 1}, {1, 1}, false, true) * 9.0 - x).round();
   return (mask & (cnt >= static_cast<double>(min_neighbors)).squeeze(1));

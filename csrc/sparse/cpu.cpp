@@ -272,16 +272,21 @@ std::tuple<Tensor, Tensor> segment_attention_cpu(const Tensor& q, const Tensor& 
   Tensor out = new_output({B, S, H, D}, q.options());
   Tensor lse = new_output({B, H, S}, q.options().dtype(at::kFloat));
   for (int64_t b = 0; b < B; ++b) {
+    const Tensor kh = heads_first(k[b], acc), vh = heads_first(v[b], acc);  // (Hkv, S, D), once per batch
     for (int64_t a = 0; a < G; ++a) {
       const int64_t qs = c[a], qn = c[a + 1] - c[a];
       if (qn == 0) continue;
       Tensor qh = heads_first(q[b].narrow(0, qs, qn), acc) * sc;
       Online st(H, qn, D, qh.options());
+      const double* gbp = gb.defined() ? gb.data_ptr<double>() : nullptr;
       for (int64_t kb = 0; kb < G; ++kb) {
-        const int64_t ks = c[kb], kn = c[kb + 1] - c[kb];
-        if (!gmp[a * G + kb] || kn == 0) continue;  // masked branch pairs are skipped, not computed
-        const double bias = gb.defined() ? gb.data_ptr<double>()[a * G + kb] : 0.0;
-        st.step(qh, heads_first(k[b].narrow(0, ks, kn), acc), heads_first(v[b].narrow(0, ks, kn), acc), bias);
+        if (!gmp[a * G + kb]) continue;  // masked branch pairs are skipped, not computed
+        const double bias = gbp ? gbp[a * G + kb] : 0.0;
+        int64_t ke = kb;  // merge a run of adjacent allowed branches with the same bias into one range
+        while (ke + 1 < G && gmp[a * G + ke + 1] && (gbp ? gbp[a * G + ke + 1] : 0.0) == bias) ++ke;
+        const int64_t ks = c[kb], kn = c[ke + 1] - c[kb];
+        if (kn > 0) st.step(qh, kh.narrow(1, ks, kn), vh.narrow(1, ks, kn), bias);
+        kb = ke;
       }
       auto [o, l] = st.finish();
       out[b].narrow(0, qs, qn).copy_(o.permute({1, 0, 2}));

@@ -8,7 +8,7 @@ def tiny_flux(seed=0, layers=1, single_layers=1, heads=2, head_dim=16, dtype=tor
     m = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=layers, num_single_layers=single_layers,
                                attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=32,
                                pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))
-    return m.to(dtype).eval()
+    return (m if dtype == torch.float32 else m.to(dtype)).eval()
 
 
 def image_ids(H, W, frame=0, dtype=torch.float32):
@@ -33,7 +33,7 @@ def tiny_wan(seed=0, layers=2, heads=2, head_dim=12, dtype=torch.float32):
     m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
                               in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
                               num_layers=layers, cross_attn_norm=True, rope_max_seq_len=32)
-    return m.to(dtype).eval()
+    return (m if dtype == torch.float32 else m.to(dtype)).eval()
 
 
 def wan_inputs(T, H, W, text=6, batch=1, dtype=torch.float32):
@@ -51,4 +51,4 @@ def tiny_unet(seed=0, dtype=torch.float32):
                              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
                              cross_attention_dim=24, attention_head_dim=8)
-    return m.to(dtype).eval()
+    return (m if dtype == torch.float32 else m.to(dtype)).eval()

@@ -297,3 +297,155 @@ def load_clear_weights(transformer, state_dict: Mapping[str, torch.Tensor], *, s
 
 def _short(keys, n=8):
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "") if keys else "none"
+
+
+# ------------------------------------------------------------------------------------------------
+# Condition reuse (OminiControl2 / FLUX Kontext) and SpotEdit: need the sparse/cache ops.
+
+def _sparse_ops():
+    import dtk
+    missing = [n for n in ("multi_kv_attention", "segment_attention", "ominicontrol_group_mask",
+                           "scatter_blend", "token_change_score", "mask_to_index") if not hasattr(dtk, n)]
+    if missing or not hasattr(dtk, "cache"):
+        raise RuntimeError(f"this dtk build lacks the sparse/cache ops ({', '.join(missing) or 'dtk.cache'})")
+    return dtk
+
+
+def _stream_key(kw):
+    # The pipeline passes the same prompt-embedding tensor at every step (one per CFG branch):
+    # its storage identifies the stream whose steps are counted, with no host sync.
+    enc = kw["encoder_hidden_states"]
+    return (enc.data_ptr(), tuple(enc.shape), enc.device)
+
+
+class ConditionContext:
+    """Per-model state of condition reuse / SpotEdit: this forward's layout (text T, noisy N,
+    condition M tokens), mode and the stream's caches."""
+
+    def __init__(self):
+        self.mode = "full"
+        self.T = self.N = self.M = 0
+        self.stream = None
+        self._ids_key = None
+        self._ids_val = None
+
+    def split_from_ids(self, ids: torch.Tensor, num_condition: Optional[int]) -> int:
+        """Number of condition tokens: given, or the trailing image tokens with ids[:, 0] != 0
+        (FLUX Kontext marks its condition image with 1). One host sync per new ids tensor."""
+        if num_condition is not None:
+            return int(num_condition)
+        key = (ids.data_ptr(), tuple(ids.shape), ids._version, ids.device)
+        if key != self._ids_key:
+            cond = ids[:, 0] != 0
+            m, first = torch.stack([cond.sum(), cond.int().argmax()]).tolist()
+            if m and first != ids.shape[0] - m:
+                raise ValueError("dtk FLUX condition adapters: condition tokens (img_ids[:, 0] != 0) must follow "
+                                 "the noisy tokens")
+            self._ids_key, self._ids_val = key, int(m)
+        return self._ids_val
+
+
+class _CondStream:
+    def __init__(self, dtk, policy):
+        self.cache = dtk.cache.KVCache(policy=policy)
+        self.step = 0
+
+
+class FluxConditionReuseProcessor:
+    """Condition reuse for one FLUX attention layer. On write steps the sequence is
+    [text, noisy, condition] under OminiControl's asymmetric mask (condition tokens see only
+    themselves; ``dtk.segment_attention``) and the condition tokens' post-RoPE K/V are cached; on
+    read steps the condition tokens are absent and [text, noisy] attend over their own and the
+    cached K/V (``dtk.multi_kv_attention``)."""
+
+    def __init__(self, ctx: ConditionContext, name: str):
+        self.ctx, self.name = ctx, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, **kwargs):
+        import dtk
+        ctx = self.ctx
+        q, k, v = flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        cache = ctx.stream.cache
+        if ctx.mode == "write":
+            out = dtk.segment_attention(q, k, v, ctx.cu_seqlens, ctx.group_mask)
+            s = ctx.T + ctx.N
+            cache.write(self.name, k[:, s:], v[:, s:])
+        else:
+            kc, vc = cache.read(self.name)
+            out = dtk.multi_kv_attention(q, [k, kc], [v, vc])
+        return flux_out(attn, out.to(q.dtype), encoder_hidden_states)
+
+
+class ConditionReuseHandle(AdapterHandle):
+    kind = "condition reuse"
+
+    def __init__(self, model, refresh_every, num_condition_tokens):
+        super().__init__(model)
+        self.refresh_every, self.num_condition_tokens = refresh_every, num_condition_tokens
+        self.context = ConditionContext()
+        self.streams: Dict[object, _CondStream] = {}
+        self.log = []                   # (stream number, "write" | "read") per forward
+
+    def reset(self):
+        """Drops the cached condition K/V and step counters (start of a new generation)."""
+        self.streams.clear()
+        self.log.clear()
+
+
+def apply_condition_reuse(transformer, *, refresh_every: Optional[int] = None,
+                          num_condition_tokens: Optional[int] = None) -> ConditionReuseHandle:
+    """OminiControl2-style condition reuse on a FLUX transformer whose image sequence is
+    [noisy tokens, condition tokens] (FLUX Kontext, OminiControl with ids[:, 0] != 0 marking the
+    condition; or give ``num_condition_tokens``).
+
+    Write steps (the first step of a stream, then every ``refresh_every`` steps; ``None`` = only the
+    first): condition tokens attend only to themselves (asymmetric mask), their post-RoPE K/V are
+    cached per layer. Read steps: the pre-hook drops the condition tokens from the input (the
+    transformer runs on text + noisy tokens only) and every layer attends over its own K/V plus
+    the cached condition K/V. The prediction keeps the input's length (condition rows are zero
+    on read steps; pipelines keep only the noisy rows). Steps are counted per stream (per
+    prompt-embedding tensor); ``handle.reset()`` starts a new generation.
+    """
+    _check_flux(transformer)
+    dtk = _sparse_ops()
+    if refresh_every is not None and (not isinstance(refresh_every, int) or refresh_every < 1):
+        raise ValueError(f"refresh_every must be None or an int >= 1, got {refresh_every!r}")
+    handle = ConditionReuseHandle(transformer, refresh_every, num_condition_tokens)
+    ctx = handle.context
+    for name, attn in iter_flux_attention(transformer):
+        handle.set_processor(attn, FluxConditionReuseProcessor(ctx, name))
+    policy = dtk.cache.RefreshPolicy(every=refresh_every)
+
+    def pre(kw):
+        ids = kw["img_ids"]
+        ids = ids[0] if ids.ndim == 3 else ids
+        hs = kw["hidden_states"]
+        M = ctx.split_from_ids(ids, num_condition_tokens)
+        ctx.T, ctx.M, ctx.N = kw["encoder_hidden_states"].shape[1], M, hs.shape[1] - M
+        key = _stream_key(kw)
+        if key not in handle.streams:
+            handle.streams[key] = _CondStream(dtk, policy)
+        st = ctx.stream = handle.streams[key]
+        st.cache.set_step(st.step)
+        write = M == 0 or st.cache.should_write(layer=None) or len(st.cache) == 0
+        ctx.mode = "write" if write else "read"
+        handle.log.append((list(handle.streams).index(key), ctx.mode))
+        if write:
+            dev = hs.device
+            ctx.cu_seqlens = torch.tensor([0, ctx.T, ctx.T + ctx.N, ctx.T + ctx.N + M], dtype=torch.int32, device=dev)
+            ctx.group_mask = dtk.ominicontrol_group_mask(1, device=dev)
+        else:
+            kw["hidden_states"] = hs[:, :ctx.N]
+            kw["img_ids"] = ids[:ctx.N]
+        return kw
+
+    def post(kw, output):
+        ctx.stream.step += 1
+        if ctx.mode != "read":
+            return output
+        return replace_output_sample(output, lambda x: torch.cat([x, x.new_zeros(x.shape[0], ctx.M, x.shape[2])], 1))
+
+    handle.add_hooks(pre, post)
+    handle._attach()
+    return handle

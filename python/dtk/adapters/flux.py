@@ -449,3 +449,148 @@ def apply_condition_reuse(transformer, *, refresh_every: Optional[int] = None,
     handle.add_hooks(pre, post)
     handle._attach()
     return handle
+
+
+class _SpotStream:
+    def __init__(self):
+        self.step = 0
+        self.layers: Dict[str, Dict[str, torch.Tensor]] = {}   # per layer: noisy and condition K/V
+        self.prev: Optional[torch.Tensor] = None                 # (B, N, C) last prediction of the noisy tokens
+        self.index: Optional[torch.Tensor] = None                # (N,) int32 edited tokens, -1 padded (device)
+        self.count: Optional[torch.Tensor] = None                # () int32 number of edited tokens (device)
+
+
+class FluxSpotEditProcessor:
+    """SpotEdit for one FLUX attention layer. Full steps: dense attention over
+    [text, noisy, condition], the noisy and condition K/V are cached. Edit steps: the sequence
+    holds text + the edited noisy tokens only; their fresh K/V are scattered into the layer's
+    noisy cache and the unedited rows blended with the reference (``dtk.scatter_blend``), and the
+    queries attend over text + noisy + cached condition keys (``dtk.multi_kv_attention``)."""
+
+    def __init__(self, ctx: ConditionContext, name: str, lam):
+        self.ctx, self.name, self.lam = ctx, name, lam
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, **kwargs):
+        import dtk
+        from ._common import sdpa_bshd
+        ctx = self.ctx
+        q, k, v = flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        T, N = ctx.T, ctx.N
+        st = ctx.stream
+        if ctx.mode == "full":
+            out = sdpa_bshd(q, k, v)
+            st.layers[self.name] = dict(k=k[:, T:T + N].contiguous(), v=v[:, T:T + N].contiguous(),
+                                        kc=k[:, T + N:].contiguous(), vc=v[:, T + N:].contiguous())
+        else:
+            c = st.layers[self.name]
+            lam = ctx.lam
+            blend_ref = lam != 1.0 and c["kc"].shape[1] == N     # SpotFusion toward the reference tokens
+            kn = dtk.scatter_blend(c["kc"] if blend_ref else c["k"], c["k"], k[:, T:], ctx.index, lam)
+            vn = dtk.scatter_blend(c["vc"] if blend_ref else c["v"], c["v"], v[:, T:], ctx.index, lam)
+            out = dtk.multi_kv_attention(q, [k[:, :T], kn, c["kc"]], [v[:, :T], vn, c["vc"]])
+        return flux_out(attn, out.to(q.dtype), encoder_hidden_states)
+
+
+def unpack_latents(tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """FLUX's packed tokens (B, H*W, C*4) -> latent maps (B, C, 2H, 2W) (inverse of FluxPipeline._pack_latents)."""
+    B, _, C4 = tokens.shape
+    H, W = grid
+    return tokens.view(B, H, W, C4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C4 // 4, 2 * H, 2 * W)
+
+
+class SpotEditHandle(AdapterHandle):
+    kind = "SpotEdit"
+
+    def __init__(self, model, threshold, warmup, refresh_every, lam, num_condition_tokens):
+        super().__init__(model)
+        self.threshold, self.warmup, self.refresh_every, self.lam = threshold, warmup, refresh_every, lam
+        self.num_condition_tokens = num_condition_tokens
+        self.context = ConditionContext()
+        self.grids = (FluxGridContext(), FluxGridContext())
+        self.streams: Dict[object, _SpotStream] = {}
+        self.log = []                   # (stream number, "full" | "edit") per forward
+
+    def reset(self):
+        """Drops caches, previous predictions and step counters (start of a new edit)."""
+        self.streams.clear()
+        self.log.clear()
+
+
+def apply_spotedit(transformer, *, threshold: float = 0.2, warmup: int = 2, refresh_every: Optional[int] = None,
+                   lam: float = 1.0, num_condition_tokens: Optional[int] = None) -> SpotEditHandle:
+    """SpotEdit on a FLUX Kontext transformer (image sequence = [noisy tokens, condition tokens]).
+
+    Full steps (the first ``warmup`` steps of a stream, then every ``refresh_every`` steps if set)
+    run the whole sequence and fill per-layer caches (noisy and condition K/V) and the prediction.
+    After every step the edited tokens are chosen on the device: ``dtk.token_change_score`` between
+    the predicted clean latent ``x_t - sigma * v`` and the reference (condition) latents,
+    ``score > threshold`` (OR over the batch), ``dtk.mask_to_index``. Edit steps run the transformer
+    on text + edited tokens only (the one host sync per step reads their count, in the pre-hook;
+    none inside layers); each layer attends over text + fresh + cached keys, with the fresh K/V
+    scattered into the cache by ``dtk.scatter_blend`` (``lam`` < 1 blends unedited rows toward the
+    reference tokens' K/V, SpotFusion; needs a condition image of the same size), and the
+    unedited tokens keep the previous prediction. The prediction keeps the input's length
+    (condition rows are zero on edit steps).
+    """
+    _check_flux(transformer)
+    dtk = _sparse_ops()
+    handle = SpotEditHandle(transformer, threshold, warmup, refresh_every, lam, num_condition_tokens)
+    ctx = handle.context
+    for name, attn in iter_flux_attention(transformer):
+        handle.set_processor(attn, FluxSpotEditProcessor(ctx, name, lam))
+
+    def pre(kw):
+        ids = kw["img_ids"]
+        ids = ids[0] if ids.ndim == 3 else ids
+        hs = kw["hidden_states"]
+        M = ctx.split_from_ids(ids, handle.num_condition_tokens)
+        ctx.T, ctx.M, ctx.N = kw["encoder_hidden_states"].shape[1], M, hs.shape[1] - M
+        ctx.grid = handle.grids[0].grid_from_ids(ids[:ctx.N])
+        ctx.ref_grid = handle.grids[1].grid_from_ids(ids[ctx.N:]) if M else None
+        key = _stream_key(kw)
+        if key not in handle.streams:
+            handle.streams[key] = _SpotStream()
+        st = ctx.stream = handle.streams[key]
+        s = st.step
+        full = (M == 0 or st.index is None or s < handle.warmup or
+                (handle.refresh_every is not None and (s - handle.warmup) % handle.refresh_every == 0))
+        ctx.mode, ctx.lam = ("full" if full else "edit"), handle.lam
+        handle.log.append((list(handle.streams).index(key), ctx.mode))
+        ctx.x_noisy, ctx.ref, ctx.sigma = hs[:, :ctx.N], hs[:, ctx.N:], kw["timestep"]
+        if not full:
+            n = int(st.count)                          # the step's one host sync
+            ctx.index = st.index[:n].long()
+            kw["hidden_states"] = hs[:, ctx.index]
+            kw["img_ids"] = ids[ctx.index]
+        return kw
+
+    def post(kw, output):
+        st = ctx.stream
+        st.step += 1
+
+        def fix(pred):
+            if ctx.mode == "full":
+                st.prev = pred[:, :ctx.N].contiguous()
+                result = pred
+            else:
+                st.prev.index_copy_(1, ctx.index, pred)
+                result = torch.cat([st.prev, st.prev.new_zeros(st.prev.shape[0], ctx.M, st.prev.shape[2])], 1)
+            if ctx.M:
+                _select(st, pred_noisy=st.prev)
+            return result
+        return replace_output_sample(output, fix)
+
+    def _select(st, pred_noisy):
+        sigma = ctx.sigma.to(pred_noisy.dtype).reshape(-1, 1, 1)
+        x0 = ctx.x_noisy - sigma * pred_noisy
+        H, W = ctx.grid
+        score = dtk.token_change_score([unpack_latents(x0, ctx.grid)], [unpack_latents(ctx.ref, ctx.ref_grid)],
+                                       pool=2, size=(2 * H, 2 * W))
+        mask = (score > handle.threshold).any(dim=0, keepdim=True)
+        index, count = dtk.mask_to_index(mask)
+        st.index, st.count = index[0], count[0]
+
+    handle.add_hooks(pre, post)
+    handle._attach()
+    return handle

@@ -71,8 +71,9 @@ BUDGET=$(( T_BENCH - 120 < 300 ? T_BENCH - 120 : 300 ))
 [ "$BUDGET" -lt 30 ] && BUDGET=30
 echo "== benchmarks (timeout ${T_BENCH} s, --budget-s ${BUDGET})"
 rc_bench=0
+# shellcheck disable=SC2086  # BENCH_ARGS: extra CLI flags, e.g. "--shape na2d-* --skip-anchor sdpa-math"
 timeout "$T_BENCH" "$PY" -m benchmarks --gpu --json "$OUT/bench.json" --plot "$OUT/bench.png" \
-  --budget-s "$BUDGET" 2>&1 | tee "$OUT/bench.log" || rc_bench=$?
+  --budget-s "$BUDGET" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || rc_bench=$?
 echo "bench rc=$rc_bench at ${SECONDS} s"
 
 if [ -f "$OUT/bench.json" ]; then

@@ -9,7 +9,7 @@ import torch
 import dtk  # noqa: F401
 from dtk.ops.window.reference import window_attention_reference
 from dtk.ops.window.spec import make_spec, pair_count
-from helpers import assert_matches_reference, bshd
+from ...helpers import assert_matches_reference, bshd
 
 OP = torch.ops.dtk.window_attention
 
@@ -243,7 +243,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("changes,name", BAD, ids=lambda x: str(x)[:60] if isinstance(x, dict) else x)
+@pytest.mark.parametrize("changes,name", BAD, ids=[f"{i}-{n}" for i, (_, n) in enumerate(BAD)])
 def test_bad_inputs(changes, name):
     with pytest.raises((RuntimeError, ValueError, TypeError)) as e:
         _run(**changes)

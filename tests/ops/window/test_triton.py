@@ -13,6 +13,7 @@ from dtk.ops.window.triton import window_attention_triton
 from ..window.cases import as_dtype, kwargs, make_inputs, random_case
 from ...helpers import assert_matches_reference
 
+pytestmark = pytest.mark.triton_engine
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float32, torch.float16]
 

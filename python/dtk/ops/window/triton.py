@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._debug import new_output
+from ..._debug import new_output, triton_autotune
 from .plan import build_plan
 from .spec import WindowSpec
 
@@ -205,9 +205,9 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     w = spec.window or (1, 1, 1)
     big = D > 128
     grid = ((n_pqb + plan.num_blocks) * B * H,)
-    interpret = q.device.type != "cuda"
-    kernel = _window_fwd if interpret else _window_fwd_tuned
-    launch = dict(num_warps=8 if (block_q >= 128 or big) else 4, num_stages=2 if big else 3) if interpret else {}
+    tuned = q.device.type == "cuda" and triton_autotune()
+    kernel = _window_fwd_tuned if tuned else _window_fwd
+    launch = {} if tuned else dict(num_warps=8 if (block_q >= 128 or big) else 4, num_stages=2 if big else 3)
     kernel[grid](
         q, k, v, ek, ev, out, lse, plan.q_blocks, plan.entries, plan.kv_count, plan.order,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -40,10 +40,28 @@ def _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, lo, hi, qk_scale,
         n = start + offs_n
         n_ok = n < hi
         rows = n.to(tl.int64)
-        k = tl.load(k_ptr + rows[:, None] * sk + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
-        v = tl.load(v_ptr + rows[:, None] * sv + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
+        k = _load_rows(k_ptr, rows, sk, offs_d, n_ok, d_mask, True, False)
+        v = _load_rows(v_ptr, rows, sv, offs_d, n_ok, d_mask, True, False)
         acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _load_rows(ptr, rows, stride, offs_d, n_ok, d_mask, MASK_N: tl.constexpr, EVEN_D: tl.constexpr):
+    """Rows `rows` (int64) of a (rows, D) view: pointer math on the row vector first, so the 2D
+    tile only adds column offsets; masks only where rows or head-dim columns may be missing."""
+    p = (ptr + rows * stride)[:, None] + offs_d[None, :]
+    if MASK_N:
+        if EVEN_D:
+            x = tl.load(p, mask=n_ok[:, None], other=0.0)
+        else:
+            x = tl.load(p, mask=n_ok[:, None] & d_mask[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(p)
+        else:
+            x = tl.load(p, mask=d_mask[None, :], other=0.0)
+    return x
 
 
 @triton.jit
@@ -60,6 +78,7 @@ def _window_fwd(
     N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1,
     qk_scale,
     IS_BOX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     # 1D grid, heads fastest: the heaviest query blocks (prefix rows, then the plan's order) start
     # first for every head, so no long tail of late heavy programs.
@@ -91,8 +110,7 @@ def _window_fwd(
     q_len = tl.where(is_prefix, tl.minimum(P - pid * BLOCK_M, BLOCK_M), qe0 * qe1 * qe2)
     rows_q = (q_start + offs_m).to(tl.int64)
     q_ok = offs_m < q_len
-    q = tl.load(Q + b * sqb + h * sqh + rows_q[:, None] * sqs + offs_d[None, :],
-                mask=q_ok[:, None] & d_mask[None, :], other=0.0)
+    q = _load_rows(Q + b * sqb + h * sqh, rows_q, sqs, offs_d, q_ok, d_mask, True, EVEN_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -126,15 +144,15 @@ def _window_fwd(
         for j in range(0, c0):  # full key blocks of BLOCK_N keys: no mask at all
             e = ent_ptr + j * 8
             rows = (tl.load(e) + offs_n).to(tl.int64)
-            k = tl.load(k_ptr + rows[:, None] * sks + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-            v = tl.load(v_ptr + rows[:, None] * svs + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+            k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
+            v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
             acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, None, False, qk_scale)
         for j in range(c0, c1):  # full but shorter key blocks: mask the missing columns only
             e = ent_ptr + j * 8
             n_ok = offs_n < tl.load(e + 4) * tl.load(e + 5) * tl.load(e + 6)
             rows = (tl.load(e) + offs_n).to(tl.int64)
-            k = tl.load(k_ptr + rows[:, None] * sks + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
-            v = tl.load(v_ptr + rows[:, None] * svs + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
+            k = _load_rows(k_ptr, rows, sks, offs_d, n_ok, d_mask, True, EVEN_D)
+            v = _load_rows(v_ptr, rows, svs, offs_d, n_ok, d_mask, True, EVEN_D)
             acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale)
         for j in range(c1, c2):  # partial key blocks: element mask from coordinates
             e = ent_ptr + j * 8
@@ -147,8 +165,8 @@ def _window_fwd(
             ke2 = tl.load(e + 6)
             n_ok = offs_n < ke0 * ke1 * ke2
             rows = (k_start + offs_n).to(tl.int64)
-            k = tl.load(k_ptr + rows[:, None] * sks + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
-            v = tl.load(v_ptr + rows[:, None] * svs + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
+            k = _load_rows(k_ptr, rows, sks, offs_d, n_ok, d_mask, True, EVEN_D)
+            v = _load_rows(v_ptr, rows, svs, offs_d, n_ok, d_mask, True, EVEN_D)
             y0, y1, y2 = _coords(offs_n, ko0, ko1, ko2, ke1, ke2)
             if IS_BOX:
                 allowed = ((y0[None, :] >= lo0[:, None]) & (y0[None, :] <= hi0[:, None])
@@ -217,6 +235,7 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
         spec.grid[0], spec.grid[1], spec.grid[2], w[0], w[1], w[2], spec.radius or 1,
         spec.border == "inward", spec.padded(0), spec.padded(1),
         scale * LOG2E,
-        IS_BOX=spec.window is not None, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, **launch,
+        IS_BOX=spec.window is not None, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, EVEN_D=block_d == D,
+        **launch,
     )
     return out, lse

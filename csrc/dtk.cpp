@@ -73,4 +73,37 @@ TORCH_LIBRARY(dtk, m) {
   m.def(
       "memory_linear_attention_update(Tensor k, Tensor v, Tensor? mem_kv, Tensor? mem_z, float decay) "
       "-> (Tensor, Tensor)");
+
+  // Sparse-token attention (OminiControl, SpotEdit, DualParal). See python/dtk/ops/sparse/__init__.py.
+  // q (B,Sq,H,D) over the keys of several K/V segments ks[i]/vs[i] (B,L_i,Hkv,D) without concatenating
+  // them; kv_index[i] (L'_i,) or (B,L'_i) int picks a key subset of segment i (-1 = padding, skipped).
+  // q_index (B,n) int: only those query rows (-1 = padding). Returns (out, lse (B,H,n) float32) with
+  // out (B,n,H,D) (or (B,Sq,H,D) without q_index).
+  m.def(
+      "multi_kv_attention(Tensor q, Tensor[] ks, Tensor[] vs, Tensor?[] kv_index, Tensor? q_index, "
+      "float? scale) -> (Tensor, Tensor)");
+  // Out variant: the results of the q_index rows are scattered into out (B,Sq,H,D) in place; every
+  // other row of out is left untouched. Returns lse (B,H,n) float32.
+  m.def(
+      "multi_kv_attention_out(Tensor q, Tensor[] ks, Tensor[] vs, Tensor?[] kv_index, Tensor q_index, "
+      "float? scale, Tensor(a!) out) -> Tensor");
+  // G branches packed along S (cu_seqlens int32, G+1 entries, shared by q and k); query branch a sees
+  // key branch b iff group_mask[a,b]; group_bias[a,b] is added to those scores. Returns (out, lse).
+  m.def(
+      "segment_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor group_mask, "
+      "Tensor? group_bias, float? scale) -> (Tensor, Tensor)");
+
+  // Cache and token selection (SpotEdit, FreeSwim). See python/dtk/ops/cache/__init__.py.
+  // cache[:, index] = fresh in place; returns (1-lam)*scattered(base) + lam*cache. lam is the float,
+  // or lam_per_batch (B,) when given.
+  m.def(
+      "scatter_blend(Tensor base, Tensor(a!) cache, Tensor fresh, Tensor index, float lam, "
+      "Tensor? lam_per_batch) -> Tensor");
+  // Per-token change score (B, h'/pool, w'/pool) float32 from lists of (B,C,h,w) feature maps.
+  m.def("token_change_score(Tensor[] features, Tensor[] reference, int pool, int[]? size) -> Tensor");
+  // mask (B,N) bool -> (index (B,n_max) int32 padded with -1, count (B,) int32), on the device.
+  m.def("mask_to_index(Tensor mask, int? max_count, int num_prefix) -> (Tensor, Tensor)");
+  // 3x3 clean-ups of a (B,h,w) bool mask.
+  m.def("dilate_mask(Tensor mask, int iterations) -> Tensor");
+  m.def("prune_isolated(Tensor mask, int min_neighbors) -> Tensor");
 }

@@ -12,7 +12,7 @@ stamp=".venv/.dtk-deps-$(sha1sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch>=2.11" numpy "setuptools>=77" wheel "cmake>=3.24" ninja nvidia-cutlass \
-    pytest pytest-xdist matplotlib tqdm
+    pytest pytest-xdist matplotlib tqdm "diffusers>=0.35" transformers accelerate
   touch "$stamp"
 fi
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then

@@ -177,11 +177,78 @@ def _linear_grad():
         close(a, b, 1e-9, f"d{n}")
 
 
+def run_sparse(device="cpu", dtypes=(torch.float64, torch.float32), tol=None):
+    from dtk.ops.sparse.reference import multi_kv_attention_reference, segment_attention_reference
+    for dtype in dtypes:
+        t = tol or (1e-9 if dtype == torch.float64 else 2e-5)
+        mk = lambda *s: torch.randn(*s, dtype=torch.float64).to(device=device, dtype=dtype)  # noqa: E731
+        c = lambda x: x.double().cpu()  # noqa: E731
+        q = mk(2, 20, 4, 64)
+        ks, vs = [mk(2, 7, 2, 64), mk(2, 12, 2, 64)], [mk(2, 7, 2, 64), mk(2, 12, 2, 64)]
+        kv_index = [None, torch.tensor([0, 3, -1, 11], device=device)]
+        q_index = torch.tensor([[0, 5, 19, -1], [2, 2, 7, 8]], device=device)
+        out, lse = dtk.multi_kv_attention(q, ks, vs, kv_index=kv_index, q_index=q_index, return_lse=True)
+        ref, ref_lse = multi_kv_attention_reference(c(q), [c(k) for k in ks], [c(v) for v in vs],
+                                                    [None, kv_index[1].cpu()], q_index.cpu())
+        close(out.cpu(), ref, t, f"multi_kv_attention {dtype}")
+        close(lse.cpu()[ref_lse.isfinite()], ref_lse[ref_lse.isfinite()], max(t, 1e-5), f"multi_kv_attention lse {dtype}")
+        base = mk(2, 20, 4, 64)
+        got = dtk.multi_kv_attention(q, ks, vs, q_index=q_index, out=base.clone())
+        want, _ = multi_kv_attention_reference(c(q), [c(k) for k in ks], [c(v) for v in vs], None, q_index.cpu(),
+                                               out=c(base))
+        close(got.cpu(), want, t, f"multi_kv_attention out= {dtype}")
+        cu, gm = [0, 4, 12, 16, 20], dtk.ominicontrol_group_mask(2, device=device)
+        k, v = mk(2, 20, 2, 64), mk(2, 20, 2, 64)
+        out = dtk.segment_attention(q, k, v, cu, gm)
+        ref, _ = segment_attention_reference(c(q), c(k), c(v), cu, gm.cpu())
+        close(out.cpu(), ref, t, f"segment_attention {dtype}")
+
+
+@check("sparse family (CPU) vs reference: multi_kv_attention (+ out=, q_index, kv_index), segment_attention")
+def _sparse():
+    run_sparse()
+
+
+@check("cache family (CPU) vs reference: scatter_blend, token_change_score, mask_to_index, dilate/prune, KVCache")
+def _cache():
+    from dtk.ops.cache import reference as C
+    base, cache, fresh = torch.randn(2, 10, 3), torch.randn(2, 10, 3), torch.randn(2, 4, 3)
+    index = torch.tensor([[1, 4, 7, -1], [0, 2, 9, 5]])
+    want_out, want_cache = C.scatter_blend_reference(base, cache, fresh, index, 0.3)
+    got_cache = cache.clone()
+    out = dtk.scatter_blend(base, got_cache, fresh, index, 0.3)
+    close(out, want_out, 1e-6, "scatter_blend out")
+    close(got_cache, want_cache, 0, "scatter_blend cache (in place)")
+    feats, refs = [torch.randn(2, 8, 6, 6), torch.randn(2, 4, 3, 3)], [torch.randn(2, 8, 6, 6), torch.randn(2, 4, 3, 3)]
+    close(dtk.token_change_score(feats, refs, 2), C.token_change_score_reference(feats, refs, 2), 1e-5,
+          "token_change_score")
+    m = torch.rand(2, 6, 7) > 0.6
+    for got, want, n in ((dtk.mask_to_index(m, num_prefix=3), C.mask_to_index_reference(m.flatten(1), None, 3),
+                          "mask_to_index"),):
+        for a, b in zip(got, want):
+            assert torch.equal(a.long(), b.long()), n
+    assert torch.equal(dtk.dilate_mask(m, 2), C.dilate_mask_reference(m, 2)), "dilate_mask"
+    assert torch.equal(dtk.prune_isolated(m, 2), C.prune_isolated_reference(m, 2)), "prune_isolated"
+    kvc = dtk.cache.KVCache()
+    k, v = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8)
+    kvc.write(0, k, v)
+    rk, rv = kvc.read(0)
+    assert torch.equal(rk, k) and torch.equal(rv, v) and 0 in kvc
+
+
+@check("dtk.adapters imports (model glue; diffusers is only needed to apply it)")
+def _adapters():
+    import importlib
+    importlib.import_module("dtk.adapters")
+
+
 @check("every dtk op has CPU and CUDA kernels registered")
 def _dispatch():
     info = dtk.info(quiet=True)
     ops = info["ops"]
     assert {"window_attention", "tile_reorder", "linear_attention", "memory_linear_attention"} <= set(ops), ops
+    public = [n for n in dtk.__all__ if n not in ("info", "cache")]
+    assert all(callable(getattr(dtk, n)) for n in public), public
     missing = [f"{op}:{key}" for op, k in ops.items() for key in ("cpu", "cuda") if not k[key]]
     assert not missing, f"no kernel for {missing}"
     assert info["engines"]["cpp_cpu"]["ok"] and info["engines"]["reference"]["ok"]
@@ -236,6 +303,10 @@ if torch.cuda.is_available():
     def _linear_gpu():
         run_linear("cuda", (torch.float32,), tol=1e-3)
         run_linear("cuda", (torch.float16,), tol=3e-2)
+
+    @check("sparse family (CUDA, fp16/bf16) vs reference")
+    def _sparse_gpu():
+        run_sparse("cuda", (torch.float16, torch.bfloat16), tol=3e-2)
 
     @check("tile_reorder (CUDA) vs CPU")
     def _layout_gpu():

@@ -73,22 +73,35 @@ def _op_names() -> List[str]:
     return sorted(n.split("::", 1)[1] for n in names)
 
 
+_CPP_SOURCES = (".cpp", ".cu", ".cc", ".h")
+_COMPOSITE = ("CompositeExplicitAutograd", "CompositeImplicitAutograd")
+
+
+def _registered_at(dump: str, key: str) -> str:
+    m = re.search(rf"^{key}(?:\[alias\])?: registered at (\S+?):\d+", dump, re.M)
+    return m.group(1) if m else ""
+
+
 def _kernel(op: str, key: str) -> Optional[str]:
-    """Which engine serves dtk::op for the dispatch key (CPU / CUDA), or None."""
+    """Which engine serves dtk::op for the dispatch key (CPU / CUDA), or None: "C++", "CUDA C++",
+    "Triton" / a Python-registered engine, or "C++ (any device)" for a device-generic composite
+    kernel (torch ops called from C++, e.g. the mask ops of the cache family)."""
     name = f"dtk::{op}"
     try:
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(name, key):
-            return None
         dump = torch._C._dispatch_dump(name)
+        if torch._C._dispatch_has_kernel_for_dispatch_key(name, key):
+            where = _registered_at(dump, key)
+            if where.endswith(_CPP_SOURCES):
+                return "C++" if key == "CPU" else "CUDA C++"
+            if key == "CUDA":
+                return _PY_CUDA_ENGINE.get(op, "Triton")
+            return "Python"
+        for alias in _COMPOSITE:
+            if torch._C._dispatch_has_kernel_for_dispatch_key(name, alias):
+                return ("C++" if _registered_at(dump, alias).endswith(_CPP_SOURCES) else "Python") + " (any device)"
     except Exception:
         return "?"
-    m = re.search(rf"^{key}: registered at (\S+?):\d+", dump, re.M)
-    where = m.group(1) if m else ""
-    if where.endswith((".cpp", ".cu", ".cc", ".h")):
-        return "C++" if key == "CPU" else "CUDA C++"
-    if key == "CUDA":
-        return _PY_CUDA_ENGINE.get(op, "Triton")
-    return "Python"
+    return None
 
 
 def collect() -> Dict[str, Any]:
@@ -99,11 +112,11 @@ def collect() -> Dict[str, Any]:
     archs = getattr(_C, "cuda_archs", "")
     built_torch = getattr(_C, "torch_version", "") or None
     ops = {op: dict(cpu=_kernel(op, "CPU"), cuda=_kernel(op, "CUDA")) for op in _op_names()}
-    n_cpu = sum(1 for v in ops.values() if v["cpu"])
+    n_cpu = sum(1 for v in ops.values() if (v["cpu"] or "").startswith("C++"))
 
     engines: Dict[str, Dict[str, Any]] = {}
     engines["reference"] = dict(ok=True, detail="pure torch, float64-capable (dtk.ops.<family>.reference)")
-    engines["cpp_cpu"] = dict(ok=n_cpu > 0, detail=f"{n_cpu}/{len(ops)} ops have a C++ CPU kernel"
+    engines["cpp_cpu"] = dict(ok=n_cpu > 0, detail=f"{n_cpu}/{len(ops)} ops have a C++ CPU (or any-device) kernel"
                               + (", OpenMP threads: %d" % torch.get_num_threads()))
     if with_cuda:
         detail = f"compiled for {archs or '?'} with CUDA {getattr(_C, 'cuda_version', '') or '?'}"
@@ -156,9 +169,9 @@ def format_info(d: Dict[str, Any]) -> str:
         e = d["engines"][key]
         state = "yes" if e["ok"] and e.get("usable", True) else ("no GPU" if e["ok"] else "no")
         lines.append(f"  {label:<20} {state:<11} {e['detail']}")
-    lines += ["", "ops (torch.ops.dtk.*):", f"  {'op':<34} {'CPU':<8} CUDA"]
+    lines += ["", "ops (torch.ops.dtk.*):", f"  {'op':<34} {'CPU':<18} CUDA"]
     for op, k in d["ops"].items():
-        lines.append(f"  {op:<34} {k['cpu'] or '-':<8} {k['cuda'] or '-'}")
+        lines.append(f"  {op:<34} {k['cpu'] or '-':<18} {k['cuda'] or '-'}")
     return "\n".join(lines)
 
 

@@ -84,7 +84,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("changes,name", BAD, ids=[f"{i}-{n}" for i, (_, n) in enumerate(BAD)])  # stable ids (xdist)
+@pytest.mark.parametrize("changes,name", BAD, ids=[f"{i}-{n}" for i, (_, n) in enumerate(BAD)])
 def test_bad_inputs(changes, name):
     a = dict(x=torch.randn(2, 12, 3), grid=[3, 4], tile=[2, 2], num_prefix=0)
     a.update(changes)

@@ -243,7 +243,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("changes,name", BAD, ids=[f"{i}-{n}" for i, (_, n) in enumerate(BAD)])  # stable ids (xdist)
+@pytest.mark.parametrize("changes,name", BAD, ids=[f"{i}-{n}" for i, (_, n) in enumerate(BAD)])
 def test_bad_inputs(changes, name):
     with pytest.raises((RuntimeError, ValueError, TypeError)) as e:
         _run(**changes)

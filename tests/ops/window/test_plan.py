@@ -33,15 +33,16 @@ def check_plan(spec, block_q, block_k=None):
         d = plan.q_blocks[i].tolist()
         rows = rows_of(d[0], d[1:4], d[4:7], block_q)
         seen[rows] += 1
-        n_full, n_all = plan.kv_count[i].tolist()
-        for j in range(n_all):
+        c0, c1, c2 = plan.kv_count[i].tolist()
+        for j in range(c2):
             e = plan.entries[i, j].tolist()
-            assert e[7] == (j < n_full), "full entries must come first"
+            assert e[7] == (j < c1), "full entries must come first"
             cols = rows_of(e[0], e[1:4], e[4:7], block_k)
+            assert (len(cols) == block_k) == (j < c0) or j >= c1, "full entries: block_k long ones first"
             sub = mask[rows][:, cols]
             assert sub.any(), "entry with no allowed pair"
             if e[7]:
-                assert sub.all() and len(cols) == block_k, "entry flagged full is not full"
+                assert sub.all(), "entry flagged full is not full"
             assert not covered[rows[:, None], cols[None, :]].any(), "key block listed twice"
             covered[rows[:, None], cols[None, :]] = True
     assert (seen == 1).all(), "query blocks must partition the grid"

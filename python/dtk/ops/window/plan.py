@@ -9,9 +9,10 @@ device, in O(#blocks x #entries) work, without a host sync and without any S x S
 only builds a new plan, never a new kernel.
 
 Layouts: q_blocks[n, 7] = (start, origin0..2, extent0..2);
-entries[n, L, 8] = (start, origin0..2, extent0..2, full); kv_count[n] = (n_full, n_total): the
-first n_full entries are full, the next n_total - n_full partial, the rest padding. Key blocks may
-be smaller than query blocks (finer key blocks waste fewer keys at the window's edges).
+entries[n, L, 8] = (start, origin0..2, extent0..2, full); kv_count[n] = (c0, c1, c2): entries
+[0, c0) are full and exactly block_k long (no mask at all), [c0, c1) full but shorter (only the
+block's length masks columns), [c1, c2) partial (element mask), the rest padding. Key blocks may be
+smaller than query blocks (finer key blocks waste fewer keys at the window's edges).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .spec import WindowSpec, box_range, circle_center
 class WindowPlan:
     q_blocks: torch.Tensor   # (n, 7) int32
     entries: torch.Tensor    # (n, L, 8) int32
-    kv_count: torch.Tensor   # (n, 2) int32: (full entries, all entries)
+    kv_count: torch.Tensor   # (n, 3) int32: ends of the full-size, full-short and partial entries
     order: torch.Tensor      # (n,) int32: q blocks by decreasing work (programs take them in this order)
     num_blocks: int
     max_entries: int
@@ -201,19 +202,18 @@ def build_plan(spec: WindowSpec, block_q: int, block_k: int, device: torch.devic
             dmax2 = dmax2 + dmax * dmax
         ok = ok & (dmin2 < r * r)
         full = full & (dmax2 < r * r)
-    klen = kext[0] * kext[1] * kext[2]
-    full = full & (klen == block_k)
+    short = kext[0] * kext[1] * kext[2] < block_k
 
     shape = ok.shape
     ent = torch.stack([x.expand(shape) for x in (kstart, *korig, *kext, full.to(i64))], -1)
     ent = ent.reshape(num_blocks, n_ct * n_cs, 8)
-    full = (full & ok).reshape(num_blocks, n_ct * n_cs)
-    ok = ok.reshape(num_blocks, n_ct * n_cs)
-    rank = (~ok).to(torch.int8) * 2 + (~full).to(torch.int8)   # full, then partial, then padding
+    # rank: 0 full and block_k long, 1 full but short, 2 partial, 3 padding
+    rank = torch.where(ok, torch.where(full, short.to(torch.int8), 2), 3).to(torch.int8)
+    rank = rank.expand(shape).reshape(num_blocks, n_ct * n_cs)
     pos = torch.argsort(rank, dim=1, stable=True)
     ent = torch.gather(ent, 1, pos[..., None].expand(-1, -1, 8))
-    count = torch.stack([full.sum(1), ok.sum(1)], 1)
-    work = count[:, 1] * 2 - count[:, 0]                        # partial blocks cost more
+    count = torch.stack([(rank == 0).sum(1), (rank <= 1).sum(1), (rank <= 2).sum(1)], 1)
+    work = count[:, 2] * 2 - count[:, 0]                        # masked blocks cost more
     order = torch.argsort(work, descending=True, stable=True)
     return WindowPlan(qb.to(torch.int32).contiguous(), ent.to(torch.int32).contiguous(),
                       count.to(torch.int32).contiguous(), order.to(torch.int32), num_blocks, n_ct * n_cs,

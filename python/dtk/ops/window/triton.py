@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._debug import new_output
+from ..._debug import new_output, triton_autotune
 from .plan import build_plan
 from .spec import WindowSpec
 
@@ -40,10 +40,28 @@ def _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, lo, hi, qk_scale,
         n = start + offs_n
         n_ok = n < hi
         rows = n.to(tl.int64)
-        k = tl.load(k_ptr + rows[:, None] * sk + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
-        v = tl.load(v_ptr + rows[:, None] * sv + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
+        k = _load_rows(k_ptr, rows, sk, offs_d, n_ok, d_mask, True, False)
+        v = _load_rows(v_ptr, rows, sv, offs_d, n_ok, d_mask, True, False)
         acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _load_rows(ptr, rows, stride, offs_d, n_ok, d_mask, MASK_N: tl.constexpr, EVEN_D: tl.constexpr):
+    """Rows `rows` (int64) of a (rows, D) view: pointer math on the row vector first, so the 2D
+    tile only adds column offsets; masks only where rows or head-dim columns may be missing."""
+    p = (ptr + rows * stride)[:, None] + offs_d[None, :]
+    if MASK_N:
+        if EVEN_D:
+            x = tl.load(p, mask=n_ok[:, None], other=0.0)
+        else:
+            x = tl.load(p, mask=n_ok[:, None] & d_mask[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(p)
+        else:
+            x = tl.load(p, mask=d_mask[None, :], other=0.0)
+    return x
 
 
 @triton.jit
@@ -56,13 +74,16 @@ def _window_fwd(
     Q, K, V, EK, EV, O, LSE, QB, ENT, CNT, ORDER,
     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh,
     sekb, seks, sekh, sevb, sevs, sevh, sob, sos, soh,
-    H, GROUP, S, P, E, L, N_PQB, D,
+    B, H, GROUP, S, P, E, L, N_PQB, D,
     N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1,
     qk_scale,
     IS_BOX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    # 1D grid, heads fastest: the heaviest query blocks (prefix rows, then the plan's order) start
+    # first for every head, so no long tail of late heavy programs.
+    pid = tl.program_id(0) // (B * H)
+    bh = tl.program_id(0) % (B * H)
     b = (bh // H).to(tl.int64)
     h = bh % H
     kvh = (h // GROUP).to(tl.int64)
@@ -74,28 +95,27 @@ def _window_fwd(
     k_ptr = K + b * skb + kvh * skh
     v_ptr = V + b * svb + kvh * svh
 
-    if pid < N_PQB:  # prefix queries: every sequence key
-        q_start = pid * BLOCK_M
-        q_len = tl.minimum(P - q_start, BLOCK_M)
-    else:
-        qb = tl.load(ORDER + (pid - N_PQB)).to(tl.int64)
-        q_start = tl.load(QB + qb * 7)
-        qo0 = tl.load(QB + qb * 7 + 1)
-        qo1 = tl.load(QB + qb * 7 + 2)
-        qo2 = tl.load(QB + qb * 7 + 3)
-        qe0 = tl.load(QB + qb * 7 + 4)
-        qe1 = tl.load(QB + qb * 7 + 5)
-        qe2 = tl.load(QB + qb * 7 + 6)
-        q_len = qe0 * qe1 * qe2
+    # Query block: a prefix block (rows [pid*BLOCK_M, ...) of the prefix, attending to every
+    # sequence key) or a grid block from the plan. Both descriptors are read unconditionally so
+    # that every value is defined on every path (the compiler does not merge one-sided branches).
+    is_prefix = pid < N_PQB
+    qb = tl.load(ORDER + tl.maximum(pid - N_PQB, 0)).to(tl.int64)
+    qo0 = tl.load(QB + qb * 7 + 1)
+    qo1 = tl.load(QB + qb * 7 + 2)
+    qo2 = tl.load(QB + qb * 7 + 3)
+    qe0 = tl.load(QB + qb * 7 + 4)
+    qe1 = tl.load(QB + qb * 7 + 5)
+    qe2 = tl.load(QB + qb * 7 + 6)
+    q_start = tl.where(is_prefix, pid * BLOCK_M, tl.load(QB + qb * 7))
+    q_len = tl.where(is_prefix, tl.minimum(P - pid * BLOCK_M, BLOCK_M), qe0 * qe1 * qe2)
     rows_q = (q_start + offs_m).to(tl.int64)
     q_ok = offs_m < q_len
-    q = tl.load(Q + b * sqb + h * sqh + rows_q[:, None] * sqs + offs_d[None, :],
-                mask=q_ok[:, None] & d_mask[None, :], other=0.0)
+    q = _load_rows(Q + b * sqb + h * sqh, rows_q, sqs, offs_d, q_ok, d_mask, True, EVEN_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    if pid < N_PQB:
+    if is_prefix:
         acc, m_i, l_i = _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sks, svs, 0, S, qk_scale,
                                      offs_n, offs_d, d_mask, BLOCK_N)
     else:
@@ -118,15 +138,23 @@ def _window_fwd(
             hi1 = lo1
             hi2 = lo2
         ent_ptr = ENT + qb * L * 8
-        n_full = tl.load(CNT + qb * 2)
-        n_all = tl.load(CNT + qb * 2 + 1)
-        for j in range(0, n_full):  # full key blocks: no mask at all
+        c0 = tl.load(CNT + qb * 3)
+        c1 = tl.load(CNT + qb * 3 + 1)
+        c2 = tl.load(CNT + qb * 3 + 2)
+        for j in range(0, c0):  # full key blocks of BLOCK_N keys: no mask at all
             e = ent_ptr + j * 8
             rows = (tl.load(e) + offs_n).to(tl.int64)
-            k = tl.load(k_ptr + rows[:, None] * sks + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-            v = tl.load(v_ptr + rows[:, None] * svs + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+            k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
+            v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
             acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, None, False, qk_scale)
-        for j in range(n_full, n_all):  # partial key blocks: element mask from coordinates
+        for j in range(c0, c1):  # full but shorter key blocks: mask the missing columns only
+            e = ent_ptr + j * 8
+            n_ok = offs_n < tl.load(e + 4) * tl.load(e + 5) * tl.load(e + 6)
+            rows = (tl.load(e) + offs_n).to(tl.int64)
+            k = _load_rows(k_ptr, rows, sks, offs_d, n_ok, d_mask, True, EVEN_D)
+            v = _load_rows(v_ptr, rows, svs, offs_d, n_ok, d_mask, True, EVEN_D)
+            acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale)
+        for j in range(c1, c2):  # partial key blocks: element mask from coordinates
             e = ent_ptr + j * 8
             k_start = tl.load(e)
             ko0 = tl.load(e + 1)
@@ -137,8 +165,8 @@ def _window_fwd(
             ke2 = tl.load(e + 6)
             n_ok = offs_n < ke0 * ke1 * ke2
             rows = (k_start + offs_n).to(tl.int64)
-            k = tl.load(k_ptr + rows[:, None] * sks + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
-            v = tl.load(v_ptr + rows[:, None] * svs + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
+            k = _load_rows(k_ptr, rows, sks, offs_d, n_ok, d_mask, True, EVEN_D)
+            v = _load_rows(v_ptr, rows, svs, offs_d, n_ok, d_mask, True, EVEN_D)
             y0, y1, y2 = _coords(offs_n, ko0, ko1, ko2, ke1, ke2)
             if IS_BOX:
                 allowed = ((y0[None, :] >= lo0[:, None]) & (y0[None, :] <= hi0[:, None])
@@ -160,6 +188,13 @@ def _window_fwd(
              mask=q_ok[:, None] & d_mask[None, :])
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     tl.store(LSE + bh.to(tl.int64) * S + rows_q, lse, mask=q_ok)
+
+
+# On a GPU the launch configuration is tuned once per head dim and window kind.
+_window_fwd_tuned = triton.autotune(
+    configs=[triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 3)],
+    key=["D", "IS_BOX", "BLOCK_D"],
+)(_window_fwd)
 
 
 def default_blocks(device: torch.device, D: int):
@@ -187,17 +222,20 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     block_d = max(16, triton.next_power_of_2(D))
     w = spec.window or (1, 1, 1)
     big = D > 128
-    grid = (n_pqb + plan.num_blocks, B * H)
-    _window_fwd[grid](
+    grid = ((n_pqb + plan.num_blocks) * B * H,)
+    tuned = q.device.type == "cuda" and triton_autotune()
+    kernel = _window_fwd_tuned if tuned else _window_fwd
+    launch = {} if tuned else dict(num_warps=8 if (block_q >= 128 or big) else 4, num_stages=2 if big else 3)
+    kernel[grid](
         q, k, v, ek, ev, out, lse, plan.q_blocks, plan.entries, plan.kv_count, plan.order,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), ek.stride(0), ek.stride(1), ek.stride(2),
         ev.stride(0), ev.stride(1), ev.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        H, H // Hkv, S, P, E, plan.max_entries, n_pqb, D,
+        B, H, H // Hkv, S, P, E, plan.max_entries, n_pqb, D,
         spec.grid[0], spec.grid[1], spec.grid[2], w[0], w[1], w[2], spec.radius or 1,
         spec.border == "inward", spec.padded(0), spec.padded(1),
         scale * LOG2E,
-        IS_BOX=spec.window is not None, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d,
-        num_warps=8 if (block_q >= 128 or big) else 4, num_stages=2 if big else 3,
+        IS_BOX=spec.window is not None, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, EVEN_D=block_d == D,
+        **launch,
     )
     return out, lse

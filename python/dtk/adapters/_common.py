@@ -1,0 +1,136 @@
+"""Shared glue of the model adapters: the handle stored on an adapted model, processor swapping,
+forward hooks that see the model's call as keyword arguments, and weight backups for remove()."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+HANDLE_ATTR = "_dtk_adapter"
+MIN_DIFFUSERS = (0, 35)
+
+
+def check_diffusers() -> str:
+    """Returns the installed diffusers version; raises if it is missing or older than 0.35."""
+    try:
+        import diffusers
+    except ImportError as e:  # pragma: no cover - exercised only without diffusers
+        raise ImportError("dtk.adapters needs diffusers >= 0.35: pip install 'dtk[adapters]'") from e
+    parts = []
+    for p in diffusers.__version__.split(".")[:2]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits or 0))
+    if tuple(parts) < MIN_DIFFUSERS:
+        raise ImportError(f"dtk.adapters needs diffusers >= 0.35, found {diffusers.__version__}")
+    return diffusers.__version__
+
+
+class AdapterHandle:
+    """What every ``apply_*`` returns; also stored on the model (``model._dtk_adapter``) so
+    :func:`dtk.adapters.remove` finds it. All per-model state (grid, caches, counters) lives
+    here or in the processors it installed, never in module globals, so two adapted models in one
+    process are independent."""
+
+    kind = "adapter"
+
+    def __init__(self, model: torch.nn.Module):
+        if getattr(model, HANDLE_ATTR, None) is not None:
+            raise RuntimeError(f"{type(model).__name__} already has a dtk adapter "
+                               f"({getattr(model, HANDLE_ATTR).kind}); call dtk.adapters.remove(model) first")
+        self.model = model
+        self._processors: List[Tuple[torch.nn.Module, Any]] = []   # (attention module, original processor)
+        self._hooks: List[Any] = []
+        self._backup: Dict[str, torch.Tensor] = {}                  # parameter name -> original value (CPU copy)
+        self.removed = False
+
+    # -- installation helpers -------------------------------------------------------------------
+    def _attach(self):
+        object.__setattr__(self.model, HANDLE_ATTR, self)
+
+    def set_processor(self, attn: torch.nn.Module, processor) -> None:
+        self._processors.append((attn, attn.processor))
+        attn.set_processor(processor)
+
+    def add_hooks(self, pre: Optional[Callable] = None, post: Optional[Callable] = None) -> None:
+        """``pre(kwargs) -> kwargs`` sees the model's call as keyword arguments (positional ones bound
+        by name); ``post(kwargs, output) -> output``."""
+        model = self.model
+        sig = inspect.signature(type(model).forward)
+        names = [n for n in sig.parameters if n != "self"]
+
+        def _pre(module, args, kwargs):
+            kw = dict(zip(names, args))
+            kw.update(kwargs)
+            if pre is not None:
+                kw = pre(kw)
+            self._last_kwargs = kw
+            return (), kw
+
+        self._hooks.append(model.register_forward_pre_hook(_pre, with_kwargs=True))
+        if post is not None:
+            def _post(module, args, kwargs, output):
+                return post(kwargs, output)
+            self._hooks.append(model.register_forward_hook(_post, with_kwargs=True))
+
+    def backup_parameter(self, name: str, param: torch.Tensor) -> None:
+        """Keeps a CPU copy of a base-model parameter before a weight loader overwrites it."""
+        if name not in self._backup:
+            self._backup[name] = param.detach().to("cpu", copy=True)
+
+    # -- removal ----------------------------------------------------------------------------------
+    def remove(self) -> None:
+        if self.removed:
+            return
+        for h in self._hooks:
+            h.remove()
+        for attn, proc in reversed(self._processors):
+            attn.set_processor(proc)
+        if self._backup:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, value in self._backup.items():
+                    params[name].copy_(value.to(params[name].device))
+        self._hooks.clear()
+        self._processors.clear()
+        self._backup.clear()
+        self.reset()
+        if getattr(self.model, HANDLE_ATTR, None) is self:
+            object.__delattr__(self.model, HANDLE_ATTR)
+        self.removed = True
+
+    def reset(self) -> None:
+        """Clears caches and step counters (start of a new generation). Subclasses extend it."""
+
+    def __repr__(self):
+        return f"<dtk {self.kind} adapter on {type(self.model).__name__}{' (removed)' if self.removed else ''}>"
+
+
+def get_handle(model: torch.nn.Module) -> Optional[AdapterHandle]:
+    return getattr(model, HANDLE_ATTR, None)
+
+
+def replace_output_sample(output, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Applies fn to the sample of a diffusers model output (dataclass or tuple)."""
+    if isinstance(output, tuple):
+        return (fn(output[0]),) + tuple(output[1:])
+    output.sample = fn(output.sample)
+    if "sample" in output:
+        output["sample"] = output.sample
+    return output
+
+
+def to_bshd(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, S, H*D) -> (B, S, H, D) view."""
+    return x.unflatten(-1, (heads, -1))
+
+
+def sdpa_bshd(q, k, v, scale=None):
+    """Dense attention on (B, S, H, D) tensors (SDPA in its own layout, GQA by repeat)."""
+    if k.shape[2] != q.shape[2]:
+        rep = q.shape[2] // k.shape[2]
+        k = k.repeat_interleave(rep, dim=2)
+        v = v.repeat_interleave(rep, dim=2)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)

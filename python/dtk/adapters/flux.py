@@ -1,0 +1,596 @@
+"""FLUX adapters (``FluxTransformer2DModel``, joint and single blocks), installed through diffusers'
+attention-processor API plus forward hooks on the transformer (no forward is monkey-patched):
+
+* :func:`apply_local_attention` — CLEAR: circle window on the image grid, clipped borders, text
+  tokens global; optional pooled keys (``downsample``), proportional scale and tile order.
+* :func:`load_clear_weights` — CLEAR's released checkpoints.
+
+The image grid is read from ``img_ids`` once per forward (cached while the same ids tensor is
+passed again, so a denoising loop syncs with the host once), so any resolution works without
+re-applying. ``dtk.adapters.remove(transformer)`` restores the original processors and weights.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..ops.window import pool_grid_tokens, tile_permutation, window_attention
+from ._common import AdapterHandle, check_diffusers, get_handle, replace_output_sample
+
+__all__ = ["apply_local_attention", "load_clear_weights", "LocalAttentionHandle", "FluxLocalAttnProcessor"]
+
+CLEAR_TRAIN_SEQ_LEN = 64 ** 2 + 512      # 4608: FLUX at 1024^2 with 512 text tokens
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared FLUX glue: projections, RoPE, output projections; the grid read from img_ids.
+
+def flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+    """q, k, v (B, S, H, D) after QK-norm and RoPE, text first (joint blocks), as FluxAttnProcessor."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    if getattr(attn, "fused_projections", False):
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+        if getattr(attn, "fused_projections", False) and hasattr(attn, "to_added_qkv"):
+            eq, ek, ev = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+        else:
+            eq = attn.add_q_proj(encoder_hidden_states)
+            ek = attn.add_k_proj(encoder_hidden_states)
+            ev = attn.add_v_proj(encoder_hidden_states)
+        eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
+        ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
+        ev = ev.unflatten(-1, (-1, attn.head_dim))
+        query = torch.cat([eq, query], dim=1)
+        key = torch.cat([ek, key], dim=1)
+        value = torch.cat([ev, value], dim=1)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    return query, key, value
+
+
+def flux_out(attn, out, encoder_hidden_states):
+    """(B, S, H, D) attention output -> the block's outputs, as FluxAttnProcessor."""
+    out = out.flatten(2, 3)
+    if encoder_hidden_states is None:
+        return out
+    n_text = encoder_hidden_states.shape[1]
+    enc, img = out[:, :n_text], out[:, n_text:]
+    img = attn.to_out[1](attn.to_out[0](img.contiguous()))
+    enc = attn.to_add_out(enc.contiguous())
+    return img, enc
+
+
+def iter_flux_attention(transformer):
+    """(name, FluxAttention) of every joint and single block, in order."""
+    for i, block in enumerate(transformer.transformer_blocks):
+        yield f"transformer_blocks.{i}.attn", block.attn
+    for i, block in enumerate(transformer.single_transformer_blocks):
+        yield f"single_transformer_blocks.{i}.attn", block.attn
+
+
+def _check_flux(transformer):
+    check_diffusers()
+    from diffusers import FluxTransformer2DModel
+    if not isinstance(transformer, FluxTransformer2DModel):
+        raise TypeError(f"expected a diffusers FluxTransformer2DModel, got {type(transformer).__name__}")
+
+
+class FluxGridContext:
+    """Per-model state shared by the processors of one adapted transformer: the image grid of the
+    current forward, its text length and the tile layout."""
+
+    def __init__(self, tile: Optional[Tuple[int, int]] = None):
+        self.tile = tile
+        self.grid: Optional[Tuple[int, int]] = None
+        self._ids_key = None
+        self._perm: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def grid_from_ids(self, img_ids: torch.Tensor) -> Tuple[int, int]:
+        """(H, W) of row-major image ids (FluxPipeline's layout: ids[:, 1] = row, ids[:, 2] = col).
+        One host sync per new ids tensor; reused while the pipeline passes the same tensor."""
+        key = (img_ids.data_ptr(), tuple(img_ids.shape), img_ids._version, img_ids.device)
+        if key == self._ids_key:
+            return self.grid
+        n = img_ids.shape[0]
+        rows, cols = img_ids[:, 1], img_ids[:, 2]
+        h0, w0, h1, w1 = (int(v) for v in torch.stack([rows.amin(), cols.amin(), rows.amax(), cols.amax()]).tolist())
+        H, W = h1 - h0 + 1, w1 - w0 + 1
+        ok = H * W == n
+        if ok:
+            r = torch.arange(n, device=img_ids.device)
+            ok = bool(((rows - h0) == (r // W).to(rows.dtype)).all() & ((cols - w0) == (r % W).to(cols.dtype)).all())
+        if not ok:
+            raise ValueError(f"dtk FLUX adapter: img_ids ({n} tokens, rows {h0}..{h1}, cols {w0}..{w1}) are not a "
+                             "row-major image grid; local attention needs FluxPipeline's image ids")
+        self._ids_key, self.grid = key, (H, W)
+        return self.grid
+
+    def permutation(self, grid, device):
+        key = (tuple(grid), device)
+        if key not in self._perm:
+            self._perm[key] = tile_permutation(grid, self.tile, device=device)
+        return self._perm[key]
+
+
+def _grid_hooks(handle: AdapterHandle, ctx: FluxGridContext):
+    """Pre-hook: reads the grid; with a tile, permutes the image tokens, their ids and ControlNet
+    residuals into tile order. Post-hook: the prediction back to row-major."""
+
+    def pre(kw):
+        ids = kw.get("img_ids")
+        if ids is None:
+            raise ValueError("dtk FLUX adapter: the transformer must be called with img_ids")
+        ids2 = ids[0] if ids.ndim == 3 else ids
+        grid = ctx.grid_from_ids(ids2)
+        ctx.num_text = kw["encoder_hidden_states"].shape[1]
+        if ctx.tile is not None:
+            perm, _ = ctx.permutation(grid, ids2.device)
+            kw["hidden_states"] = kw["hidden_states"][:, perm]
+            kw["img_ids"] = ids2[perm]
+            for name in ("controlnet_block_samples", "controlnet_single_block_samples"):
+                if kw.get(name) is not None:
+                    kw[name] = [s[:, perm] for s in kw[name]]
+        return kw
+
+    def post(kw, output):
+        if ctx.tile is None:
+            return output
+        _, inv = ctx.permutation(ctx.grid, kw["hidden_states"].device)
+        return replace_output_sample(output, lambda x: x[:, inv])
+
+    handle.add_hooks(pre, post if ctx.tile is not None else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLEAR
+
+class FluxLocalAttnProcessor(torch.nn.Module):
+    """CLEAR's local attention for one FLUX attention layer (joint or single block).
+
+    Image queries see the image keys inside a circle of ``radius`` (``dy^2 + dx^2 < r^2``, border
+    clipped), all text keys and, with ``downsample``, the pooled image keys; text queries see
+    everything except the pooled keys. ``spatial_weight`` (CLEAR's name and shape) holds the
+    pooling weights."""
+
+    def __init__(self, ctx: FluxGridContext, radius: int, downsample: Optional[int] = None,
+                 proportional_scale: bool = False):
+        super().__init__()
+        self.ctx = ctx
+        self.radius = int(radius)
+        self.downsample = downsample
+        self.proportional_scale = proportional_scale
+        if downsample:
+            self.spatial_weight = torch.nn.Parameter(
+                torch.full((1, 1, 1, downsample, 1, downsample, 1), 1.0 / (downsample * downsample)))
+
+    def scale(self, seq_len: int, head_dim: int) -> Optional[float]:
+        if not self.proportional_scale:
+            return None
+        # CLEAR's proportional attention: sqrt(log_4608(N_kv) / d); its downsample variant uses 10 * N_kv.
+        n = seq_len * (10 if self.downsample else 1)
+        return math.sqrt(math.log(n, CLEAR_TRAIN_SEQ_LEN) / head_dim)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, **kwargs):
+        if attention_mask is not None:
+            raise NotImplementedError("dtk CLEAR processor: attention_mask is not supported")
+        q, k, v = flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        grid = self.ctx.grid
+        S = q.shape[1]
+        P = S - grid[0] * grid[1]
+        if P < 0 or (encoder_hidden_states is not None and P != encoder_hidden_states.shape[1]):
+            raise ValueError(f"dtk CLEAR processor: {S} tokens do not hold the {grid[0]}x{grid[1]} image grid "
+                             f"after the text tokens")
+        extra_k = extra_v = None
+        if self.downsample:
+            extra_k = pool_grid_tokens(k, grid, self.downsample, self.spatial_weight, num_prefix=P, tile=self.ctx.tile)
+            extra_v = pool_grid_tokens(v, grid, self.downsample, self.spatial_weight, num_prefix=P, tile=self.ctx.tile)
+            if extra_k.shape[1] == 0:
+                extra_k = extra_v = None
+        out = window_attention(q, k, v, grid, radius=self.radius, border="clip", num_prefix=P, tile=self.ctx.tile,
+                               scale=self.scale(S, q.shape[-1]), extra_k=extra_k, extra_v=extra_v)
+        return flux_out(attn, out.to(q.dtype), encoder_hidden_states)
+
+    def extra_repr(self):
+        return f"radius={self.radius}, downsample={self.downsample}, proportional_scale={self.proportional_scale}"
+
+
+class LocalAttentionHandle(AdapterHandle):
+    kind = "CLEAR local attention"
+
+    def __init__(self, model, radius, downsample, proportional_scale, tile):
+        super().__init__(model)
+        self.radius, self.downsample, self.proportional_scale, self.tile = radius, downsample, proportional_scale, tile
+        self.context = FluxGridContext(tile)
+        self.processors: Dict[str, FluxLocalAttnProcessor] = {}
+
+
+def apply_local_attention(transformer, radius: int = 16, *, downsample: Optional[int] = None,
+                          proportional_scale: bool = False,
+                          tile: Optional[Union[int, Sequence[int]]] = None) -> LocalAttentionHandle:
+    """CLEAR on a diffusers ``FluxTransformer2DModel``: every attention layer (19 joint + 38 single
+    blocks in FLUX.1) becomes local attention on the image grid via ``dtk.window_attention``.
+
+    Args:
+        radius: circle radius in tokens (CLEAR uses 8, 16, 32); image query (y, x) sees image key
+            (y', x') iff ``(y-y')^2 + (x-x')^2 < radius^2``, clipped at the borders. Text tokens
+            attend to and are attended by every token.
+        downsample: ``df`` adds CLEAR's pooled keys/values: the image K/V pooled over df x df
+            patches with learnable per-position weights (``spatial_weight``, initialised to
+            1/df^2), seen by the image queries only.
+        proportional_scale: softmax scale ``sqrt(log_4608(N_kv) / d)`` (CLEAR's proportional
+            attention for resolutions above the training one) instead of ``1/sqrt(d)``.
+        tile: ``(th, tw)``: the image tokens are permuted into tile order once per forward (input
+            tokens, RoPE ids and ControlNet residuals in; the prediction out), so every layer runs
+            on tile-ordered tokens (faster window kernels). Same result as row-major.
+
+    Returns a handle; ``dtk.adapters.remove(transformer)`` restores the original processors.
+    """
+    _check_flux(transformer)
+    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 1:
+        raise ValueError(f"radius must be an int >= 1, got {radius!r}")
+    if downsample is not None and (isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1):
+        raise ValueError(f"downsample must be None or an int >= 1, got {downsample!r}")
+    if tile is not None:
+        tile = (tile, tile) if isinstance(tile, int) else tuple(int(t) for t in tile)
+        if len(tile) != 2 or min(tile) < 1:
+            raise ValueError(f"tile must be an int or (th, tw) with sizes >= 1, got {tile!r}")
+    handle = LocalAttentionHandle(transformer, radius, downsample, proportional_scale, tile)
+    ref = next(transformer.parameters())
+    for name, attn in iter_flux_attention(transformer):
+        proc = FluxLocalAttnProcessor(handle.context, radius, downsample, proportional_scale).to(ref.device)
+        if downsample:
+            proc.to(ref.dtype)
+        handle.set_processor(attn, proc)
+        handle.processors[name] = proc
+    _grid_hooks(handle, handle.context)
+    handle._attach()
+    return handle
+
+
+_CLEAR_PARAM_PARTS = (".attn.to_q.", ".attn.to_k.", ".attn.to_v.", ".attn.to_out.")
+
+
+def load_clear_weights(transformer, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True):
+    """Loads a checkpoint in CLEAR's released layout into a transformer adapted with
+    :func:`apply_local_attention`: the image-branch ``...attn.to_q/to_k/to_v/to_out.*`` weights of
+    every block and, for downsample checkpoints, ``...attn.processor.spatial_weight`` (keys may carry
+    a ``transformer.`` prefix). The replaced base weights are kept (on the CPU) so
+    ``dtk.adapters.remove`` restores them.
+
+    With ``strict`` (default) a checkpoint that misses keys the adapter expects, or has keys it does
+    not know, raises a ``KeyError`` listing both; otherwise returns ``(missing, unexpected)``.
+    """
+    handle = get_handle(transformer)
+    if not isinstance(handle, LocalAttentionHandle):
+        raise RuntimeError("load_clear_weights: apply dtk.adapters.flux.apply_local_attention(transformer, ...) first")
+    sd = {(k[len("transformer."):] if k.startswith("transformer.") else k): v for k, v in state_dict.items()}
+    targets = dict(transformer.named_parameters())
+    expected = {n for n in targets if any(p in n for p in _CLEAR_PARAM_PARTS) and ".processor." not in n}
+    if handle.downsample:
+        expected |= {n for n in targets if n.endswith(".processor.spatial_weight")}
+    missing = sorted(expected - sd.keys())
+    unexpected = sorted(k for k in sd if k not in expected)
+    if strict and (missing or unexpected):
+        raise KeyError("load_clear_weights: checkpoint does not match the adapted transformer"
+                       f" (radius={handle.radius}, downsample={handle.downsample}).\n"
+                       f"  missing keys ({len(missing)}): {_short(missing)}\n"
+                       f"  unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+    with torch.no_grad():
+        for name in sorted(expected & sd.keys()):
+            p, value = targets[name], sd[name]
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"load_clear_weights: {name} has shape {tuple(value.shape)}, expected {tuple(p.shape)}")
+            if ".processor." not in name:
+                handle.backup_parameter(name, p)
+            p.copy_(value.to(device=p.device, dtype=p.dtype))
+    return missing, unexpected
+
+
+def _short(keys, n=8):
+    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "") if keys else "none"
+
+
+# ------------------------------------------------------------------------------------------------
+# Condition reuse (OminiControl2 / FLUX Kontext) and SpotEdit: need the sparse/cache ops.
+
+def _sparse_ops():
+    import dtk
+    missing = [n for n in ("multi_kv_attention", "segment_attention", "ominicontrol_group_mask",
+                           "scatter_blend", "token_change_score", "mask_to_index") if not hasattr(dtk, n)]
+    if missing or not hasattr(dtk, "cache"):
+        raise RuntimeError(f"this dtk build lacks the sparse/cache ops ({', '.join(missing) or 'dtk.cache'})")
+    return dtk
+
+
+def _stream_key(kw):
+    # The pipeline passes the same prompt-embedding tensor at every step (one per CFG branch):
+    # its storage identifies the stream whose steps are counted, with no host sync.
+    enc = kw["encoder_hidden_states"]
+    return (enc.data_ptr(), tuple(enc.shape), enc.device)
+
+
+class ConditionContext:
+    """Per-model state of condition reuse / SpotEdit: this forward's layout (text T, noisy N,
+    condition M tokens), mode and the stream's caches."""
+
+    def __init__(self):
+        self.mode = "full"
+        self.T = self.N = self.M = 0
+        self.stream = None
+        self._ids_key = None
+        self._ids_val = None
+
+    def split_from_ids(self, ids: torch.Tensor, num_condition: Optional[int]) -> int:
+        """Number of condition tokens: given, or the trailing image tokens with ids[:, 0] != 0
+        (FLUX Kontext marks its condition image with 1). One host sync per new ids tensor."""
+        if num_condition is not None:
+            return int(num_condition)
+        key = (ids.data_ptr(), tuple(ids.shape), ids._version, ids.device)
+        if key != self._ids_key:
+            cond = ids[:, 0] != 0
+            m, first = torch.stack([cond.sum(), cond.int().argmax()]).tolist()
+            if m and first != ids.shape[0] - m:
+                raise ValueError("dtk FLUX condition adapters: condition tokens (img_ids[:, 0] != 0) must follow "
+                                 "the noisy tokens")
+            self._ids_key, self._ids_val = key, int(m)
+        return self._ids_val
+
+
+class _CondStream:
+    def __init__(self, dtk, policy):
+        self.cache = dtk.cache.KVCache(policy=policy)
+        self.step = 0
+
+
+class FluxConditionReuseProcessor:
+    """Condition reuse for one FLUX attention layer. On write steps the sequence is
+    [text, noisy, condition] under OminiControl's asymmetric mask (condition tokens see only
+    themselves; ``dtk.segment_attention``) and the condition tokens' post-RoPE K/V are cached; on
+    read steps the condition tokens are absent and [text, noisy] attend over their own and the
+    cached K/V (``dtk.multi_kv_attention``)."""
+
+    def __init__(self, ctx: ConditionContext, name: str):
+        self.ctx, self.name = ctx, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, **kwargs):
+        import dtk
+        ctx = self.ctx
+        q, k, v = flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        cache = ctx.stream.cache
+        if ctx.mode == "write":
+            out = dtk.segment_attention(q, k, v, ctx.cu_seqlens, ctx.group_mask)
+            s = ctx.T + ctx.N
+            cache.write(self.name, k[:, s:], v[:, s:])
+        else:
+            kc, vc = cache.read(self.name)
+            out = dtk.multi_kv_attention(q, [k, kc], [v, vc])
+        return flux_out(attn, out.to(q.dtype), encoder_hidden_states)
+
+
+class ConditionReuseHandle(AdapterHandle):
+    kind = "condition reuse"
+
+    def __init__(self, model, refresh_every, num_condition_tokens):
+        super().__init__(model)
+        self.refresh_every, self.num_condition_tokens = refresh_every, num_condition_tokens
+        self.context = ConditionContext()
+        self.streams: Dict[object, _CondStream] = {}
+        self.log = []                   # (stream number, "write" | "read") per forward
+
+    def reset(self):
+        """Drops the cached condition K/V and step counters (start of a new generation)."""
+        self.streams.clear()
+        self.log.clear()
+
+
+def apply_condition_reuse(transformer, *, refresh_every: Optional[int] = None,
+                          num_condition_tokens: Optional[int] = None) -> ConditionReuseHandle:
+    """OminiControl2-style condition reuse on a FLUX transformer whose image sequence is
+    [noisy tokens, condition tokens] (FLUX Kontext, OminiControl with ids[:, 0] != 0 marking the
+    condition; or give ``num_condition_tokens``).
+
+    Write steps (the first step of a stream, then every ``refresh_every`` steps; ``None`` = only the
+    first): condition tokens attend only to themselves (asymmetric mask), their post-RoPE K/V are
+    cached per layer. Read steps: the pre-hook drops the condition tokens from the input (the
+    transformer runs on text + noisy tokens only) and every layer attends over its own K/V plus
+    the cached condition K/V. The prediction keeps the input's length (condition rows are zero
+    on read steps; pipelines keep only the noisy rows). Steps are counted per stream (per
+    prompt-embedding tensor); ``handle.reset()`` starts a new generation.
+    """
+    _check_flux(transformer)
+    dtk = _sparse_ops()
+    if refresh_every is not None and (not isinstance(refresh_every, int) or refresh_every < 1):
+        raise ValueError(f"refresh_every must be None or an int >= 1, got {refresh_every!r}")
+    handle = ConditionReuseHandle(transformer, refresh_every, num_condition_tokens)
+    ctx = handle.context
+    for name, attn in iter_flux_attention(transformer):
+        handle.set_processor(attn, FluxConditionReuseProcessor(ctx, name))
+    policy = dtk.cache.RefreshPolicy(every=refresh_every)
+
+    def pre(kw):
+        ids = kw["img_ids"]
+        ids = ids[0] if ids.ndim == 3 else ids
+        hs = kw["hidden_states"]
+        M = ctx.split_from_ids(ids, num_condition_tokens)
+        ctx.T, ctx.M, ctx.N = kw["encoder_hidden_states"].shape[1], M, hs.shape[1] - M
+        key = _stream_key(kw)
+        if key not in handle.streams:
+            handle.streams[key] = _CondStream(dtk, policy)
+        st = ctx.stream = handle.streams[key]
+        st.cache.set_step(st.step)
+        write = M == 0 or st.cache.should_write(layer=None) or len(st.cache) == 0
+        ctx.mode = "write" if write else "read"
+        handle.log.append((list(handle.streams).index(key), ctx.mode))
+        if write:
+            dev = hs.device
+            ctx.cu_seqlens = torch.tensor([0, ctx.T, ctx.T + ctx.N, ctx.T + ctx.N + M], dtype=torch.int32, device=dev)
+            ctx.group_mask = dtk.ominicontrol_group_mask(1, device=dev)
+        else:
+            kw["hidden_states"] = hs[:, :ctx.N]
+            kw["img_ids"] = ids[:ctx.N]
+        return kw
+
+    def post(kw, output):
+        ctx.stream.step += 1
+        if ctx.mode != "read":
+            return output
+        return replace_output_sample(output, lambda x: torch.cat([x, x.new_zeros(x.shape[0], ctx.M, x.shape[2])], 1))
+
+    handle.add_hooks(pre, post)
+    handle._attach()
+    return handle
+
+
+class _SpotStream:
+    def __init__(self):
+        self.step = 0
+        self.layers: Dict[str, Dict[str, torch.Tensor]] = {}   # per layer: noisy and condition K/V
+        self.prev: Optional[torch.Tensor] = None                 # (B, N, C) last prediction of the noisy tokens
+        self.index: Optional[torch.Tensor] = None                # (N,) int32 edited tokens, -1 padded (device)
+        self.count: Optional[torch.Tensor] = None                # () int32 number of edited tokens (device)
+
+
+class FluxSpotEditProcessor:
+    """SpotEdit for one FLUX attention layer. Full steps: dense attention over
+    [text, noisy, condition], the noisy and condition K/V are cached. Edit steps: the sequence
+    holds text + the edited noisy tokens only; their fresh K/V are scattered into the layer's
+    noisy cache and the unedited rows blended with the reference (``dtk.scatter_blend``), and the
+    queries attend over text + noisy + cached condition keys (``dtk.multi_kv_attention``)."""
+
+    def __init__(self, ctx: ConditionContext, name: str, lam):
+        self.ctx, self.name, self.lam = ctx, name, lam
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, **kwargs):
+        import dtk
+        from ._common import sdpa_bshd
+        ctx = self.ctx
+        q, k, v = flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        T, N = ctx.T, ctx.N
+        st = ctx.stream
+        if ctx.mode == "full":
+            out = sdpa_bshd(q, k, v)
+            st.layers[self.name] = dict(k=k[:, T:T + N].contiguous(), v=v[:, T:T + N].contiguous(),
+                                        kc=k[:, T + N:].contiguous(), vc=v[:, T + N:].contiguous())
+        else:
+            c = st.layers[self.name]
+            lam = ctx.lam
+            blend_ref = lam != 1.0 and c["kc"].shape[1] == N     # SpotFusion toward the reference tokens
+            kn = dtk.scatter_blend(c["kc"] if blend_ref else c["k"], c["k"], k[:, T:], ctx.index, lam)
+            vn = dtk.scatter_blend(c["vc"] if blend_ref else c["v"], c["v"], v[:, T:], ctx.index, lam)
+            out = dtk.multi_kv_attention(q, [k[:, :T], kn, c["kc"]], [v[:, :T], vn, c["vc"]])
+        return flux_out(attn, out.to(q.dtype), encoder_hidden_states)
+
+
+def unpack_latents(tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """FLUX's packed tokens (B, H*W, C*4) -> latent maps (B, C, 2H, 2W) (inverse of FluxPipeline._pack_latents)."""
+    B, _, C4 = tokens.shape
+    H, W = grid
+    return tokens.view(B, H, W, C4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C4 // 4, 2 * H, 2 * W)
+
+
+class SpotEditHandle(AdapterHandle):
+    kind = "SpotEdit"
+
+    def __init__(self, model, threshold, warmup, refresh_every, lam, num_condition_tokens):
+        super().__init__(model)
+        self.threshold, self.warmup, self.refresh_every, self.lam = threshold, warmup, refresh_every, lam
+        self.num_condition_tokens = num_condition_tokens
+        self.context = ConditionContext()
+        self.grids = (FluxGridContext(), FluxGridContext())
+        self.streams: Dict[object, _SpotStream] = {}
+        self.log = []                   # (stream number, "full" | "edit") per forward
+
+    def reset(self):
+        """Drops caches, previous predictions and step counters (start of a new edit)."""
+        self.streams.clear()
+        self.log.clear()
+
+
+def apply_spotedit(transformer, *, threshold: float = 0.2, warmup: int = 2, refresh_every: Optional[int] = None,
+                   lam: float = 1.0, num_condition_tokens: Optional[int] = None) -> SpotEditHandle:
+    """SpotEdit on a FLUX Kontext transformer (image sequence = [noisy tokens, condition tokens]).
+
+    Full steps (the first ``warmup`` steps of a stream, then every ``refresh_every`` steps if set)
+    run the whole sequence and fill per-layer caches (noisy and condition K/V) and the prediction.
+    After every step the edited tokens are chosen on the device: ``dtk.token_change_score`` between
+    the predicted clean latent ``x_t - sigma * v`` and the reference (condition) latents,
+    ``score > threshold`` (OR over the batch), ``dtk.mask_to_index``. Edit steps run the transformer
+    on text + edited tokens only (the one host sync per step reads their count, in the pre-hook;
+    none inside layers); each layer attends over text + fresh + cached keys, with the fresh K/V
+    scattered into the cache by ``dtk.scatter_blend`` (``lam`` < 1 blends unedited rows toward the
+    reference tokens' K/V, SpotFusion; needs a condition image of the same size), and the
+    unedited tokens keep the previous prediction. The prediction keeps the input's length
+    (condition rows are zero on edit steps).
+    """
+    _check_flux(transformer)
+    dtk = _sparse_ops()
+    handle = SpotEditHandle(transformer, threshold, warmup, refresh_every, lam, num_condition_tokens)
+    ctx = handle.context
+    for name, attn in iter_flux_attention(transformer):
+        handle.set_processor(attn, FluxSpotEditProcessor(ctx, name, lam))
+
+    def pre(kw):
+        ids = kw["img_ids"]
+        ids = ids[0] if ids.ndim == 3 else ids
+        hs = kw["hidden_states"]
+        M = ctx.split_from_ids(ids, handle.num_condition_tokens)
+        ctx.T, ctx.M, ctx.N = kw["encoder_hidden_states"].shape[1], M, hs.shape[1] - M
+        ctx.grid = handle.grids[0].grid_from_ids(ids[:ctx.N])
+        ctx.ref_grid = handle.grids[1].grid_from_ids(ids[ctx.N:]) if M else None
+        key = _stream_key(kw)
+        if key not in handle.streams:
+            handle.streams[key] = _SpotStream()
+        st = ctx.stream = handle.streams[key]
+        s = st.step
+        full = (M == 0 or st.index is None or s < handle.warmup or
+                (handle.refresh_every is not None and (s - handle.warmup) % handle.refresh_every == 0))
+        ctx.mode, ctx.lam = ("full" if full else "edit"), handle.lam
+        handle.log.append((list(handle.streams).index(key), ctx.mode))
+        ctx.x_noisy, ctx.ref, ctx.sigma = hs[:, :ctx.N], hs[:, ctx.N:], kw["timestep"]
+        if not full:
+            n = int(st.count)                          # the step's one host sync
+            ctx.index = st.index[:n].long()
+            kw["hidden_states"] = hs[:, ctx.index]
+            kw["img_ids"] = ids[ctx.index]
+        return kw
+
+    def post(kw, output):
+        st = ctx.stream
+        st.step += 1
+
+        def fix(pred):
+            if ctx.mode == "full":
+                st.prev = pred[:, :ctx.N].contiguous()
+                result = pred
+            else:
+                st.prev.index_copy_(1, ctx.index, pred)
+                result = torch.cat([st.prev, st.prev.new_zeros(st.prev.shape[0], ctx.M, st.prev.shape[2])], 1)
+            if ctx.M:
+                _select(st, pred_noisy=st.prev)
+            return result
+        return replace_output_sample(output, fix)
+
+    def _select(st, pred_noisy):
+        sigma = ctx.sigma.to(pred_noisy.dtype).reshape(-1, 1, 1)
+        x0 = ctx.x_noisy - sigma * pred_noisy
+        H, W = ctx.grid
+        score = dtk.token_change_score([unpack_latents(x0, ctx.grid)], [unpack_latents(ctx.ref, ctx.ref_grid)],
+                                       pool=2, size=(2 * H, 2 * W))
+        mask = (score > handle.threshold).any(dim=0, keepdim=True)
+        index, count = dtk.mask_to_index(mask)
+        st.index, st.count = index[0], count[0]
+
+    handle.add_hooks(pre, post)
+    handle._attach()
+    return handle

@@ -1,0 +1,72 @@
+"""Python-side registrations of the cache ops: argument checks for the wrappers, fake (meta) kernel
+and Triton (CUDA) kernel of scatter_blend. Its CPU kernel is C++ (csrc/cache/cpu.cpp); the other
+cache ops are device-generic C++ compositions (CompositeExplicitAutograd) that need nothing here."""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+
+_LIB = "dtk::"
+
+from ..sparse._register import readable  # noqa: E402
+
+
+def check_scatter_blend(base, cache, fresh, index, lam, lam_per_batch):
+    for name, t in (("base", base), ("cache", cache), ("fresh", fresh), ("index", index)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if base.dim() < 2:
+        raise ValueError(f"base must be (B, N, ...), got shape {tuple(base.shape)}")
+    if not base.is_floating_point():
+        raise TypeError(f"base must be a floating tensor, got {base.dtype}")
+    if cache.shape != base.shape:
+        raise ValueError(f"cache must have base's shape {tuple(base.shape)}, got {tuple(cache.shape)}")
+    if cache.dtype != base.dtype or fresh.dtype != base.dtype:
+        raise TypeError(f"cache and fresh must have base's dtype {base.dtype}, got {cache.dtype} and {fresh.dtype}")
+    if not cache.is_contiguous():
+        raise ValueError("cache must be contiguous (it is updated in place)")
+    B, N = base.shape[:2]
+    if fresh.dim() != base.dim() or fresh.shape[0] != B or fresh.shape[2:] != base.shape[2:]:
+        raise ValueError(f"fresh must be (B={B}, n, {', '.join(map(str, base.shape[2:]))}), got {tuple(fresh.shape)}")
+    n = fresh.shape[1]
+    if index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"index must be an int32 or int64 tensor, got {index.dtype}")
+    if tuple(index.shape) not in ((n,), (B, n)):
+        raise ValueError(f"index must be (n={n},) or (B={B}, n={n}) to match fresh, got {tuple(index.shape)}")
+    for name, t in (("cache", cache), ("fresh", fresh), ("index", index)):
+        if t.device != base.device:
+            raise ValueError(f"{name} is on {t.device}, expected base's device {base.device}")
+    if not math.isfinite(lam):
+        raise ValueError(f"lam must be finite, got {lam}")
+    if lam_per_batch is not None:
+        if not lam_per_batch.is_floating_point():
+            raise TypeError(f"lam must be a float or a floating tensor, got {lam_per_batch.dtype}")
+        if lam_per_batch.numel() != B:
+            raise ValueError(f"a lam tensor must hold one value per batch (B={B}), got shape "
+                             f"{tuple(lam_per_batch.shape)}")
+    if index.numel() and readable(index):
+        lo, hi = int(index.min()), int(index.max())
+        if lo < -1 or hi >= N:
+            raise IndexError(f"index out of range: entries must be in [0, {N}) or -1, got values in [{lo}, {hi}]")
+
+
+@torch.library.register_fake(_LIB + "scatter_blend")
+def _sb_fake(base, cache, fresh, index, lam, lam_per_batch):
+    check_scatter_blend(base, cache, fresh, index, lam, lam_per_batch)
+    return torch.empty_like(base)
+
+
+def _register_cuda():
+    if importlib.util.find_spec("triton") is None:
+        return
+
+    @torch.library.register_kernel(_LIB + "scatter_blend", "cuda")
+    def _sb_cuda(base, cache, fresh, index, lam, lam_per_batch):
+        check_scatter_blend(base, cache, fresh, index, lam, lam_per_batch)
+        from .triton import scatter_blend_triton
+        return scatter_blend_triton(base, cache, fresh, index, lam, lam_per_batch)
+
+
+_register_cuda()

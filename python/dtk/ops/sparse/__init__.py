@@ -1,0 +1,99 @@
+"""Sparse-token attention: several K/V sources without concatenation, sparse queries gathered and
+scattered in the kernel (SpotEdit, OminiControl2, DualParal), and variable-length branches with a
+group mask and bias (OminiControl).
+
+Op schemas (csrc/dtk.cpp):
+  multi_kv_attention(Tensor q, Tensor[] ks, Tensor[] vs, Tensor?[] kv_index, Tensor? q_index,
+                     float? scale) -> (Tensor out, Tensor lse)
+  multi_kv_attention_out(Tensor q, Tensor[] ks, Tensor[] vs, Tensor?[] kv_index, Tensor q_index,
+                         float? scale, Tensor(a!) out) -> Tensor lse
+  segment_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor group_mask,
+                    Tensor? group_bias, float? scale) -> (Tensor out, Tensor lse)
+The in-place scatter is a separate out-variant op with a mutable `out` (a custom op may not return
+an alias of an input), which is what makes `torch.library.opcheck` pass on both.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import _register  # noqa: F401  (fake kernels and Triton CUDA kernels)
+from ._register import check_multi_kv, check_segment
+
+__all__ = ["multi_kv_attention", "segment_attention", "ominicontrol_group_mask"]
+
+
+def multi_kv_attention(q: torch.Tensor, ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], *,
+                       kv_index: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                       q_index: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+                       scale: Optional[float] = None, return_lse: bool = False):
+    """Attention of q over the concatenation of K/V segments, without materialising it.
+
+    Args:
+        q: (B, S_q, H, D). ks[i], vs[i]: (B, L_i, H_kv, D), H % H_kv == 0 (GQA); segment lengths
+            may differ (0 allowed). Any strides on B, S, H; contiguous last dim.
+        kv_index: one entry per segment, None (all L_i keys) or an int tensor (m,) / (B, m) of key
+            positions of that segment (compressed condition tokens); -1 entries are padding and
+            skipped; repeated entries count as repeated keys.
+        q_index: (B, n) int: compute only these query rows (gathered in the kernel); -1 = padding
+            (e.g. ``dtk.mask_to_index`` output). Duplicates are allowed (same value written twice).
+            An empty index (n = 0) is valid.
+        out: (B, S_q, H, D), needs q_index: the rows are scattered into ``out`` in place and every
+            other row is left untouched (SpotEdit keeps the previous step's values there).
+        scale: softmax scale, default 1/sqrt(D).
+        return_lse: also return the log-sum-exp (B, H, n) float32 (natural log): partial results
+            over disjoint key sets merge exactly with it.
+
+    Returns ``out``: (B, n, H, D) with q_index (padding rows 0, lse -inf), (B, S_q, H, D)
+    without, or the given ``out``; plus lse with return_lse.
+
+    Index values are checked on CPU tensors (IndexError); on the GPU they are not (a check needs a
+    host sync) and out-of-range entries are treated as padding.
+    """
+    ks, vs = list(ks), list(vs)
+    kv_index = [None] * len(ks) if kv_index is None else list(kv_index)
+    s = check_multi_kv(q, ks, vs, kv_index, q_index, scale, out)
+    if out is not None:
+        lse = torch.ops.dtk.multi_kv_attention_out(q, ks, vs, kv_index, q_index, s, out)
+        return (out, lse) if return_lse else out
+    o, lse = torch.ops.dtk.multi_kv_attention(q, ks, vs, kv_index, q_index, s)
+    return (o, lse) if return_lse else o
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      cu_seqlens: Union[torch.Tensor, Sequence[int]],
+                      group_mask: Union[torch.Tensor, Sequence[Sequence[bool]]],
+                      group_bias: Optional[Union[torch.Tensor, Sequence[Sequence[float]]]] = None, *,
+                      scale: Optional[float] = None, return_lse: bool = False):
+    """Attention over a sequence made of G branches (text, noisy image, condition_1..n, ...).
+
+    Args:
+        q: (B, S, H, D); k, v: (B, S, H_kv, D).
+        cu_seqlens: int32 (G+1,) branch offsets, 0 = cu[0] <= ... <= cu[G] = S (branches may be
+            empty); a list of ints is converted.
+        group_mask: (G, G) bool: query branch a sees key branch b iff group_mask[a, b]. Whole
+            masked branch pairs are skipped, not computed.
+        group_bias: optional (G, G) float added to the scores of (a, b) (e.g. log gamma).
+        return_lse: also return lse (B, H, S) float32. A row that sees nothing gets 0 and -inf.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        cu_seqlens = torch.tensor(list(cu_seqlens), dtype=torch.int32, device=q.device)
+    if not isinstance(group_mask, torch.Tensor):
+        group_mask = torch.tensor(group_mask, dtype=torch.bool, device=q.device)
+    if group_bias is not None and not isinstance(group_bias, torch.Tensor):
+        group_bias = torch.tensor(group_bias, dtype=torch.float32, device=q.device)
+    s = check_segment(q, k, v, cu_seqlens, group_mask, group_bias, scale)
+    o, lse = torch.ops.dtk.segment_attention(q, k, v, cu_seqlens, group_mask, group_bias, s)
+    return (o, lse) if return_lse else o
+
+
+def ominicontrol_group_mask(num_conditions: int, *, device=None) -> torch.Tensor:
+    """OminiControl's asymmetric G x G mask for branches [text, image, cond_1..n]: text and image
+    see everything, each condition sees only itself (so its K/V can be cached across steps)."""
+    G = 2 + num_conditions
+    m = torch.zeros(G, G, dtype=torch.bool, device=device)
+    m[:2] = True
+    idx = torch.arange(2, G, device=device)
+    m[idx, idx] = True
+    return m

@@ -1,0 +1,206 @@
+"""Python-side registrations of the sparse-token ops: argument checks shared by the wrappers, the
+fake (meta) kernels and the Triton (CUDA) kernels. The CPU kernels are C++ (csrc/sparse/cpu.cpp)
+with the same checks. Index *values* are checked only for CPU tensors (a check on the GPU would
+need a host sync); on the GPU an out-of-range entry is treated like padding (-1)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+
+_LIB = "dtk::"
+SUPPORTED_GPU_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+_INT = (torch.int32, torch.int64)
+
+
+def readable(t: torch.Tensor) -> bool:
+    """True when t's values can be read without a device sync and outside tracing (CPU, not fake)."""
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+    return not is_fake(t)
+
+
+def _check_bshd(t, q, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be (B, S, H, D), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if t.dtype != q.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype}, expected q's dtype {q.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device}, expected q's device {q.device}")
+    if t.stride(-1) != 1 and t.shape[-1] != 1:
+        raise ValueError(f"{name} must have a contiguous last dim (stride 1), got stride {t.stride(-1)}")
+
+
+def _check_index(idx, name, q, limit, shapes):
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{name} must be an int tensor, got {type(idx).__name__}")
+    if idx.dtype not in _INT:
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {idx.dtype}")
+    if idx.device != q.device:
+        raise ValueError(f"{name} is on {idx.device}, expected q's device {q.device}")
+    if tuple(idx.shape[:-1]) not in shapes and not (idx.dim() == 1 and () in shapes):
+        raise ValueError(f"{name} has shape {tuple(idx.shape)}; expected {' or '.join(_fmt(s) for s in shapes)}")
+    if idx.numel() and readable(idx):
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < -1 or hi >= limit:
+            raise IndexError(f"{name} out of range: entries must be in [0, {limit}) or -1 (padding), "
+                             f"got values in [{lo}, {hi}]")
+
+
+def _fmt(batch):
+    return "(m,)" if batch == () else f"({batch[0]}, m)"
+
+
+def _check_scale(scale, D):
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    return float(scale)
+
+
+def _check_gpu(q):
+    if q.device.type == "cuda":
+        if q.dtype not in SUPPORTED_GPU_DTYPES:
+            raise TypeError(f"q dtype {q.dtype} unsupported on GPU: use float16 or bfloat16")
+        if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+            raise ValueError(f"head dim D={q.shape[-1]} unsupported on GPU (1..{MAX_HEAD_DIM})")
+
+
+def check_multi_kv(q, ks, vs, kv_index, q_index, scale, out=None):
+    """Validates dtk.multi_kv_attention's arguments; returns the scale. Errors name the argument."""
+    _check_bshd(q, q, "q")
+    B, SQ, H, D = q.shape
+    ks, vs = list(ks), list(vs)
+    if len(ks) != len(vs):
+        raise ValueError(f"ks and vs must have the same number of segments, got {len(ks)} and {len(vs)}")
+    if not ks:
+        raise ValueError("ks must hold at least one K/V segment")
+    Hkv = ks[0].shape[2] if isinstance(ks[0], torch.Tensor) and ks[0].dim() == 4 else None
+    for i, (k, v) in enumerate(zip(ks, vs)):
+        _check_bshd(k, q, f"ks[{i}]")
+        _check_bshd(v, q, f"vs[{i}]")
+        if k.shape[0] != B or k.shape[2] != Hkv or k.shape[3] != D:
+            raise ValueError(f"ks[{i}] must be (B={B}, L, H_kv={Hkv}, D={D}), got {tuple(k.shape)} "
+                             "(mismatched segments)")
+        if v.shape != k.shape:
+            raise ValueError(f"vs[{i}] must have the shape of ks[{i}] {tuple(k.shape)}, got {tuple(v.shape)} "
+                             "(mismatched segments)")
+    if H % Hkv != 0:
+        raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hkv})")
+    if kv_index is not None and len(kv_index) not in (0, len(ks)):
+        raise ValueError(f"kv_index must hold one entry (tensor or None) per segment ({len(ks)}), got {len(kv_index)}")
+    for i, idx in enumerate(kv_index or []):
+        if idx is not None:
+            if idx.dim() not in (1, 2):
+                raise ValueError(f"kv_index[{i}] must be (m,) or (B={B}, m), got shape {tuple(idx.shape)}")
+            _check_index(idx, f"kv_index[{i}]", q, ks[i].shape[1], [(), (B,)])
+    if q_index is not None:
+        if q_index.dim() != 2:
+            raise ValueError(f"q_index must be (B={B}, n), got shape {tuple(q_index.shape)}")
+        _check_index(q_index, "q_index", q, SQ, [(B,)])
+    if out is not None:
+        if q_index is None:
+            raise ValueError("out needs q_index (the rows to scatter into)")
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(q.shape):
+            raise ValueError(f"out must have q's shape {tuple(q.shape)}, got "
+                             f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+        if out.dtype != q.dtype or out.device != q.device:
+            raise TypeError(f"out must match q's dtype {q.dtype} and device {q.device}, got {out.dtype} on {out.device}")
+    _check_gpu(q)
+    return _check_scale(scale, D)
+
+
+def check_segment(q, k, v, cu_seqlens, group_mask, group_bias, scale):
+    """Validates dtk.segment_attention's arguments; returns the scale."""
+    _check_bshd(q, q, "q")
+    _check_bshd(k, q, "k")
+    _check_bshd(v, q, "v")
+    B, S, H, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[1] != S or k.shape[3] != D:
+        raise ValueError(f"k must be (B={B}, S={S}, H_kv, D={D}), got {tuple(k.shape)}")
+    if H % k.shape[2] != 0:
+        raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({k.shape[2]})")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D tensor with G+1 >= 2 entries")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    G = cu_seqlens.numel() - 1
+    if not isinstance(group_mask, torch.Tensor) or group_mask.dtype != torch.bool:
+        raise TypeError(f"group_mask must be a bool tensor, got "
+                        f"{group_mask.dtype if isinstance(group_mask, torch.Tensor) else type(group_mask).__name__}")
+    if tuple(group_mask.shape) != (G, G):
+        raise ValueError(f"group_mask must be G x G = {G} x {G} (G = len(cu_seqlens) - 1), got shape "
+                         f"{tuple(group_mask.shape)}")
+    if group_bias is not None:
+        if not group_bias.is_floating_point():
+            raise TypeError(f"group_bias must be a floating tensor, got {group_bias.dtype}")
+        if tuple(group_bias.shape) != (G, G):
+            raise ValueError(f"group_bias must be G x G = {G} x {G}, got shape {tuple(group_bias.shape)}")
+    if cu_seqlens.numel() and readable(cu_seqlens):
+        c = cu_seqlens.tolist()
+        if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])) or c[-1] != S:
+            raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at S={S}, got {c}")
+    _check_gpu(q)
+    return _check_scale(scale, D)
+
+
+# ------------------------------------------------------------------------------------ fake kernels
+
+@torch.library.register_fake(_LIB + "multi_kv_attention")
+def _mkv_fake(q, ks, vs, kv_index, q_index, scale):
+    check_multi_kv(q, ks, vs, kv_index, q_index, scale)
+    B, S, H, D = q.shape
+    n = S if q_index is None else q_index.shape[1]
+    return q.new_empty(B, n, H, D), q.new_empty(B, H, n, dtype=torch.float32)
+
+
+@torch.library.register_fake(_LIB + "multi_kv_attention_out")
+def _mkv_out_fake(q, ks, vs, kv_index, q_index, scale, out):
+    check_multi_kv(q, ks, vs, kv_index, q_index, scale, out)
+    B, S, H, D = q.shape
+    return q.new_empty(B, H, q_index.shape[1], dtype=torch.float32)
+
+
+@torch.library.register_fake(_LIB + "segment_attention")
+def _seg_fake(q, k, v, cu_seqlens, group_mask, group_bias, scale):
+    check_segment(q, k, v, cu_seqlens, group_mask, group_bias, scale)
+    B, S, H, D = q.shape
+    return q.new_empty(B, S, H, D), q.new_empty(B, H, S, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------ CUDA (Triton)
+
+def _register_cuda():
+    if importlib.util.find_spec("triton") is None:
+        return
+
+    @torch.library.register_kernel(_LIB + "multi_kv_attention", "cuda")
+    def _mkv_cuda(q, ks, vs, kv_index, q_index, scale):
+        scale = check_multi_kv(q, ks, vs, kv_index, q_index, scale)
+        from .triton import multi_kv_attention_triton
+        return multi_kv_attention_triton(q, ks, vs, kv_index, q_index, scale)
+
+    @torch.library.register_kernel(_LIB + "multi_kv_attention_out", "cuda")
+    def _mkv_out_cuda(q, ks, vs, kv_index, q_index, scale, out):
+        scale = check_multi_kv(q, ks, vs, kv_index, q_index, scale, out)
+        from .triton import multi_kv_attention_triton
+        return multi_kv_attention_triton(q, ks, vs, kv_index, q_index, scale, out=out)[1]
+
+    @torch.library.register_kernel(_LIB + "segment_attention", "cuda")
+    def _seg_cuda(q, k, v, cu_seqlens, group_mask, group_bias, scale):
+        scale = check_segment(q, k, v, cu_seqlens, group_mask, group_bias, scale)
+        from .triton import segment_attention_triton
+        return segment_attention_triton(q, k, v, cu_seqlens, group_mask, group_bias, scale)
+
+
+_register_cuda()

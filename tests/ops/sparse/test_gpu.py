@@ -1,0 +1,90 @@
+"""GPU checks of the sparse and cache families (bf16/fp16 through the ops: Triton kernels)."""
+import pytest
+import torch
+
+import dtk
+from dtk.ops.cache.reference import scatter_blend_reference
+from dtk.ops.sparse.reference import multi_kv_attention_reference as mkv_ref
+from dtk.ops.sparse.reference import segment_attention_reference as seg_ref
+
+from ...helpers import assert_matches_reference
+
+pytestmark = pytest.mark.gpu
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _r(*shape, dtype, tr=False):
+    if tr:
+        return torch.randn(shape[0], shape[2], shape[1], shape[3], device="cuda", dtype=dtype).transpose(1, 2)
+    return torch.randn(*shape, device="cuda", dtype=dtype)
+
+
+def _d(ts):
+    return [None if t is None else t.double() for t in ts]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("nseg", [3, 5])
+def test_multi_kv_spotedit_like(dtype, D, nseg):
+    B, H, Hkv = 1, 4, 2
+    S = 512 + 1024
+    lens = [512, 1024, 1024, 300, 77][:nseg]
+    q = _r(B, S, H, D, dtype=dtype, tr=True)
+    ks = [_r(B, L, Hkv, D, dtype=dtype) for L in lens]
+    vs = [_r(B, L, Hkv, D, dtype=dtype) for L in lens]
+    kvi = [None] * nseg
+    kvi[1] = torch.randperm(1024, device="cuda")[:600]
+    mask = torch.rand(B, 1024, device="cuda") < 0.3
+    qi, cnt = dtk.mask_to_index(mask, num_prefix=512)
+    out = _r(B, S, H, D, dtype=dtype)
+    before = out.clone()
+    dtk.multi_kv_attention(q, ks, vs, kv_index=kvi, q_index=qi, out=out)
+    torch.cuda.synchronize()
+    sel = torch.cat([torch.ones(B, 512, dtype=torch.bool, device="cuda"), mask], 1)
+    assert torch.equal(out[~sel], before[~sel])
+    r64, _ = mkv_ref(q.double(), _d(ks), _d(vs), kv_index=kvi, q_index=qi, out=before.double())
+    rlo, _ = mkv_ref(q, ks, vs, kv_index=kvi, q_index=qi, out=before)
+    assert_matches_reference(out, r64, rlo, atol=2e-3)
+    o, lse = dtk.multi_kv_attention(q, ks, vs, kv_index=kvi, q_index=qi, return_lse=True)
+    assert o.shape == (B, qi.shape[1], H, D)
+    assert torch.equal(o[0, int(cnt[0]):].float().abs().sum().bool().view(1), torch.tensor([False], device="cuda"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_segment_ominicontrol(dtype):
+    cu = torch.tensor([0, 128, 128 + 1024, 128 + 2048, 128 + 2048 + 500], dtype=torch.int32, device="cuda")
+    S = int(cu[-1])
+    gm = dtk.ominicontrol_group_mask(2, device="cuda")
+    gb = torch.zeros(4, 4, device="cuda")
+    gb[1, 2:] = -0.7
+    q = _r(1, S, 4, 128, dtype=dtype, tr=True)
+    k, v = _r(1, S, 2, 128, dtype=dtype), _r(1, S, 2, 128, dtype=dtype)
+    o, lse = dtk.segment_attention(q, k, v, cu, gm, gb, return_lse=True)
+    r64, l64 = seg_ref(q.double(), k.double(), v.double(), cu.cpu(), gm, gb.double())
+    rlo, _ = seg_ref(q, k, v, cu.cpu(), gm, gb.to(dtype))
+    assert_matches_reference(o, r64, rlo, atol=2e-3)
+    assert (lse.double() - l64).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_blend_gpu(dtype):
+    base = torch.randn(2, 4096, 3072, device="cuda", dtype=dtype)
+    cache = torch.randn_like(base)
+    idx = torch.stack([torch.randperm(4096, device="cuda")[:1200] for _ in range(2)])
+    fresh = torch.randn(2, 1200, 3072, device="cuda", dtype=dtype)
+    lam = torch.tensor([0.2, 0.6], device="cuda")
+    ref, ref_cache = scatter_blend_reference(base, cache, fresh, idx, lam)
+    out = dtk.scatter_blend(base, cache, fresh, idx, lam)
+    assert torch.equal(cache, ref_cache)
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+
+
+def test_mask_ops_on_gpu():
+    m = torch.rand(2, 64, 64, device="cuda") < 0.3
+    idx, cnt = dtk.mask_to_index(m, num_prefix=512)
+    assert idx.is_cuda and cnt.is_cuda and idx.dtype == torch.int32
+    assert torch.equal(cnt.cpu(), (m.flatten(1).sum(1) + 512).int().cpu())
+    assert dtk.dilate_mask(m).is_cuda and dtk.prune_isolated(m).is_cuda
+    feats = [torch.randn(2, 16, 64, 64, device="cuda"), torch.randn(2, 8, 32, 32, device="cuda")]
+    assert dtk.token_change_score(feats, [f + 0.1 for f in feats]).shape == (2, 32, 32)

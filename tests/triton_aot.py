@@ -1,0 +1,50 @@
+"""Ahead-of-time compilation of Triton kernels for a GPU architecture without a GPU: catches the
+errors that only the compiler (not the interpreter) reports, and shows whether Hopper's wgmma
+instructions are used. Needs only Triton's bundled ptxas. Runs in a subprocess because the test
+process may be in interpreter mode (TRITON_INTERPRET=1), where kernels cannot be compiled."""
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+
+def job(kernel: str, arch: int, types: dict, constexprs: dict, default="i32", **options) -> dict:
+    """One compilation: `kernel` ("module:function") for sm_`arch`. `types` maps argument names
+    to Triton type strings ("*bf16", "fp32", "i1", ...); other non-constexpr arguments get
+    `default`; `options` are compile options (num_warps, num_stages)."""
+    return dict(kernel=kernel, arch=arch, types=types, constexprs=constexprs, default=default, options=options)
+
+
+def compile_all(jobs) -> list:
+    """Compiles every job in one subprocess; returns per job {"wgmma": count of wgmma
+    instructions in the PTX, "shared": bytes of shared memory}. Raises with the compiler's error."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__], input=json.dumps(jobs), capture_output=True, text=True,
+                          env=env, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"AOT compilation failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _compile(j):
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    mod, name = j["kernel"].split(":")
+    kernel = getattr(importlib.import_module(mod), name)
+    const = j["constexprs"]
+    sig = {n: "constexpr" if n in const else j["types"].get(n, j["default"])
+           for n in inspect.signature(kernel.fn).parameters}
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=const)
+    try:
+        k = triton.compile(src, target=GPUTarget("cuda", j["arch"], 32), options=j["options"])
+    except Exception as e:
+        raise RuntimeError(f"{j}: {e}") from e
+    return dict(wgmma=k.asm["ptx"].count("wgmma.mma_async"), shared=k.metadata.shared)
+
+
+if __name__ == "__main__":
+    print(json.dumps([_compile(j) for j in json.loads(sys.stdin.read())]))

@@ -77,7 +77,7 @@ def test_check_subset_rows_on_long_sequences():
     rows = L.check_rows_for(s, "cpu")
     assert L.CHECK_ROWS <= rows.numel() <= L.CHECK_ROWS + 2 and {0, 4999} <= set(rows.tolist())
     d = _runner().run_case(L.make_case(s, gpu=False), torch.float32)[0]
-    assert d["status"] == "ok" and d["check"]["rows"] == 2 * rows.numel()
+    assert d["status"] == "ok" and 2 * L.CHECK_ROWS <= d["check"]["rows"] <= 2 * (L.CHECK_ROWS + 2)
 
 
 def test_wrong_or_nan_result_is_failed(monkeypatch):

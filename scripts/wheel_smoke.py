@@ -61,12 +61,16 @@ PLAT = os.path.realpath(sysconfig.get_paths()["platlib"])
 @check("dtk is imported from the installed wheel")
 def _where():
     f = os.path.realpath(dtk.__file__)
-    assert f.startswith((SITE + os.sep, PLAT + os.sep)), f"dtk imported from {f}, not from {SITE}"
-    assert os.path.realpath(sys.prefix) != os.path.realpath(getattr(sys, "base_prefix", sys.prefix)), \
-        "not running in a virtual environment"
+    target = os.environ.get("DTK_SMOKE_SITE")      # a `pip install --target DIR` install (gpu_check_wheel.sh)
+    if target:
+        assert f.startswith(os.path.realpath(target) + os.sep), f"dtk imported from {f}, not from {target}"
+    else:
+        assert f.startswith((SITE + os.sep, PLAT + os.sep)), f"dtk imported from {f}, not from {SITE}"
+        assert os.path.realpath(sys.prefix) != os.path.realpath(getattr(sys, "base_prefix", sys.prefix)), \
+            "not running in a virtual environment"
     so = [n for n in os.listdir(os.path.dirname(f)) if n.startswith("_C") and n.endswith((".so", ".pyd"))]
     assert so, "dtk/_C extension missing from the install"
-    from importlib.metadata import files, version
+    from importlib.metadata import files, version   # (finds the --target dir too: it is on sys.path)
     assert version("dtk") == dtk.__version__, (version("dtk"), dtk.__version__)
     names = [str(p) for p in files("dtk")]          # the installed RECORD (pip adds the .pyc files)
     if WHEEL:                                       # the wheel itself, when given

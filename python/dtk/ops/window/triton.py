@@ -23,6 +23,12 @@ def _softmax_step(q, acc, m_i, l_i, k, v, qk_mask, MASKED: tl.constexpr, qk_scal
     qk = tl.dot(q, tl.trans(k)) * qk_scale
     if MASKED:
         qk = tl.where(qk_mask, qk, float("-inf"))
+    return _online_update(qk, acc, m_i, l_i, v)
+
+
+@triton.jit
+def _online_update(qk, acc, m_i, l_i, v):
+    """Folds a block of log2-unit scores qk (BM, BN) and its values v into (acc, m_i, l_i)."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing allowed yet
     p = tl.math.exp2(qk - m_safe[:, None])

@@ -2,12 +2,11 @@
 launcher may choose (the autotuner's whole list) and fits the shared memory of the card: the
 interpreter skips the compiler, and a config over the limit fails to launch only on the GPU
 (``OutOfResources: shared memory``). No GPU needed; compiled with the runtime's alignment
-specialisation (aot_specialized.py), so the loops are software-pipelined as on the GPU."""
+specialisation (tests/triton_aot.py), so the loops are software-pipelined as on the GPU."""
 import pytest
 import torch
 
-from ...triton_aot import job
-from .aot_specialized import compile_all
+from ...triton_aot import compile_all, job
 
 tr = pytest.importorskip("dtk.ops.linear.triton")
 

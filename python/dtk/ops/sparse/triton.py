@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..._debug import new_output
-from ..window.triton import LOG2E, _dense_range, _online_update, _softmax_step, default_blocks
+from ..window.triton import LOG2E, _dense_range, _online_update, _softmax_step, default_blocks, launch_configs
 
 MAX_SEGMENTS = 4
 
@@ -128,8 +128,8 @@ def _launch_cfg(q, D, block):
         block = default_blocks(q.device, D)
     block_q, block_k = (block, block) if isinstance(block, int) else block
     block_d = max(16, triton.next_power_of_2(D))
-    big = D > 128
-    return block_q, block_k, block_d, dict(num_warps=8 if (block_q >= 128 or big) else 4, num_stages=2 if big else 3)
+    w, st = launch_configs(block_d)[0]
+    return block_q, block_k, block_d, dict(num_warps=w if block_q >= 64 else 4, num_stages=st)
 
 
 def _mkv_launch(q, ks, vs, kv_index, q_index, qk_scale, o, lse, scatter, block):

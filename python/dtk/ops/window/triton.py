@@ -243,8 +243,8 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     grid = ((n_pqb + plan.num_blocks) * B * H,)
     tuned = q.device.type == "cuda" and triton_autotune()
     kernel = _window_fwd_tuned if tuned else _window_fwd
-    w, st = launch_configs(block_d)[0]
-    launch = {} if tuned else dict(num_warps=w if block_q >= 64 else 4, num_stages=st)
+    warps, stages = launch_configs(block_d)[0]
+    launch = {} if tuned else dict(num_warps=warps if block_q >= 64 else 4, num_stages=stages)
     kernel[grid](
         q, k, v, ek, ev, out, lse, plan.q_blocks, plan.entries, plan.kv_count, plan.order,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -69,6 +69,8 @@ GPU_SHAPES = [
     WindowShape("na2d-256-w64-rowmajor", 1, 24, 128, (256, 256), window=(64, 64)),
     WindowShape("freeswim-1080p-tile1x8x16", 1, 12, 128, (21, 68, 120), window=(-1, 31, 53), tile=(1, 8, 16),
                 note="FreeSwim Wan2.1 1080p, 81 frames"),
+    WindowShape("freeswim-1080p-tile7x2x8", 1, 12, 128, (21, 68, 120), window=(-1, 31, 53), tile=(7, 2, 8),
+                note="time-major tiles: the whole time axis is in every window, so blocks long in T waste less"),
     WindowShape("freeswim-1080p-rowmajor", 1, 12, 128, (21, 68, 120), window=(-1, 31, 53)),
     WindowShape("clear8k-r16-clip-p512-tile8x16", 1, 24, 128, (512, 512), radius=16, border="clip",
                 num_prefix=512, tile=(8, 16), note="CLEAR at 8K"),

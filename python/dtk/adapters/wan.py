@@ -4,6 +4,12 @@ plus forward hooks on the transformer:
 * :func:`apply_inward_window` — FreeSwim: inward 3D window self-attention (``dtk.window_attention``),
   optionally with FreeSwim's dual path: a full-attention branch whose cross-attention output
   (before ``to_out``) replaces the window branch's, cached per layer and refreshed every N steps.
+* :func:`apply_block_cache` — DualParal's building block: a long video is split into frame blocks
+  (denoised in sequence, or in a pipeline over GPUs); every self-attention attends to the current
+  block's K/V plus the previous block's K/V, taken per layer from a :class:`dtk.cache.KVCache`
+  (``dtk.multi_kv_attention`` over the two segments, no concatenation). The cache holds the
+  previous block's K/V *before* ``norm_k`` and RoPE, as DualParal stores them; the norm and RoPE are
+  applied when read, with the previous block's frames placed right before the current block's.
 
 The token grid (frames, rows, cols after patching) is read from the latent's shape on every
 forward: any resolution or frame count works without re-applying and without host syncs.
@@ -17,7 +23,8 @@ import torch
 from ..ops.window import window_attention
 from ._common import AdapterHandle, check_diffusers, replace_output_sample, sdpa_bshd
 
-__all__ = ["apply_inward_window", "InwardWindowHandle", "WanWindowAttnProcessor", "WanDualCrossAttnProcessor"]
+__all__ = ["apply_inward_window", "InwardWindowHandle", "WanWindowAttnProcessor", "WanDualCrossAttnProcessor",
+           "apply_block_cache", "BlockCacheHandle", "WanBlockCacheAttnProcessor"]
 
 
 def _check_wan(transformer):
@@ -232,5 +239,217 @@ def apply_inward_window(transformer, window: Sequence[int] = (-1, 31, 53), *, sc
         return replace_output_sample(output, lambda x: x[: ctx.batch])
 
     handle.add_hooks(pre, post)
+    handle._attach()
+    return handle
+
+
+# ------------------------------------------------------------------------------------------------
+# DualParal: attention over the current frame block's K/V plus the previous block's cached K/V.
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """t itself when it owns its whole storage, else a compact copy (a kept slice or a chunk of a
+    fused projection must not pin the full tensor it views)."""
+    if t.is_contiguous() and t.storage_offset() == 0 and \
+            t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.contiguous().clone() if t.is_contiguous() else t.contiguous()
+
+
+class BlockCacheContext:
+    """Per-forward state of a DualParal-adapted Wan transformer: the token grid and the RoPE tables
+    of [previous frames, current frames] (built once per forward per previous-block length)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.grid: Optional[Tuple[int, int, int]] = None
+        self.batch = 0
+        self._rope: Dict[int, Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def start(self, hidden_states: torch.Tensor) -> None:
+        p_t, p_h, p_w = self.model.config.patch_size
+        _, _, F, H, W = hidden_states.shape
+        self.grid = (F // p_t, H // p_h, W // p_w)
+        self.batch = hidden_states.shape[0]
+        self._rope.clear()
+
+    def rope_pair(self, prev_frames: int):
+        """((cos, sin) of the previous block's P frames at time positions 0..P-1, (cos, sin) of the
+        current block's F frames at P..P+F-1), from the model's own rotary module: RoPE is relative,
+        so this equals placing the previous frames at -P..-1 before an unshifted current block."""
+        if prev_frames not in self._rope:
+            F, H, W = self.grid
+            p_t, p_h, p_w = self.model.config.patch_size
+            # WanRotaryPosEmbed reads only the latent's shape: a meta tensor of the joint shape.
+            shape = torch.empty((1, 0, (prev_frames + F) * p_t, H * p_h, W * p_w), device="meta")
+            cos, sin = self.model.rope(shape)
+            n = prev_frames * H * W
+            self._rope[prev_frames] = ((cos[:, :n], sin[:, :n]), (cos[:, n:], sin[:, n:]))
+        return self._rope[prev_frames]
+
+
+class WanBlockCacheAttnProcessor:
+    """DualParal self-attention for one Wan ``attn1`` (layer ``layer``): writes this forward's
+    pre-norm K/V (the last ``keep_frames`` frames) to the handle's staged cache and, when the
+    handle's cache holds the previous block's K/V for (stream, layer), attends over
+    [norm_k + RoPE(previous K), current K] with ``dtk.multi_kv_attention``."""
+
+    def __init__(self, handle: "BlockCacheHandle", layer: int):
+        self.handle, self.layer = handle, layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kwargs):
+        if attention_mask is not None:
+            raise NotImplementedError("dtk Wan DualParal processor: attention_mask is not supported")
+        if encoder_hidden_states is not None:
+            raise NotImplementedError("dtk Wan DualParal processor: only self-attention (attn1) is supported")
+        import dtk
+        h, ctx = self.handle, self.handle.context
+        if getattr(attn, "fused_projections", False):
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        F, Hh, Ww = ctx.grid
+        key = (h.stream, self.layer)
+        if h.record:
+            keep = F if h.keep_frames is None else min(h.keep_frames, F)
+            n = keep * Hh * Ww
+            h.staged.write(key, _own_storage(k[:, k.shape[1] - n:]), _own_storage(v[:, v.shape[1] - n:]))
+        q = attn.norm_q(q).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(k).unflatten(2, (attn.heads, -1))
+        v = v.unflatten(2, (attn.heads, -1))
+        if key in h.cache:
+            kp, vp = h.cache.read(key)
+            if kp.shape[0] != q.shape[0] or kp.shape[2] != k.shape[2] * k.shape[3] or \
+                    kp.shape[1] % (Hh * Ww) != 0 or vp.shape != kp.shape:
+                raise RuntimeError(
+                    f"dtk DualParal: layer {self.layer} has cached K/V of shape {tuple(kp.shape)} that does not fit "
+                    f"this block (batch {q.shape[0]}, grid {ctx.grid}, {k.shape[2] * k.shape[3]} channels); "
+                    "call handle.reset() between videos")
+            P = kp.shape[1] // (Hh * Ww)
+            rope_prev, rope_cur = ctx.rope_pair(P)
+            kp = attn.norm_k(kp.to(k.dtype)).unflatten(2, (attn.heads, -1))
+            vp = vp.to(v.dtype).unflatten(2, (attn.heads, -1))
+            q, k, kp = wan_rope(q, *rope_cur), wan_rope(k, *rope_cur), wan_rope(kp, *rope_prev)
+            out = dtk.multi_kv_attention(q, [kp, k], [vp, v], scale=h.scale)
+        else:
+            if rotary_emb is not None:
+                q, k = wan_rope(q, *rotary_emb), wan_rope(k, *rotary_emb)
+            out = dtk.multi_kv_attention(q, [k], [v], scale=h.scale)
+        out = out.flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class BlockCacheHandle(AdapterHandle):
+    """State of one DualParal-adapted Wan transformer.
+
+    Attributes:
+        cache: :class:`dtk.cache.KVCache` with the *previous* block's pre-norm, pre-RoPE K/V,
+            keyed ``(stream, layer)``; read by every forward (empty = first block: plain attention).
+            ``cache.nbytes`` / ``cache.nbytes_on(dev)`` account its memory. Its refresh policy is
+            not consulted: entries change only through :meth:`next_block` / :meth:`import_cache`.
+        staged: KVCache with the *current* block's pre-norm K/V, overwritten by every forward
+            (``record=True``); the last forward of a (stream, layer) wins.
+        stream: key of the current call's stream (default None). With classifier-free guidance run
+            as two calls per step, set ``handle.stream = "cond"`` / ``"uncond"`` before each so the
+            branches keep separate caches (or batch them: the batch is part of the cached tensors).
+        record: False skips the staging writes (e.g. the last block, or steps whose K/V should not
+            be handed on).
+        keep_frames: how many of the block's last latent frames (after patching) are staged for the
+            next block (None = all).
+        blocks_done: how many times :meth:`next_block` ran since the last reset.
+    """
+
+    kind = "DualParal block cache"
+
+    def __init__(self, model, cache, keep_frames, scale):
+        super().__init__(model)
+        import dtk.cache
+        self.cache = cache if cache is not None else dtk.cache.KVCache()
+        self.staged = dtk.cache.KVCache(offload=self.cache.offload, offload_device=str(self.cache.offload_device))
+        self.keep_frames, self.scale = keep_frames, scale
+        self.context = BlockCacheContext(model)
+        self.stream = None
+        self.record = True
+        self.blocks_done = 0
+
+    def export_cache(self) -> Dict[Tuple[object, int], Tuple[torch.Tensor, torch.Tensor]]:
+        """The current block's staged pre-norm K/V, ``{(stream, layer): (k, v)}`` with k, v of shape
+        (B, keep_frames*H*W, heads*head_dim): what the next block needs. The tensors are the staged
+        ones (device copies when offloaded); the staged cache is not cleared."""
+        return {key: self.staged.read(key) for key in self.staged.layers()}
+
+    def import_cache(self, entries) -> None:
+        """Makes ``entries`` (``{(stream, layer): (k, v)}``, as :meth:`export_cache` returns, e.g.
+        received from the GPU of the previous block) the previous block's K/V; the old entries go."""
+        for key in self.cache.layers():
+            self.cache.drop(key)
+        for key, (k, v) in entries.items():
+            self.cache.write(key, k, v)
+
+    def next_block(self) -> None:
+        """Single-process driver: the block just computed becomes the previous block (staged K/V
+        move to ``cache``); call it between blocks, after the block's last denoising forward."""
+        self.import_cache(self.export_cache())
+        self.staged.reset()
+        self.blocks_done += 1
+
+    def reset(self) -> None:
+        """Empties both caches (start of a new video: the next forward is a first block)."""
+        self.cache.reset()
+        self.staged.reset()
+        self.blocks_done = 0
+
+
+def apply_block_cache(transformer, *, cache=None, keep_frames: Optional[int] = None,
+                      scale: Optional[float] = None) -> BlockCacheHandle:
+    """DualParal's building block on a diffusers ``WanTransformer3DModel``: each self-attention
+    (``attn1``) attends over the current frame block's tokens plus the previous block's cached K/V.
+
+    DualParal splits a long video's latent into blocks of frames, denoised one after another (or
+    pipelined over GPUs, block i on GPU i). Here a forward on a block:
+
+    * projects K/V as usual and stages the pre-``norm_k``, pre-RoPE K and V (the last
+      ``keep_frames`` frames) in ``handle.staged`` for the next block;
+    * if ``handle.cache`` holds the previous block's K/V for this (stream, layer), applies the
+      layer's ``norm_k`` to them and RoPE with time positions just before the current block's
+      (positions of [previous P frames, current F frames] = 0..P+F-1, split), and attends with
+      ``dtk.multi_kv_attention(q, [k_prev, k], [v_prev, v])`` — queries are the current tokens only
+      (Lq = F*H*W, Lk = (P+F)*H*W). Without an entry (the first block) it is Wan's own attention.
+
+    ``handle.next_block()`` moves the staged K/V into the cache (single process). A multi-GPU driver
+    instead sends ``handle.export_cache()``'s tensors to the next block's rank (torch.distributed
+    ``send``/``isend`` per tensor, in the dict's (stream, layer) order; shapes are (B, P*H*W, C)
+    in the model dtype, known to the receiver from the block geometry) and there calls
+    ``handle.import_cache({key: (k, v)})``; the adapter itself does no communication.
+    Cross-attention and the rest of the block are untouched; H and W (and the batch) must match
+    between consecutive blocks.
+
+    Args:
+        cache: the :class:`dtk.cache.KVCache` for the previous block's K/V (e.g. ``offload=True`` to
+            keep it in CPU memory; the staged cache follows its offload setting). Default: a new one.
+        keep_frames: latent frames (after patching) of a block handed to the next block, counted
+            from its end (None = the whole block).
+        scale: softmax scale (default 1/sqrt(head_dim)).
+
+    Returns a :class:`BlockCacheHandle`; ``dtk.adapters.remove(transformer)`` restores the original
+    processors and drops the caches.
+    """
+    _check_wan(transformer)
+    import dtk
+    if not hasattr(dtk, "multi_kv_attention") or not hasattr(dtk, "cache"):
+        raise RuntimeError("this dtk build lacks dtk.multi_kv_attention / dtk.cache")
+    if keep_frames is not None and (isinstance(keep_frames, bool) or not isinstance(keep_frames, int)
+                                    or keep_frames < 1):
+        raise ValueError(f"keep_frames must be None or an int >= 1, got {keep_frames!r}")
+    if cache is not None and not isinstance(cache, dtk.cache.KVCache):
+        raise TypeError(f"cache must be a dtk.cache.KVCache, got {type(cache).__name__}")
+    handle = BlockCacheHandle(transformer, cache, keep_frames, scale)
+    for i, block in enumerate(transformer.blocks):
+        handle.set_processor(block.attn1, WanBlockCacheAttnProcessor(handle, i))
+
+    def pre(kw):
+        handle.context.start(kw["hidden_states"])
+        return kw
+
+    handle.add_hooks(pre)
     handle._attach()
     return handle

@@ -25,7 +25,14 @@ def naive(q, k, v, eps=1e-4):
     return torch.einsum("bshd,bhde->bshe", fq, S) / (torch.einsum("bshd,bhd->bsh", fq, z) + eps)[..., None]
 
 
-for S, H, D in [(66048, 24, 128), (4096, 8, 40), (16384, 10, 64)]:
+def tuned():
+    """The configurations the autotuner picked (kernel -> key -> config)."""
+    for (name, _), at in tr._TUNED.items():
+        for key, cfg in getattr(at, "cache", {}).items():
+            print(f"   tuned {name} {key[:5]}: {cfg}")
+
+
+for S, H, D in [(66048, 24, 128), (4096, 8, 40), (16384, 10, 64), (4096, 8, 160)]:
     q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     t = bench(lambda: dtk.linear_attention(q, k, v))
     ts = bench(lambda: tr.linear_attention_state_triton(k, v))
@@ -38,6 +45,8 @@ for S, H, D in [(66048, 24, 128), (4096, 8, 40), (16384, 10, 64)]:
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
     tb = bench(lambda: torch.autograd.grad(dtk.linear_attention(qr, kr, vr), (qr, kr, vr), g), 10)
     print(f"   fwd+bwd {tb*1e3:.1f} us")
+    tuned()
+    tr._TUNED.clear()  # print each shape's choices once
 B, H, D = 64 * 64 * 2, 8, 40  # MEMO-like: pixels x batch, 16 frames
 q, k, v = (torch.randn(B, 16, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 o, st = dtk.memory_linear_attention(q, k, v)

@@ -100,3 +100,21 @@ def test_backward_large_head_dim_fallback():
     linear_attention_reference(*rs).backward(g.double())
     for a, r in zip(got, rs):
         assert max_err(a, r.grad) < 1e-4 * (1 + r.grad.abs().max().item())
+
+
+def test_state_deterministic_mode():
+    """Several chunks: fp32 atomics by default, per-chunk partials + a sum under
+    torch.use_deterministic_algorithms (bitwise reproducible); both equal the reference."""
+    k, v = bshd(2, 300, 2, 64, torch.float32), bshd(2, 300, 2, 48, torch.float32)
+    assert tr._chunking(300, 2 * 2, k.device)[0] > 1
+    fast = tr.linear_attention_state_triton(k, v)
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = [tr.linear_attention_state_triton(k, v) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(det[0][0], det[1][0]) and torch.equal(det[0][1], det[1][1])
+    ref = linear_attention_state_reference(k.double(), v.double())
+    for got in (fast, det[0]):
+        assert max_err(got[0], ref[0]) < 1e-4 * (1 + ref[0].abs().max().item())
+        assert max_err(got[1], ref[1]) < 1e-4 * (1 + ref[1].abs().max().item())

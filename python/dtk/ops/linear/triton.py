@@ -1,19 +1,37 @@
 """Triton kernels of the linear-attention family (GPU; CPU tensors under ``TRITON_INTERPRET=1``).
 
-Forward = split-sequence state reduction + apply, both bandwidth-bound:
+Forward = split-sequence state reduction + apply, both bandwidth-bound (the FLUX-4K shape reads
+q, k, v and writes o once: 0.38 ms at 4.27 TB/s):
 
-1. ``_state_kernel``: grid (chunks, sequences x kv heads, Dv blocks). Each program reduces one
-   chunk of the key sequence to a partial ``phi(k)^T v`` (D x Dv) and ``sum phi(k)`` in fp32 with
-   tensor-core dots (phi(k) split into a hi and a lo part of the input dtype, so the product is
-   ~fp32-exact); the partials (chunks, ...) are summed by a second (tiny) reduction.
-2. ``_apply_kernel``: grid (query blocks, sequences x heads, Dv blocks). Reads the fp32 state once
-   per program (split hi/lo for the tensor-core dot), the denominator ``phi(q).z`` in fp32.
+1. ``_state_kernel``: grid (sequences x kv heads x Dv blocks, chunks). Each program reduces one
+   chunk of the key sequence to a partial ``phi(k)^T v`` (D x Dv) and ``sum phi(k)``, accumulated
+   in fp32. For fp16/bf16 inputs phi(k) is rounded once to the input dtype and multiplied with v
+   by one tensor-core dot with fp32 accumulation (what FlashAttention does with P); the column
+   sums of phi(k) are accumulated elementwise in fp32 and reduced once at the end. The partials
+   are added with fp32 atomics into a zeroed state (fast, not bitwise reproducible) unless
+   ``torch.use_deterministic_algorithms(True)`` is on, in which case each chunk writes its own
+   slot and a torch sum reduces them (deterministic).
+2. ``_apply_kernel``: grid (sequences x heads x Dv blocks, chunks). Each program loads its fp32
+   state once, scales it by 1/N and rounds it to the input dtype once, then streams its chunk of
+   queries: one tensor-core dot per query block, the denominator ``phi(q).z`` in fp32 and one
+   reciprocal per row.
+
+The outputs are rounded to the input dtype, whose rounding (2^-8 for bf16) dominates the error of
+the single-dot products (2^-9 relative on each term, averaged over D), so splitting operands into
+hi + lo parts buys no accuracy that survives the output rounding (checked against the tests'
+rule: error <= 2x the reference in the input dtype + atol). fp32 inputs use exact fp32 dots.
 
 MEMO: ``_memory_kernel`` / ``_memory_update_kernel``, one program per (batch, head), the whole
 (short) frame axis in registers: efficient for a huge batch of ~16-frame sequences.
 
 Backward: ``_grad_q_kernel`` (dq and the partial reductions of dS, dz over query chunks) and
-``_grad_kv_kernel`` (dk, dv from the reduced dS, dz).
+``_grad_kv_kernel`` (dk, dv from the reduced dS, dz), both streaming a chunk of rows against a
+state tile loaded once per program.
+
+Launch configurations: ``launch_configs(kernel, D, Dv, dtype, gpu)`` lists every configuration
+(block sizes, num_warps, num_stages) a launcher may use; on a GPU the streaming kernels are
+autotuned over that list (keyed on the head dims, dtype and flags), in the interpreter the first
+one is used. tests/ops/linear/test_triton_compile.py compiles each of them for sm_80 and sm_90.
 
 Last dims must be contiguous (the wrappers make them so); any strides on B, S, H.
 """
@@ -39,11 +57,6 @@ def _num_sms(device: torch.device) -> int:
     return 1  # interpreter: few programs keep it fast
 
 
-def _interpret() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @triton.jit
 def _phi(x, FM: tl.constexpr):
     if FM == 0:
@@ -65,34 +78,46 @@ def _dphi(x, FM: tl.constexpr):
 
 
 @triton.jit
-def _dot_split(a32, b, acc, LOWP: tl.constexpr, IEEE: tl.constexpr):
-    """acc + a32 @ b with a32 fp32 and b in the input dtype: a32 is split into hi + lo parts of b's
-    dtype so two tensor-core dots give ~fp32 accuracy."""
+def _mm(a, b, acc, LOWP: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a @ b. LOWP: a and b are already in the (16-bit) input dtype, one tensor-core dot
+    with fp32 accumulation; otherwise fp32 operands (exact fp32 products when IEEE)."""
     if LOWP:
-        hi = a32.to(b.dtype)
-        lo = (a32 - hi.to(tl.float32)).to(b.dtype)
-        acc = tl.dot(hi, b, acc)
-        acc = tl.dot(lo, b, acc)
+        acc = tl.dot(a, b, acc)
     elif IEEE:
-        acc = tl.dot(a32, b.to(tl.float32), acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
-        acc = tl.dot(a32, b.to(tl.float32), acc)
+        acc = tl.dot(a, b, acc)
     return acc
 
 
 @triton.jit
-def _dot_split_b(a, b32, acc, LOWP: tl.constexpr, IEEE: tl.constexpr):
-    """acc + a @ b32 with a in the input dtype and b32 fp32 (split into hi + lo)."""
-    if LOWP:
-        hi = b32.to(a.dtype)
-        lo = (b32 - hi.to(tl.float32)).to(a.dtype)
-        acc = tl.dot(a, hi, acc)
-        acc = tl.dot(a, lo, acc)
-    elif IEEE:
-        acc = tl.dot(a.to(tl.float32), b32, acc, input_precision="ieee")
+def _ld(ptrs, rmask, cmask, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
+    """2-D load with only the masks that can be false (other = 0)."""
+    if MASK_R:
+        if MASK_C:
+            x = tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rmask[:, None], other=0.0)
     else:
-        acc = tl.dot(a.to(tl.float32), b32, acc)
-    return acc
+        if MASK_C:
+            x = tl.load(ptrs, mask=cmask[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _st(ptrs, x, rmask, cmask, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
+    if MASK_R:
+        if MASK_C:
+            tl.store(ptrs, x, mask=rmask[:, None] & cmask[None, :])
+        else:
+            tl.store(ptrs, x, mask=rmask[:, None])
+    else:
+        if MASK_C:
+            tl.store(ptrs, x, mask=cmask[None, :])
+        else:
+            tl.store(ptrs, x)
 
 
 @triton.jit
@@ -106,15 +131,39 @@ def _seq_range(CU, b, S, VARLEN: tl.constexpr):
     return start, end
 
 
+# --------------------------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _state_step(kb, vb, s0, end, sks, svs, offs_d, offs_e, md, me, acc, ks2,
+                FM: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr, MASK_S: tl.constexpr,
+                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_S: tl.constexpr):
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    ms = offs_s < end
+    k = _ld(kb + offs_s[:, None] * sks + offs_d[None, :], ms, md, MASK_S, not EVEN_D)
+    v = _ld(vb + offs_s[:, None] * svs + offs_e[None, :], ms, me, MASK_S, not EVEN_DV)
+    fk = _phi(k.to(tl.float32), FM)
+    if MASK_S:  # padded rows: v is 0 there, but phi(0) may not be (elu1)
+        fk = tl.where(ms[:, None], fk, 0.0)
+    if LOWP:
+        acc = _mm(tl.trans(fk.to(k.dtype)), v, acc, LOWP, IEEE)
+    else:
+        acc = _mm(tl.trans(fk), v.to(tl.float32), acc, LOWP, IEEE)
+    ks2 += fk  # (padded feature columns hold phi(0); they are never stored)
+    return acc, ks2
+
+
 @triton.jit
 def _state_kernel(K, V, CU, PKV, PKS,
                   skb, sks, skh, svb, svs, svh,
-                  S, NSEQ, HKV, D, DV, CHUNK,
+                  S, NSEQ, HKV, D, DV, NE, CHUNK,
                   FM: tl.constexpr, VARLEN: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
+                  ATOMIC: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_e = tl.program_id(2)
+    pid = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_e = pid % NE
+    pid_bh = pid // NE
     b = pid_bh // HKV
     h = pid_bh % HKV
     seq_start, seq_end = _seq_range(CU, b, S, VARLEN)
@@ -126,77 +175,159 @@ def _state_kernel(K, V, CU, PKV, PKS,
         vb = V + b.to(tl.int64) * svb + h * svh
     start = seq_start + pid_c.to(tl.int64) * CHUNK
     end = tl.minimum(start + CHUNK, seq_end)
+    n_full = (tl.maximum(end - start, 0) // BLOCK_S).to(tl.int32)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = pid_e * BLOCK_DV + tl.arange(0, BLOCK_DV)
     md = offs_d < D
     me = offs_e < DV
     acc = tl.zeros((BLOCK_D, BLOCK_DV), tl.float32)
-    ks = tl.zeros((BLOCK_D,), tl.float32)
-    for s0 in range(start, end, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        ms = offs_s < end
-        k = tl.load(kb + offs_s[:, None] * sks + offs_d[None, :], mask=ms[:, None] & md[None, :], other=0.0)
-        fk = tl.where(ms[:, None] & md[None, :], _phi(k.to(tl.float32), FM), 0.0)
-        v = tl.load(vb + offs_s[:, None] * svs + offs_e[None, :], mask=ms[:, None] & me[None, :], other=0.0)
-        acc = _dot_split(tl.trans(fk), v, acc, LOWP, IEEE)
-        ks += tl.sum(fk, 0)
-    slot = pid_c.to(tl.int64) * NSEQ * HKV + pid_bh
-    tl.store(PKV + (slot * D + offs_d[:, None]) * DV + offs_e[None, :], acc, mask=md[:, None] & me[None, :])
-    if pid_e == 0:
-        tl.store(PKS + slot * D + offs_d, ks, mask=md)
+    ks2 = tl.zeros((BLOCK_S, BLOCK_D), tl.float32)
+    for i in range(0, n_full):
+        acc, ks2 = _state_step(kb, vb, start + i * BLOCK_S, end, sks, svs, offs_d, offs_e, md, me, acc, ks2,
+                               FM, LOWP, IEEE, False, EVEN_D, EVEN_DV, BLOCK_S)
+    tail = start + n_full * BLOCK_S
+    if tail < end:
+        acc, ks2 = _state_step(kb, vb, tail, end, sks, svs, offs_d, offs_e, md, me, acc, ks2,
+                               FM, LOWP, IEEE, True, EVEN_D, EVEN_DV, BLOCK_S)
+    ks = tl.sum(ks2, 0)
+    if ATOMIC:  # into the zeroed (NSEQ, HKV, D, DV) state
+        if start < end:
+            slot = pid_bh.to(tl.int64)
+            tl.atomic_add(PKV + (slot * D + offs_d[:, None]) * DV + offs_e[None, :], acc,
+                          mask=md[:, None] & me[None, :], sem="relaxed")
+            if pid_e == 0:
+                tl.atomic_add(PKS + slot * D + offs_d, ks, mask=md, sem="relaxed")
+    else:  # own slot of the (chunks, NSEQ, HKV, D, DV) partials (zeros for an empty chunk)
+        slot = pid_c.to(tl.int64) * NSEQ * HKV + pid_bh
+        tl.store(PKV + (slot * D + offs_d[:, None]) * DV + offs_e[None, :], acc, mask=md[:, None] & me[None, :])
+        if pid_e == 0:
+            tl.store(PKS + slot * D + offs_d, ks, mask=md)
+
+
+@triton.jit
+def _apply_step(qb, ob, s0, end, sqs, sos, offs_d, offs_e, md, me, kv, z, scale, eps,
+                FM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr, LOWP: tl.constexpr,
+                IEEE: tl.constexpr, MASK_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    offs_m = s0 + tl.arange(0, BLOCK_M)
+    mm = offs_m < end
+    q = _ld(qb + offs_m[:, None] * sqs + offs_d[None, :], mm, md, MASK_M, not EVEN_D)
+    x = q.to(tl.float32)
+    if HAS_SCALE:
+        x = x * scale
+    fq = _phi(x, FM)  # padded feature columns meet zero rows of the state and zero z
+    out = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    if LOWP:
+        out = _mm(fq.to(q.dtype), kv, out, LOWP, IEEE)
+    else:
+        out = _mm(fq, kv, out, LOWP, IEEE)
+    if NORMALIZE:
+        rden = 1.0 / (tl.sum(fq * z[None, :], 1) + eps)
+        out = out * rden[:, None]
+    _st(ob + offs_m[:, None] * sos + offs_e[None, :], out.to(ob.dtype.element_ty), mm, me, MASK_M, not EVEN_DV)
 
 
 @triton.jit
 def _apply_kernel(Q, KV, KS, CNT, O, CU,
                   sqb, sqs, sqh, sob, sos, soh,
-                  S, H, HKV, D, DV, scale, eps,
-                  FM: tl.constexpr, VARLEN: tl.constexpr, NORMALIZE: tl.constexpr,
-                  LOWP: tl.constexpr, IEEE: tl.constexpr,
+                  S, H, HKV, D, DV, NE, CHUNK, scale, eps,
+                  FM: tl.constexpr, VARLEN: tl.constexpr, NORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  LOWP: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_e = tl.program_id(2)
+    pid = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_e = pid % NE
+    pid_bh = pid // NE
     b = pid_bh // H
     h = pid_bh % H
     hk = h // (H // HKV)
     seq_start, seq_end = _seq_range(CU, b, S, VARLEN)
-    if VARLEN:
-        qb = Q + h * sqh
-        ob = O + h * soh
-    else:
-        qb = Q + b.to(tl.int64) * sqb + h * sqh
-        ob = O + b.to(tl.int64) * sob + h * soh
-    offs_m = seq_start + pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mm = offs_m < seq_end
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = pid_e * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    md = offs_d < D
-    me = offs_e < DV
-    q = tl.load(qb + offs_m[:, None] * sqs + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)
-    fq = tl.where(md[None, :], _phi(q.to(tl.float32) * scale, FM), 0.0)
-    st = (b.to(tl.int64) * HKV + hk) * D
-    kv = tl.load(KV + (st + offs_d[:, None]) * DV + offs_e[None, :], mask=md[:, None] & me[None, :], other=0.0)
-    out = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-    out = _dot_split_b(fq.to(q.dtype), kv, out, LOWP, IEEE)
-    if NORMALIZE:
-        n = tl.maximum(tl.load(CNT + b), 1).to(tl.float32)
+    start = seq_start + pid_c.to(tl.int64) * CHUNK
+    end = tl.minimum(start + CHUNK, seq_end)
+    if start < end:
+        if VARLEN:
+            qb = Q + h * sqh
+            ob = O + h * soh
+        else:
+            qb = Q + b.to(tl.int64) * sqb + h * sqh
+            ob = O + b.to(tl.int64) * sob + h * soh
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_e = pid_e * BLOCK_DV + tl.arange(0, BLOCK_DV)
+        md = offs_d < D
+        me = offs_e < DV
+        st = (b.to(tl.int64) * HKV + hk) * D
+        kv = tl.load(KV + (st + offs_d[:, None]) * DV + offs_e[None, :], mask=md[:, None] & me[None, :], other=0.0)
         z = tl.load(KS + st + offs_d, mask=md, other=0.0)
-        den = tl.sum(fq * z[None, :], 1) / n + eps
-        out = out / n / den[:, None]
-    tl.store(ob + offs_m[:, None] * sos + offs_e[None, :], out.to(O.dtype.element_ty), mask=mm[:, None] & me[None, :])
+        if NORMALIZE:  # S = kv_sum / N, z = k_sum / N
+            inv_n = 1.0 / tl.maximum(tl.load(CNT + b), 1).to(tl.float32)
+            kv = kv * inv_n
+            z = z * inv_n
+        if LOWP:
+            kv = kv.to(Q.dtype.element_ty)  # rounded once per program
+        n_full = (end - start) // BLOCK_M
+        for i in range(0, n_full):
+            _apply_step(qb, ob, start + i * BLOCK_M, end, sqs, sos, offs_d, offs_e, md, me, kv, z, scale, eps,
+                        FM, NORMALIZE, HAS_SCALE, LOWP, IEEE, False, EVEN_D, EVEN_DV, BLOCK_M, BLOCK_DV)
+        tail = start + n_full * BLOCK_M
+        if tail < end:
+            _apply_step(qb, ob, tail, end, sqs, sos, offs_d, offs_e, md, me, kv, z, scale, eps,
+                        FM, NORMALIZE, HAS_SCALE, LOWP, IEEE, True, EVEN_D, EVEN_DV, BLOCK_M, BLOCK_DV)
+
+# --------------------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _grad_q_step(qb, gb, db, s0, end, sqs, sgs, sds, offs_d, offs_e, md, me, kv, kvt, z, gS, gz, scale, eps,
+                 FM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr, LOWP: tl.constexpr,
+                 IEEE: tl.constexpr, MASK_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    offs_m = s0 + tl.arange(0, BLOCK_M)
+    mm = offs_m < end
+    q = _ld(qb + offs_m[:, None] * sqs + offs_d[None, :], mm, md, MASK_M, not EVEN_D)
+    g = _ld(gb + offs_m[:, None] * sgs + offs_e[None, :], mm, me, MASK_M, not EVEN_DV)
+    qs = q.to(tl.float32)
+    if HAS_SCALE:
+        qs = qs * scale
+    fq = _phi(qs, FM)  # padded rows have g = 0, so they add nothing below
+    g32 = g.to(tl.float32)
+    if LOWP:
+        fq_op = fq.to(q.dtype)
+    else:
+        fq_op = fq
+    if NORMALIZE:
+        num = _mm(fq_op, kv, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), LOWP, IEEE)
+        rden = 1.0 / (tl.sum(fq * z[None, :], 1) + eps)
+        ga = g32 * rden[:, None]
+        gd = -tl.sum(g32 * num, 1) * rden * rden  # -(g . o) / den
+    else:
+        ga = g32
+    if LOWP:
+        ga_op = ga.to(g.dtype)
+    else:
+        ga_op = ga
+    gfq = _mm(ga_op, kvt, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), LOWP, IEEE)
+    if NORMALIZE:
+        gfq += gd[:, None] * z[None, :]
+        gz += tl.sum(fq * gd[:, None], 0)
+    dq = gfq * _dphi(qs, FM)
+    if HAS_SCALE:
+        dq = dq * scale
+    _st(db + offs_m[:, None] * sds + offs_d[None, :], dq.to(db.dtype.element_ty), mm, md, MASK_M, not EVEN_D)
+    gS = _mm(tl.trans(fq_op), ga_op, gS, LOWP, IEEE)
+    return gS, gz
 
 
 @triton.jit
 def _grad_q_kernel(Q, G, KV, KS, CNT, DQ, PGS, PGZ, CU,
                    sqb, sqs, sqh, sgb, sgs, sgh, sdb, sds, sdh,
                    S, NSEQ, H, HKV, D, DV, CHUNK, scale, eps,
-                   FM: tl.constexpr, VARLEN: tl.constexpr, NORMALIZE: tl.constexpr,
-                   LOWP: tl.constexpr, IEEE: tl.constexpr,
+                   FM: tl.constexpr, VARLEN: tl.constexpr, NORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   LOWP: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """One program per (query chunk, sequence x head): dq for its rows, and its partial
+    """One program per (sequence x head, query chunk): dq for its rows, and its partial
     dS = sum_i phi(q_i)^T ga_i (D x Dv) and dz = sum_i phi(q_i) gd_i (already divided by N)."""
-    pid_c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_c = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // (H // HKV)
@@ -211,103 +342,113 @@ def _grad_q_kernel(Q, G, KV, KS, CNT, DQ, PGS, PGZ, CU,
         db = DQ + b.to(tl.int64) * sdb + h * sdh
     start = seq_start + pid_c.to(tl.int64) * CHUNK
     end = tl.minimum(start + CHUNK, seq_end)
+    n_full = tl.maximum(end - start, 0) // BLOCK_M
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_DV)
     md = offs_d < D
     me = offs_e < DV
     st = (b.to(tl.int64) * HKV + hk) * D
     kv = tl.load(KV + (st + offs_d[:, None]) * DV + offs_e[None, :], mask=md[:, None] & me[None, :], other=0.0)
+    z = tl.load(KS + st + offs_d, mask=md, other=0.0)
+    inv_n = 1.0
     if NORMALIZE:
-        n = tl.maximum(tl.load(CNT + b), 1).to(tl.float32)
-        kv = kv / n
-        z = tl.load(KS + st + offs_d, mask=md, other=0.0) / n
+        inv_n = 1.0 / tl.maximum(tl.load(CNT + b), 1).to(tl.float32)
+        kv = kv * inv_n
+        z = z * inv_n
+    if LOWP:
+        kv = kv.to(Q.dtype.element_ty)
+    kvt = tl.trans(kv)
     gS = tl.zeros((BLOCK_D, BLOCK_DV), tl.float32)
     gz = tl.zeros((BLOCK_D,), tl.float32)
-    kvt = tl.trans(kv)
-    for s0 in range(start, end, BLOCK_M):
-        offs_m = s0 + tl.arange(0, BLOCK_M)
-        mm = offs_m < end
-        q = tl.load(qb + offs_m[:, None] * sqs + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)
-        qs = q.to(tl.float32) * scale
-        fq = tl.where(mm[:, None] & md[None, :], _phi(qs, FM), 0.0)
-        g = tl.load(gb + offs_m[:, None] * sgs + offs_e[None, :], mask=mm[:, None] & me[None, :], other=0.0)
-        g32 = g.to(tl.float32)
-        if NORMALIZE:
-            num = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-            num = _dot_split_b(fq.to(q.dtype), kv, num, LOWP, IEEE)
-            den = tl.sum(fq * z[None, :], 1) + eps
-            o = num / den[:, None]
-            ga = g32 / den[:, None]
-            gd = -tl.sum(g32 * o, 1) / den
-        else:
-            ga = g32
-        gfq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        gfq = _dot_split_b(ga.to(g.dtype), kvt, gfq, LOWP, IEEE)
-        if LOWP:  # the lo part of ga
-            gfq = _dot_split_b((ga - ga.to(g.dtype).to(tl.float32)).to(g.dtype), kvt, gfq, LOWP, IEEE)
-        if NORMALIZE:
-            gfq += gd[:, None] * z[None, :]
-            gz += tl.sum(fq * gd[:, None], 0)
-        dq = gfq * _dphi(qs, FM) * scale
-        tl.store(db + offs_m[:, None] * sds + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mm[:, None] & md[None, :])
-        gS = _dot_split(tl.trans(fq), ga.to(g.dtype), gS, LOWP, IEEE)
-        if LOWP:
-            gS = _dot_split(tl.trans(fq), (ga - ga.to(g.dtype).to(tl.float32)).to(g.dtype), gS, LOWP, IEEE)
+    for i in range(0, n_full):
+        gS, gz = _grad_q_step(qb, gb, db, start + i * BLOCK_M, end, sqs, sgs, sds, offs_d, offs_e, md, me, kv, kvt,
+                              z, gS, gz, scale, eps, FM, NORMALIZE, HAS_SCALE, LOWP, IEEE, False, EVEN_D, EVEN_DV,
+                              BLOCK_M, BLOCK_D, BLOCK_DV)
+    tail = start + n_full * BLOCK_M
+    if tail < end:
+        gS, gz = _grad_q_step(qb, gb, db, tail, end, sqs, sgs, sds, offs_d, offs_e, md, me, kv, kvt,
+                              z, gS, gz, scale, eps, FM, NORMALIZE, HAS_SCALE, LOWP, IEEE, True, EVEN_D, EVEN_DV,
+                              BLOCK_M, BLOCK_D, BLOCK_DV)
     slot = pid_c.to(tl.int64) * NSEQ * H + pid_bh
     if NORMALIZE:
-        gS = gS / n
-        gz = gz / n
+        gS = gS * inv_n
+        gz = gz * inv_n
     tl.store(PGS + (slot * D + offs_d[:, None]) * DV + offs_e[None, :], gS, mask=md[:, None] & me[None, :])
     tl.store(PGZ + slot * D + offs_d, gz, mask=md)
 
 
 @triton.jit
+def _grad_kv_step(kb, vb, dkb, dvb, s0, end, sks, svs, sdks, sdvs, offs_d, offs_e, md, me, gS, gSt, gz,
+                  FM: tl.constexpr, NORMALIZE: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
+                  MASK_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    offs_m = s0 + tl.arange(0, BLOCK_M)
+    mm = offs_m < end
+    k = _ld(kb + offs_m[:, None] * sks + offs_d[None, :], mm, md, MASK_M, not EVEN_D)
+    v = _ld(vb + offs_m[:, None] * svs + offs_e[None, :], mm, me, MASK_M, not EVEN_DV)
+    k32 = k.to(tl.float32)
+    fk = _phi(k32, FM)
+    if LOWP:
+        gfk = _mm(v, gSt, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), LOWP, IEEE)
+        gv = _mm(fk.to(k.dtype), gS, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), LOWP, IEEE)
+    else:
+        gfk = _mm(v.to(tl.float32), gSt, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), LOWP, IEEE)
+        gv = _mm(fk, gS, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), LOWP, IEEE)
+    if NORMALIZE:
+        gfk += gz[None, :]
+    dk = gfk * _dphi(k32, FM)
+    _st(dkb + offs_m[:, None] * sdks + offs_d[None, :], dk.to(dkb.dtype.element_ty), mm, md, MASK_M, not EVEN_D)
+    _st(dvb + offs_m[:, None] * sdvs + offs_e[None, :], gv.to(dvb.dtype.element_ty), mm, me, MASK_M, not EVEN_DV)
+
+
+@triton.jit
 def _grad_kv_kernel(K, V, GS, GZ, DK, DV_, CU,
                     skb, sks, skh, svb, svs, svh, sdkb, sdks, sdkh, sdvb, sdvs, sdvh,
-                    S, HKV, D, DV,
+                    S, HKV, D, DV, CHUNK,
                     FM: tl.constexpr, VARLEN: tl.constexpr, NORMALIZE: tl.constexpr,
-                    LOWP: tl.constexpr, IEEE: tl.constexpr,
+                    LOWP: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """dk_j = phi'(k_j) (dS v_j + dz), dv_j = dS^T phi(k_j) with dS, dz reduced over the group."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """dk_j = phi'(k_j) (dS v_j + dz), dv_j = dS^T phi(k_j) with dS, dz reduced over the group;
+    one program per (sequence x kv head, key chunk), dS loaded once."""
+    pid_bh = tl.program_id(0)
+    pid_c = tl.program_id(1)
     b = pid_bh // HKV
     h = pid_bh % HKV
     seq_start, seq_end = _seq_range(CU, b, S, VARLEN)
-    if VARLEN:
-        kb = K + h * skh
-        vb = V + h * svh
-        dkb = DK + h * sdkh
-        dvb = DV_ + h * sdvh
-    else:
-        kb = K + b.to(tl.int64) * skb + h * skh
-        vb = V + b.to(tl.int64) * svb + h * svh
-        dkb = DK + b.to(tl.int64) * sdkb + h * sdkh
-        dvb = DV_ + b.to(tl.int64) * sdvb + h * sdvh
-    offs_m = seq_start + pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mm = offs_m < seq_end
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_DV)
-    md = offs_d < D
-    me = offs_e < DV
-    st = (b.to(tl.int64) * HKV + h) * D
-    gS = tl.load(GS + (st + offs_d[:, None]) * DV + offs_e[None, :], mask=md[:, None] & me[None, :], other=0.0)
-    k = tl.load(kb + offs_m[:, None] * sks + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)
-    k32 = k.to(tl.float32)
-    fk = tl.where(md[None, :], _phi(k32, FM), 0.0)
-    v = tl.load(vb + offs_m[:, None] * svs + offs_e[None, :], mask=mm[:, None] & me[None, :], other=0.0)
-    gfk = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    gfk = _dot_split_b(v, tl.trans(gS), gfk, LOWP, IEEE)
-    if NORMALIZE:
+    start = seq_start + pid_c.to(tl.int64) * CHUNK
+    end = tl.minimum(start + CHUNK, seq_end)
+    if start < end:
+        if VARLEN:
+            kb = K + h * skh
+            vb = V + h * svh
+            dkb = DK + h * sdkh
+            dvb = DV_ + h * sdvh
+        else:
+            kb = K + b.to(tl.int64) * skb + h * skh
+            vb = V + b.to(tl.int64) * svb + h * svh
+            dkb = DK + b.to(tl.int64) * sdkb + h * sdkh
+            dvb = DV_ + b.to(tl.int64) * sdvb + h * sdvh
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_e = tl.arange(0, BLOCK_DV)
+        md = offs_d < D
+        me = offs_e < DV
+        st = (b.to(tl.int64) * HKV + h) * D
+        gS = tl.load(GS + (st + offs_d[:, None]) * DV + offs_e[None, :], mask=md[:, None] & me[None, :], other=0.0)
         gz = tl.load(GZ + st + offs_d, mask=md, other=0.0)
-        gfk += gz[None, :]
-    dk = gfk * _dphi(k32, FM)
-    gv = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-    gv = _dot_split_b(fk.to(k.dtype), gS, gv, LOWP, IEEE)
-    if LOWP:
-        gv = _dot_split_b((fk - fk.to(k.dtype).to(tl.float32)).to(k.dtype), gS, gv, LOWP, IEEE)
-    tl.store(dkb + offs_m[:, None] * sdks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=mm[:, None] & md[None, :])
-    tl.store(dvb + offs_m[:, None] * sdvs + offs_e[None, :], gv.to(DV_.dtype.element_ty), mask=mm[:, None] & me[None, :])
+        if LOWP:
+            gS = gS.to(K.dtype.element_ty)
+        gSt = tl.trans(gS)
+        n_full = (end - start) // BLOCK_M
+        for i in range(0, n_full):
+            _grad_kv_step(kb, vb, dkb, dvb, start + i * BLOCK_M, end, sks, svs, sdks, sdvs, offs_d, offs_e, md, me,
+                          gS, gSt, gz, FM, NORMALIZE, LOWP, IEEE, False, EVEN_D, EVEN_DV, BLOCK_M, BLOCK_D, BLOCK_DV)
+        tail = start + n_full * BLOCK_M
+        if tail < end:
+            _grad_kv_step(kb, vb, dkb, dvb, tail, end, sks, svs, sdks, sdvs, offs_d, offs_e, md, me,
+                          gS, gSt, gz, FM, NORMALIZE, LOWP, IEEE, True, EVEN_D, EVEN_DV, BLOCK_M, BLOCK_D, BLOCK_DV)
+
+
+# --------------------------------------------------------------------------------------------- MEMO
 
 
 @triton.jit
@@ -388,6 +529,85 @@ def _memory_update_kernel(K, V, MKV, MZ, NKV, NZ,
         tl.store(NZ + st + offs_d, z, mask=md)
 
 
+# --------------------------------------------------------------------------------------------- launch configurations
+
+# Streaming kernels: (rows per block, num_warps, num_stages) tried by the GPU autotuner, by the
+# padded head dim (BLOCK_D <= 128 / 256). Every entry must fit the shared memory of sm_80 and sm_90
+# (tests/ops/linear/test_triton_compile.py compiles them all).
+_GPU_ROWS = {
+    "state": {128: [(64, 8, 3), (64, 8, 4), (128, 8, 2), (64, 4, 3)],
+              256: [(32, 8, 3), (64, 8, 2), (32, 4, 3)]},
+    "apply": {128: [(128, 8, 2), (128, 8, 3), (64, 4, 3)],
+              256: [(64, 8, 2), (64, 8, 3)]},
+    "grad_q": {128: [(64, 8, 2), (64, 4, 2)]},
+    "grad_kv": {128: [(64, 8, 2), (64, 4, 3)]},
+}
+# The interpreter runs one fixed, small configuration.
+_INTERP_ROWS = {"state": 64, "apply": 64, "grad_q": 32, "grad_kv": 32}
+_ROW_NAME = {"state": "BLOCK_S", "apply": "BLOCK_M", "grad_q": "BLOCK_M", "grad_kv": "BLOCK_M"}
+KERNELS = {"state": "_state_kernel", "apply": "_apply_kernel", "grad_q": "_grad_q_kernel",
+           "grad_kv": "_grad_kv_kernel", "memory": "_memory_kernel", "memory_update": "_memory_update_kernel"}
+
+
+def backward_supported(D: int, Dv: int) -> bool:
+    """Whether the Triton backward runs (whole D x Dv tiles on chip); above, a torch fallback."""
+    return _next_pow2(D) * _next_pow2(Dv) <= 128 * 128
+
+
+def launch_configs(kernel: str, D: int, Dv: int, dtype: torch.dtype = torch.bfloat16, gpu: bool = True,
+                   frames: int = 16) -> list:
+    """Every launch configuration the launcher of `kernel` (a key of KERNELS) may use for head dims
+    D, Dv: dicts of the block-size constexprs plus num_warps and num_stages. On a GPU the list is
+    what the autotuner chooses from (a single entry: used as is); in the interpreter one entry.
+    `frames` is MEMO's sequence length (its whole frame axis is one block)."""
+    BLOCK_D = _next_pow2(D)
+    if kernel in ("memory", "memory_update"):
+        return [dict(BLOCK_S=_next_pow2(frames), BLOCK_D=BLOCK_D, BLOCK_DV=min(_next_pow2(Dv), 64), num_warps=4,
+                     num_stages=1)]
+    if kernel in ("state", "apply"):
+        BLOCK_DV = min(_next_pow2(Dv), 64 if BLOCK_D > 128 else 128)
+    elif kernel in ("grad_q", "grad_kv"):
+        if not backward_supported(D, Dv):
+            return []
+        BLOCK_DV = _next_pow2(Dv)
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    rows = _ROW_NAME[kernel]
+    if not gpu:
+        return [{rows: _INTERP_ROWS[kernel], "BLOCK_D": BLOCK_D, "BLOCK_DV": BLOCK_DV, "num_warps": 4,
+                 "num_stages": 1}]
+    table = _GPU_ROWS[kernel]
+    entries = table[128] if BLOCK_D <= 128 else table[256]
+    if dtype in (torch.float32, torch.float64):  # fp32 operands: twice the shared memory per tile
+        entries = [(min(r, 32), w, min(s, 2)) for r, w, s in entries]
+        entries = list(dict.fromkeys(entries))
+    return [{rows: r, "BLOCK_D": BLOCK_D, "BLOCK_DV": BLOCK_DV, "num_warps": w, "num_stages": s}
+            for r, w, s in entries]
+
+
+def even_flags(D: int, Dv: int, cfg: dict) -> dict:
+    """The EVEN_D / EVEN_DV constexprs (no feature / value-column masks needed) for a config."""
+    return dict(EVEN_D=D == cfg["BLOCK_D"], EVEN_DV=Dv % cfg["BLOCK_DV"] == 0)
+
+
+_TUNED = {}
+
+
+def _launch(name: str, kernel, grid, args: list, flags: dict, cfgs: list, key: list, reset_to_zero=None):
+    """kernel[grid](*args, **flags) with the configuration(s) of `cfgs`: autotuned (keyed on `key`
+    and the dtypes) when there are several, else the one given."""
+    if len(cfgs) == 1:
+        kernel[grid](*args, **flags, **cfgs[0])
+        return
+    ck = (name, tuple(tuple(sorted(c.items())) for c in cfgs))
+    tuned = _TUNED.get(ck)
+    if tuned is None:
+        configs = [triton.Config({k: v for k, v in c.items() if k.startswith("BLOCK")}, num_warps=c["num_warps"],
+                                 num_stages=c["num_stages"]) for c in cfgs]
+        tuned = _TUNED[ck] = triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero)(kernel)
+    tuned[grid](*args, **flags)
+
+
 # --------------------------------------------------------------------------------------------- launchers
 
 
@@ -396,8 +616,9 @@ def _lastdim(t: torch.Tensor) -> torch.Tensor:
 
 
 def _flags(dtype: torch.dtype):
+    """(LOWP: 16-bit operands, IEEE: exact fp32 dots for fp32/fp64 inputs)."""
     lowp = dtype in (torch.float16, torch.bfloat16)
-    return lowp, dtype == torch.float32
+    return lowp, not lowp
 
 
 def _new_output(shape, like, dtype=None):
@@ -414,16 +635,19 @@ def _seqs(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
     return cu.numel() - 1, max_len, cu
 
 
-def _chunking(n_seq_len: int, parallel: int, device, block: int):
-    target = 4 * _num_sms(device)
-    n_chunks = max(1, min(triton.cdiv(target, max(parallel, 1)), triton.cdiv(max(n_seq_len, 1), block)))
-    chunk = triton.cdiv(triton.cdiv(max(n_seq_len, 1), n_chunks), block) * block
-    return triton.cdiv(max(n_seq_len, 1), chunk), chunk
-
-
-def _block_dv(D: int, Dv: int, lowp: bool) -> int:
-    bd = _next_pow2(D)
-    return min(_next_pow2(Dv), 64 if bd > 128 else 128)
+def _chunking(n_seq_len: int, parallel: int, device):
+    """(number of chunks, chunk length) splitting a sequence so that parallel x chunks programs
+    fill the GPU (~4 per SM). GPU chunks are multiples of 128 rows (every block size divides them)
+    and at least 512 rows; in the interpreter 32-row multiples, so that full blocks and tails,
+    several chunks and the atomic reduction are all exercised by small tests."""
+    n = max(int(n_seq_len), 1)
+    if device.type == "cuda":
+        align, target, min_chunk = 128, 4 * _num_sms(device), 512
+    else:
+        align, target, min_chunk = 32, 8, 32
+    n_chunks = max(1, min(triton.cdiv(target, max(parallel, 1)), triton.cdiv(n, min_chunk)))
+    chunk = triton.cdiv(triton.cdiv(n, n_chunks), align) * align
+    return triton.cdiv(n, chunk), chunk
 
 
 def linear_attention_state_triton(k, v, feature_map="elu1", cu_seqlens=None):
@@ -432,20 +656,28 @@ def linear_attention_state_triton(k, v, feature_map="elu1", cu_seqlens=None):
     Dv = v.shape[-1]
     nseq, max_len, cu = _seqs(k, cu_seqlens)
     lowp, ieee = _flags(k.dtype)
-    BLOCK_D = _next_pow2(D)
-    BLOCK_DV = _block_dv(D, Dv, lowp)
-    BLOCK_S = 64
-    n_e = triton.cdiv(Dv, BLOCK_DV)
-    n_chunks, chunk = _chunking(max_len, nseq * Hkv * n_e, k.device, BLOCK_S)
-    pkv = torch.empty(n_chunks, nseq, Hkv, D, Dv, dtype=torch.float32, device=k.device)
-    pks = torch.empty(n_chunks, nseq, Hkv, D, dtype=torch.float32, device=k.device)
+    cfgs = launch_configs("state", D, Dv, k.dtype, k.device.type == "cuda")
+    n_e = triton.cdiv(Dv, cfgs[0]["BLOCK_DV"])
+    n_chunks, chunk = _chunking(max_len, nseq * Hkv * n_e, k.device)
+    # Several chunks: fp32 atomics into a zeroed state, unless deterministic algorithms are requested.
+    atomic = n_chunks > 1 and not torch.are_deterministic_algorithms_enabled()
+    f32 = dict(dtype=torch.float32, device=k.device)
+    if atomic:
+        pkv, pks = torch.zeros(nseq, Hkv, D, Dv, **f32), torch.zeros(nseq, Hkv, D, **f32)
+    else:
+        pkv, pks = torch.empty(n_chunks, nseq, Hkv, D, Dv, **f32), torch.empty(n_chunks, nseq, Hkv, D, **f32)
     if nseq * Hkv > 0:
-        _state_kernel[(n_chunks, nseq * Hkv, n_e)](
-            k, v, cu, pkv, pks, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            S, nseq, Hkv, D, Dv, chunk, FM=_FM[feature_map], VARLEN=cu_seqlens is not None, LOWP=lowp, IEEE=ieee,
-            BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=8 if BLOCK_D * BLOCK_DV >= 128 * 128 else 4)
-    kv_sum = pkv[0] if n_chunks == 1 else pkv.sum(0)
-    k_sum = pks[0] if n_chunks == 1 else pks.sum(0)
+        _launch("state", _state_kernel, (nseq * Hkv * n_e, n_chunks),
+                [k, v, cu, pkv, pks, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                 S, nseq, Hkv, D, Dv, n_e, chunk],
+                dict(FM=_FM[feature_map], VARLEN=cu_seqlens is not None, LOWP=lowp, IEEE=ieee, ATOMIC=atomic,
+                     **even_flags(D, Dv, cfgs[0])),
+                cfgs, key=["D", "DV", "FM", "VARLEN", "ATOMIC"], reset_to_zero=["PKV", "PKS"])
+    if atomic:
+        kv_sum, k_sum = pkv, pks
+    else:
+        kv_sum = pkv[0] if n_chunks == 1 else pkv.sum(0)
+        k_sum = pks[0] if n_chunks == 1 else pks.sum(0)
     if cu_seqlens is None:
         count = torch.full((B,), S, dtype=torch.int64, device=k.device)
     else:
@@ -464,17 +696,17 @@ def linear_attention_apply_triton(q, kv_sum, k_sum, count, feature_map="elu1", n
     nseq, max_len, cu = _seqs(q, cu_seqlens)
     lowp, ieee = _flags(q.dtype)
     out = _new_output((B, S, H, Dv), q)
-    BLOCK_D = _next_pow2(D)
-    BLOCK_DV = _block_dv(D, Dv, lowp)
-    BLOCK_M = 128 if BLOCK_D <= 128 else 32  # 128 rows per state read keeps the L2 traffic low
-    grid = (triton.cdiv(max(max_len, 1), BLOCK_M), nseq * H, triton.cdiv(Dv, BLOCK_DV))
+    cfgs = launch_configs("apply", D, Dv, q.dtype, q.device.type == "cuda")
+    n_e = triton.cdiv(Dv, cfgs[0]["BLOCK_DV"])
+    n_chunks, chunk = _chunking(max_len, nseq * H * n_e, q.device)
     if nseq * H > 0 and max_len > 0:
-        _apply_kernel[grid](
-            q, kv_sum, k_sum, count, out, cu, q.stride(0), q.stride(1), q.stride(2),
-            out.stride(0), out.stride(1), out.stride(2), S, H, Hkv, D, Dv,
-            1.0 if scale is None else float(scale), float(eps), FM=_FM[feature_map],
-            VARLEN=cu_seqlens is not None, NORMALIZE=bool(normalize), LOWP=lowp, IEEE=ieee,
-            BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=8 if BLOCK_M * BLOCK_D >= 128 * 128 else 4)
+        _launch("apply", _apply_kernel, (nseq * H * n_e, n_chunks),
+                [q, kv_sum, k_sum, count, out, cu, q.stride(0), q.stride(1), q.stride(2),
+                 out.stride(0), out.stride(1), out.stride(2), S, H, Hkv, D, Dv, n_e, chunk,
+                 1.0 if scale is None else float(scale), float(eps)],
+                dict(FM=_FM[feature_map], VARLEN=cu_seqlens is not None, NORMALIZE=bool(normalize),
+                     HAS_SCALE=scale is not None, LOWP=lowp, IEEE=ieee, **even_flags(D, Dv, cfgs[0])),
+                cfgs, key=["D", "DV", "FM", "VARLEN", "NORMALIZE"])
     return out
 
 
@@ -488,38 +720,42 @@ def linear_attention_backward_triton(grad_out, q, k, v, feature_map="elu1", norm
     q, k, v, g = _lastdim(q), _lastdim(k), _lastdim(v), _lastdim(grad_out)
     B, Sq, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
-    if _next_pow2(D) * _next_pow2(Dv) > 128 * 128:  # whole D x Dv tiles would not fit on chip
+    if not backward_supported(D, Dv):  # whole D x Dv tiles would not fit on chip
         return _backward_torch(g, q, k, v, feature_map, normalize, eps, scale, cu_seqlens)
     kv_sum, k_sum, count = linear_attention_state_triton(k, v, feature_map, cu_seqlens)
     nseq, max_len, cu = _seqs(q, cu_seqlens)
     lowp, ieee = _flags(q.dtype)
-    BLOCK_D = _next_pow2(D)
-    BLOCK_DV = _next_pow2(Dv)
-    BLOCK_M = 32 if BLOCK_D * BLOCK_DV > 128 * 128 else 64
+    gpu = q.device.type == "cuda"
     fm = _FM[feature_map]
-    n_chunks, chunk = _chunking(max_len, nseq * H, q.device, BLOCK_M)
+    varlen = cu_seqlens is not None
+    cq = launch_configs("grad_q", D, Dv, q.dtype, gpu)
+    even = even_flags(D, Dv, cq[0])
+    n_chunks, chunk = _chunking(max_len, nseq * H, q.device)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     pgs = torch.empty(n_chunks, nseq, H, D, Dv, dtype=torch.float32, device=q.device)
-    pgz = torch.zeros(n_chunks, nseq, H, D, dtype=torch.float32, device=q.device)
-    nw = 8 if BLOCK_D * BLOCK_DV >= 128 * 128 else 4
+    pgz = torch.empty(n_chunks, nseq, H, D, dtype=torch.float32, device=q.device)
     if nseq * H > 0:
-        _grad_q_kernel[(n_chunks, nseq * H)](
-            q, g, kv_sum, k_sum, count, dq, pgs, pgz, cu, q.stride(0), q.stride(1), q.stride(2),
-            g.stride(0), g.stride(1), g.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
-            Sq, nseq, H, Hkv, D, Dv, chunk, 1.0 if scale is None else float(scale), float(eps),
-            FM=fm, VARLEN=cu_seqlens is not None, NORMALIZE=bool(normalize), LOWP=lowp, IEEE=ieee,
-            BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=nw)
+        _launch("grad_q", _grad_q_kernel, (nseq * H, n_chunks),
+                [q, g, kv_sum, k_sum, count, dq, pgs, pgz, cu, q.stride(0), q.stride(1), q.stride(2),
+                 g.stride(0), g.stride(1), g.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+                 Sq, nseq, H, Hkv, D, Dv, chunk, 1.0 if scale is None else float(scale), float(eps)],
+                dict(FM=fm, VARLEN=varlen, NORMALIZE=bool(normalize), HAS_SCALE=scale is not None, LOWP=lowp,
+                     IEEE=ieee, **even),
+                cq, key=["D", "DV", "FM", "VARLEN", "NORMALIZE"])
     gS = pgs.sum(0).view(nseq, Hkv, H // max(Hkv, 1), D, Dv).sum(2).contiguous()
     gz = pgz.sum(0).view(nseq, Hkv, H // max(Hkv, 1), D).sum(2).contiguous()
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     _, max_len_k, _ = _seqs(k, cu_seqlens)
+    ckv = launch_configs("grad_kv", D, Dv, k.dtype, gpu)
+    n_chunks_k, chunk_k = _chunking(max_len_k, nseq * Hkv, k.device)
     if nseq * Hkv > 0 and max_len_k > 0:
-        _grad_kv_kernel[(triton.cdiv(max_len_k, BLOCK_M), nseq * Hkv)](
-            k, v, gS, gz, dk, dv, cu, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            k.shape[1], Hkv, D, Dv, FM=fm, VARLEN=cu_seqlens is not None, NORMALIZE=bool(normalize),
-            LOWP=lowp, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=nw)
+        _launch("grad_kv", _grad_kv_kernel, (nseq * Hkv, n_chunks_k),
+                [k, v, gS, gz, dk, dv, cu, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+                 v.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+                 k.shape[1], Hkv, D, Dv, chunk_k],
+                dict(FM=fm, VARLEN=varlen, NORMALIZE=bool(normalize), LOWP=lowp, IEEE=ieee, **even),
+                ckv, key=["D", "DV", "FM", "VARLEN", "NORMALIZE"])
     return dq, dk, dv
 
 
@@ -539,17 +775,15 @@ def memory_linear_attention_triton(q, k, v, mem_kv=None, mem_z=None, decay=0.9):
     B, S, H, D = q.shape
     Dv = v.shape[-1]
     out = _new_output((B, S, H, Dv), q)
-    BLOCK_S, BLOCK_D = _next_pow2(S), _next_pow2(D)
-    BLOCK_DV = min(_next_pow2(Dv), 64)
+    cfg = launch_configs("memory", D, Dv, q.dtype, q.device.type == "cuda", frames=S)[0]
     has_mem = mem_kv is not None
     mkv = mem_kv.to(torch.float32).contiguous() if has_mem else q
     mz = mem_z.to(torch.float32).contiguous() if has_mem else q
     if B * H > 0 and S > 0:
-        _memory_kernel[(B * H, triton.cdiv(Dv, BLOCK_DV))](
+        _memory_kernel[(B * H, triton.cdiv(Dv, cfg["BLOCK_DV"]))](
             q, k, v, mkv, mz, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            S, H, D, Dv, float(decay), D ** -0.5, HAS_MEM=has_mem,
-            BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=4)
+            S, H, D, Dv, float(decay), D ** -0.5, HAS_MEM=has_mem, **cfg)
     return out
 
 
@@ -559,16 +793,14 @@ def memory_linear_attention_update_triton(k, v, mem_kv=None, mem_z=None, decay=0
     Dv = v.shape[-1]
     nkv = torch.empty(B, H, D, Dv, dtype=torch.float32, device=k.device)
     nz = torch.empty(B, H, D, dtype=torch.float32, device=k.device)
-    BLOCK_S, BLOCK_D = _next_pow2(S), _next_pow2(D)
-    BLOCK_DV = min(_next_pow2(Dv), 64)
+    cfg = launch_configs("memory_update", D, Dv, k.dtype, k.device.type == "cuda", frames=S)[0]
     has_mem = mem_kv is not None
     mkv = mem_kv.to(torch.float32).contiguous() if has_mem else nkv
     mz = mem_z.to(torch.float32).contiguous() if has_mem else nz
     if B * H > 0:
         if S == 0:
             return (mkv.clone(), mz.clone()) if has_mem else (nkv.zero_(), nz.zero_())
-        _memory_update_kernel[(B * H, triton.cdiv(Dv, BLOCK_DV))](
+        _memory_update_kernel[(B * H, triton.cdiv(Dv, cfg["BLOCK_DV"]))](
             k, v, mkv, mz, nkv, nz, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            S, H, D, Dv, math.log2(decay) if decay > 0 else -1e30, float(decay) ** S, HAS_MEM=has_mem,
-            BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=4)
+            S, H, D, Dv, math.log2(decay) if decay > 0 else -1e30, float(decay) ** S, HAS_MEM=has_mem, **cfg)
     return nkv, nz

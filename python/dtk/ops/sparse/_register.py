@@ -9,9 +9,9 @@ import math
 
 import torch
 
+from .._checks import check_bshd as _check_bshd, check_gpu as _check_gpu, check_scale as _check_scale
+
 _LIB = "dtk::"
-SUPPORTED_GPU_DTYPES = (torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256
 _INT = (torch.int32, torch.int64)
 
 
@@ -21,21 +21,6 @@ def readable(t: torch.Tensor) -> bool:
         return False
     from torch._subclasses.fake_tensor import is_fake
     return not is_fake(t)
-
-
-def _check_bshd(t, q, name):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be (B, S, H, D), got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
-    if t.dtype != q.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype}, expected q's dtype {q.dtype}")
-    if t.device != q.device:
-        raise ValueError(f"{name} is on {t.device}, expected q's device {q.device}")
-    if t.stride(-1) != 1 and t.shape[-1] != 1:
-        raise ValueError(f"{name} must have a contiguous last dim (stride 1), got stride {t.stride(-1)}")
 
 
 def _check_index(idx, name, q, limit, shapes):
@@ -56,22 +41,6 @@ def _check_index(idx, name, q, limit, shapes):
 
 def _fmt(batch):
     return "(m,)" if batch == () else f"({batch[0]}, m)"
-
-
-def _check_scale(scale, D):
-    if scale is None:
-        return 1.0 / math.sqrt(D)
-    if not (scale > 0 and math.isfinite(scale)):
-        raise ValueError(f"scale must be a positive finite float, got {scale}")
-    return float(scale)
-
-
-def _check_gpu(q):
-    if q.device.type == "cuda":
-        if q.dtype not in SUPPORTED_GPU_DTYPES:
-            raise TypeError(f"q dtype {q.dtype} unsupported on GPU: use float16 or bfloat16")
-        if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
-            raise ValueError(f"head dim D={q.shape[-1]} unsupported on GPU (1..{MAX_HEAD_DIM})")
 
 
 def check_multi_kv(q, ks, vs, kv_index, q_index, scale, out=None):

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..._debug import new_output
-from ..window.triton import LOG2E, _dense_range, _softmax_step, default_blocks
+from ..window.triton import LOG2E, _dense_range, _online_update, _softmax_step, default_blocks, launch_configs
 
 MAX_SEGMENTS = 4
 
@@ -25,14 +25,7 @@ MAX_SEGMENTS = 4
 def _softmax_step_bias(q, acc, m_i, l_i, k, v, qk_mask, bias, qk_scale):
     """_softmax_step with a per-row additive bias (log2 units) and an element mask."""
     qk = tl.dot(q, tl.trans(k)) * qk_scale + bias[:, None]
-    qk = tl.where(qk_mask, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i
+    return _online_update(tl.where(qk_mask, qk, float("-inf")), acc, m_i, l_i, v)
 
 
 @triton.jit
@@ -135,8 +128,8 @@ def _launch_cfg(q, D, block):
         block = default_blocks(q.device, D)
     block_q, block_k = (block, block) if isinstance(block, int) else block
     block_d = max(16, triton.next_power_of_2(D))
-    big = D > 128
-    return block_q, block_k, block_d, dict(num_warps=8 if (block_q >= 128 or big) else 4, num_stages=2 if big else 3)
+    w, st = launch_configs(block_d)[0]
+    return block_q, block_k, block_d, dict(num_warps=w if block_q >= 64 else 4, num_stages=st)
 
 
 def _mkv_launch(q, ks, vs, kv_index, q_index, qk_scale, o, lse, scatter, block):

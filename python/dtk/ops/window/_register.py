@@ -2,14 +2,10 @@
 Triton (CUDA) kernel. The CPU kernel is C++ (csrc/window/cpu.cpp) with the same checks."""
 from __future__ import annotations
 
-import math
-
 import torch
 
+from .._checks import check_bshd, check_gpu, check_scale
 from .spec import make_spec
-
-SUPPORTED_GPU_DTYPES = (torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256
 
 
 def check_inputs(q, k, v, grid, window, radius, border, num_prefix, tile, scale, extra_k, extra_v):
@@ -17,14 +13,7 @@ def check_inputs(q, k, v, grid, window, radius, border, num_prefix, tile, scale,
     spec = make_spec(tuple(grid), None if window is None else tuple(window), radius, border, num_prefix,
                      None if tile is None else tuple(tile))
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be (B, S, H, D), got shape {tuple(t.shape)}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}, expected q's dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device}, expected q's device {q.device}")
-        if t.stride(-1) != 1 and t.shape[-1] != 1:
-            raise ValueError(f"{name} must have a contiguous last dim (stride 1), got stride {t.stride(-1)}")
+        check_bshd(t, q, name)
     B, S, H, D = q.shape
     if S != spec.seq_len:
         raise ValueError(f"grid {tuple(grid)} with num_prefix={num_prefix} needs S = {spec.seq_len} tokens, "
@@ -39,24 +28,13 @@ def check_inputs(q, k, v, grid, window, radius, border, num_prefix, tile, scale,
         raise ValueError("extra_k and extra_v must be given together")
     if extra_k is not None:
         for name, t in (("extra_k", extra_k), ("extra_v", extra_v)):
-            if t.dim() != 4 or t.shape[0] != B or t.shape[2] != k.shape[2] or t.shape[3] != D:
+            check_bshd(t, q, name)
+            if t.shape[0] != B or t.shape[2] != k.shape[2] or t.shape[3] != D:
                 raise ValueError(f"{name} must be (B={B}, E, H_kv={k.shape[2]}, D={D}), got {tuple(t.shape)}")
-            if t.dtype != q.dtype or t.device != q.device:
-                raise TypeError(f"{name} must match q's dtype {q.dtype} and device {q.device}")
-            if t.stride(-1) != 1 and t.shape[-1] != 1:
-                raise ValueError(f"{name} must have a contiguous last dim (stride 1)")
         if extra_k.shape[1] != extra_v.shape[1]:
             raise ValueError("extra_k and extra_v must have the same number of tokens")
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    elif not (scale > 0 and math.isfinite(scale)):
-        raise ValueError(f"scale must be a positive finite float, got {scale}")
-    if q.device.type == "cuda":
-        if q.dtype not in SUPPORTED_GPU_DTYPES:
-            raise TypeError(f"q dtype {q.dtype} unsupported on GPU: use float16 or bfloat16")
-        if not 1 <= D <= MAX_HEAD_DIM:
-            raise ValueError(f"head dim D={D} unsupported on GPU (1..{MAX_HEAD_DIM})")
-    return spec, scale
+    check_gpu(q)
+    return spec, check_scale(scale, D)
 
 
 @torch.library.register_fake("dtk::window_attention")

@@ -23,6 +23,12 @@ def _softmax_step(q, acc, m_i, l_i, k, v, qk_mask, MASKED: tl.constexpr, qk_scal
     qk = tl.dot(q, tl.trans(k)) * qk_scale
     if MASKED:
         qk = tl.where(qk_mask, qk, float("-inf"))
+    return _online_update(qk, acc, m_i, l_i, v)
+
+
+@triton.jit
+def _online_update(qk, acc, m_i, l_i, v):
+    """Folds a block of log2-unit scores qk (BM, BN) and its values v into (acc, m_i, l_i)."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing allowed yet
     p = tl.math.exp2(qk - m_safe[:, None])
@@ -190,10 +196,23 @@ def _window_fwd(
     tl.store(LSE + bh.to(tl.int64) * S + rows_q, lse, mask=q_ok)
 
 
+def launch_configs(block_d: int):
+    """The (num_warps, num_stages) candidates for a padded head dim, the default first. All fit
+    the 227 KiB of shared memory of sm_90, the default also the 163 KiB of sm_80 (checked by
+    tests/ops/window/test_triton_compile.py; the autotuner skips what a card cannot launch).
+    Above 128 the K/V tiles leave room for one stage only."""
+    if block_d > 128:
+        return [(8, 1)]
+    return [(8, 2), (4, 2), (8, 3), (4, 3)]
+
+
 # On a GPU the launch configuration is tuned once per head dim and window kind.
 _window_fwd_tuned = triton.autotune(
-    configs=[triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 3)],
+    configs=[triton.Config({}, num_warps=w, num_stages=st) for w, st in launch_configs(128)] + [
+        triton.Config({}, num_warps=w, num_stages=st) for w, st in launch_configs(256)],
     key=["D", "IS_BOX", "BLOCK_D"],
+    prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: [
+        c for c in configs if (c.num_warps, c.num_stages) in launch_configs(kw.get("BLOCK_D", nargs.get("BLOCK_D")))]},
 )(_window_fwd)
 
 
@@ -221,11 +240,11 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     n_pqb = (P + block_q - 1) // block_q
     block_d = max(16, triton.next_power_of_2(D))
     w = spec.window or (1, 1, 1)
-    big = D > 128
     grid = ((n_pqb + plan.num_blocks) * B * H,)
     tuned = q.device.type == "cuda" and triton_autotune()
     kernel = _window_fwd_tuned if tuned else _window_fwd
-    launch = {} if tuned else dict(num_warps=8 if (block_q >= 128 or big) else 4, num_stages=2 if big else 3)
+    warps, stages = launch_configs(block_d)[0]
+    launch = {} if tuned else dict(num_warps=warps if block_q >= 64 else 4, num_stages=stages)
     kernel[grid](
         q, k, v, ek, ev, out, lse, plan.q_blocks, plan.entries, plan.kv_count, plan.order,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

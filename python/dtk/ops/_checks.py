@@ -1,0 +1,44 @@
+"""Argument checks shared by the attention op families (Python side: wrappers, fake kernels and
+Triton kernels). Every error names the argument at fault and what was expected."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SUPPORTED_GPU_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+def check_bshd(t, q, name):
+    """t is a (B, S, H, D) floating tensor with q's dtype and device and a contiguous last dim."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be (B, S, H, D), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if t.dtype != q.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype}, expected q's dtype {q.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device}, expected q's device {q.device}")
+    if t.stride(-1) != 1 and t.shape[-1] != 1:
+        raise ValueError(f"{name} must have a contiguous last dim (stride 1), got stride {t.stride(-1)}")
+
+
+def check_scale(scale, D):
+    """The softmax scale: 1/sqrt(D) by default, else a positive finite float."""
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    return float(scale)
+
+
+def check_gpu(q):
+    """The Triton engines take fp16/bf16 and head dims up to MAX_HEAD_DIM."""
+    if q.device.type == "cuda":
+        if q.dtype not in SUPPORTED_GPU_DTYPES:
+            raise TypeError(f"q dtype {q.dtype} unsupported on GPU: use float16 or bfloat16")
+        if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+            raise ValueError(f"head dim D={q.shape[-1]} unsupported on GPU (1..{MAX_HEAD_DIM})")

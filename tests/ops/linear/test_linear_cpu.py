@@ -32,7 +32,9 @@ def test_reference_matches_quadratic_form():
         for norm in (True, False):
             a = linear_attention_reference(q, k, v, fm, norm, 1e-4, 0.3)
             b = linear_attention_quadratic_reference(q, k, v, fm, norm, 1e-4, 0.3)
-            assert max_err(a, b) < 1e-10
+            # relative to the output's size: identity + normalize can divide by a near-zero sum,
+            # which makes outputs (and their rounding) large
+            assert max_err(a, b) < 1e-10 * max(1.0, b.abs().max().item())
 
 
 @pytest.mark.parametrize("D", [40, 64, 80, 128, 160])

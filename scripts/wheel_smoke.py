@@ -292,6 +292,10 @@ def _interp():
     if importlib.util.find_spec("triton") is None:
         print("      (triton not installed: skipped)")
         return
+    from dtk._debug import triton_interpreter_broken
+    if triton_interpreter_broken():
+        print(f"      (skipped: {triton_interpreter_broken()})")
+        return
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     r = subprocess.run([sys.executable, "-c", _INTERPRET], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and "triton interpreter ok" in r.stdout, (r.stdout + r.stderr)[-3000:]

@@ -25,6 +25,10 @@ def _fresh_seed(request):
 
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    from dtk._debug import triton_interpreter_broken
+    broken = os.environ.get("TRITON_INTERPRET") == "1" and triton_interpreter_broken()
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
+        if broken and item.module.__name__.rsplit(".", 1)[-1] in ("test_triton", "test_triton_interpret"):
+            item.add_marker(pytest.mark.skip(reason=broken))

@@ -18,3 +18,16 @@ def triton_autotune() -> bool:
     """DTK_TRITON_AUTOTUNE=0: GPU kernels use their default launch configuration instead of
     benchmarking the candidates on first use (tests set it to keep compile time down)."""
     return os.environ.get("DTK_TRITON_AUTOTUNE", "1") != "0"
+
+
+def triton_interpreter_broken() -> str:
+    """Why Triton's CPU interpreter cannot run dtk's kernels here, or "" when it can. Triton < 3.7
+    converts loop bounds with int() on a 1-element array, which NumPy >= 2 rejects, so every loop
+    with a tensor bound fails (compiled kernels on a GPU are unaffected)."""
+    import numpy
+    import triton
+
+    major_minor = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    if major_minor < (3, 7) and int(numpy.__version__.split(".")[0]) >= 2:
+        return f"Triton {triton.__version__}'s interpreter cannot run loops with tensor bounds under NumPy {numpy.__version__}"
+    return ""

@@ -80,16 +80,20 @@ def _window_fwd(
     Q, K, V, EK, EV, O, LSE, QB, ENT, CNT, ORDER,
     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh,
     sekb, seks, sekh, sevb, sevs, sevh, sob, sos, soh,
-    B, H, GROUP, S, P, E, L, N_PQB, D,
+    B, H, GROUP, S, P, E, L, N_PQB, NQB, D,
     N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1,
     qk_scale,
     IS_BOX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
-    # 1D grid, heads fastest: the heaviest query blocks (prefix rows, then the plan's order) start
-    # first for every head, so no long tail of late heavy programs.
-    pid = tl.program_id(0) // (B * H)
-    bh = tl.program_id(0) % (B * H)
+    # 1D grid. First the prefix query blocks (each attends to every key: the heaviest programs)
+    # of every head, so none starts late and leaves a tail; then, head by head, the grid query
+    # blocks with the query block fastest, so the programs running together share their keys in
+    # L2 (neighbouring windows overlap), in the plan's heaviest-first order.
+    t = tl.program_id(0)
+    n_pre = N_PQB * B * H
+    pid = tl.where(t < n_pre, t // (B * H), N_PQB + (t - n_pre) % NQB)
+    bh = tl.where(t < n_pre, t % (B * H), (t - n_pre) // NQB)
     b = (bh // H).to(tl.int64)
     h = bh % H
     kvh = (h // GROUP).to(tl.int64)
@@ -250,7 +254,7 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), ek.stride(0), ek.stride(1), ek.stride(2),
         ev.stride(0), ev.stride(1), ev.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        B, H, H // Hkv, S, P, E, plan.max_entries, n_pqb, D,
+        B, H, H // Hkv, S, P, E, plan.max_entries, n_pqb, plan.num_blocks, D,
         spec.grid[0], spec.grid[1], spec.grid[2], w[0], w[1], w[2], spec.radius or 1,
         spec.border == "inward", spec.padded(0), spec.padded(1),
         scale * LOG2E,

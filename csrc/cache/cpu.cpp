@@ -4,6 +4,7 @@
 // token_change_score, mask_to_index, dilate_mask, prune_isolated: device-generic ATen compositions
 // (CompositeExplicitAutograd: the same code runs on CPU, CUDA and meta tensors). mask_to_index is
 // built from cumsum + scatter only, so it never reads a value back to the host (no sync).
+#include "common/debug.h"
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -21,17 +22,8 @@ namespace {
 
 using at::Tensor;
 
-bool nan_fill() {
-  const char* e = std::getenv("DTK_DEBUG_NAN_FILL");
-  return e != nullptr && std::string_view(e) == "1";
-}
 
-Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  Tensor t = at::empty(sizes, opts);
-  if (nan_fill() && at::isFloatingType(opts.dtype().toScalarType()))
-    t.fill_(std::numeric_limits<double>::quiet_NaN());
-  return t;
-}
+using dtk::new_output;  // NaN-filled under DTK_DEBUG_NAN_FILL=1 (common/debug.h)
 
 // ------------------------------------------------------------------------------------ scatter_blend
 

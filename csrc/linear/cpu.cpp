@@ -3,6 +3,7 @@
 // Every op is "state reduction, then apply": the state phi(k)^T v (D x Dv) and sum phi(k) (D) are
 // accumulated per (sequence, kv head) with batched GEMMs in float32 (float64 for float64 inputs),
 // then each query row reads it. Packed sequences (cu_seqlens) are processed one at a time.
+#include "common/debug.h"
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -49,16 +50,8 @@ at::ScalarType acc_type(const Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-bool nan_fill() {
-  const char* e = std::getenv("DTK_DEBUG_NAN_FILL");
-  return e != nullptr && std::string_view(e) == "1";
-}
 
-Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  Tensor t = at::empty(sizes, opts);
-  if (nan_fill()) t.fill_(std::numeric_limits<double>::quiet_NaN());
-  return t;
-}
+using dtk::new_output;  // NaN-filled under DTK_DEBUG_NAN_FILL=1 (common/debug.h)
 
 void check_float(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating tensor, got ",

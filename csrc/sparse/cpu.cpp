@@ -4,6 +4,7 @@
 // visited one chunk at a time with a shared online-softmax state, so no K/V concatenation and no
 // S x S mask is ever built. Accumulation in float32 (float64 for float64 inputs), batched GEMMs
 // over heads (GQA: the query heads of one K/V head share a GEMM).
+#include "common/debug.h"
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -22,16 +23,8 @@ constexpr const char* kMkv = "dtk.multi_kv_attention";
 constexpr const char* kSeg = "dtk.segment_attention";
 constexpr int64_t kKeyChunk = 1024;
 
-bool nan_fill() {
-  const char* e = std::getenv("DTK_DEBUG_NAN_FILL");
-  return e != nullptr && std::string_view(e) == "1";
-}
 
-Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  Tensor t = at::empty(sizes, opts);
-  if (nan_fill()) t.fill_(std::numeric_limits<double>::quiet_NaN());
-  return t;
-}
+using dtk::new_output;  // NaN-filled under DTK_DEBUG_NAN_FILL=1 (common/debug.h)
 
 at::ScalarType acc_type(const Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 

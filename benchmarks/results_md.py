@@ -91,12 +91,16 @@ def main(argv=None) -> int:
     p.add_argument("json", nargs="?", help="a python -m benchmarks --json file")
     p.add_argument("--placeholder", metavar="REASON", help="write the 'no result yet' page instead")
     p.add_argument("-o", "--output", help="write here (e.g. benchmarks/RESULTS.md) instead of stdout")
+    p.add_argument("--plot", metavar="PNG", help="also draw the JSON's plot (as `python -m benchmarks --plot`)")
     a = p.parse_args(argv)
     if a.placeholder:
         text = render_placeholder(a.placeholder)
     elif a.json:
-        from .cli import load_json
-        text = render(load_json(a.json))
+        from .cli import load_json, plot
+        data = load_json(a.json)
+        text = render(data)
+        if a.plot:
+            plot(data, a.plot)
     else:
         p.error("give a JSON file or --placeholder")
     if a.output:

@@ -14,6 +14,7 @@ See `benchmarks/cases/window.py` for the pattern and `benchmarks/README.md` for 
 from __future__ import annotations
 
 import fnmatch
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -92,6 +93,22 @@ class Case:
 
 
 _CASES: List[Case] = []
+
+
+def first_call(fn: Callable, device: str, op: str) -> Dict[str, float]:
+    """Runs fn once (compiles / autotunes: reported as first_call_s, never timed). An op with no
+    kernel for this device becomes a Skip, not an error."""
+    t = time.perf_counter()
+    try:
+        fn()
+    except NotImplementedError as e:
+        if "Could not run" in str(e):
+            raise Skip(f"dtk::{op} has no {device} kernel in this build")
+        raise
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+    return {"first_call_s": round(time.perf_counter() - t, 2)}
 
 
 def register(case: Case) -> Case:

@@ -17,8 +17,6 @@ frames (`memory_linear_attention(q, k, v, state)`, which returns both).
 """
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -27,7 +25,7 @@ import torch.nn.functional as F
 
 from dtk.ops.linear import reference as R
 
-from ..registry import Case, CheckResult, Impl, Prepared, Skip, register
+from ..registry import Case, CheckResult, Impl, Prepared, Skip, first_call, register
 
 OP = "linear"
 EPS = 1e-4
@@ -197,17 +195,6 @@ def _dtk_op(name: str):
     return fn
 
 
-def _first_call(fn, state, what):
-    t = time.perf_counter()
-    try:
-        fn()                          # first call: compiles / autotunes (reported, never timed)
-    except NotImplementedError as e:
-        if "Could not run" in str(e):
-            raise Skip(f"dtk::{what} has no {state['device']} kernel in this build")
-        raise
-    if state["device"].startswith("cuda"):
-        torch.cuda.synchronize()
-    return {"first_call_s": round(time.perf_counter() - t, 2)}
 
 
 def _prep_dtk(state):
@@ -219,10 +206,10 @@ def _prep_dtk(state):
         def fn():
             out, (kv, z) = op(q, k, v, mem, decay=DECAY)
             return out, kv, z
-        return Prepared(fn, _first_call(fn, state, "memory_linear_attention"))
+        return Prepared(fn, first_call(fn, state["device"], "memory_linear_attention"))
     op = _dtk_op("linear_attention")
     fn = lambda: op(q, k, v, eps=EPS)  # noqa: E731
-    return Prepared(fn, _first_call(fn, state, "linear_attention"))
+    return Prepared(fn, first_call(fn, state["device"], "linear_attention"))
 
 
 def _prep_naive(state):

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ..registry import Case, CheckResult, Impl, Prepared, Skip, register
+from ..registry import Case, CheckResult, Impl, Prepared, Skip, first_call, register
 
 OP = "sparse"
 CHECK_ROWS = 256
@@ -175,17 +175,6 @@ def _sync(state):
         torch.cuda.synchronize()
 
 
-def _first_call(fn, state, what):
-    import time
-    t = time.perf_counter()
-    try:
-        fn()
-    except NotImplementedError as e:
-        if "Could not run" in str(e):
-            raise Skip(f"dtk::{what} has no {state['device']} kernel in this build")
-        raise
-    _sync(state)
-    return {"first_call_s": round(time.perf_counter() - t, 2)}
 
 
 def _prep_dtk(state):
@@ -200,18 +189,18 @@ def _prep_dtk(state):
 
         def fn():
             return dtk.multi_kv_attention(q, ks, vs, q_index=qi, out=out, scale=state["scale"])
-        return Prepared(fn, _first_call(fn, state, "multi_kv_attention_out"))
+        return Prepared(fn, first_call(fn, state["device"], "multi_kv_attention_out"))
     if sh.kind == "ominicontrol2":
         q, ks, vs = state["q"], state["ks"], state["vs"]
 
         def fn():
             return dtk.multi_kv_attention(q, ks, vs, scale=state["scale"])
-        return Prepared(fn, _first_call(fn, state, "multi_kv_attention"))
+        return Prepared(fn, first_call(fn, state["device"], "multi_kv_attention"))
     q, k, v, cu, gm = state["q"], state["k"], state["v"], state["cu"], state["gm"]
 
     def fn():
         return dtk.segment_attention(q, k, v, cu, gm, scale=state["scale"])
-    return Prepared(fn, _first_call(fn, state, "segment_attention"))
+    return Prepared(fn, first_call(fn, state["device"], "segment_attention"))
 
 
 def _try(fn, state, backend):

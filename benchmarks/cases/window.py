@@ -23,10 +23,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from dtk.ops.window.reference import masked_attention, window_mask
+from dtk.ops.window.reference import grid_allowed, masked_attention, window_mask
 from dtk.ops.window.spec import (box_range, circle_center, grid_coords, make_spec, pair_count)
 
-from ..registry import Case, CheckResult, Impl, Prepared, Skip, register
+from ..registry import Case, CheckResult, Impl, Prepared, Skip, first_call, register
 
 OP = "window"
 
@@ -94,18 +94,7 @@ def mask_rows(spec, rows: torch.Tensor, device=None) -> torch.Tensor:
     g = rows >= P
     if g.any():
         gi = rows[g] - P
-        allowed = torch.ones(gi.numel(), spec.num_grid, dtype=torch.bool, device=device)
-        dist2 = torch.zeros(gi.numel(), spec.num_grid, dtype=torch.int64, device=device)
-        for a in range(3):
-            n, p, k = spec.grid[a], coords[a][gi][:, None], coords[a][None, :]
-            if spec.window is not None:
-                lo, hi = box_range(p, n, spec.window[a], spec.border)
-                allowed &= (k >= lo) & (k <= hi)
-            else:
-                d = k - circle_center(p, n, spec.radius, spec.border, spec.padded(a))
-                dist2 += d * d
-        if spec.radius is not None:
-            allowed &= dist2 < spec.radius * spec.radius
+        allowed = grid_allowed(spec, tuple(c[gi] for c in coords), coords)
         sub = out[g]
         sub[:, P:] = allowed
         out[g] = sub
@@ -183,16 +172,7 @@ def _prep_dtk(state):
     q, k, v = state["q"], state["k"], state["v"]
     kw = dict(sh.op_kwargs(), scale=state["scale"])
     fn = lambda: op(q, k, v, sh.grid, sh.window, **kw)  # noqa: E731
-    t = time.perf_counter()
-    try:
-        fn()                          # first call: compiles / autotunes (reported, never timed)
-    except NotImplementedError as e:
-        if "Could not run" in str(e):
-            raise Skip(f"dtk::window_attention has no {state['device']} kernel in this build")
-        raise
-    if state["device"].startswith("cuda"):
-        torch.cuda.synchronize()
-    return Prepared(fn, {"first_call_s": round(time.perf_counter() - t, 2)})
+    return Prepared(fn, first_call(fn, state["device"], "window_attention"))
 
 
 _BACKEND = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}

@@ -15,7 +15,6 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import registry  # noqa: E402
 from benchmarks.cases import e2e  # noqa: E402
-from benchmarks.registry import Skip  # noqa: E402
 
 
 def test_cases_registered():

@@ -16,7 +16,7 @@ forward: any resolution or frame count works without re-applying and without hos
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 

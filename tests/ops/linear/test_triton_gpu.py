@@ -70,7 +70,7 @@ def test_backward(dtype, norm):
 def test_memory(dtype):
     B, S, H, D = 4096, 16, 2, 64
     q, k, v = (bshd(B, S, H, D, dtype, "cuda") for _ in range(3))
-    state, outs = None, []
+    state = None
     for clip in range(3):
         o, new_state = dtk.memory_linear_attention(q, k, v, state, decay=0.9)
         mkv, mz = (None, None) if state is None else state

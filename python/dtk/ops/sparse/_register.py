@@ -5,7 +5,6 @@ need a host sync); on the GPU an out-of-range entry is treated like padding (-1)
 from __future__ import annotations
 
 import importlib.util
-import math
 
 import torch
 

@@ -2,7 +2,6 @@
 (NATTEN / FreeSwim) over a 1D/2D/3D token grid that follows `num_prefix` global tokens."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch

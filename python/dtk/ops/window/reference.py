@@ -18,11 +18,18 @@ def window_mask(spec: WindowSpec, num_extra: int = 0, device=None) -> torch.Tens
     mask[:P, :S] = True          # prefix queries see every sequence key
     mask[P:, :P] = True          # every query sees the prefix keys
     mask[P:, S:] = True          # grid queries see the extra keys
-    q = grid_coords(spec, device)
-    allowed = torch.ones(G, G, dtype=torch.bool, device=device)
-    dist2 = torch.zeros(G, G, dtype=torch.int64, device=device)
+    coords = grid_coords(spec, device)
+    mask[P:, P:S] = grid_allowed(spec, coords, coords)
+    return mask
+
+
+def grid_allowed(spec: WindowSpec, q_coords, k_coords) -> torch.Tensor:
+    """(n_q, n_k) bool: whether grid queries at 3D coordinates q_coords may attend grid keys at
+    k_coords (each a tuple of 3 int64 tensors)."""
+    allowed = torch.ones(q_coords[0].numel(), k_coords[0].numel(), dtype=torch.bool, device=q_coords[0].device)
+    dist2 = torch.zeros(allowed.shape, dtype=torch.int64, device=allowed.device)
     for a in range(3):
-        n, p, k = spec.grid[a], q[a][:, None], q[a][None, :]
+        n, p, k = spec.grid[a], q_coords[a][:, None], k_coords[a][None, :]
         if spec.window is not None:
             lo, hi = box_range(p, n, spec.window[a], spec.border)
             allowed &= (k >= lo) & (k <= hi)
@@ -31,8 +38,7 @@ def window_mask(spec: WindowSpec, num_extra: int = 0, device=None) -> torch.Tens
             dist2 += d * d
     if spec.radius is not None:
         allowed &= dist2 < spec.radius * spec.radius
-    mask[P:, P:S] = allowed
-    return mask
+    return allowed
 
 
 def masked_attention(q, k, v, mask, scale):

@@ -3,7 +3,6 @@ plan's key blocks with an online softmax; element masks are evaluated only on pa
 Prefix (global) queries and keys and the extra keys are dense ranges around the plan."""
 from __future__ import annotations
 
-import math
 
 import torch
 import triton

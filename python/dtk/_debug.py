@@ -31,3 +31,15 @@ def triton_interpreter_broken() -> str:
     if major_minor < (3, 7) and int(numpy.__version__.split(".")[0]) >= 2:
         return f"Triton {triton.__version__}'s interpreter cannot run loops with tensor bounds under NumPy {numpy.__version__}"
     return ""
+
+
+def window_blocks_override():
+    """DTK_WINDOW_BLOCKS="bq,bk": the window engine's query/key block sizes on a GPU (powers of two
+    >= 16), for block-size sweeps; None when unset."""
+    v = os.environ.get("DTK_WINDOW_BLOCKS")
+    if not v:
+        return None
+    bq, bk = (int(x) for x in v.split(","))
+    if not all(b >= 16 and b & (b - 1) == 0 for b in (bq, bk)):
+        raise ValueError(f"DTK_WINDOW_BLOCKS must be two powers of two >= 16 like '128,64', got {v!r}")
+    return bq, bk

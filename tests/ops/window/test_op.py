@@ -86,3 +86,15 @@ def test_sdpa_layout_inputs_without_copy():
                                            num_prefix=1, tile=(4, 4))
     assert_matches_reference(out, ref, ref, atol=1e-10)
     assert_matches_reference(lse, rlse, rlse, atol=1e-10, name="lse")
+
+
+def test_window_blocks_override(monkeypatch):
+    from dtk._debug import window_blocks_override
+    monkeypatch.delenv("DTK_WINDOW_BLOCKS", raising=False)
+    assert window_blocks_override() is None
+    monkeypatch.setenv("DTK_WINDOW_BLOCKS", "128,128")
+    assert window_blocks_override() == (128, 128)
+    for bad in ("128,48", "8,64", "128"):
+        monkeypatch.setenv("DTK_WINDOW_BLOCKS", bad)
+        with pytest.raises(ValueError):
+            window_blocks_override()

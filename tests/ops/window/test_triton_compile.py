@@ -14,14 +14,14 @@ SHARED_LIMIT = {80: 166912, 90: 232448}   # bytes per block (sm_80 / sm_90)
 def test_window_kernel_compiles_with_every_launch_config():
     """Every (num_warps, num_stages) the launcher or the autotuner may pick, at the GPU blocks
     (128 x 64), fits in shared memory: a config over the limit only fails on the GPU."""
-    configs = [(arch, is_box, bd, w, st) for arch in (90, 80) for is_box in (True, False) for bd in (64, 128, 256)
-               for w, st in launch_configs(bd)]
+    configs = [(arch, is_box, bd, bn, w, st) for arch in (90, 80) for is_box in (True, False)
+               for bd, bn in ((64, 64), (128, 64), (256, 64), (128, 128)) for w, st in launch_configs(bd, bn)]
     jobs = [job("dtk.ops.window.triton:_window_fwd", arch, PTRS,
-                dict(IS_BOX=is_box, BLOCK_M=128, BLOCK_N=64, BLOCK_D=bd, EVEN_D=bd != 256), num_warps=w, num_stages=st)
-            for arch, is_box, bd, w, st in configs]
+                dict(IS_BOX=is_box, BLOCK_M=128, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd != 256), num_warps=w, num_stages=st)
+            for arch, is_box, bd, bn, w, st in configs]
     for cfg, res in zip(configs, compile_all(jobs)):
-        arch, bd, w, st = cfg[0], cfg[2], cfg[3], cfg[4]
-        if arch == 80 and (w, st) != launch_configs(bd)[0] and res["shared"] > SHARED_LIMIT[80]:
+        arch, bd, bn, w, st = cfg[0], cfg[2], cfg[3], cfg[4], cfg[5]
+        if arch == 80 and (w, st) != launch_configs(bd, bn)[0] and res["shared"] > SHARED_LIMIT[80]:
             continue  # an autotuning candidate the A100 cannot launch: the autotuner skips it there
         assert res["shared"] <= SHARED_LIMIT[arch], (cfg, res)
         if arch == 90 and bd == 128:

@@ -128,7 +128,7 @@ def _launch_cfg(q, D, block):
         block = default_blocks(q.device, D)
     block_q, block_k = (block, block) if isinstance(block, int) else block
     block_d = max(16, triton.next_power_of_2(D))
-    w, st = launch_configs(block_d)[0]
+    w, st = launch_configs(block_d, block_k)[0]
     return block_q, block_k, block_d, dict(num_warps=w if block_q >= 64 else 4, num_stages=st)
 
 

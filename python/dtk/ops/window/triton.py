@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._debug import new_output, triton_autotune
+from ..._debug import new_output, triton_autotune, window_blocks_override
 from .plan import build_plan
 from .spec import WindowSpec
 
@@ -199,31 +199,36 @@ def _window_fwd(
     tl.store(LSE + bh.to(tl.int64) * S + rows_q, lse, mask=q_ok)
 
 
-def launch_configs(block_d: int):
-    """The (num_warps, num_stages) candidates for a padded head dim, the default first. All fit
-    the 227 KiB of shared memory of sm_90, the default also the 163 KiB of sm_80 (checked by
-    tests/ops/window/test_triton_compile.py; the autotuner skips what a card cannot launch).
-    Above 128 the K/V tiles leave room for one stage only."""
-    if block_d > 128:
+def launch_configs(block_d: int, block_n: int = 64):
+    """The (num_warps, num_stages) candidates for a padded head dim and key block, the default
+    first. All fit the 227 KiB of shared memory of sm_90, the default also the 163 KiB of sm_80
+    (checked by tests/ops/window/test_triton_compile.py; the autotuner skips what a card cannot
+    launch). K/V tiles larger than 64 x 128 leave room for one stage only."""
+    if block_d * block_n > 128 * 64:
         return [(8, 1)]
     return [(8, 2), (4, 2), (8, 3), (4, 3)]
 
 
-# On a GPU the launch configuration is tuned once per head dim and window kind.
+def _prune(configs, nargs, **kw):
+    arg = lambda name: kw.get(name, nargs.get(name))  # noqa: E731  (constexprs arrive as kwargs)
+    allowed = launch_configs(arg("BLOCK_D"), arg("BLOCK_N"))
+    return [c for c in configs if (c.num_warps, c.num_stages) in allowed]
+
+
+# On a GPU the launch configuration is tuned once per head dim, key block and window kind.
 _window_fwd_tuned = triton.autotune(
-    configs=[triton.Config({}, num_warps=w, num_stages=st) for w, st in launch_configs(128)] + [
-        triton.Config({}, num_warps=w, num_stages=st) for w, st in launch_configs(256)],
-    key=["D", "IS_BOX", "BLOCK_D"],
-    prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: [
-        c for c in configs if (c.num_warps, c.num_stages) in launch_configs(kw.get("BLOCK_D", nargs.get("BLOCK_D")))]},
+    configs=[triton.Config({}, num_warps=w, num_stages=st) for w, st in launch_configs(64) + launch_configs(256)],
+    key=["D", "IS_BOX", "BLOCK_D", "BLOCK_N"],
+    prune_configs_by={"early_config_prune": _prune},
 )(_window_fwd)
 
 
 def default_blocks(device: torch.device, D: int):
-    """(query block, key block) sizes: 128 x 64 on a GPU; small ones in the interpreter."""
+    """(query block, key block) sizes: 128 x 64 on a GPU (DTK_WINDOW_BLOCKS="bq,bk" overrides it,
+    for block-size sweeps); small ones in the interpreter."""
     if device.type != "cuda":
         return 16, 16
-    return 128, 64
+    return window_blocks_override() or (128, 64)
 
 
 def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=None, extra_v=None, block=None):
@@ -246,7 +251,7 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     grid = ((n_pqb + plan.num_blocks) * B * H,)
     tuned = q.device.type == "cuda" and triton_autotune()
     kernel = _window_fwd_tuned if tuned else _window_fwd
-    warps, stages = launch_configs(block_d)[0]
+    warps, stages = launch_configs(block_d, block_k)[0]
     launch = {} if tuned else dict(num_warps=warps if block_q >= 64 else 4, num_stages=stages)
     kernel[grid](
         q, k, v, ek, ev, out, lse, plan.q_blocks, plan.entries, plan.kv_count, plan.order,

@@ -112,7 +112,7 @@ def _key_range(spec: WindowSpec, a: int, pmin, pmax):
     return torch.clamp(cmin - (r - 1), min=0), torch.clamp(cmax + (r - 1), max=n - 1)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=16)  # a plan is small (int32 block lists) but lives on the device
 def build_plan(spec: WindowSpec, block_q: int, block_k: int, device: torch.device) -> WindowPlan:
     """The plan of `spec` for query blocks of at most `block_q` tokens and key blocks of at most
     `block_k`, on `device` (cached per geometry)."""

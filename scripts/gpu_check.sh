@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared check for the lent GPU machine (H100/H200, torch 2.11, Triton 3.6, nvcc, no network).
-# Builds dtk in place, runs the test suite, then the GPU benchmarks; everything lands in $OUT
-# (7 files: env.txt build.log tests.log bench.log bench.json bench.png RESULTS.md).
+# Builds dtk in place, runs the test suite, then the GPU benchmarks, then the CPU-only wheel check;
+# everything lands in $OUT (8 files: env.txt build.log tests.log bench.log bench.json bench.png
+# RESULTS.md wheel_smoke.log).
 # Whole run sized to ~9 minutes: each step gets what is left of TOTAL_S.
 #   run from the repo root:  bash scripts/gpu_check.sh
 set -euo pipefail
@@ -75,8 +76,10 @@ if [ $(( $(left) - 60 )) -ge 390 ]; then
   [ "$rc_tests" -eq 0 ] && rc_tests=$rc_rest
 fi
 
-# benchmarks: anchors stop at the budget; dtk rows always run; JSON is rewritten after every case
-T_BENCH=$(( $(left) - 15 ))
+# benchmarks: anchors stop at the budget; dtk rows always run; JSON is rewritten after every case.
+# WHEEL_S seconds are kept for the CPU-only wheel check at the end (0 skips it).
+WHEEL_S="${WHEEL_S:-150}"
+T_BENCH=$(( $(left) - 15 - WHEEL_S ))
 BUDGET=$(( T_BENCH - 120 < 300 ? T_BENCH - 120 : 300 ))
 [ "$BUDGET" -lt 30 ] && BUDGET=30
 echo "== benchmarks (timeout ${T_BENCH} s, --budget-s ${BUDGET})"
@@ -84,12 +87,24 @@ rc_bench=0
 # shellcheck disable=SC2086  # BENCH_ARGS: extra CLI flags, e.g. "--shape na2d-* --skip-anchor sdpa-math"
 # families in order of importance (BENCH_OPS), so a run cut short keeps the headline results
 ops_args=""; for op in ${BENCH_OPS:-window sparse linear e2e}; do ops_args="$ops_args --op $op"; done
-timeout "$T_BENCH" "$PY" -m benchmarks --gpu --json "$OUT/bench.json" --plot "$OUT/bench.png" \
+timeout "$T_BENCH" "$PY" -m benchmarks --gpu --json "$OUT/bench.json" \
   --budget-s "$BUDGET" $ops_args ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || rc_bench=$?
 echo "bench rc=$rc_bench at ${SECONDS} s"
 
+# the page and the plot come from the JSON, so a run cut short still gets both
 if [ -f "$OUT/bench.json" ]; then
-  "$PY" -m benchmarks.results_md "$OUT/bench.json" > "$OUT/RESULTS.md" || echo "results_md failed"
+  "$PY" -m benchmarks.results_md "$OUT/bench.json" -o "$OUT/RESULTS.md" --plot "$OUT/bench.png" \
+    || echo "results_md failed"
 fi
-echo "== done in ${SECONDS} s (tests rc=$rc_tests, bench rc=$rc_bench)"
-exit $(( rc_tests != 0 || rc_bench != 0 ))
+
+# does a CPU-only wheel (no CUDA C++) serve CUDA tensors through its Triton kernels?
+rc_wheel=0
+if [ "$WHEEL_S" -gt 0 ] && [ "$(left)" -gt 30 ]; then
+  echo "== CPU-only wheel on the GPU (timeout $(( $(left) < WHEEL_S ? $(left) : WHEEL_S )) s)"
+  timeout "$(( $(left) < WHEEL_S ? $(left) : WHEEL_S ))" bash scripts/gpu_check_wheel.sh > /dev/null 2>&1 || rc_wheel=$?
+  grep -E "^(ok|FAIL)|wheel_smoke:" "$OUT/wheel_smoke.log" 2>/dev/null | tail -n 20
+  [ "$rc_wheel" -eq 0 ] && rm -f "$OUT/wheel_build.log"   # keep $OUT within 8 files
+  echo "wheel check rc=$rc_wheel"
+fi
+echo "== done in ${SECONDS} s (tests rc=$rc_tests, bench rc=$rc_bench, wheel rc=$rc_wheel)"
+exit $(( rc_tests != 0 || rc_bench != 0 || rc_wheel != 0 ))

@@ -85,6 +85,17 @@ def _check_cu_seqlens(cu_seqlens, total: int, device, op: str, batch: int):
     return cu_seqlens
 
 
+def _check_kv(k, v, op: str, seq: str = "sequence length"):
+    """k and v: (B, S, H, D) floating tensors, same dtype and device, matching in B, S (`seq`) and H."""
+    _check_tensor("k", k, op)
+    _check_tensor("v", v, op)
+    _check_float("k", k, op)
+    _check_float("v", v, op, k.dtype)
+    _check_device("v", v, k.device, op)
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"{op}: v must match k in batch, {seq} and heads, got v {tuple(v.shape)}, k {tuple(k.shape)}")
+
+
 def _check_qkv(q, k, v, op: str, same_heads: bool = False):
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, op)
@@ -143,14 +154,7 @@ def linear_attention_state(k: torch.Tensor, v: torch.Tensor, *, feature_map: str
     sum equals ``linear_attention`` over the whole sequence. With ``cu_seqlens`` the leading
     dimension is the number of packed sequences."""
     op = "dtk.linear_attention_state"
-    _check_tensor("k", k, op)
-    _check_tensor("v", v, op)
-    _check_float("k", k, op)
-    _check_float("v", v, op, k.dtype)
-    _check_device("v", v, k.device, op)
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"{op}: v must match k in batch, sequence length and heads, got v {tuple(v.shape)}, "
-                         f"k {tuple(k.shape)}")
+    _check_kv(k, v, op)
     _check_feature_map(feature_map, op)
     _check_cu_seqlens(cu_seqlens, k.shape[1], k.device, op, k.shape[0])
     return torch.ops.dtk.linear_attention_state(k, v, feature_map, cu_seqlens)
@@ -223,13 +227,7 @@ def memory_linear_attention_update(k: torch.Tensor, v: torch.Tensor, state: Opti
     the frames), ``M <- decay^n M + new`` (``M = new`` when ``state`` is None). Returns
     ``(kv (B, H, D, D_v), z (B, H, D))`` in float32 (float64 for float64 inputs)."""
     op = "dtk.memory_linear_attention_update"
-    _check_tensor("k", k, op)
-    _check_tensor("v", v, op)
-    _check_float("k", k, op)
-    _check_float("v", v, op, k.dtype)
-    _check_device("v", v, k.device, op)
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"{op}: v must match k in batch, frames and heads, got v {tuple(v.shape)}, k {tuple(k.shape)}")
+    _check_kv(k, v, op, seq="frames")
     if not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
         raise ValueError(f"{op}: decay must be in [0, 1], got {decay!r}")
     kv, z = _check_memory(state, k.shape[0], k.shape[2], k.shape[3], v.shape[3], k.device, op)

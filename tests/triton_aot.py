@@ -6,7 +6,11 @@ process may be in interpreter mode (TRITON_INTERPRET=1), where kernels cannot be
 Kernels are compiled with the specialisation a real launch gets: the runtime marks 16-byte-aligned
 pointers and integer arguments divisible by 16 (``tt.divisibility``), which lets Triton vectorise
 loads into cp.async and software-pipeline loops (num_stages buffers in shared memory); without it
-the reported shared memory is far below what the GPU needs. Every non-float argument is marked."""
+the reported shared memory is far below what the GPU needs. Every non-float argument is marked.
+
+Hopper builds are also passed through ptxas -v, which reports what the PTX alone does not: whether
+the wgmma pipeline is serialised (warning C7515: wgmma instructions wait for each other, a large
+slowdown that nothing else shows without a GPU), register count and spills."""
 import inspect
 import json
 import os
@@ -23,8 +27,9 @@ def job(kernel: str, arch: int, types: dict, constexprs: dict, default="i32", **
 
 def compile_all(jobs) -> list:
     """Compiles every job in one subprocess; returns per job {"wgmma": count of wgmma
-    instructions in the PTX, "cp_async": count of cp.async, "shared": bytes of shared memory}.
-    Raises with the compiler's error."""
+    instructions in the PTX, "cp_async": count of cp.async, "shared": bytes of shared memory,
+    "serialized": ptxas serialises the wgmma pipeline (C7515), "registers", "spill_bytes"} (the
+    last three from ptxas -v on sm_90a; None on other archs). Raises with the compiler's error."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, __file__], input=json.dumps(jobs), capture_output=True, text=True,
                           env=env, timeout=1800)
@@ -52,7 +57,34 @@ def _compile(j):
     except Exception as e:
         raise RuntimeError(f"{j}: {e}") from e
     ptx = k.asm["ptx"]
-    return dict(wgmma=ptx.count("wgmma.mma_async"), cp_async=ptx.count("cp.async"), shared=k.metadata.shared)
+    res = dict(wgmma=ptx.count("wgmma.mma_async"), cp_async=ptx.count("cp.async"), shared=k.metadata.shared,
+               serialized=None, registers=None, spill_bytes=None)
+    if j["arch"] == 90:
+        res.update(_ptxas_report(ptx))
+    return res
+
+
+def _ptxas_report(ptx: str) -> dict:
+    """ptxas -v on the PTX for sm_90a: wgmma serialisation (C7515), registers, spilled bytes."""
+    import re
+    import tempfile
+
+    import triton
+
+    try:
+        ptxas = triton.knobs.nvidia.ptxas.path
+    except AttributeError:   # no knobs: the ptxas Triton bundles
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    return dict(serialized="C7515" in out, registers=int(regs.group(1)) if regs else None,
+                spill_bytes=int(spills.group(1)) + int(spills.group(2)) if spills else None)
 
 
 if __name__ == "__main__":

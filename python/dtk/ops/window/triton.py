@@ -105,8 +105,8 @@ def _window_fwd(
     v_ptr = V + b * svb + kvh * svh
 
     # Query block: a prefix block (rows [pid*BLOCK_M, ...) of the prefix, attending to every
-    # sequence key) or a grid block from the plan. Both descriptors are read unconditionally so
-    # that every value is defined on every path (the compiler does not merge one-sided branches).
+    # sequence key) or a grid block from the plan. Both descriptors are read by every program (a
+    # prefix program reads the first plan block's and runs none of its loops).
     is_prefix = pid < N_PQB
     qb = tl.load(ORDER + tl.maximum(pid - N_PQB, 0)).to(tl.int64)
     qo0 = tl.load(QB + qb * 7 + 1)
@@ -124,72 +124,72 @@ def _window_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    if is_prefix:
-        acc, m_i, l_i = _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sks, svs, 0, S, qk_scale,
-                                     offs_n, offs_d, d_mask, BLOCK_N)
+    # No branch on is_prefix: the same loops run for every program with trip counts that are zero
+    # where they do not apply (a prefix block sees keys [0, S) and no plan entries). A runtime
+    # branch around the loops made ptxas serialise the wgmma pipeline (C7515) and doubled the
+    # shared memory (each branch kept its own buffers).
+    acc, m_i, l_i = _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sks, svs, 0, tl.where(is_prefix, S, P), qk_scale,
+                                 offs_n, offs_d, d_mask, BLOCK_N)
+    # Per-query window geometry, computed once: box bounds or circle centres per axis.
+    x0, x1, x2 = _coords(offs_m, qo0, qo1, qo2, qe1, qe2)
+    if IS_BOX:
+        lo0 = tl.where(INWARD, tl.maximum(tl.minimum(x0 - W0 // 2, N0 - W0), 0), tl.maximum(x0 - W0 // 2, 0))
+        lo1 = tl.where(INWARD, tl.maximum(tl.minimum(x1 - W1 // 2, N1 - W1), 0), tl.maximum(x1 - W1 // 2, 0))
+        lo2 = tl.where(INWARD, tl.maximum(tl.minimum(x2 - W2 // 2, N2 - W2), 0), tl.maximum(x2 - W2 // 2, 0))
+        hi0 = tl.where(INWARD, lo0 + W0 - 1, x0 + (W0 - 1 - W0 // 2))
+        hi1 = tl.where(INWARD, lo1 + W1 - 1, x1 + (W1 - 1 - W1 // 2))
+        hi2 = tl.where(INWARD, lo2 + W2 - 1, x2 + (W2 - 1 - W2 // 2))
     else:
-        acc, m_i, l_i = _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sks, svs, 0, P, qk_scale,
-                                     offs_n, offs_d, d_mask, BLOCK_N)
-        # Per-query window geometry, computed once: box bounds or circle centres per axis.
-        x0, x1, x2 = _coords(offs_m, qo0, qo1, qo2, qe1, qe2)
+        lo0 = tl.where(INWARD & (PAD0 == 0), tl.maximum(tl.minimum(x0, N0 - R), R - 1), x0)
+        lo1 = tl.where(INWARD & (PAD1 == 0), tl.maximum(tl.minimum(x1, N1 - R), R - 1), x1)
+        lo2 = tl.where(INWARD, tl.maximum(tl.minimum(x2, N2 - R), R - 1), x2)
+        hi0 = lo0
+        hi1 = lo1
+        hi2 = lo2
+    ent_ptr = ENT + qb * L * 8
+    c0 = tl.where(is_prefix, 0, tl.load(CNT + qb * 3))
+    c1 = tl.where(is_prefix, 0, tl.load(CNT + qb * 3 + 1))
+    c2 = tl.where(is_prefix, 0, tl.load(CNT + qb * 3 + 2))
+    for j in range(0, c0):  # full key blocks of BLOCK_N keys: no mask at all
+        e = ent_ptr + j * 8
+        rows = (tl.load(e) + offs_n).to(tl.int64)
+        k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
+        v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
+        acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, None, False, qk_scale)
+    for j in range(c0, c1):  # full but shorter key blocks: mask the missing columns only
+        e = ent_ptr + j * 8
+        n_ok = offs_n < tl.load(e + 4) * tl.load(e + 5) * tl.load(e + 6)
+        rows = (tl.load(e) + offs_n).to(tl.int64)
+        k = _load_rows(k_ptr, rows, sks, offs_d, n_ok, d_mask, True, EVEN_D)
+        v = _load_rows(v_ptr, rows, svs, offs_d, n_ok, d_mask, True, EVEN_D)
+        acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale)
+    for j in range(c1, c2):  # partial key blocks: element mask from coordinates
+        e = ent_ptr + j * 8
+        k_start = tl.load(e)
+        ko0 = tl.load(e + 1)
+        ko1 = tl.load(e + 2)
+        ko2 = tl.load(e + 3)
+        ke0 = tl.load(e + 4)
+        ke1 = tl.load(e + 5)
+        ke2 = tl.load(e + 6)
+        n_ok = offs_n < ke0 * ke1 * ke2
+        rows = (k_start + offs_n).to(tl.int64)
+        k = _load_rows(k_ptr, rows, sks, offs_d, n_ok, d_mask, True, EVEN_D)
+        v = _load_rows(v_ptr, rows, svs, offs_d, n_ok, d_mask, True, EVEN_D)
+        y0, y1, y2 = _coords(offs_n, ko0, ko1, ko2, ke1, ke2)
         if IS_BOX:
-            lo0 = tl.where(INWARD, tl.maximum(tl.minimum(x0 - W0 // 2, N0 - W0), 0), tl.maximum(x0 - W0 // 2, 0))
-            lo1 = tl.where(INWARD, tl.maximum(tl.minimum(x1 - W1 // 2, N1 - W1), 0), tl.maximum(x1 - W1 // 2, 0))
-            lo2 = tl.where(INWARD, tl.maximum(tl.minimum(x2 - W2 // 2, N2 - W2), 0), tl.maximum(x2 - W2 // 2, 0))
-            hi0 = tl.where(INWARD, lo0 + W0 - 1, x0 + (W0 - 1 - W0 // 2))
-            hi1 = tl.where(INWARD, lo1 + W1 - 1, x1 + (W1 - 1 - W1 // 2))
-            hi2 = tl.where(INWARD, lo2 + W2 - 1, x2 + (W2 - 1 - W2 // 2))
+            allowed = ((y0[None, :] >= lo0[:, None]) & (y0[None, :] <= hi0[:, None])
+                       & (y1[None, :] >= lo1[:, None]) & (y1[None, :] <= hi1[:, None])
+                       & (y2[None, :] >= lo2[:, None]) & (y2[None, :] <= hi2[:, None]))
         else:
-            lo0 = tl.where(INWARD & (PAD0 == 0), tl.maximum(tl.minimum(x0, N0 - R), R - 1), x0)
-            lo1 = tl.where(INWARD & (PAD1 == 0), tl.maximum(tl.minimum(x1, N1 - R), R - 1), x1)
-            lo2 = tl.where(INWARD, tl.maximum(tl.minimum(x2, N2 - R), R - 1), x2)
-            hi0 = lo0
-            hi1 = lo1
-            hi2 = lo2
-        ent_ptr = ENT + qb * L * 8
-        c0 = tl.load(CNT + qb * 3)
-        c1 = tl.load(CNT + qb * 3 + 1)
-        c2 = tl.load(CNT + qb * 3 + 2)
-        for j in range(0, c0):  # full key blocks of BLOCK_N keys: no mask at all
-            e = ent_ptr + j * 8
-            rows = (tl.load(e) + offs_n).to(tl.int64)
-            k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
-            v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
-            acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, None, False, qk_scale)
-        for j in range(c0, c1):  # full but shorter key blocks: mask the missing columns only
-            e = ent_ptr + j * 8
-            n_ok = offs_n < tl.load(e + 4) * tl.load(e + 5) * tl.load(e + 6)
-            rows = (tl.load(e) + offs_n).to(tl.int64)
-            k = _load_rows(k_ptr, rows, sks, offs_d, n_ok, d_mask, True, EVEN_D)
-            v = _load_rows(v_ptr, rows, svs, offs_d, n_ok, d_mask, True, EVEN_D)
-            acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale)
-        for j in range(c1, c2):  # partial key blocks: element mask from coordinates
-            e = ent_ptr + j * 8
-            k_start = tl.load(e)
-            ko0 = tl.load(e + 1)
-            ko1 = tl.load(e + 2)
-            ko2 = tl.load(e + 3)
-            ke0 = tl.load(e + 4)
-            ke1 = tl.load(e + 5)
-            ke2 = tl.load(e + 6)
-            n_ok = offs_n < ke0 * ke1 * ke2
-            rows = (k_start + offs_n).to(tl.int64)
-            k = _load_rows(k_ptr, rows, sks, offs_d, n_ok, d_mask, True, EVEN_D)
-            v = _load_rows(v_ptr, rows, svs, offs_d, n_ok, d_mask, True, EVEN_D)
-            y0, y1, y2 = _coords(offs_n, ko0, ko1, ko2, ke1, ke2)
-            if IS_BOX:
-                allowed = ((y0[None, :] >= lo0[:, None]) & (y0[None, :] <= hi0[:, None])
-                           & (y1[None, :] >= lo1[:, None]) & (y1[None, :] <= hi1[:, None])
-                           & (y2[None, :] >= lo2[:, None]) & (y2[None, :] <= hi2[:, None]))
-            else:
-                d0 = y0[None, :] - lo0[:, None]
-                d1 = y1[None, :] - lo1[:, None]
-                d2 = y2[None, :] - lo2[:, None]
-                allowed = d0 * d0 + d1 * d1 + d2 * d2 < R * R
-            allowed = allowed & n_ok[None, :]
-            acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, allowed, True, qk_scale)
-        acc, m_i, l_i = _dense_range(q, acc, m_i, l_i, EK + b * sekb + kvh * sekh, EV + b * sevb + kvh * sevh,
-                                     seks, sevs, 0, E, qk_scale, offs_n, offs_d, d_mask, BLOCK_N)
+            d0 = y0[None, :] - lo0[:, None]
+            d1 = y1[None, :] - lo1[:, None]
+            d2 = y2[None, :] - lo2[:, None]
+            allowed = d0 * d0 + d1 * d1 + d2 * d2 < R * R
+        allowed = allowed & n_ok[None, :]
+        acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, allowed, True, qk_scale)
+    acc, m_i, l_i = _dense_range(q, acc, m_i, l_i, EK + b * sekb + kvh * sekh, EV + b * sevb + kvh * sevh,
+                                 seks, sevs, 0, tl.where(is_prefix, 0, E), qk_scale, offs_n, offs_d, d_mask, BLOCK_N)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -201,12 +201,14 @@ def _window_fwd(
 
 def launch_configs(block_d: int, block_n: int = 64):
     """The (num_warps, num_stages) candidates for a padded head dim and key block, the default
-    first. All fit the 227 KiB of shared memory of sm_90, the default also the 163 KiB of sm_80
+    first. The default fits the 163 KiB of shared memory of sm_80, all fit the 227 KiB of sm_90
     (checked by tests/ops/window/test_triton_compile.py; the autotuner skips what a card cannot
-    launch). K/V tiles larger than 64 x 128 leave room for one stage only."""
-    if block_d * block_n > 128 * 64:
+    launch). Shared memory is about 2 bytes x block_d x (128 query rows + 2 x stages x block_n)."""
+    if block_d * block_n > 128 * 128:
         return [(8, 1)]
-    return [(8, 2), (4, 2), (8, 3), (4, 3)]
+    if block_d * block_n > 128 * 64:
+        return [(8, 2), (8, 1)] if block_d <= 128 else [(8, 1), (8, 2)]
+    return [(8, 2), (8, 3), (4, 2), (4, 3)]
 
 
 def _prune(configs, nargs, **kw):

@@ -2,7 +2,7 @@
 # The prepared check for the lent GPU machine (H100/H200, torch 2.11, Triton 3.6, nvcc, no network).
 # Builds dtk in place, runs the test suite, then the GPU benchmarks, then the CPU-only wheel check;
 # everything lands in $OUT (8 files: env.txt build.log tests.log bench.log bench.json bench.png
-# RESULTS.md wheel_smoke.log).
+# RESULTS.md wheel_smoke.log; + sweep.json sweep.log with SWEEP_S > 0).
 # Whole run sized to ~9 minutes: each step gets what is left of TOTAL_S.
 #   run from the repo root:  bash scripts/gpu_check.sh
 set -euo pipefail
@@ -74,6 +74,16 @@ if [ $(( $(left) - 60 )) -ge 390 ]; then
   DTK_TRITON_AUTOTUNE=0 timeout 60 "$PY" -m pytest tests -q -x -m "not gpu and not triton_engine" -p no:cacheprovider 2>&1 | tee -a "$OUT/tests.log" || rc_rest=$?
   echo "other tests rc=$rc_rest at ${SECONDS} s" | tee -a "$OUT/tests.log"
   [ "$rc_tests" -eq 0 ] && rc_tests=$rc_rest
+fi
+
+# optional block/launch-config sweep of the window engine (benchmarks/window_sweep.py), SWEEP_S
+# seconds before the suite (0, the default, skips it); SWEEP_ARGS e.g. "--shape dense-* --shape na2d-*"
+SWEEP_S="${SWEEP_S:-0}"
+if [ "$SWEEP_S" -gt 0 ]; then
+  echo "== window sweep (timeout ${SWEEP_S} s)"
+  # shellcheck disable=SC2086
+  timeout "$SWEEP_S" "$PY" -m benchmarks.window_sweep --json "$OUT/sweep.json" ${SWEEP_ARGS:-} 2>&1 \
+    | tee "$OUT/sweep.log" || echo "sweep cut or failed at ${SECONDS} s"
 fi
 
 # benchmarks: anchors stop at the budget; dtk rows always run; JSON is rewritten after every case.

@@ -18,11 +18,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float32, torch.float16]
 
 
-def run_case(case, dtype, block):
+def run_case(case, dtype, block, launch=None):
     q, k, v, ek, ev = make_inputs(case, dtype, DEVICE)
     spec = make_spec(case["grid"], case["window"], case["radius"], case["border"], case["num_prefix"], case["tile"])
     scale = case["scale"] or 1.0 / math.sqrt(case["D"])
-    out, lse = window_attention_triton(q, k, v, spec, scale, ek, ev, block=block)
+    out, lse = window_attention_triton(q, k, v, spec, scale, ek, ev, block=block, launch=launch)
     ref = lambda dt: window_attention_reference(  # noqa: E731
         q.to(dt), k.to(dt), v.to(dt), case["grid"], case["window"], extra_k=as_dtype(ek, dt),
         extra_v=as_dtype(ev, dt), **kwargs(case))
@@ -57,3 +57,11 @@ def test_triton_head_dims(D):
 ])
 def test_triton_named(case):
     run_case(dict(case, heads=(2, 2), D=16, B=2, transposed=False, scale=None), DTYPES[0], block=16)
+
+
+@pytest.mark.parametrize("launch", [(4, 1), (8, 3)])
+def test_triton_explicit_launch_config(launch):
+    """`launch=` (the sweep's fixed configs, autotuning off) gives the same answers."""
+    case = dict(grid=(6, 7), window=(3, 5), radius=None, border="inward", num_prefix=3, tile=(2, 4),
+                num_extra=2, heads=(2, 1), D=32, B=1, transposed=True, scale=None)
+    run_case(case, DTYPES[0], block=(32, 16), launch=launch)

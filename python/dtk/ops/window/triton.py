@@ -233,9 +233,11 @@ def default_blocks(device: torch.device, D: int):
     return window_blocks_override() or (128, 64)
 
 
-def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=None, extra_v=None, block=None):
+def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=None, extra_v=None, block=None,
+                            launch=None):
     """Runs the Triton engine (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). `block`
-    is (block_q, block_k) or one int for both; default `default_blocks`."""
+    is (block_q, block_k) or one int for both; default `default_blocks`. `launch` = (num_warps,
+    num_stages) fixes the launch configuration (no autotuning; benchmarks/window_sweep.py)."""
     B, S, H, D = q.shape
     Hkv = k.shape[2]
     if block is None:
@@ -251,10 +253,10 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     block_d = max(16, triton.next_power_of_2(D))
     w = spec.window or (1, 1, 1)
     grid = ((n_pqb + plan.num_blocks) * B * H,)
-    tuned = q.device.type == "cuda" and triton_autotune()
+    tuned = q.device.type == "cuda" and triton_autotune() and launch is None
     kernel = _window_fwd_tuned if tuned else _window_fwd
-    warps, stages = launch_configs(block_d, block_k)[0]
-    launch = {} if tuned else dict(num_warps=warps if block_q >= 64 else 4, num_stages=stages)
+    warps, stages = launch or launch_configs(block_d, block_k)[0]
+    config = {} if tuned else dict(num_warps=warps if block_q >= 64 or launch else 4, num_stages=stages)
     kernel[grid](
         q, k, v, ek, ev, out, lse, plan.q_blocks, plan.entries, plan.kv_count, plan.order,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -265,6 +267,6 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
         spec.border == "inward", spec.padded(0), spec.padded(1),
         scale * LOG2E,
         IS_BOX=spec.window is not None, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, EVEN_D=block_d == D,
-        **launch,
+        **config,
     )
     return out, lse

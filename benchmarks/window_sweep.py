@@ -1,0 +1,110 @@
+"""Block-size and launch-configuration sweep of the window engine on a GPU: a tuning aid that tells
+where the engine's time goes, not part of the suite (its numbers do not go to RESULTS.md).
+
+For each shape it times the Triton engine at every (query block, key block) x (num_warps,
+num_stages) candidate with autotuning off, checks each variant's output against the default
+variant's (a miscompiled configuration shows as a large difference), and prints effective TFLOP/s.
+The `dense-control` shape has a window covering the whole grid, so every plan entry is a full
+block without any mask: its rate against SDPA (cuDNN, flash) on the same tensors is the engine's
+raw attention speed, separate from plan waste and mask cost.
+
+    python -m benchmarks.window_sweep                       # every shape below
+    python -m benchmarks.window_sweep --shape na2d-* --json sweep.json
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from dtk.ops.window.spec import pair_count
+from dtk.ops.window.triton import launch_configs, window_attention_triton
+
+from .cases.window import GPU_SHAPES, WindowShape
+
+SHAPES = [WindowShape("dense-control-64x128", 1, 24, 128, (64, 128), window=(64, 128))] + [
+    s for s in GPU_SHAPES if s.name in ("na2d-256-w64-tile8x16", "freeswim-1080p-tile7x2x8", "clear8k-r16-clip-p512-tile8x16")]
+BLOCKS = [(128, 64), (128, 128), (64, 64), (128, 32)]
+
+
+def _tensors(shape: WindowShape, dtype=torch.bfloat16):
+    spec = shape.spec()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(shape.B, spec.seq_len, shape.H, shape.D, device="cuda", dtype=dtype, generator=g)
+               for _ in range(3))
+    return spec, q, k, v
+
+
+def _sdpa_rows(q, k, v, backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+
+    def fn():
+        with sdpa_kernel(be):
+            return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+    return fn
+
+
+def sweep(shape: WindowShape, out: list):
+    from triton.testing import do_bench
+
+    spec, q, k, v = _tensors(shape)
+    scale = 1.0 / math.sqrt(shape.D)
+    flops = 4.0 * shape.B * shape.H * shape.D * pair_count(spec)
+    rows = []
+
+    def record(name, fn, ref=None):
+        try:
+            o = fn()
+            o = o[0] if isinstance(o, tuple) else o
+            err = float((o.float() - ref.float()).abs().max()) if ref is not None else 0.0
+            ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+        except Exception as e:  # a variant the card cannot launch: reported, the sweep goes on
+            rows.append(dict(shape=shape.name, variant=name, error=f"{type(e).__name__}: {str(e)[:120]}"))
+            print(f"{shape.name:34s} {name:28s} failed: {rows[-1]['error']}", flush=True)
+            return None
+        rows.append(dict(shape=shape.name, variant=name, ms=ms, tflops=flops / ms / 1e9, max_diff_vs_default=err))
+        print(f"{shape.name:34s} {name:28s} {ms:9.3f} ms {flops / ms / 1e9:7.1f} eff TFLOP/s  diff {err:.2e}",
+              flush=True)
+        return o
+
+    bd = max(16, 1 << (shape.D - 1).bit_length())
+    ref = record("default", lambda: window_attention_triton(q, k, v, spec, scale, launch=launch_configs(bd)[0]))
+    for bq, bk in BLOCKS:
+        for warps, stages in launch_configs(bd, bk):
+            record(f"blocks {bq}x{bk} w{warps} s{stages}",
+                   lambda: window_attention_triton(q, k, v, spec, scale, block=(bq, bk), launch=(warps, stages)), ref)
+    if spec.window is not None and all(w >= n for w, n in zip(spec.window, spec.grid)):
+        for backend in ("cudnn", "flash"):
+            record(f"sdpa-{backend}", _sdpa_rows(q, k, v, backend), ref)
+    out.extend(rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", action="append", help="shape name or glob (repeatable); default all")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("window_sweep needs a CUDA GPU", file=sys.stderr)
+        return 2
+    shapes = [s for s in SHAPES if not args.shape or any(fnmatch.fnmatch(s.name, p) for p in args.shape)]
+    rows: list = []
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    for s in shapes:
+        sweep(s, rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

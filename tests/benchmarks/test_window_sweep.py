@@ -1,0 +1,16 @@
+"""The window sweep tool (benchmarks/window_sweep.py) is GPU-only; here: its shapes exist and the
+dense control really is dense (every plan entry a full block, so no mask is ever evaluated)."""
+from benchmarks import window_sweep
+from dtk.ops.window.plan import build_plan
+
+
+def test_sweep_shapes():
+    names = [s.name for s in window_sweep.SHAPES]
+    assert names[0].startswith("dense-control") and len(names) == 4, names
+
+
+def test_dense_control_plan_has_only_full_blocks():
+    spec = window_sweep.SHAPES[0].spec()
+    plan = build_plan(spec, 128, 64, "cpu")
+    c = plan.kv_count
+    assert (c[:, 0] == c[:, 2]).all() and (c[:, 0] == spec.num_grid // 64).all()

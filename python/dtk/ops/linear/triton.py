@@ -135,7 +135,7 @@ def _seq_range(CU, b, S, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _state_step(kb, vb, s0, end, sks, svs, offs_d, offs_e, md, me, acc, ks2,
+def _state_step(kb, vb, s0, end, sks, svs, offs_d, offs_e, md, me, acc, ks,
                 FM: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr, MASK_S: tl.constexpr,
                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_S: tl.constexpr):
     offs_s = s0 + tl.arange(0, BLOCK_S)
@@ -149,8 +149,8 @@ def _state_step(kb, vb, s0, end, sks, svs, offs_d, offs_e, md, me, acc, ks2,
         acc = _mm(tl.trans(fk.to(k.dtype)), v, acc, LOWP, IEEE)
     else:
         acc = _mm(tl.trans(fk), v.to(tl.float32), acc, LOWP, IEEE)
-    ks2 += fk  # (padded feature columns hold phi(0); they are never stored)
-    return acc, ks2
+    ks += tl.sum(fk, 0)  # (padded feature columns hold phi(0); they are never stored)
+    return acc, ks
 
 
 @triton.jit
@@ -181,15 +181,14 @@ def _state_kernel(K, V, CU, PKV, PKS,
     md = offs_d < D
     me = offs_e < DV
     acc = tl.zeros((BLOCK_D, BLOCK_DV), tl.float32)
-    ks2 = tl.zeros((BLOCK_S, BLOCK_D), tl.float32)
+    ks = tl.zeros((BLOCK_D,), tl.float32)
     for i in range(0, n_full):
-        acc, ks2 = _state_step(kb, vb, start + i * BLOCK_S, end, sks, svs, offs_d, offs_e, md, me, acc, ks2,
+        acc, ks = _state_step(kb, vb, start + i * BLOCK_S, end, sks, svs, offs_d, offs_e, md, me, acc, ks,
                                FM, LOWP, IEEE, False, EVEN_D, EVEN_DV, BLOCK_S)
     tail = start + n_full * BLOCK_S
     if tail < end:
-        acc, ks2 = _state_step(kb, vb, tail, end, sks, svs, offs_d, offs_e, md, me, acc, ks2,
+        acc, ks = _state_step(kb, vb, tail, end, sks, svs, offs_d, offs_e, md, me, acc, ks,
                                FM, LOWP, IEEE, True, EVEN_D, EVEN_DV, BLOCK_S)
-    ks = tl.sum(ks2, 0)
     if ATOMIC:  # into the zeroed (NSEQ, HKV, D, DV) state
         if start < end:
             slot = pid_bh.to(tl.int64)

@@ -17,7 +17,7 @@ def test_window_kernel_compiles_with_every_launch_config():
     configs = [(arch, is_box, bd, bn, w, st) for arch in (90, 80) for is_box in (True, False)
                for bd, bn in ((64, 64), (128, 64), (256, 64), (128, 128)) for w, st in launch_configs(bd, bn)]
     jobs = [job("dtk.ops.window.triton:_window_fwd", arch, PTRS,
-                dict(IS_BOX=is_box, BLOCK_M=128, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd != 256), num_warps=w, num_stages=st)
+                dict(IS_BOX=is_box, BLOCK_M=128, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd != 256, AXES=7), num_warps=w, num_stages=st)
             for arch, is_box, bd, bn, w, st in configs]
     results = compile_all(jobs)
     print("\n".join(f"{cfg}: {res}" for cfg, res in zip(configs, results)))

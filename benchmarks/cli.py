@@ -17,6 +17,7 @@ import torch
 
 from . import registry
 from .registry import Case, Impl, Skip
+from .results_md import INFO_KEYS
 from .timing import gbs, measure_copy_bandwidth, measure_floor, pct_of_bandwidth, pct_of_floor, tflops, time_fn
 
 SCHEMA = "dtk-bench/1"
@@ -183,7 +184,7 @@ class Runner:
             return
         row["info"] = dict(prep.info)
         if impl.check or impl.kind == "dtk":
-            res = case.check(state, prep.fn())
+            res = (impl.checker or case.check)(state, prep.fn())
             row["check"] = res.as_dict()
             if not res.ok:
                 row.update(status="FAILED", reason=f"wrong result: err {res.err:.3g} > tol {res.tol:.3g} ({res.against})")
@@ -236,7 +237,7 @@ def _row_note(r):
     if r.get("status") not in ("ok", None):
         parts.append(f"{r['status']}: {r.get('reason', '')}" if r["status"] != "skipped" else f"skipped: {r.get('reason', '')}")
     info = r.get("info") or {}
-    for k in ("mask_s", "first_call_s", "sparsity", "dense_tflops", "reused_from"):
+    for k in INFO_KEYS:
         if k in info:
             parts.append(f"{k}={info[k]}")
     if r.get("check") and r.get("status") == "ok":

@@ -39,6 +39,8 @@ class Impl:
     prepare: Callable[[Dict[str, Any]], Prepared]   # state (from Case.setup) -> Prepared
     kind: str = "anchor"                  # "dtk" (the library) or "anchor" (what it is compared with)
     check: bool = False                   # check output against the reference before timing (always for dtk)
+    checker: Optional[Callable[[Dict[str, Any], Any], "CheckResult"]] = None  # replaces Case.check (a peer
+                                          # with its own token layout, or computing a different function)
     devices: Tuple[str, ...] = ("cpu", "cuda")
     cost_hint_s: float = 0.0              # rough one-off cost (mask building, compile): used by --budget-s
     slow: bool = False                    # one call may take ~1 s: time with few reps

@@ -12,7 +12,10 @@ stamp=".venv/.dtk-deps-$(sha1sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch>=2.11" numpy "setuptools>=77" wheel "cmake>=3.24" ninja nvidia-cutlass \
-    pytest pytest-xdist matplotlib tqdm "diffusers>=0.35" transformers accelerate
+    pytest pytest-xdist matplotlib tqdm "diffusers>=0.35" transformers accelerate "fla-core>=0.6"
+  # benchmark peer NATTEN: a pure-Python build (seconds) against the torch above; no visible GPU
+  # keeps its setup.py from compiling libnatten (a large CUDA library: far too slow here)
+  env -u NATTEN_CUDA_ARCH CUDA_VISIBLE_DEVICES= python -m pip install -q --no-build-isolation "natten>=0.20"
   touch "$stamp"
 fi
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then

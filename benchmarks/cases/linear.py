@@ -10,6 +10,10 @@ Implementations, on the same tensors:
   sdpa         dense softmax attention (SDPA, torch's backend choice) on the same q, k, v: the cost
                of the attention that linear attention replaces (a different function: not checked).
   sdpa-cudnn   the same with the cuDNN backend (GPU only; the fastest dense backend, DESIGN §5).
+  fla-causal   flash-linear-attention's chunk_linear_attn (optional peer, when importable; Triton,
+               GPU only) on the same elu+1 features, applied in the timed call. fla has no
+               non-causal form, so this is the causal function (more work than the op): it is
+               checked against the causal formula (`causal_reference`), not the op's.
 
 LinFusion cases time `linear_attention(q, k, v)` (elu1, normalised, eps 1e-4); MEMO cases time one
 clip step with memory: the output against a carried state and the state's update with the clip's
@@ -17,6 +21,7 @@ frames (`memory_linear_attention(q, k, v, state)`, which returns both).
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -29,6 +34,7 @@ from ..registry import Case, CheckResult, Impl, Prepared, Skip, first_call, regi
 
 OP = "linear"
 EPS = 1e-4
+FLA_EPS = 1e-10                  # fla's normalize=True denominator: q_t . sum_{s<=t} k_s + 1e-10
 DECAY = 0.9
 CHECK_ALL_ROWS_UP_TO = 4096      # outputs with up to this many (batch x seq) rows are checked whole
 CHECK_ROWS = 256                 # else these many random sequence rows (plus the first and last)
@@ -149,25 +155,53 @@ def reference(state, dtype):
     return [R.linear_attention_apply_reference(q, kv_sum, k_sum, count, eps=EPS)]
 
 
-def check(state, out) -> CheckResult:
-    """DESIGN §6 rule: error vs the float64 reference <= 2 x (error of the reference computed in
-    the run's dtype) + atol, on every output (MEMO: out, new kv, new z); NaN anywhere fails."""
+def causal_linear_attention(fq, fk, v, rows: Optional[torch.Tensor] = None, eps: float = FLA_EPS):
+    """Causal normalised linear attention, as fla's chunk_linear_attn(normalize=True, scale=1)
+    computes it: out_t = fq_t . sum_{s<=t} fk_s v_s^T / (fq_t . sum_{s<=t} fk_s + eps), in the
+    inputs' dtype. fk (B, S, H, D), v (B, S, H, Dv); fq (B, R, H, D): the features of the query
+    rows `rows` (ascending; None = all S). The prefix sums advance from one row to the next: O(S)
+    work, one (B, H, D, Dv) state in memory."""
+    rows = range(fk.shape[1]) if rows is None else rows.tolist()
+    kv = z = 0
+    start, outs = 0, []
+    for i, t in enumerate(rows):
+        kv = kv + torch.einsum("bshd,bshe->bhde", fk[:, start:t + 1], v[:, start:t + 1])
+        z = z + fk[:, start:t + 1].sum(1)
+        start = t + 1
+        num = torch.einsum("bhd,bhde->bhe", fq[:, i], kv)
+        outs.append(num / (torch.einsum("bhd,bhd->bh", fq[:, i], z) + eps)[..., None])
+    return torch.stack(outs, 1)
+
+
+def causal_reference(state, dtype):
+    """The fla peer's function (causal, elu+1 features) on the check rows, computed in `dtype`."""
+    q, k, v, rows = state["q"], state["k"].to(dtype), state["v"].to(dtype), state["rows"]
+    q = (q if rows is None else q.index_select(1, rows)).to(dtype)
+    return [causal_linear_attention(F.elu(q) + 1, F.elu(k) + 1, v, rows)]
+
+
+def _compare(state, out, ref_fn, against: str) -> CheckResult:
+    """DESIGN §6 rule: error vs the float64 reference `ref_fn(state, float64)` <= 2 x (error of
+    `ref_fn` computed in the run's dtype) + atol, on every output (MEMO: out, new kv, new z); NaN
+    anywhere fails. References are cached in the state, per ref_fn."""
     shape: LinearShape = state["shape"]
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     rows = state["rows"]
     n_rows = shape.B * (shape.S if rows is None else rows.numel())
-    against = f"float64 reference on {n_rows}/{shape.B * shape.S} rows"
-    if "_ref64" not in state:
-        state["_ref64"] = reference(state, torch.float64)
+    against = f"{against} on {n_rows}/{shape.B * shape.S} rows"
+    key = ("_ref", ref_fn.__name__)
+    if key not in state:
+        ref64 = ref_fn(state, torch.float64)
         lowp = state["q"].dtype
-        state["_base"] = [0.0] * len(state["_ref64"]) if lowp == torch.float64 else \
-            [(a.double() - b).abs().max().item() for a, b in zip(reference(state, lowp), state["_ref64"])]
-    refs = state["_ref64"]
+        bases = [0.0] * len(ref64) if lowp == torch.float64 else \
+            [(a.double() - b).abs().max().item() for a, b in zip(ref_fn(state, lowp), ref64)]
+        state[key] = ref64, bases
+    refs, bases = state[key]
     if len(outs) != len(refs):
         return CheckResult(False, float("inf"), 0.0, n_rows, against + f"; {len(outs)} outputs, expected {len(refs)}")
     atol = 1e-5 if state["q"].dtype in (torch.float32, torch.float64) else 1e-3
     worst = None                      # (err / tol, err, tol) of the output closest to failing
-    for i, (o, ref, base) in enumerate(zip(outs, refs, state["_base"])):
+    for i, (o, ref, base) in enumerate(zip(outs, refs, bases)):
         if torch.isnan(o).any():
             return CheckResult(False, float("nan"), 0.0, n_rows, against + "; NaN in output")
         if i == 0 and shape.kind != "memo" and rows is not None:
@@ -179,6 +213,15 @@ def check(state, out) -> CheckResult:
         if worst is None or err / tol > worst[0]:
             worst = (err / tol, err, tol)
     return CheckResult(worst[0] <= 1.0, worst[1], worst[2], n_rows, against)
+
+
+def check(state, out) -> CheckResult:
+    return _compare(state, out, reference, "float64 reference")
+
+
+def check_causal(state, out) -> CheckResult:
+    """The fla peer's check: against the causal formula of the same features."""
+    return _compare(state, out, causal_reference, "float64 causal reference")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,8 +236,6 @@ def _dtk_op(name: str):
     if fn is None:
         raise Skip(f"dtk.{name} not available in this build")
     return fn
-
-
 
 
 def _prep_dtk(state):
@@ -218,6 +259,19 @@ def _prep_naive(state):
         mkv, mz = state["mem_kv"], state["mem_z"]
         return Prepared(lambda: memo_naive(q, k, v, mkv, mz))
     return Prepared(lambda: linfusion_naive(q, k, v))
+
+
+def _prep_fla(state):
+    if importlib.util.find_spec("fla") is None:
+        raise Skip("fla not installed")
+    if not state["device"].startswith("cuda"):
+        raise Skip("GPU only")            # Triton kernels (the interpreter would time nothing useful)
+    from fla.ops.linear_attn import chunk_linear_attn
+    q, k, v = state["q"], state["k"], state["v"]
+
+    def fn():   # the features are part of the call, as in the dtk row (which fuses them)
+        return chunk_linear_attn(F.elu(q) + 1, F.elu(k) + 1, v, scale=1.0, normalize=True)[0]
+    return Prepared(fn, first_call(fn, state["device"], "fla"))
 
 
 def _available_bytes(device: str) -> float:
@@ -262,6 +316,10 @@ def make_impls(shape: LinearShape, gpu: bool):
              Impl("naive", _prep_naive, check=True, note="the formula in plain torch ops")]
     if shape.kind == "memo":
         return impls                  # dense attention over 16 frames is not what MEMO replaces
+    # cost hint: fla autotunes its Triton kernels on the first call of each head dim (rough guess)
+    impls.append(Impl("fla-causal", _prep_fla, check=True, checker=check_causal, cost_hint_s=30.0 if gpu else 0.0,
+                      note="causal (fla has no non-causal form): more work than the op; checked against "
+                           "the causal formula"))
     slow = shape.S >= 100_000
     impls.append(Impl("sdpa", _prep_sdpa(None), slow=slow, cost_hint_s=_sdpa_cost_hint(shape, gpu, 300.0),
                       note="dense softmax attention, same q/k/v"))

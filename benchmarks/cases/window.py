@@ -7,6 +7,10 @@ Implementations, all run in one process on the same tensors:
                    skipped with the error in the row.
   flex             FlexAttention with the equivalent mask_mod (GPU only), in the case's token
                    order (row-major or tile order); mask building time is reported as mask_s.
+  natten           NATTEN's na1d/na2d/na3d (optional peer, when importable) on box windows with
+                   border "inward" and no prefix; checked. NATTEN's neighborhood is exactly that
+                   window, even sizes included: keys [lo, lo + w - 1] per axis with
+                   lo = clamp(p - w//2, 0, n - w). The row's `backend` says which NATTEN kernel ran.
   naive            dense boolean mask + SDPA math backend, where memory allows; checked.
 
 FLOPs are the mask's: 4 * B * H * D * pair_count(spec) (exact number of allowed (q, k) pairs), for
@@ -24,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from dtk.ops.window.reference import grid_allowed, masked_attention, window_mask
-from dtk.ops.window.spec import (box_range, circle_center, grid_coords, make_spec, pair_count)
+from dtk.ops.window.spec import (box_range, circle_center, grid_coords, make_spec, pair_count,
+                                 tile_permutation)
 
 from ..registry import Case, CheckResult, Impl, Prepared, Skip, first_call, register
 
@@ -331,6 +336,72 @@ def _prep_naive(state):
     return Prepared(fn, {"mask_s": round(mask_s, 3)})
 
 
+def natten_geometry(shape: WindowShape):
+    """(grid, kernel_size) of the NATTEN call equivalent to this case's window, size-1 grid axes
+    dropped (NATTEN kernels are >= 2 on every axis); Skip with the reason when there is none."""
+    if shape.radius is not None:
+        raise Skip("circle window: NATTEN neighborhoods are boxes")
+    if shape.border != "inward":
+        raise Skip(f"border {shape.border!r}: NATTEN shifts windows inside at borders (inward only)")
+    if shape.num_prefix:
+        # additional_keys would give grid queries the prefix keys, but not prefix queries all keys
+        raise Skip("prefix tokens: prefix queries attend to every key, not a NATTEN op")
+    spec = shape.spec()
+    axes = [a for a in range(3) if spec.grid[a] > 1]
+    kernel = tuple(spec.window[a] for a in axes)     # -1 and oversized windows resolved to the axis
+    if not axes or min(kernel) < 2:
+        raise Skip("window 1 on an axis: NATTEN kernel sizes are >= 2")
+    return tuple(spec.grid[a] for a in axes), kernel
+
+
+def _prep_natten(state):
+    grid, kernel = natten_geometry(state["shape"])
+    try:
+        import natten
+        from natten.backends import choose_backend
+    except ImportError:
+        raise Skip("natten not installed")
+    sh: WindowShape = state["shape"]
+    B, _, H, D = state["q"].shape
+    # NATTEN's layout, heads last with row-major tokens (B, *grid, H, D), made once here: the layout
+    # a NATTEN model keeps, so this conversion is not timed (nor is the way back, in the check)
+    inv = tile_permutation(sh.grid, sh.tile, state["device"])[1] if sh.tile else None
+    q, k, v = (x if inv is None else x[:, inv] for x in (state["q"], state["k"], state["v"]))
+    q, k, v = (x.reshape(B, *grid, H, D).contiguous() for x in (q, k, v))
+    na = (natten.na1d, natten.na2d, natten.na3d)[len(grid) - 1]
+    try:
+        backend = choose_backend(q, k, v, torch_compile=False)
+    except NotImplementedError as e:
+        raise Skip(f"natten: {e}"[:160])
+    # NATTEN runs Flex Attention where it has no kernel of its own (CPU, no libnatten): eager Flex
+    # materialises every score, fine on the CPU set only, so on a GPU it is compiled (as the flex row)
+    compiled = backend == "flex-fna" and state["device"].startswith("cuda")
+    if compiled:
+        natten.allow_flex_compile()
+    scale = state["scale"]
+
+    def fn():
+        return na(q, k, v, kernel_size=kernel, scale=scale, backend=backend, torch_compile=compiled)
+    with warnings.catch_warnings():   # eager Flex warns (once) that it is unfused: the backend note says so
+        warnings.filterwarnings("ignore", message=".*without torch.compile")
+        warnings.simplefilter("ignore", FutureWarning)
+        info = first_call(fn, state["device"], "natten")
+    if kernel == grid:
+        info["backend"] = "attention (the window is the whole grid)"
+    else:
+        info["backend"] = backend + (f" {'compiled' if compiled else 'eager'}" if backend == "flex-fna" else "")
+    return Prepared(fn, info)
+
+
+def _natten_check(state, out):
+    """The case's check, on NATTEN's output put back into the case's token order."""
+    sh: WindowShape = state["shape"]
+    out = out.flatten(1, out.dim() - 3)
+    if sh.tile:
+        out = out[:, tile_permutation(sh.grid, sh.tile, out.device)[0]]
+    return check(state, out)
+
+
 def _flex_cost_hint(shape: WindowShape) -> float:
     S = shape.spec().seq_len
     return min(30.0, 3.0 + S * S / 1.7e8)
@@ -350,8 +421,11 @@ def make_impls(shape: WindowShape, gpu: bool, slow_reps: int = 3):
         hint = (slow_reps + 2) * dense_flops / (_DENSE_RATE[be] * 1e12) if gpu else 0.0
         impls.append(Impl(f"sdpa-{be}", _sdpa_prep(be), slow=big, reuse_key=_sdpa_reuse_key(be),
                           cost_hint_s=hint, note="dense, no mask"))
-        if gpu and be == "cudnn":  # then FlexAttention with the same mask (its mask build is timed apart)
-            impls.append(Impl("flex", _prep_flex, check=True, devices=("cuda",), cost_hint_s=_flex_cost_hint(shape)))
+        if be == "cudnn":  # then the peers with the same mask: FlexAttention (its mask build is timed apart), NATTEN
+            if gpu:
+                impls.append(Impl("flex", _prep_flex, check=True, devices=("cuda",), cost_hint_s=_flex_cost_hint(shape)))
+            impls.append(Impl("natten", _prep_natten, check=True, checker=_natten_check,
+                              note="NATTEN na{1,2,3}d, heads-last row-major layout (made once, not timed)"))
     impls.append(Impl("naive", _prep_naive, check=True, note="dense bool mask + SDPA math"))
     return impls
 

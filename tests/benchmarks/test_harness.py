@@ -215,7 +215,7 @@ def test_cli_cpu_run_in_process(fake_dtk, tmp_path, capsys):
     assert data["meta"]["command"].startswith("python -m benchmarks --shape") and data["meta"]["floor"]["tflops"] > 0
     assert data["meta"]["cases"]["window/3d-4x8x8-w(-1,3,5)"]["grid"] == [4, 8, 8]
     assert "| 3d-4x8x8-w(-1,3,5) | B=1, H=2, D=64, grid=[4, 8, 8]" in results_md.render(data)
-    assert {r["impl"] for r in data["rows"]} == {"dtk", "naive"} | {f"sdpa-{b}" for b in W.SDPA_BACKENDS}
+    assert {r["impl"] for r in data["rows"]} == {"dtk", "naive", "natten"} | {f"sdpa-{b}" for b in W.SDPA_BACKENDS}
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     rc = cli.main(["--shape", "3d-*", "--no-progress", "--compare", str(j), "--skip-anchor", "*",
                    "--cpu-target-s", "0.01"])

@@ -31,7 +31,7 @@ def test_gpu_set_has_the_requested_shapes():
     assert all(c.params["H"] == 8 for n, c in cases.items() if n.startswith("sd15"))
     memo = cases["memo-32768x16-d40"]
     assert memo.params["B"] * memo.params["H"] == 32768 and memo.params["S"] == 16 and memo.params["D"] == 40
-    assert [i.name for i in flux.impls] == ["dtk", "naive", "sdpa", "sdpa-cudnn"]
+    assert [i.name for i in flux.impls] == ["dtk", "naive", "fla-causal", "sdpa", "sdpa-cudnn"]
     assert [i.name for i in memo.impls] == ["dtk", "naive"]
     cpu = registry.select(False, ["linear"])
     assert cpu and all(c.dtype == "float32" for c in cpu)

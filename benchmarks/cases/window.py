@@ -2,6 +2,8 @@
 
 Implementations, all run in one process on the same tensors:
   dtk              the op (CPU tensors: C++ engine; CUDA tensors: Triton engine); checked first.
+  dtk+permute      (tile-order cases) the same from row-major tokens: q, k, v permuted to tile
+                   order and the output back (dtk.to/from_tile_order) inside the timed call.
   sdpa-<backend>   dense SDPA (no mask: the cost of ignoring locality) for flash, cudnn,
                    efficient, math via torch.nn.attention.sdpa_kernel; a backend that errors is
                    skipped with the error in the row.
@@ -178,6 +180,32 @@ def _prep_dtk(state):
     kw = dict(sh.op_kwargs(), scale=state["scale"])
     fn = lambda: op(q, k, v, sh.grid, sh.window, **kw)  # noqa: E731
     return Prepared(fn, first_call(fn, state["device"], "window_attention"))
+
+
+def _prep_dtk_permute(state):
+    """dtk for a caller holding row-major tokens: q, k, v to tile order, the op, the output back,
+    all timed (the permutation counts against the window targets)."""
+    op = _dtk_op()
+    import dtk
+
+    sh: WindowShape = state["shape"]
+    order = dict(grid=sh.grid, tile=sh.tile, num_prefix=sh.num_prefix)
+    # the case's tensors are in tile order: their row-major copies are this row's inputs (made once)
+    q, k, v = (dtk.from_tile_order(x, **order) for x in (state["q"], state["k"], state["v"]))
+    kw = dict(sh.op_kwargs(), scale=state["scale"])
+
+    def fn():
+        qt, kt, vt = (dtk.to_tile_order(x, **order) for x in (q, k, v))
+        return dtk.from_tile_order(op(qt, kt, vt, sh.grid, sh.window, **kw), **order)
+    return Prepared(fn, first_call(fn, state["device"], "window_attention+tile_reorder"))
+
+
+def _permute_check(state, out):
+    """The case's check, on the row-major output put back into tile order."""
+    import dtk
+
+    sh: WindowShape = state["shape"]
+    return check(state, dtk.to_tile_order(out, sh.grid, sh.tile, num_prefix=sh.num_prefix))
 
 
 _BACKEND = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
@@ -417,6 +445,9 @@ def make_impls(shape: WindowShape, gpu: bool, slow_reps: int = 3):
     big = S > 100_000
     dense_flops = 4.0 * shape.B * shape.H * S * S * shape.D
     impls = [Impl("dtk", _prep_dtk, kind="dtk", check=True)]
+    if shape.tile:
+        impls.append(Impl("dtk+permute", _prep_dtk_permute, kind="dtk", check=True, checker=_permute_check,
+                          note="row-major tokens in and out: to_tile_order(q, k, v) + op + from_tile_order, all timed"))
     for be in SDPA_BACKENDS:  # dense cuDNN first: the anchor every speedup is quoted against
         hint = (slow_reps + 2) * dense_flops / (_DENSE_RATE[be] * 1e12) if gpu else 0.0
         impls.append(Impl(f"sdpa-{be}", _sdpa_prep(be), slow=big, reuse_key=_sdpa_reuse_key(be),

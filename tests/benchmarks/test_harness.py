@@ -236,3 +236,18 @@ def test_op_without_a_kernel_for_the_device_is_skipped(monkeypatch):
     monkeypatch.setattr(W, "_dtk_op", lambda: no_kernel)
     d = _runner().run_case(_cpu_case("3d-4x8x8-w(-1,3,5)"), torch.float32)[0]
     assert d["status"] == "skipped" and "no cpu kernel" in d["reason"]
+
+
+def test_permute_row_counts_the_tile_permutation(monkeypatch):
+    """Tile-order cases also time dtk from row-major tokens (to_tile_order + op + back); its check
+    puts the output back in tile order, so an op that ignored the order would fail it."""
+    c = _cpu_case("2d-24x24-w7-p8-tile4x8")
+    assert [i.name for i in c.impls].count("dtk+permute") == 1
+    assert "dtk+permute" not in [i.name for i in _cpu_case("3d-4x8x8-w(-1,3,5)").impls]
+    by = {r["impl"]: r for r in _runner().run_case(c, torch.float32)}
+    assert by["dtk+permute"]["status"] == "ok" and by["dtk+permute"]["check"]["ok"], by["dtk+permute"]
+    # the same op fed tile-ordered inputs as if row-major: wrong, and the check says so
+    import dtk
+    monkeypatch.setattr(dtk, "to_tile_order", lambda x, *a, **kw: x)
+    by = {r["impl"]: r for r in _runner().run_case(c, torch.float32)}
+    assert by["dtk+permute"]["status"] == "FAILED", by["dtk+permute"]

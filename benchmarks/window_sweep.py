@@ -22,6 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from dtk.ops.window.plan import build_plan, engine_pairs
 from dtk.ops.window.spec import pair_count
 from dtk.ops.window.triton import launch_configs, window_attention_triton
 
@@ -78,6 +79,9 @@ def sweep(shape: WindowShape, out: list):
     bd = max(16, 1 << (shape.D - 1).bit_length())
     ref = record("default", lambda: window_attention_triton(q, k, v, spec, scale, launch=launch_configs(bd)[0]))
     for bq, bk in BLOCKS:
+        eff = pair_count(spec) / engine_pairs(build_plan(spec, bq, bk, q.device), spec)
+        print(f"{shape.name:34s} blocks {bq}x{bk}: plan efficiency {eff:.3f} (the mask's pairs / computed pairs)")
+        rows.append(dict(shape=shape.name, variant=f"blocks {bq}x{bk}", plan_eff=eff))
         for warps, stages in launch_configs(bd, bk):
             record(f"blocks {bq}x{bk} w{warps} s{stages}",
                    lambda: window_attention_triton(q, k, v, spec, scale, block=(bq, bk), launch=(warps, stages)), ref)

@@ -179,7 +179,15 @@ def _prep_dtk(state):
     q, k, v = state["q"], state["k"], state["v"]
     kw = dict(sh.op_kwargs(), scale=state["scale"])
     fn = lambda: op(q, k, v, sh.grid, sh.window, **kw)  # noqa: E731
-    return Prepared(fn, first_call(fn, state["device"], "window_attention"))
+    info = first_call(fn, state["device"], "window_attention")
+    if state["device"].startswith("cuda"):   # the Triton engine's plan: the share of its work the mask needs
+        from dtk.ops.window.plan import build_plan, engine_pairs
+        from dtk.ops.window.triton import default_blocks
+
+        spec = state["spec"]
+        plan = build_plan(spec, *default_blocks(q.device, sh.D), q.device)
+        info["plan_eff"] = round(pair_count(spec) / engine_pairs(plan, spec), 3)
+    return Prepared(fn, info)
 
 
 def _prep_dtk_permute(state):

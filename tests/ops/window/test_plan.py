@@ -75,3 +75,21 @@ def test_plan_is_cached_and_grid_change_needs_no_recompile():
     a = make_spec((12, 12), 5)
     cpu = torch.device("cpu")
     assert build_plan(a, 16, 16, cpu) is build_plan(make_spec((12, 12), 5), 16, 16, cpu)
+
+
+def test_engine_pairs_counts_the_work_of_whole_blocks():
+    """A window covering the grid: every block full, no waste beyond padding; the plan
+    efficiency of a real window is below 1 and equals the brute-force count."""
+    import torch
+
+    from dtk.ops.window.plan import build_plan, engine_pairs
+    from dtk.ops.window.spec import make_spec, pair_count
+
+    dense = make_spec((8, 16), window=(8, 16), tile=(4, 8))            # 128 tokens, blocks of 32
+    plan = build_plan(dense, 32, 32, torch.device("cpu"))
+    assert engine_pairs(plan, dense) == pair_count(dense) == 128 * 128
+    spec = make_spec((9, 10), window=(3, 5), num_prefix=5, tile=(4, 4))
+    plan = build_plan(spec, 16, 16, torch.device("cpu"))
+    n = plan.kv_count[:, 2].long().sum().item()
+    brute = 16 * (n * 16 + plan.num_blocks * 16) + 1 * 16 * 96       # 95 tokens: keys padded to 96
+    assert engine_pairs(plan, spec) == brute and pair_count(spec) < brute

@@ -218,3 +218,15 @@ def build_plan(spec: WindowSpec, block_q: int, block_k: int, device: torch.devic
     return WindowPlan(qb.to(torch.int32).contiguous(), ent.to(torch.int32).contiguous(),
                       count.to(torch.int32).contiguous(), order.to(torch.int32), num_blocks, n_ct * n_cs,
                       block_q, block_k)
+
+
+def engine_pairs(plan: WindowPlan, spec: WindowSpec, num_extra: int = 0) -> int:
+    """(query, key) pairs the Triton engine computes for `plan` (padded rows and columns of short
+    blocks included): the tensor-core work. pair_count(spec) / engine_pairs is the plan's
+    efficiency, the ceiling on effective / actual TFLOP/s (for block-sparse windows a property of
+    the window and the block shapes, not of the kernel)."""
+    bq, bk = plan.block_q, plan.block_k
+    P, S = spec.num_prefix, spec.seq_len
+    pad = lambda n: -(-n // bk) * bk  # noqa: E731   key ranges are walked in whole blocks
+    per_block = plan.kv_count[:, 2].long().sum().item() * bk + plan.num_blocks * (pad(P) + pad(num_extra))
+    return bq * per_block + -(-P // bq) * bq * pad(S)

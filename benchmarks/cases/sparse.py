@@ -3,10 +3,13 @@ and the correctness check. Three workloads (DESIGN §1/§5), a tiny CPU version 
 
   spotedit       FLUX-Kontext editing step: queries = text + the edited ~30% of the image tokens,
                  keys = text + image + condition image from three separate K/V sources.
-                 dtk: one call, q rows gathered in the kernel, results scattered into `out` in place.
+                 dtk: one call, results scattered into `out` in place (GPU: cuDNN per K/V source +
+                 one merge pass that scatters, q rows gathered once; "dtk-triton": the Triton
+                 engine, q rows gathered in the kernel).
                  anchor "gather-cat-sdpa-<be>": index_select q + torch.cat of K/V + SDPA + index_copy_.
   ominicontrol2  queries = fresh tokens; keys = fresh K/V + cached condition K/V (two sources).
-                 dtk: one call over [fresh, cond]. anchors "cat-sdpa-<be>" (torch.cat + SDPA) and
+                 dtk: one call over [fresh, cond] (GPU: cuDNN per source + merge; "dtk-triton": the
+                 Triton engine). anchors "cat-sdpa-<be>" (torch.cat + SDPA) and
                  "sdpa-<be>-preconcat" (SDPA on K/V concatenated once at setup: the target is
                  <= 1.05x of it while never concatenating).
   segment        OminiControl branches [text, image, cond1, cond2] with the asymmetric mask (text and
@@ -203,6 +206,20 @@ def _prep_dtk(state):
     return Prepared(fn, first_call(fn, state["device"], "segment_attention"))
 
 
+def _prep_dtk_triton(state):
+    """The Triton engine on the multi_kv_attention cases, beside the op's automatic choice."""
+    _dtk()
+    from dtk.ops.sparse.triton import multi_kv_attention_triton
+
+    q, ks, vs, scale = state["q"], state["ks"], state["vs"], state["scale"]
+    if state["shape"].kind == "spotedit":
+        qi, out = state["q_index"], state["out"]
+        fn = lambda: multi_kv_attention_triton(q, ks, vs, None, qi, scale, out=out)[0]  # noqa: E731
+    else:
+        fn = lambda: multi_kv_attention_triton(q, ks, vs, None, None, scale)[0]  # noqa: E731
+    return Prepared(fn, first_call(fn, state["device"], "multi_kv_attention (Triton engine)"))
+
+
 def _try(fn, state, backend):
     try:
         fn()
@@ -296,6 +313,9 @@ def _prep_segment_loop(backend):
 
 def make_impls(sh: SparseShape, gpu: bool):
     impls = [Impl("dtk", _prep_dtk, kind="dtk", check=True)]
+    if sh.kind != "segment":
+        impls.append(Impl("dtk-triton", _prep_dtk_triton, kind="dtk", check=True, devices=("cuda",),
+                          note="the Triton engine (DTK_MKV_ENGINE=triton)"))
     backends = ("cudnn", "flash", "efficient") if gpu else (None,)
     for be in backends:
         tag = be or "default"

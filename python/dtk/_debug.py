@@ -43,3 +43,13 @@ def window_blocks_override():
     if not all(b >= 16 and b & (b - 1) == 0 for b in (bq, bk)):
         raise ValueError(f"DTK_WINDOW_BLOCKS must be two powers of two >= 16 like '128,64', got {v!r}")
     return bq, bk
+
+
+def mkv_engine() -> str:
+    """DTK_MKV_ENGINE=triton|cudnn|auto (default auto): which GPU engine serves
+    multi_kv_attention; auto takes cuDNN for dense segments it supports (ops/sparse/cudnn.py)
+    and Triton for the rest. For side-by-side benchmarks and debugging."""
+    v = os.environ.get("DTK_MKV_ENGINE", "auto")
+    if v not in ("auto", "triton", "cudnn"):
+        raise ValueError(f"DTK_MKV_ENGINE must be auto, triton or cudnn, got {v!r}")
+    return v

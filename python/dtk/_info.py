@@ -17,7 +17,9 @@ import torch
 
 # CUDA kernels registered from Python (torch.library.register_kernel): which engine each one is.
 # Anything not listed here and registered from Python is a Triton kernel.
-_PY_CUDA_ENGINE = {"tile_reorder": "torch (fallback)"}
+_PY_CUDA_ENGINE = {"tile_reorder": "torch (fallback)",
+                   "multi_kv_attention": "cuDNN + Triton merge (dense MHA segments), else Triton",
+                   "multi_kv_attention_out": "cuDNN + Triton merge (dense MHA segments), else Triton"}
 
 
 def _triton() -> Dict[str, Any]:

@@ -38,6 +38,11 @@ def test_sparse_kernels_compile():
         jobs.append(job("dtk.ops.cache.triton:_scatter", arch, {"FRESH": BF16, "IDX": "*i32", "CACHE": BF16,
                                                                   "OUT": BF16}, dict(BLOCK=1024), num_warps=4))
         names += [("blend", arch), ("scatter", arch)]
+        for nseg, has_qi, scatter in ((1, False, False), (2, True, False), (4, True, True)):
+            ptrs = {f"{c}{i}": t for i in range(4) for c, t in (("O", BF16), ("L", "*fp32"))}
+            jobs.append(job("dtk.ops.sparse.cudnn:_merge", arch, {**ptrs, "QI": "*i64", "OUT": BF16, "LSE": "*fp32"},
+                            dict(NSEG=nseg, HAS_QI=has_qi, SCATTER=scatter, BLOCK_R=32, BLOCK_D=128), num_warps=4))
+            names.append(("merge", arch, nseg))
     for name, res in zip(names, compile_all(jobs)):
         assert res["shared"] <= SHARED_LIMIT[name[1]], (name, res)
         if name[0] in ("mkv", "seg") and name[1] == 90 and name[-1] in (128, True, False):

@@ -155,20 +155,47 @@ def _register_cuda():
     @torch.library.register_kernel(_LIB + "multi_kv_attention", "cuda")
     def _mkv_cuda(q, ks, vs, kv_index, q_index, scale):
         scale = check_multi_kv(q, ks, vs, kv_index, q_index, scale)
-        from .triton import multi_kv_attention_triton
-        return multi_kv_attention_triton(q, ks, vs, kv_index, q_index, scale)
+        return _mkv_gpu(q, ks, vs, kv_index, q_index, scale)
 
     @torch.library.register_kernel(_LIB + "multi_kv_attention_out", "cuda")
     def _mkv_out_cuda(q, ks, vs, kv_index, q_index, scale, out):
         scale = check_multi_kv(q, ks, vs, kv_index, q_index, scale, out)
-        from .triton import multi_kv_attention_triton
-        return multi_kv_attention_triton(q, ks, vs, kv_index, q_index, scale, out=out)[1]
+        return _mkv_gpu(q, ks, vs, kv_index, q_index, scale, out)[1]
 
     @torch.library.register_kernel(_LIB + "segment_attention", "cuda")
     def _seg_cuda(q, k, v, cu_seqlens, group_mask, group_bias, scale):
         scale = check_segment(q, k, v, cu_seqlens, group_mask, group_bias, scale)
         from .triton import segment_attention_triton
         return segment_attention_triton(q, k, v, cu_seqlens, group_mask, group_bias, scale)
+
+
+_CUDNN_FAILED = []   # the first cuDNN error, after which the Triton engine serves every call
+
+
+def _mkv_gpu(q, ks, vs, kv_index, q_index, scale, out=None):
+    """The GPU engine for a call: cuDNN per dense segment + an exact lse merge where it applies
+    (the fastest dense kernel; DTK_MKV_ENGINE picks one engine), else the Triton engine."""
+    from ..._debug import mkv_engine
+    from . import cudnn
+
+    kv_index = list(kv_index) if kv_index else [None] * len(ks)
+    engine = mkv_engine()
+    ok = cudnn.supported(q, ks, kv_index)
+    if engine == "cudnn" and not ok:
+        raise ValueError("DTK_MKV_ENGINE=cudnn, but the cuDNN engine serves only CUDA fp16/bf16 calls with "
+                         f"H_kv == H, D % 8 == 0, D <= 128, 1..{cudnn.MAX_SEGMENTS} segments and no kv_index")
+    if ok and (engine == "cudnn" or (engine == "auto" and not _CUDNN_FAILED)):
+        try:
+            return cudnn.multi_kv_attention_cudnn(q, ks, vs, q_index, scale, out)
+        except RuntimeError as e:   # a cuDNN build or card without this attention: say so once, go on
+            if engine == "cudnn":
+                raise
+            import warnings
+            _CUDNN_FAILED.append(e)
+            warnings.warn(f"dtk.multi_kv_attention: cuDNN attention failed ({str(e).splitlines()[0][:200]}); "
+                          "using the Triton engine from now on")
+    from .triton import multi_kv_attention_triton
+    return multi_kv_attention_triton(q, ks, vs, kv_index, q_index, scale, out=out)
 
 
 _register_cuda()

@@ -54,7 +54,8 @@ WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=
 CPU_SHAPES = [
     E2EShape("flux-tiny-32x32", "flux", FLUX_TINY, grid=(32, 32), text=16, adapter=dict(radius=4),
              variants=(("tile8x8", dict(radius=4, tile=(8, 8))),)),
-    E2EShape("wan-tiny-4x16x24", "wan", WAN_TINY, grid=(4, 16, 24), text=16, adapter=dict(window=(-1, 7, 9))),
+    E2EShape("wan-tiny-4x16x24", "wan", WAN_TINY, grid=(4, 16, 24), text=16, adapter=dict(window=(-1, 7, 9)),
+             variants=(("tile2x4x8", dict(window=(-1, 7, 9), tile=(2, 4, 8))),)),
 ]
 GPU_SHAPES = [
     E2EShape("flux-dev-2048", "flux", FLUX_DEV, grid=(128, 128), adapter=dict(radius=16),
@@ -63,6 +64,8 @@ GPU_SHAPES = [
              variants=(("tile8x16", dict(radius=16, tile=(8, 16))),), slow=True,
              note="FLUX.1-dev shape at 4096^2, CLEAR r=16"),
     E2EShape("wan1.3b-1088x1920x81", "wan", WAN_1_3B, grid=(21, 68, 120), adapter=dict(window=(-1, 31, 53)),
+             variants=(("tile7x2x8", dict(window=(-1, 31, 53), tile=(7, 2, 8))),
+                       ("tile1x8x16", dict(window=(-1, 31, 53), tile=(1, 8, 16)))),
              slow=True, note="Wan2.1-1.3B shape, FreeSwim 1080p window"),
 ]
 

@@ -127,3 +127,42 @@ def test_two_wan_models_do_not_interfere():
     oa, ob = run(a, xa), run(b, xb)
     torch.testing.assert_close(oa, run(ra, xa), atol=ATOL, rtol=0)
     torch.testing.assert_close(ob, run(rb, xb), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("tile", [(1, 2, 4), (2, 3, 2)])
+def test_tile_order_equals_row_major(tile):
+    """tile=: tokens permuted once per forward (patch embedding, RoPE in; proj_out back): the same
+    prediction as row-major, partial edge tiles included, dual path too; remove() restores."""
+    m, r = tiny_wan(), tiny_wan()
+    x = wan_inputs(3, 5, 7)
+    ref = run(m, x)
+    wan.apply_inward_window(r, window=(-1, 3, 5))
+    wan.apply_inward_window(m, window=(-1, 3, 5), tile=tile)
+    torch.testing.assert_close(run(m, x), run(r, x), atol=ATOL, rtol=0)
+    x2 = wan_inputs(2, 4, 3)                                  # a second resolution, same apply
+    torch.testing.assert_close(run(m, x2), run(r, x2), atol=ATOL, rtol=0)
+    dtk.adapters.remove(m)
+    assert torch.equal(run(m, x), ref)
+    dtk.adapters.remove(r)
+    wan.apply_inward_window(r, window=(-1, 3, 3), cross_attention_refresh=2)
+    wan.apply_inward_window(m, window=(-1, 3, 3), cross_attention_refresh=2, tile=tile)
+    for _ in range(3):
+        torch.testing.assert_close(run(m, x), run(r, x), atol=ATOL, rtol=0)
+
+
+def test_tile_order_per_token_timestep():
+    """Wan 2.2 TI2V passes one timestep per token (B, S): it follows the tokens into tile order."""
+    m, r = tiny_wan(), tiny_wan()
+    x = wan_inputs(2, 4, 6)
+    S = 2 * 4 * 6
+    x["timestep"] = torch.rand(1, S) * 1000
+    wan.apply_inward_window(r, window=(-1, 3, 3))
+    wan.apply_inward_window(m, window=(-1, 3, 3), tile=(1, 2, 4))
+    torch.testing.assert_close(run(m, x), run(r, x), atol=ATOL, rtol=0)
+
+
+def test_tile_argument_errors():
+    with pytest.raises(ValueError, match="tile must be"):
+        wan.apply_inward_window(tiny_wan(), tile=(2, 2))
+    with pytest.raises(ValueError, match="tile must be"):
+        wan.apply_inward_window(tiny_wan(), tile=(1, 0, 4))

@@ -73,6 +73,10 @@ class AdapterHandle:
                 return post(kwargs, output)
             self._hooks.append(model.register_forward_hook(_post, with_kwargs=True))
 
+    def add_output_hook(self, module: torch.nn.Module, fn: Callable[[Any], Any]) -> None:
+        """``fn(output) -> output`` on every call of a submodule (removed with the adapter)."""
+        self._hooks.append(module.register_forward_hook(lambda mod, args, output: fn(output)))
+
     def backup_parameter(self, name: str, param: torch.Tensor) -> None:
         """Keeps a CPU copy of a base-model parameter before a weight loader overwrites it."""
         if name not in self._backup:
@@ -104,6 +108,34 @@ class AdapterHandle:
 
     def __repr__(self):
         return f"<dtk {self.kind} adapter on {type(self.model).__name__}{' (removed)' if self.removed else ''}>"
+
+
+class TileOrder:
+    """The permutations between row-major grid tokens and tile order (``dtk.tile_permutation``) for
+    an adapter's tile shape, one pair per (grid, device), kept for the model's lifetime (a new
+    resolution adds one)."""
+
+    def __init__(self, tile: Tuple[int, ...]):
+        self.tile = tuple(tile)
+        self._perm: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, grid, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(perm, inv): ``x[:, perm]`` is x's grid tokens in tile order, ``y[:, inv]`` undoes it."""
+        key = (tuple(grid), torch.device(device))
+        if key not in self._perm:
+            from ..ops.window import tile_permutation
+            self._perm[key] = tile_permutation(grid, self.tile, device=device)
+        return self._perm[key]
+
+
+def parse_tile(tile, ndim: int) -> Optional[Tuple[int, ...]]:
+    """None, or ``tile`` as ndim ints >= 1 (an int means that size on every axis)."""
+    if tile is None:
+        return None
+    t = (tile,) * ndim if isinstance(tile, int) and not isinstance(tile, bool) else tuple(tile)
+    if len(t) != ndim or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in t):
+        raise ValueError(f"tile must be an int or {ndim} ints, each >= 1, got {tile!r}")
+    return t
 
 
 def get_handle(model: torch.nn.Module) -> Optional[AdapterHandle]:

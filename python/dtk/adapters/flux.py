@@ -16,8 +16,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..ops.window import pool_grid_tokens, tile_permutation, window_attention
-from ._common import AdapterHandle, check_diffusers, get_handle, replace_output_sample
+from ..ops.window import pool_grid_tokens, window_attention
+from ._common import AdapterHandle, TileOrder, check_diffusers, get_handle, parse_tile, replace_output_sample
 
 __all__ = ["apply_local_attention", "load_clear_weights", "LocalAttentionHandle", "FluxLocalAttnProcessor"]
 
@@ -89,9 +89,9 @@ class FluxGridContext:
 
     def __init__(self, tile: Optional[Tuple[int, int]] = None):
         self.tile = tile
+        self.permutation = TileOrder(tile) if tile is not None else None   # (grid, device) -> (perm, inv)
         self.grid: Optional[Tuple[int, int]] = None
         self._ids_key = None
-        self._perm: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def grid_from_ids(self, img_ids: torch.Tensor) -> Tuple[int, int]:
         """(H, W) of row-major image ids (FluxPipeline's layout: ids[:, 1] = row, ids[:, 2] = col).
@@ -112,12 +112,6 @@ class FluxGridContext:
                              "row-major image grid; local attention needs FluxPipeline's image ids")
         self._ids_key, self.grid = key, (H, W)
         return self.grid
-
-    def permutation(self, grid, device):
-        key = (tuple(grid), device)
-        if key not in self._perm:
-            self._perm[key] = tile_permutation(grid, self.tile, device=device)
-        return self._perm[key]
 
 
 def _grid_hooks(handle: AdapterHandle, ctx: FluxGridContext):
@@ -239,10 +233,7 @@ def apply_local_attention(transformer, radius: int = 16, *, downsample: Optional
         raise ValueError(f"radius must be an int >= 1, got {radius!r}")
     if downsample is not None and (isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1):
         raise ValueError(f"downsample must be None or an int >= 1, got {downsample!r}")
-    if tile is not None:
-        tile = (tile, tile) if isinstance(tile, int) else tuple(int(t) for t in tile)
-        if len(tile) != 2 or min(tile) < 1:
-            raise ValueError(f"tile must be an int or (th, tw) with sizes >= 1, got {tile!r}")
+    tile = parse_tile(tile, 2)
     handle = LocalAttentionHandle(transformer, radius, downsample, proportional_scale, tile)
     ref = next(transformer.parameters())
     for name, attn in iter_flux_attention(transformer):

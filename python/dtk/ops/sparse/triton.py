@@ -44,13 +44,7 @@ def _kv_segment(q, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, idx_ptr, L, M, active, q
             v = tl.load(v_ptr + rows[:, None] * sv + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
             acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale)
     else:
-        n_full = (hi // BLOCK_N) * BLOCK_N
-        for start in range(0, n_full, BLOCK_N):  # full key blocks: no mask
-            rows = (start + offs_n).to(tl.int64)
-            k = tl.load(k_ptr + rows[:, None] * sk + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-            v = tl.load(v_ptr + rows[:, None] * sv + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-            acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, None, False, qk_scale)
-        acc, m_i, l_i = _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, n_full, hi, qk_scale,
+        acc, m_i, l_i = _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, 0, hi, qk_scale,
                                      offs_n, offs_d, d_mask, BLOCK_N)
     return acc, m_i, l_i
 

@@ -40,8 +40,15 @@ def _online_update(qk, acc, m_i, l_i, v):
 @triton.jit
 def _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, lo, hi, qk_scale,
                  offs_n, offs_d, d_mask, BLOCK_N: tl.constexpr):
-    """Attend to every key in [lo, hi) of one (batch, kv head) row pointer pair."""
-    for start in range(lo, hi, BLOCK_N):
+    """Attend to every key in [lo, hi) of one (batch, kv head) row pointer pair: whole blocks
+    without any mask, then the last partial block masked."""
+    full_end = lo + (tl.maximum(hi - lo, 0) // BLOCK_N) * BLOCK_N
+    for start in range(lo, full_end, BLOCK_N):
+        rows = (start + offs_n).to(tl.int64)
+        k = _load_rows(k_ptr, rows, sk, offs_d, None, d_mask, False, False)
+        v = _load_rows(v_ptr, rows, sv, offs_d, None, d_mask, False, False)
+        acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, None, False, qk_scale)
+    for start in range(full_end, hi, BLOCK_N):
         n = start + offs_n
         n_ok = n < hi
         rows = n.to(tl.int64)

@@ -43,12 +43,13 @@ def test_multi_kv_triton(dtype, nseg):
             assert (lse[fin].double() - l64[fin]).abs().max() < 1e-3
 
 
-@pytest.mark.parametrize("nseg", [2, 5])
+@pytest.mark.parametrize("nseg", [2, 5, 18])
 def test_multi_kv_triton_scatter_in_place(nseg):
+    """18 segments: 5 groups of partials, merged in two stages (merge.py)."""
     from dtk.ops.sparse.triton import multi_kv_attention_triton
     B, S, H, D = 2, 40, 2, 16
     q = bshd(B, S, H, D, torch.float16)
-    ks, vs = segments(B, [13, 20, 7, 9, 3][:nseg], 1, D, torch.float16)
+    ks, vs = segments(B, ([13, 20, 7, 9, 3] * 4)[:nseg], 1, D, torch.float16)
     qi = random_q_index(B, S, 11).to(torch.int32)
     out = torch.randn(B, S, H, D, dtype=torch.float16)
     before = out.clone()

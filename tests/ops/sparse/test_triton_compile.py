@@ -40,7 +40,7 @@ def test_sparse_kernels_compile():
         names += [("blend", arch), ("scatter", arch)]
         for nseg, has_qi, scatter in ((1, False, False), (2, True, False), (4, True, True)):
             ptrs = {f"{c}{i}": t for i in range(4) for c, t in (("O", BF16), ("L", "*fp32"))}
-            jobs.append(job("dtk.ops.sparse.cudnn:_merge", arch, {**ptrs, "QI": "*i64", "OUT": BF16, "LSE": "*fp32"},
+            jobs.append(job("dtk.ops.sparse.merge:_merge", arch, {**ptrs, "QI": "*i64", "OUT": BF16, "LSE": "*fp32"},
                             dict(NSEG=nseg, HAS_QI=has_qi, SCATTER=scatter, BLOCK_R=32, BLOCK_D=128), num_warps=4))
             names.append(("merge", arch, nseg))
     for name, res in zip(names, compile_all(jobs)):

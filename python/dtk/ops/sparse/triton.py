@@ -182,31 +182,20 @@ def multi_kv_attention_triton(q, ks, vs, kv_index, q_index, scale, out=None, blo
         o = new_output((B, NQ, H, D), like=q)
         _mkv_launch(q, ks, vs, kv_index, q_index, qk_scale, o, lse, False, block)
         return o, lse
-    # More segments: groups of MAX_SEGMENTS into float32 partials, merged through their lse.
+    # More segments: groups of MAX_SEGMENTS into float32 partials, merged exactly through their lse.
+    from .merge import merge_partials
+
     parts, lses = [], []
     for g in range(0, len(ks), MAX_SEGMENTS):
         sl = slice(g, g + MAX_SEGMENTS)
         o = new_output((B, NQ, H, D), like=q, dtype=torch.float32)
         l = new_output((B, H, NQ), like=q, dtype=torch.float32)
         _mkv_launch(q, ks[sl], vs[sl], kv_index[sl], q_index, qk_scale, o, l, False, block)
-        parts.append(o)
+        parts.append(o.transpose(1, 2))
         lses.append(l)
-    stacked = torch.stack(lses)
-    total = torch.logsumexp(stacked, 0)
-    safe = total.masked_fill(torch.isinf(total), 0)
-    w = torch.exp(stacked - safe).transpose(2, 3)[..., None]       # (G,B,n,H,1)
-    res = (torch.stack(parts) * w).sum(0)
-    lse.copy_(total)
-    if out is None:
-        return res.to(q.dtype), lse
-    valid = (q_index >= 0) & (q_index < SQ)
-    rows = q_index.long().clamp(0, max(SQ - 1, 0))
-    # Padding rows are routed to a scratch row so nothing outside q_index is touched (no host sync).
-    scratch = torch.cat([out, out.new_empty(B, 1, H, D)], 1)
-    rows = torch.where(valid, rows, SQ)
-    scratch.scatter_(1, rows[:, :, None, None].expand(-1, -1, H, D), res.to(out.dtype))
-    out.copy_(scratch[:, :SQ])   # (an extra pass over out: only for > MAX_SEGMENTS segments)
-    return out, lse
+    res = out if out is not None else new_output((B, NQ, H, D), like=q)
+    merge_partials(parts, lses, res, lse, q_index=q_index, S=SQ, scatter=out is not None)
+    return res, lse
 
 
 @triton.jit

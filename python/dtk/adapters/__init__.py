@@ -1,5 +1,5 @@
 """Model adapters: thin glue that puts the dtk ops inside diffusers models (diffusers >= 0.35;
-tested with the version named in tests/adapters/README.md).
+tested with the versions named in tests/adapters/README.md: the newest and the oldest).
 
     import dtk.adapters.flux
     handle = dtk.adapters.flux.apply_local_attention(pipe.transformer, radius=16)

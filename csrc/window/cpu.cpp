@@ -1,15 +1,29 @@
-// CPU engine of dtk::window_attention: tiled over (batch, query blocks), per-query key lists
-// enumerated analytically from the window geometry (never an S x S mask), online softmax.
-// Memory: O(S) index scratch per thread; no input copies (any B/S/H strides).
+// CPU engine of dtk::window_attention, block-based so the heavy work runs as small dense GEMMs.
+// A work item is (batch, query block, kv head): a block is a box of nearby grid queries (in any
+// token layout) or a run of prefix queries, taken with all the q heads of the kv head's GQA group.
+// The keys a block may see (prefix keys, the bounding box of its queries' windows enumerated
+// analytically from the geometry, extra keys; all S keys for prefix queries) are gathered chunk by
+// chunk into opmath scratch. Per chunk: scores = Q K^T (one GEMM), an exact per-(query, key) mask
+// from the window geometry, an online-softmax step, acc += P V (one GEMM). The GEMMs are ATen's CPU
+// kernels (BLAS), called directly through at::cpu:: (no dispatcher round trip per block).
+// Memory per thread: O(group * block * (chunk + D) + chunk * D); never an S x S mask, no input copies.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <bit>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/checks.h"
@@ -19,8 +33,13 @@
 namespace dtk {
 namespace {
 
-constexpr int64_t kQueryBlock = 16;  // queries per parallel work item
-constexpr int64_t kKeyChunk = 128;   // keys scored per online-softmax step
+constexpr int64_t kMaxBlock = 64;   // queries per block (GEMM rows, times the GQA group)
+constexpr int64_t kKeyChunk = 512;  // keys per chunk (columns of the score GEMM)
+
+// ---------------------------------------------------------------------------------------------
+// Math helpers.
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Largest t >= 0 with t*t < x (x >= 1).
 inline int64_t isqrt_below(int64_t x) {
@@ -30,150 +49,510 @@ inline int64_t isqrt_below(int64_t x) {
   return t;
 }
 
-// Appends the sequence indices of the window keys of grid query g (grid-relative index).
-void window_keys(const WindowGeometry& geo, int64_t g, std::vector<int64_t>& keys) {
-  const Coord3 c = geo.coords(g);
-  const int64_t p[3] = {c.x0, c.x1, c.x2};
-  int64_t lo[3], hi[3], ctr[3];
-  for (int a = 0; a < 3; ++a) geo.axis_range(a, p[a], lo[a], hi[a], ctr[a]);
-  const int64_t P = geo.num_prefix;
-  const int64_t n1 = geo.grid[1], n2 = geo.grid[2];
-  const int64_t r2 = geo.radius * geo.radius;
-  for (int64_t x0 = lo[0]; x0 <= hi[0]; ++x0) {
-    const int64_t d0 = x0 - ctr[0];
-    if (geo.circle && d0 * d0 >= r2) continue;
-    for (int64_t x1 = lo[1]; x1 <= hi[1]; ++x1) {
-      int64_t a2 = lo[2], b2 = hi[2];
-      if (geo.circle) {
-        const int64_t d1 = x1 - ctr[1];
-        const int64_t rem = r2 - d0 * d0 - d1 * d1;  // need d2^2 < rem
-        if (rem <= 0) continue;
-        const int64_t t = isqrt_below(rem);
-        a2 = std::max(a2, ctr[2] - t);
-        b2 = std::min(b2, ctr[2] + t);
-      }
-      if (!geo.tiled) {
-        const int64_t base = P + (x0 * n1 + x1) * n2;
-        for (int64_t x2 = a2; x2 <= b2; ++x2) keys.push_back(base + x2);
-      } else {
-        for (int64_t x2 = a2; x2 <= b2; ++x2) keys.push_back(P + geo.layout.index({x0, x1, x2}));
-      }
-    }
-  }
+// exp(x) for x <= 0 (a score minus its row max): Cephes' expf polynomial in plain arithmetic, so
+// that the loops calling it vectorise (libm's expf does not); relative error about 2 ulp. x is
+// clamped to [-87, 0] first (exp(-87) instead of a denormal is negligible next to the max's
+// exp(0) = 1); NaN stays NaN.
+inline float exp_nonpositive(float x) {
+  // Clamped as integer bits (a float compare may trap, which keeps GCC from vectorising): x >= +0
+  // has non-negative bits; for x < 0, larger unsigned bits mean more negative.
+  const uint32_t u = std::bit_cast<uint32_t>(x);
+  const float c = std::bit_cast<float>(static_cast<int32_t>(u) >= 0 ? 0u : std::min(u, 0xC2AE0000u));  // -87.0f
+  const float n = (c * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(c / ln 2): 1.5 * 2^23 trick
+  const float r = (c - n * 0.693359375f) + n * 2.12194440e-4f;     // c - n ln 2, ln 2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23) + (x - x);  // + NaN if x is NaN
 }
 
-template <typename scalar_t, typename acc_t>
-inline acc_t dot(const acc_t* __restrict__ qf, const scalar_t* __restrict__ k, int64_t D) {
-  acc_t s[4] = {0, 0, 0, 0};
-  int64_t d = 0;
-  for (; d + 4 <= D; d += 4) {
-    s[0] += qf[d] * static_cast<acc_t>(k[d]);
-    s[1] += qf[d + 1] * static_cast<acc_t>(k[d + 1]);
-    s[2] += qf[d + 2] * static_cast<acc_t>(k[d + 2]);
-    s[3] += qf[d + 3] * static_cast<acc_t>(k[d + 3]);
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+// Allowed columns [begin, end) of one score row.
+using ColumnRange = std::pair<int64_t, int64_t>;
+
+// Turns the score row s[0, n) into p = exp(s - m) on the increasing column ranges runs, 0 elsewhere;
+// returns the sum of p. One exp loop spans all the runs, gaps included (zeroed after): long loops
+// vectorise well, while one loop per run (often 16 columns or fewer) is latency-bound.
+template <typename T>
+[[gnu::always_inline]] inline T exp_runs_impl(T* s, int64_t n, const ColumnRange* runs, int64_t nruns, T m) {
+  const int64_t first = nruns ? runs[0].first : n, last = nruns ? runs[nruns - 1].second : n;
+  for (int64_t j = first; j < last; ++j) s[j] = exp_nonpositive(s[j] - m);
+  std::fill(s, s + first, T(0));
+  for (int64_t i = 1; i < nruns; ++i) std::fill(s + runs[i - 1].second, s + runs[i].first, T(0));
+  std::fill(s + last, s + n, T(0));
+  constexpr int kLanes = 16;  // independent partial sums, so that the sum vectorises
+  T lane[kLanes] = {};
+  int64_t j = first;
+  for (; j + kLanes <= last; j += kLanes) {
+    for (int u = 0; u < kLanes; ++u) lane[u] += s[j + u];
   }
-  for (; d < D; ++d) s[0] += qf[d] * static_cast<acc_t>(k[d]);
-  return (s[0] + s[1]) + (s[2] + s[3]);
+  for (; j < last; ++j) lane[0] += s[j];
+  T sum = 0;
+  for (int u = 0; u < kLanes; ++u) sum += lane[u];
+  return sum;
 }
 
-// Running state of one query row's online softmax.
-template <typename acc_t>
-struct RowState {
-  acc_t m;   // running max of the scaled scores
-  acc_t l;   // running sum of exp(score - m)
-  acc_t* acc;  // running sum of exp(score - m) * v, length D
+// The exp polynomial is most of the softmax work: the float version is also compiled for AVX2 and
+// AVX-512, picked at load time (the build targets baseline x86-64; exp_runs_impl is always inlined
+// so that it is compiled for each target).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+float exp_runs(float* s, int64_t n, const ColumnRange* runs, int64_t nruns, float m) {
+  return exp_runs_impl(s, n, runs, nruns, m);
+}
+
+double exp_runs(double* s, int64_t n, const ColumnRange* runs, int64_t nruns, double m) {
+  return exp_runs_impl(s, n, runs, nruns, m);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Enumeration helpers: window keys of a query, grid rows as memory runs, block shapes.
+
+// Key window of one grid query: per-axis inclusive ranges (a box, or a circle's bounding box) and
+// the circle's centre.
+struct QueryWindow {
+  std::array<int64_t, 3> lo, hi, ctr;
 };
 
-// Folds the keys kbase[idx[j] * ks] (idx == nullptr: j) for j < count into the row state.
-template <typename scalar_t, typename acc_t>
-void attend(RowState<acc_t>& st, const acc_t* qf, acc_t scale, const scalar_t* kbase, int64_t ks,
-            const scalar_t* vbase, int64_t vs, const int64_t* idx, int64_t count, int64_t D, acc_t* scores) {
-  for (int64_t j0 = 0; j0 < count; j0 += kKeyChunk) {
-    const int64_t n = std::min(kKeyChunk, count - j0);
-    acc_t cmax = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t t = idx ? idx[j0 + j] : j0 + j;
-      const acc_t sc = dot<scalar_t, acc_t>(qf, kbase + t * ks, D) * scale;
-      scores[j] = sc;
-      cmax = std::max(cmax, sc);
-    }
-    if (cmax > st.m) {
-      const acc_t alpha = std::exp(st.m - cmax);  // 0 when st.m is -inf
-      st.l *= alpha;
-      for (int64_t d = 0; d < D; ++d) st.acc[d] *= alpha;
-      st.m = cmax;
-    }
-    if (st.m == -std::numeric_limits<acc_t>::infinity()) continue;
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t pj = std::exp(scores[j] - st.m);
-      st.l += pj;
-      const scalar_t* vr = vbase + (idx ? idx[j0 + j] : j0 + j) * vs;
-      acc_t* __restrict__ a = st.acc;
-      for (int64_t d = 0; d < D; ++d) a[d] += pj * static_cast<acc_t>(vr[d]);
-    }
+inline QueryWindow query_window(const WindowGeometry& geo, Coord3 c) {
+  const int64_t p[3] = {c.x0, c.x1, c.x2};
+  QueryWindow w;
+  for (int a = 0; a < 3; ++a) geo.axis_range(a, p[a], w.lo[a], w.hi[a], w.ctr[a]);
+  return w;
+}
+
+// Half-width of a circle's row at squared distance q = d0^2 + d1^2 < r^2 from the centre: the
+// largest t with q + t^2 < r^2. Tabulated for q below min(r^2, kTable) (one square root per
+// (query, grid row) is a visible cost otherwise).
+class CircleRows {
+ public:
+  explicit CircleRows(const WindowGeometry& geo) : r2_(geo.radius * geo.radius) {
+    if (!geo.circle) return;
+    table_.resize(std::min(r2_, kTable));
+    for (int64_t q = 0; q < static_cast<int64_t>(table_.size()); ++q) table_[q] = isqrt_below(r2_ - q);
+  }
+  int64_t half_width(int64_t q) const {
+    return q < static_cast<int64_t>(table_.size()) ? table_[q] : isqrt_below(r2_ - q);
+  }
+  int64_t r2() const { return r2_; }
+
+ private:
+  static constexpr int64_t kTable = int64_t(1) << 16;
+  int64_t r2_;
+  std::vector<int64_t> table_;
+};
+
+// The keys of window w on grid row (x0, x1) are x2 in [a2, b2]; false when the row holds none.
+inline bool row_keys(const WindowGeometry& geo, const CircleRows& circle, const QueryWindow& w, int64_t x0,
+                     int64_t x1, int64_t& a2, int64_t& b2) {
+  // Checked first also for circles: it bounds |d0|, |d1| by the radius, so the squares fit int64.
+  if (x0 < w.lo[0] || x0 > w.hi[0] || x1 < w.lo[1] || x1 > w.hi[1]) return false;
+  a2 = w.lo[2];
+  b2 = w.hi[2];
+  if (geo.circle) {
+    const int64_t d0 = x0 - w.ctr[0], d1 = x1 - w.ctr[1];
+    const int64_t q = d0 * d0 + d1 * d1;
+    if (q >= circle.r2()) return false;
+    const int64_t t = circle.half_width(q);
+    a2 = std::max(a2, w.ctr[2] - t);
+    b2 = std::min(b2, w.ctr[2] + t);
+  }
+  return a2 <= b2;
+}
+
+// Calls f(token, count) for the memory-contiguous pieces of grid row (x0, x1), x2 in [a2, b2]
+// (token: index among the grid tokens); tile order breaks a row at the tile boundaries of axis 2.
+template <typename F>
+inline void for_each_token_run(const WindowGeometry& geo, int64_t x0, int64_t x1, int64_t a2, int64_t b2, F&& f) {
+  if (!geo.tiled) {
+    f(geo.layout.row_major_index({x0, x1, a2}), b2 - a2 + 1);
+    return;
+  }
+  const int64_t u2 = geo.layout.u2;
+  for (int64_t x2 = a2; x2 <= b2;) {
+    const int64_t end = std::min(b2, (x2 / u2 + 1) * u2 - 1);
+    f(geo.layout.index({x0, x1, x2}), end - x2 + 1);
+    x2 = end + 1;
   }
 }
+
+// Query box of the grid blocks. A block scores the bounding box of its queries' windows (per axis
+// about window + box - 1 keys for each query), so small boxes waste less; but each key of that box
+// is also gathered once per block, whatever its number of GEMM rows, and each block has a fixed
+// cost (GEMM calls). The box minimises the model, in scored (row, key) pairs,
+//   sum over blocks of  keys(block) * (rows(block) + kGatherRows) + kBlockCost,
+// computed exactly (borders and partial blocks included): the sums factor into per-axis sums.
+std::array<int64_t, 3> choose_block(const WindowGeometry& geo, int64_t group) {
+  constexpr double kGatherRows = 8, kBlockCost = 1000;  // measured
+  // Per axis and box size b: number of blocks, sums over the blocks of keys and of keys * queries.
+  std::array<std::vector<double>, 3> blocks, keys, keys_queries;
+  for (int a = 0; a < 3; ++a) {
+    const int64_t n = geo.grid[a], bmax = std::min(n, kMaxBlock);
+    blocks[a].assign(bmax + 1, 0);
+    keys[a].assign(bmax + 1, 0);
+    keys_queries[a].assign(bmax + 1, 0);
+    for (int64_t b = 1; b <= bmax; ++b) {
+      blocks[a][b] = static_cast<double>(ceil_div(n, b));
+      for (int64_t p0 = 0; p0 < n; p0 += b) {
+        const int64_t p1 = std::min(n, p0 + b) - 1;
+        int64_t lo, hi, lo1, hi1, c;
+        geo.axis_range(a, p0, lo, hi, c);  // ranges are monotone in the query coordinate
+        geo.axis_range(a, p1, lo1, hi1, c);
+        keys[a][b] += static_cast<double>(hi1 - lo + 1);
+        keys_queries[a][b] += static_cast<double>((hi1 - lo + 1) * (p1 - p0 + 1));
+      }
+    }
+  }
+  std::array<int64_t, 3> best{1, 1, 1};
+  double best_cost = std::numeric_limits<double>::infinity();
+  for (int64_t b0 = 1; b0 < static_cast<int64_t>(keys[0].size()); ++b0) {
+    for (int64_t b1 = 1; b1 < static_cast<int64_t>(keys[1].size()) && b0 * b1 <= kMaxBlock; ++b1) {
+      for (int64_t b2 = 1; b2 < static_cast<int64_t>(keys[2].size()) && b0 * b1 * b2 <= kMaxBlock; ++b2) {
+        const double scored =
+            static_cast<double>(group) * keys_queries[0][b0] * keys_queries[1][b1] * keys_queries[2][b2];
+        const double cost = scored + kGatherRows * keys[0][b0] * keys[1][b1] * keys[2][b2] +
+                            kBlockCost * blocks[0][b0] * blocks[1][b1] * blocks[2][b2];
+        if (cost < best_cost) best_cost = cost, best = {b0, b1, b2};
+      }
+    }
+  }
+  return best;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The block kernel.
+
+// One call's tensors, read in place through their strides.
+template <typename scalar_t>
+struct Problem {
+  const WindowGeometry* geo;
+  const CircleRows* circle;
+  const scalar_t *q, *k, *v, *ek, *ev;
+  std::array<int64_t, 3> qs, ks, vs, eks, evs;  // strides of dims B, S, H
+  int64_t B, S, H, D, Hkv, group, E, P;
+  double scale;
+  scalar_t* out;  // (B, S, H, D) contiguous
+  float* lse;     // (B, H, S) contiguous
+};
+
+// Per-thread state and scratch of the block kernel. Row r = g * nq + i of the tiles is query i of
+// the block for q head g of the GQA group.
+template <typename scalar_t>
+class BlockKernel {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+ public:
+  BlockKernel(const Problem<scalar_t>& pb, int64_t max_rows)
+      : pb_(pb), geo_(*pb.geo), circle_(*pb.circle), D_(pb.D),
+        opts_(at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value)), seq_(kMaxBlock), win_(kMaxBlock),
+        q_(max_rows * D_), acc_(max_rows * D_), m_(max_rows), l_(max_rows), k_(kKeyChunk * D_), v_(kKeyChunk * D_),
+        s_(max_rows * kKeyChunk) {
+    rows_in_chunk_.reserve(kKeyChunk);
+  }
+
+  // Prefix queries [s0, s1): every sequence key, no mask.
+  void prefix_block(int64_t b, int64_t hk, int64_t s0, int64_t s1) {
+    nq_ = s1 - s0;
+    for (int64_t i = 0; i < nq_; ++i) seq_[i] = s0 + i;
+    begin(b, hk);
+    const Segment keys[] = {sequence_keys(b, hk, 0, pb_.S, false)};
+    attend(keys);
+    finish(b, hk);
+  }
+
+  // Grid queries with coordinates in the box [lo, hi]: prefix keys, their windows, extra keys.
+  void grid_block(int64_t b, int64_t hk, const std::array<int64_t, 3>& lo, const std::array<int64_t, 3>& hi) {
+    nq_ = 0;
+    for (int64_t x0 = lo[0]; x0 <= hi[0]; ++x0) {
+      for (int64_t x1 = lo[1]; x1 <= hi[1]; ++x1) {
+        int64_t x2 = lo[2];
+        for_each_token_run(geo_, x0, x1, lo[2], hi[2], [&](int64_t tok, int64_t count) {
+          for (int64_t t = tok; t < tok + count; ++t, ++x2, ++nq_) {
+            seq_[nq_] = pb_.P + t;
+            win_[nq_] = query_window(geo_, {x0, x1, x2});
+          }
+        });
+      }
+    }
+    // The bounding box of the windows; its keys are listed in row-major order of their coordinates.
+    for (int a = 0; a < 3; ++a) {
+      ulo_[a] = win_[0].lo[a];
+      int64_t uhi = win_[0].hi[a];
+      for (int64_t i = 1; i < nq_; ++i) {
+        ulo_[a] = std::min(ulo_[a], win_[i].lo[a]);
+        uhi = std::max(uhi, win_[i].hi[a]);
+      }
+      un_[a] = uhi - ulo_[a] + 1;
+    }
+    begin(b, hk);
+    const Segment keys[] = {
+        sequence_keys(b, hk, 0, pb_.P, false),
+        sequence_keys(b, hk, pb_.P, un_[0] * un_[1] * un_[2], true),
+        {pb_.ek + b * pb_.eks[0] + hk * pb_.eks[2], pb_.ev + b * pb_.evs[0] + hk * pb_.evs[2], pb_.eks[1],
+         pb_.evs[1], pb_.E, false}};
+    attend(keys);
+    finish(b, hk);
+  }
+
+ private:
+  // Loads the block's queries (times the softmax scale) and resets the softmax state.
+  void begin(int64_t b, int64_t hk) {
+    rows_ = pb_.group * nq_;
+    const acc_t scale = static_cast<acc_t>(pb_.scale);
+    for (int64_t g = 0; g < pb_.group; ++g) {
+      const scalar_t* qh = pb_.q + b * pb_.qs[0] + (hk * pb_.group + g) * pb_.qs[2];
+      for (int64_t i = 0; i < nq_; ++i) {
+        const scalar_t* src = qh + seq_[i] * pb_.qs[1];
+        acc_t* dst = q_.data() + (g * nq_ + i) * D_;
+        for (int64_t d = 0; d < D_; ++d) dst[d] = static_cast<acc_t>(src[d]) * scale;
+      }
+    }
+    std::fill_n(acc_.begin(), rows_ * D_, acc_t(0));
+    std::fill_n(m_.begin(), rows_, kNegInf);
+    std::fill_n(l_.begin(), rows_, acc_t(0));
+  }
+
+  // Writes out = acc / l and lse = m + log(l); rows that saw no key get 0 and -inf.
+  void finish(int64_t b, int64_t hk) {
+    for (int64_t g = 0; g < pb_.group; ++g) {
+      const int64_t h = hk * pb_.group + g;
+      for (int64_t i = 0; i < nq_; ++i) {
+        const int64_t r = g * nq_ + i, s = seq_[i];
+        const acc_t* a = acc_.data() + r * D_;
+        const acc_t l = l_[r];
+        scalar_t* o = pb_.out + ((b * pb_.S + s) * pb_.H + h) * D_;
+        float* lse = pb_.lse + (b * pb_.H + h) * pb_.S + s;
+        if (l > acc_t(0)) {
+          const acc_t inv = acc_t(1) / l;
+          for (int64_t d = 0; d < D_; ++d) o[d] = static_cast<scalar_t>(a[d] * inv);
+          *lse = static_cast<float>(m_[r] + std::log(l));
+        } else {
+          std::fill_n(o, D_, scalar_t(0));
+          *lse = -std::numeric_limits<float>::infinity();
+        }
+      }
+    }
+  }
+
+  // Copies count rows of a (..., D) tensor (row stride rs) into the K or V tile from row j.
+  void gather(const scalar_t* src, int64_t rs, int64_t count, acc_t* tile, int64_t j) {
+    for (int64_t t = 0; t < count; ++t) {
+      const scalar_t* s = src + t * rs;
+      acc_t* d = tile + (j + t) * D_;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        std::memcpy(d, s, D_ * sizeof(acc_t));
+      } else {
+        for (int64_t e = 0; e < D_; ++e) d[e] = static_cast<acc_t>(s[e]);
+      }
+    }
+  }
+
+  // A run of a block's keys, from a (B, L, Hkv, D) tensor. Dense: count keys contiguous from k, v,
+  // seen by every query of the block. Window: the bounding box of the block's windows (ulo_, un_),
+  // grid tokens indexed from k, v; each query masked to its own window.
+  struct Segment {
+    const scalar_t *k, *v;  // the first key and value (batch and kv head applied)
+    int64_t ks, vs;         // row strides
+    int64_t count;
+    bool window;
+  };
+
+  // Keys of k and v from sequence position first.
+  Segment sequence_keys(int64_t b, int64_t hk, int64_t first, int64_t count, bool window) const {
+    return {pb_.k + b * pb_.ks[0] + first * pb_.ks[1] + hk * pb_.ks[2],
+            pb_.v + b * pb_.vs[0] + first * pb_.vs[1] + hk * pb_.vs[2], pb_.ks[1], pb_.vs[1], count, window};
+  }
+
+  // A grid row (x0, x1) of the window box in a chunk.
+  struct ChunkRow {
+    int64_t x0, x1;
+    int64_t base;    // tile row of the key x2 = ulo_[2] (negative when the row starts before the chunk)
+    int64_t c0, c1;  // the keys x2 - ulo_[2] in [c0, c1) lie in the chunk, at tile rows base + x2 - ulo_[2]
+  };
+
+  // Attends over the concatenated segments, in even chunks of at most kKeyChunk keys: a chunk may
+  // hold parts of several segments (small prefix and extra key sets then share the GEMMs of the
+  // window keys), and a grid row of the window box may straddle two chunks.
+  template <size_t N>
+  void attend(const Segment (&segs)[N]) {
+    int64_t total = 0;
+    for (const Segment& sg : segs) total += sg.count;
+    const int64_t chunk = ceil_div(total, ceil_div(total, kKeyChunk));
+    for (int64_t j0 = 0; j0 < total; j0 += chunk) {
+      const int64_t n = std::min(chunk, total - j0);
+      dense_cols_.clear();
+      rows_in_chunk_.clear();
+      int64_t start = 0;  // of the segment in the block's key list
+      for (const Segment& sg : segs) {
+        const int64_t a = std::max(j0, start), e = std::min(j0 + n, start + sg.count);
+        if (a < e && !sg.window) {
+          gather(sg.k + (a - start) * sg.ks, sg.ks, e - a, k_.data(), a - j0);
+          gather(sg.v + (a - start) * sg.vs, sg.vs, e - a, v_.data(), a - j0);
+          dense_cols_.emplace_back(a - j0, e - j0);
+        } else if (a < e) {
+          // Box keys [a, e) - start: whole grid rows (x0, x1) of un_[2] keys, clipped to the chunk.
+          const int64_t n1 = un_[1], n2 = un_[2];
+          for (int64_t row = (a - start) / n2; row * n2 < e - start; ++row) {
+            const int64_t base = start + row * n2 - j0;
+            const ChunkRow cr{ulo_[0] + row / n1, ulo_[1] + row % n1, base, std::max<int64_t>(0, -base),
+                              std::min(n2, n - base)};
+            int64_t col = cr.base + cr.c0;
+            for_each_token_run(geo_, cr.x0, cr.x1, ulo_[2] + cr.c0, ulo_[2] + cr.c1 - 1,
+                               [&](int64_t tok, int64_t count) {
+                                 gather(sg.k + tok * sg.ks, sg.ks, count, k_.data(), col);
+                                 gather(sg.v + tok * sg.vs, sg.vs, count, v_.data(), col);
+                                 col += count;
+                               });
+            rows_in_chunk_.push_back(cr);
+          }
+        }
+        start += sg.count;
+      }
+      step(n, [&](int64_t i, auto& runs) {
+        // Columns in increasing order: dense parts before the box (prefix keys), the box, after it.
+        size_t d = 0;
+        const int64_t box = rows_in_chunk_.empty() ? n : rows_in_chunk_[0].base + rows_in_chunk_[0].c0;
+        for (; d < dense_cols_.size() && dense_cols_[d].first < box; ++d) runs.push_back(dense_cols_[d]);
+        for (const ChunkRow& cr : rows_in_chunk_) {
+          int64_t a2, b2;
+          if (!row_keys(geo_, circle_, win_[i], cr.x0, cr.x1, a2, b2)) continue;
+          const int64_t a = std::max(a2 - ulo_[2], cr.c0), e = std::min(b2 - ulo_[2] + 1, cr.c1);
+          if (a < e) runs.emplace_back(cr.base + a, cr.base + e);
+        }
+        for (; d < dense_cols_.size(); ++d) runs.push_back(dense_cols_[d]);
+      });
+    }
+  }
+
+  // Folds the n keys of the K/V tiles into the block's softmax state. allowed(i, runs) appends
+  // the allowed keys (tile rows, i.e. score columns) of query i as increasing half-open ranges;
+  // the ranges serve every q head of the group.
+  template <typename Allowed>
+  void step(int64_t n, Allowed&& allowed) {
+    at::Tensor s = at::from_blob(s_.data(), {rows_, n}, opts_);
+    at::cpu::mm_out(s, at::from_blob(q_.data(), {rows_, D_}, opts_), at::from_blob(k_.data(), {n, D_}, opts_).t());
+    for (int64_t i = 0; i < nq_; ++i) {
+      runs_.clear();
+      allowed(i, runs_);
+      for (int64_t g = 0; g < pb_.group; ++g) softmax_row(g * nq_ + i, n);
+    }
+    at::Tensor acc = at::from_blob(acc_.data(), {rows_, D_}, opts_);
+    at::cpu::addmm_(acc, s, at::from_blob(v_.data(), {n, D_}, opts_));
+  }
+
+  // Online-softmax step of row r over runs_: updates the running max (rescaling acc and l) and the
+  // sum l, and turns the scores into p = exp(score - max) on the allowed columns, 0 elsewhere.
+  void softmax_row(int64_t r, int64_t n) {
+    acc_t* s = s_.data() + r * n;
+    acc_t cmax = kNegInf;
+    for (const auto& [a, e] : runs_) cmax = std::max(cmax, max_of(s + a, e - a));
+    const acc_t m_old = m_[r];
+    if (cmax > m_old) {
+      if (m_old != kNegInf) {  // acc and l are still 0 while the max is -inf
+        const acc_t alpha = std::exp(m_old - cmax);
+        acc_t* a = acc_.data() + r * D_;
+        for (int64_t d = 0; d < D_; ++d) a[d] *= alpha;
+        l_[r] *= alpha;
+      }
+      m_[r] = cmax;
+    }
+    if (m_[r] == kNegInf) {  // no key so far
+      std::fill_n(s, n, acc_t(0));
+    } else {
+      l_[r] += exp_runs(s, n, runs_.data(), static_cast<int64_t>(runs_.size()), m_[r]);
+    }
+  }
+
+  // Max over independent lanes: no serial dependency on one accumulator.
+  static acc_t max_of(const acc_t* x, int64_t n) {
+    acc_t m[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      for (int u = 0; u < 4; ++u) m[u] = std::max(m[u], x[j + u]);
+    }
+    for (; j < n; ++j) m[0] = std::max(m[0], x[j]);
+    return std::max(std::max(m[0], m[1]), std::max(m[2], m[3]));
+  }
+
+  const Problem<scalar_t>& pb_;
+  const WindowGeometry& geo_;
+  const CircleRows& circle_;
+  const int64_t D_;
+  const at::TensorOptions opts_;
+  int64_t nq_ = 0, rows_ = 0;
+  std::vector<int64_t> seq_;       // sequence index of each block query
+  std::vector<QueryWindow> win_;   // window of each block query (grid blocks)
+  std::array<int64_t, 3> ulo_{}, un_{};  // bounding box of the windows: first coordinates, sizes
+  std::vector<acc_t> q_, acc_, m_, l_, k_, v_, s_;  // tiles; per row: running max m and sum l
+  std::vector<ColumnRange> runs_, dense_cols_;  // a query's allowed columns; the chunk's dense columns
+  std::vector<ChunkRow> rows_in_chunk_;          // the chunk's box rows
+};
 
 template <typename scalar_t>
 void run_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* ek,
-             const at::Tensor* ev, const WindowGeometry& geo, double scale_d, at::Tensor& out, at::Tensor& lse) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(2), group = H / Hkv;
-  const int64_t E = ek ? ek->size(1) : 0;
-  const int64_t P = geo.num_prefix;
-  const acc_t scale = static_cast<acc_t>(scale_d);
+             const at::Tensor* ev, const WindowGeometry& geo, double scale, at::Tensor& out, at::Tensor& lse) {
+  const auto strides = [](const at::Tensor* t) {
+    return t ? std::array<int64_t, 3>{t->stride(0), t->stride(1), t->stride(2)} : std::array<int64_t, 3>{};
+  };
+  const CircleRows circle(geo);
+  Problem<scalar_t> pb{&geo,
+                       &circle,
+                       q.const_data_ptr<scalar_t>(),
+                       k.const_data_ptr<scalar_t>(),
+                       v.const_data_ptr<scalar_t>(),
+                       ek ? ek->const_data_ptr<scalar_t>() : nullptr,
+                       ev ? ev->const_data_ptr<scalar_t>() : nullptr,
+                       strides(&q),
+                       strides(&k),
+                       strides(&v),
+                       strides(ek),
+                       strides(ev),
+                       q.size(0),
+                       q.size(1),
+                       q.size(2),
+                       q.size(3),
+                       k.size(2),
+                       q.size(2) / k.size(2),
+                       ek ? ek->size(1) : 0,
+                       geo.num_prefix,
+                       scale,
+                       out.mutable_data_ptr<scalar_t>(),
+                       lse.mutable_data_ptr<float>()};
 
-  const scalar_t* qp = q.const_data_ptr<scalar_t>();
-  const scalar_t* kp = k.const_data_ptr<scalar_t>();
-  const scalar_t* vp = v.const_data_ptr<scalar_t>();
-  const scalar_t* ekp = ek ? ek->const_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* evp = ev ? ev->const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  float* lp = lse.mutable_data_ptr<float>();
+  const std::array<int64_t, 3> blk = choose_block(geo, pb.group);
+  std::array<int64_t, 3> nblk;
+  for (int a = 0; a < 3; ++a) nblk[a] = ceil_div(geo.grid[a], blk[a]);
+  const int64_t n_prefix = ceil_div(pb.P, kMaxBlock), n_grid = nblk[0] * nblk[1] * nblk[2];
+  const int64_t per_head = pb.B * pb.Hkv;
+  const int64_t total = per_head * (n_prefix + n_grid);
 
-  const int64_t nblk = (S + kQueryBlock - 1) / kQueryBlock;
-  at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> keys;
-    keys.reserve(static_cast<size_t>(std::min<int64_t>(S, 4096)));
-    std::vector<acc_t> qf(D), acc(D), scores(kKeyChunk);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / nblk;
-      const int64_t s0 = (item % nblk) * kQueryBlock, s1 = std::min(S, s0 + kQueryBlock);
-      for (int64_t s = s0; s < s1; ++s) {
-        const bool prefix_query = s < P;
-        keys.clear();
-        if (!prefix_query) {
-          for (int64_t j = 0; j < P; ++j) keys.push_back(j);
-          window_keys(geo, s - P, keys);
-        }
-        const int64_t* idx = prefix_query ? nullptr : keys.data();  // prefix queries: all S keys
-        const int64_t nkeys = prefix_query ? S : static_cast<int64_t>(keys.size());
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t hk = h / group;
-          const scalar_t* qr = qp + b * q.stride(0) + s * q.stride(1) + h * q.stride(2);
-          for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<acc_t>(qr[d]);
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          RowState<acc_t> st{-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc.data()};
-          attend<scalar_t, acc_t>(st, qf.data(), scale, kp + b * k.stride(0) + hk * k.stride(2), k.stride(1),
-                                  vp + b * v.stride(0) + hk * v.stride(2), v.stride(1), idx, nkeys, D, scores.data());
-          if (!prefix_query && E > 0) {
-            attend<scalar_t, acc_t>(st, qf.data(), scale, ekp + b * ek->stride(0) + hk * ek->stride(2),
-                                    ek->stride(1), evp + b * ev->stride(0) + hk * ev->stride(2), ev->stride(1),
-                                    nullptr, E, D, scores.data());
-          }
-          scalar_t* orow = op + ((b * S + s) * H + h) * D;
-          float* lrow = lp + (b * H + h) * S + s;
-          if (st.l > acc_t(0)) {
-            const acc_t inv = acc_t(1) / st.l;
-            for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(acc[d] * inv);
-            *lrow = static_cast<float>(st.m + std::log(st.l));
-          } else {  // no allowed key
-            for (int64_t d = 0; d < D; ++d) orow[d] = scalar_t(0);
-            *lrow = -std::numeric_limits<float>::infinity();
-          }
-        }
+  // Items are handed out dynamically, prefix blocks (S keys each) first: costs differ a lot
+  // between items and the cores may be shared.
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), total);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    BlockKernel<scalar_t> kernel(pb, pb.group * kMaxBlock);
+    for (int64_t item = next++; item < total; item = next++) {
+      const bool prefix = item < per_head * n_prefix;
+      const int64_t j = prefix ? item : item - per_head * n_prefix;
+      const int64_t n = prefix ? n_prefix : n_grid;
+      const int64_t b = j / (pb.Hkv * n), hk = j / n % pb.Hkv, t = j % n;
+      if (prefix) {
+        kernel.prefix_block(b, hk, t * kMaxBlock, std::min(pb.P, (t + 1) * kMaxBlock));
+        continue;
       }
+      const int64_t t2 = t % nblk[2], t1 = t / nblk[2] % nblk[1], t0 = t / (nblk[1] * nblk[2]);
+      const std::array<int64_t, 3> lo{t0 * blk[0], t1 * blk[1], t2 * blk[2]};
+      std::array<int64_t, 3> hi;
+      for (int a = 0; a < 3; ++a) hi[a] = std::min(geo.grid[a], lo[a] + blk[a]) - 1;
+      kernel.grid_block(b, hk, lo, hi);
     }
   });
 }

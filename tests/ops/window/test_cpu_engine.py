@@ -127,6 +127,25 @@ def test_low_precision(dtype):
     check(dict(grid=(3, 4, 5), radius=2, tile=(2, 2, 2)), P=1, H=2, D=40, dtype=dtype, transposed=True)
 
 
+# Key sets larger than one chunk (the engine scores at most 512 keys of a query block at a time):
+# window unions split over several chunks, chunk borders inside grid rows and inside circle rows,
+# and dense key ranges (prefix keys, all S keys of the prefix queries, extra keys) over a chunk.
+MULTI_CHUNK = [
+    (dict(grid=(700,), window=(601,), border="clip"), 0, 0),          # 1D: one grid row over chunks
+    (dict(grid=(12, 200), window=(3, 199)), 0, 2),
+    (dict(grid=(5, 12, 13), window=(-1, 9, -1), tile=(2, 5, 4)), 3, 0),  # whole axes, tile order
+    (dict(grid=(31, 29), radius=13, border="clip"), 1, 0),
+    (dict(grid=(9, 11), radius=7, tile=(4, 4)), 600, 0),              # prefix longer than a chunk
+    (dict(grid=(6, 7), window=(3, 3)), 2, 530),                       # more extra keys than a chunk
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("geo,P,E", MULTI_CHUNK, ids=[str(i) for i in range(len(MULTI_CHUNK))])
+def test_multi_chunk(geo, P, E, dtype):
+    check(geo, P=P, E=E, H=4, Hkv=2, D=16, dtype=dtype, transposed=True)
+
+
 def test_sdpa_layout_no_copy_and_strides():
     # Non-contiguous views along B, S and H (not just transposes) are read in place.
     B, S, H, D = 2, 3 + 20, 4, 16

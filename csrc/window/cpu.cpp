@@ -4,21 +4,23 @@
 // The keys a block may see (prefix keys, the bounding box of its queries' windows enumerated
 // analytically from the geometry, extra keys; all S keys for prefix queries) are gathered chunk by
 // chunk into opmath scratch. Per chunk: scores = Q K^T (one GEMM), an exact per-(query, key) mask
-// from the window geometry, an online-softmax step, acc += P V (one GEMM). The GEMMs are ATen's CPU
-// kernels (BLAS), called directly through at::cpu:: (no dispatcher round trip per block).
+// from the window geometry, an online-softmax step (one vectorised exp over the tile), acc += P V
+// (one GEMM). These are ATen's CPU kernels (BLAS, vectorised exp / sum with runtime ISA dispatch),
+// called directly through at::cpu:: (no dispatcher round trip per block).
 // Memory per thread: O(group * block * (chunk + D) + chunk * D); never an S x S mask, no input copies.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/exp_cpu_dispatch.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
+#include <ATen/ops/sum_cpu_dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -49,67 +51,8 @@ inline int64_t isqrt_below(int64_t x) {
   return t;
 }
 
-// exp(x) for x <= 0 (a score minus its row max): Cephes' expf polynomial in plain arithmetic, so
-// that the loops calling it vectorise (libm's expf does not); relative error about 2 ulp. x is
-// clamped to [-87, 0] first (exp(-87) instead of a denormal is negligible next to the max's
-// exp(0) = 1); NaN stays NaN.
-inline float exp_nonpositive(float x) {
-  // Clamped as integer bits (a float compare may trap, which keeps GCC from vectorising): x >= +0
-  // has non-negative bits; for x < 0, larger unsigned bits mean more negative.
-  const uint32_t u = std::bit_cast<uint32_t>(x);
-  const float c = std::bit_cast<float>(static_cast<int32_t>(u) >= 0 ? 0u : std::min(u, 0xC2AE0000u));  // -87.0f
-  const float n = (c * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(c / ln 2): 1.5 * 2^23 trick
-  const float r = (c - n * 0.693359375f) + n * 2.12194440e-4f;     // c - n ln 2, ln 2 in two parts
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23) + (x - x);  // + NaN if x is NaN
-}
-
-inline double exp_nonpositive(double x) { return std::exp(x); }
-
 // Allowed columns [begin, end) of one score row.
 using ColumnRange = std::pair<int64_t, int64_t>;
-
-// Turns the score row s[0, n) into p = exp(s - m) on the increasing column ranges runs, 0 elsewhere;
-// returns the sum of p. One exp loop spans all the runs, gaps included (zeroed after): long loops
-// vectorise well, while one loop per run (often 16 columns or fewer) is latency-bound.
-template <typename T>
-[[gnu::always_inline]] inline T exp_runs_impl(T* s, int64_t n, const ColumnRange* runs, int64_t nruns, T m) {
-  const int64_t first = nruns ? runs[0].first : n, last = nruns ? runs[nruns - 1].second : n;
-  for (int64_t j = first; j < last; ++j) s[j] = exp_nonpositive(s[j] - m);
-  std::fill(s, s + first, T(0));
-  for (int64_t i = 1; i < nruns; ++i) std::fill(s + runs[i - 1].second, s + runs[i].first, T(0));
-  std::fill(s + last, s + n, T(0));
-  constexpr int kLanes = 16;  // independent partial sums, so that the sum vectorises
-  T lane[kLanes] = {};
-  int64_t j = first;
-  for (; j + kLanes <= last; j += kLanes) {
-    for (int u = 0; u < kLanes; ++u) lane[u] += s[j + u];
-  }
-  for (; j < last; ++j) lane[0] += s[j];
-  T sum = 0;
-  for (int u = 0; u < kLanes; ++u) sum += lane[u];
-  return sum;
-}
-
-// The exp polynomial is most of the softmax work: the float version is also compiled for AVX2 and
-// AVX-512, picked at load time (the build targets baseline x86-64; exp_runs_impl is always inlined
-// so that it is compiled for each target).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#endif
-float exp_runs(float* s, int64_t n, const ColumnRange* runs, int64_t nruns, float m) {
-  return exp_runs_impl(s, n, runs, nruns, m);
-}
-
-double exp_runs(double* s, int64_t n, const ColumnRange* runs, int64_t nruns, double m) {
-  return exp_runs_impl(s, n, runs, nruns, m);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Enumeration helpers: window keys of a query, grid rows as memory runs, block shapes.
@@ -252,7 +195,7 @@ class BlockKernel {
   BlockKernel(const Problem<scalar_t>& pb, int64_t max_rows)
       : pb_(pb), geo_(*pb.geo), circle_(*pb.circle), D_(pb.D),
         opts_(at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value)), seq_(kMaxBlock), win_(kMaxBlock),
-        q_(max_rows * D_), acc_(max_rows * D_), m_(max_rows), l_(max_rows), k_(kKeyChunk * D_), v_(kKeyChunk * D_),
+        q_(max_rows * D_), acc_(max_rows * D_), m_(max_rows), l_(max_rows), sum_(max_rows), k_(kKeyChunk * D_), v_(kKeyChunk * D_),
         s_(max_rows * kKeyChunk) {
     rows_in_chunk_.reserve(kKeyChunk);
   }
@@ -441,15 +384,21 @@ class BlockKernel {
     for (int64_t i = 0; i < nq_; ++i) {
       runs_.clear();
       allowed(i, runs_);
-      for (int64_t g = 0; g < pb_.group; ++g) softmax_row(g * nq_ + i, n);
+      for (int64_t g = 0; g < pb_.group; ++g) shift_row(g * nq_ + i, n);
     }
+    // One exp over the whole tile with ATen's vectorised kernel (runtime ISA dispatch): masked
+    // columns hold -inf and become 0. Then the row sums, and acc += P V.
+    at::cpu::exp_out(s, s);
+    at::Tensor sums = at::from_blob(sum_.data(), {rows_}, opts_);
+    at::cpu::sum_out(sums, s, at::IntArrayRef{1});
+    for (int64_t r = 0; r < rows_; ++r) l_[r] += sum_[r];
     at::Tensor acc = at::from_blob(acc_.data(), {rows_, D_}, opts_);
     at::cpu::addmm_(acc, s, at::from_blob(v_.data(), {n, D_}, opts_));
   }
 
-  // Online-softmax step of row r over runs_: updates the running max (rescaling acc and l) and the
-  // sum l, and turns the scores into p = exp(score - max) on the allowed columns, 0 elsewhere.
-  void softmax_row(int64_t r, int64_t n) {
+  // Online-softmax step of row r over runs_: updates the running max (rescaling acc and l) and
+  // turns the scores into score - max on the allowed columns, -inf elsewhere (exp'd by step).
+  void shift_row(int64_t r, int64_t n) {
     acc_t* s = s_.data() + r * n;
     acc_t cmax = kNegInf;
     for (const auto& [a, e] : runs_) cmax = std::max(cmax, max_of(s + a, e - a));
@@ -463,11 +412,16 @@ class BlockKernel {
       }
       m_[r] = cmax;
     }
-    if (m_[r] == kNegInf) {  // no key so far
-      std::fill_n(s, n, acc_t(0));
-    } else {
-      l_[r] += exp_runs(s, n, runs_.data(), static_cast<int64_t>(runs_.size()), m_[r]);
+    const acc_t m = m_[r];
+    int64_t done = 0;
+    if (m != kNegInf) {  // (no key so far: the whole row stays -inf)
+      for (const auto& [a, e] : runs_) {
+        std::fill(s + done, s + a, kNegInf);
+        for (int64_t j = a; j < e; ++j) s[j] -= m;
+        done = e;
+      }
     }
+    std::fill(s + done, s + n, kNegInf);
   }
 
   // Max over independent lanes: no serial dependency on one accumulator.
@@ -490,7 +444,7 @@ class BlockKernel {
   std::vector<int64_t> seq_;       // sequence index of each block query
   std::vector<QueryWindow> win_;   // window of each block query (grid blocks)
   std::array<int64_t, 3> ulo_{}, un_{};  // bounding box of the windows: first coordinates, sizes
-  std::vector<acc_t> q_, acc_, m_, l_, k_, v_, s_;  // tiles; per row: running max m and sum l
+  std::vector<acc_t> q_, acc_, m_, l_, sum_, k_, v_, s_;  // tiles; per row: running max m, sum l, chunk sum
   std::vector<ColumnRange> runs_, dense_cols_;  // a query's allowed columns; the chunk's dense columns
   std::vector<ChunkRow> rows_in_chunk_;          // the chunk's box rows
 };

@@ -13,7 +13,9 @@ and the correctness check. Three workloads (DESIGN §1/§5), a tiny CPU version 
                  "sdpa-<be>-preconcat" (SDPA on K/V concatenated once at setup: the target is
                  <= 1.05x of it while never concatenating).
   segment        OminiControl branches [text, image, cond1, cond2] with the asymmetric mask (text and
-                 image see all, conditions only themselves). anchors: dense bool-masked SDPA, and a
+                 image see all, conditions only themselves). dtk: the branch layout as CPU tensors
+                 (GPU: cuDNN per query branch and run of visible key branches + merge);
+                 "dtk-triton": the Triton engine (layout on the device, one launch). anchors: dense bool-masked SDPA, and a
                  per-query-branch SDPA loop over the allowed key branches.
 
 FLOPs are the useful ones: 4 * B * H * D * (allowed (q, k) pairs), for every row.
@@ -199,7 +201,9 @@ def _prep_dtk(state):
         def fn():
             return dtk.multi_kv_attention(q, ks, vs, scale=state["scale"])
         return Prepared(fn, first_call(fn, state["device"], "multi_kv_attention"))
-    q, k, v, cu, gm = state["q"], state["k"], state["v"], state["cu"], state["gm"]
+    # the branch layout as host tensors (as a pipeline builds it from Python ints): GPU calls may
+    # then take the cuDNN engine, which reads it without a device sync
+    q, k, v, cu, gm = state["q"], state["k"], state["v"], state["cu"].cpu(), state["gm"].cpu()
 
     def fn():
         return dtk.segment_attention(q, k, v, cu, gm, scale=state["scale"])
@@ -207,10 +211,16 @@ def _prep_dtk(state):
 
 
 def _prep_dtk_triton(state):
-    """The Triton engine on the multi_kv_attention cases, beside the op's automatic choice."""
+    """The Triton engine, beside the op's automatic choice (cuDNN where it applies on a GPU)."""
     _dtk()
     from dtk.ops.sparse.triton import multi_kv_attention_triton
 
+    if state["shape"].kind == "segment":
+        from dtk.ops.sparse.triton import segment_attention_triton
+
+        q, k, v, cu, gm, scale = (state[n] for n in ("q", "k", "v", "cu", "gm", "scale"))
+        fn = lambda: segment_attention_triton(q, k, v, cu, gm, None, scale)[0]  # noqa: E731
+        return Prepared(fn, first_call(fn, state["device"], "segment_attention (Triton engine)"))
     q, ks, vs, scale = state["q"], state["ks"], state["vs"], state["scale"]
     if state["shape"].kind == "spotedit":
         qi, out = state["q_index"], state["out"]
@@ -313,9 +323,8 @@ def _prep_segment_loop(backend):
 
 def make_impls(sh: SparseShape, gpu: bool):
     impls = [Impl("dtk", _prep_dtk, kind="dtk", check=True)]
-    if sh.kind != "segment":
-        impls.append(Impl("dtk-triton", _prep_dtk_triton, kind="dtk", check=True, devices=("cuda",),
-                          note="the Triton engine (DTK_MKV_ENGINE=triton)"))
+    impls.append(Impl("dtk-triton", _prep_dtk_triton, kind="dtk", check=True, devices=("cuda",),
+                      note="the Triton engine (DTK_SPARSE_ENGINE=triton)"))
     backends = ("cudnn", "flash", "efficient") if gpu else (None,)
     for be in backends:
         tag = be or "default"

@@ -45,11 +45,11 @@ def window_blocks_override():
     return bq, bk
 
 
-def mkv_engine() -> str:
-    """DTK_MKV_ENGINE=triton|cudnn|auto (default auto): which GPU engine serves
-    multi_kv_attention; auto takes cuDNN for dense segments it supports (ops/sparse/cudnn.py)
-    and Triton for the rest. For side-by-side benchmarks and debugging."""
-    v = os.environ.get("DTK_MKV_ENGINE", "auto")
+def sparse_engine() -> str:
+    """DTK_SPARSE_ENGINE=triton|cudnn|auto (default auto): which GPU engine serves
+    multi_kv_attention and segment_attention; auto takes cuDNN for the calls it supports
+    (ops/sparse/cudnn.py) and Triton for the rest. For side-by-side benchmarks and debugging."""
+    v = os.environ.get("DTK_SPARSE_ENGINE", "auto")
     if v not in ("auto", "triton", "cudnn"):
-        raise ValueError(f"DTK_MKV_ENGINE must be auto, triton or cudnn, got {v!r}")
+        raise ValueError(f"DTK_SPARSE_ENGINE must be auto, triton or cudnn, got {v!r}")
     return v

@@ -19,7 +19,8 @@ import torch
 # Anything not listed here and registered from Python is a Triton kernel.
 _PY_CUDA_ENGINE = {"tile_reorder": "torch (fallback)",
                    "multi_kv_attention": "cuDNN + Triton merge (dense MHA segments), else Triton",
-                   "multi_kv_attention_out": "cuDNN + Triton merge (dense MHA segments), else Triton"}
+                   "multi_kv_attention_out": "cuDNN + Triton merge (dense MHA segments), else Triton",
+                   "segment_attention": "cuDNN + Triton merge (MHA, branch layout on the CPU), else Triton"}
 
 
 def _triton() -> Dict[str, Any]:

@@ -422,10 +422,9 @@ def apply_condition_reuse(transformer, *, refresh_every: Optional[int] = None,
         write = M == 0 or st.cache.should_write(layer=None) or len(st.cache) == 0
         ctx.mode = "write" if write else "read"
         handle.log.append((list(handle.streams).index(key), ctx.mode))
-        if write:
-            dev = hs.device
-            ctx.cu_seqlens = torch.tensor([0, ctx.T, ctx.T + ctx.N, ctx.T + ctx.N + M], dtype=torch.int32, device=dev)
-            ctx.group_mask = dtk.ominicontrol_group_mask(1, device=dev)
+        if write:   # the branch layout on the host: read by the cuDNN engine without a device sync
+            ctx.cu_seqlens = torch.tensor([0, ctx.T, ctx.T + ctx.N, ctx.T + ctx.N + M], dtype=torch.int32)
+            ctx.group_mask = dtk.ominicontrol_group_mask(1)
         else:
             kw["hidden_states"] = hs[:, :ctx.N]
             kw["img_ids"] = ids[:ctx.N]

@@ -94,3 +94,32 @@ def test_supported_calls():
     assert not supported(cq, [cuda_like(meta(1, 8, 2, 128))], [None])   # GQA
     assert not supported(cuda_like(meta(1, 8, 4, 160)), [cuda_like(meta(1, 8, 4, 160))], [None])
     assert not supported(cuda_like(meta(1, 8, 4, 64, dt=torch.float32)), [ck], [None])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_segment_runs_merge_to_the_masked_reference(dtype, bias):
+    """segment_attention per (query branch, run of adjacent visible key branches with one bias):
+    empty branches, a branch that sees nothing, non-adjacent visible branches, > 4 runs (staged
+    merge), biases shifting a run's lse."""
+    from dtk.ops.sparse.cudnn import segment_attention_cudnn
+    from dtk.ops.sparse.reference import segment_attention_reference as seg_ref
+
+    cu = torch.tensor([0, 5, 5, 22, 30, 41, 47, 52, 60, 66, 70], dtype=torch.int32)
+    G = cu.numel() - 1
+    gm = torch.rand(G, G) > 0.35
+    gm[0] = True                               # all key branches: runs split only by the bias
+    gm[1] = torch.arange(G) % 2 == 0           # every other branch: 5 runs (> MAX_PARTS)
+    gm[3] = False                              # sees nothing
+    gb = (torch.randn(G, G) * (torch.rand(G, G) > 0.5)) if bias else None
+    S = int(cu[-1])
+    q, k, v = (torch.randn(1, S, 2, 32, device=DEVICE, dtype=dtype) for _ in range(3))
+    o, lse = segment_attention_cudnn(q, k, v, cu, gm, gb, 0.2)
+    r64, l64 = seg_ref(q.double(), k.double(), v.double(), cu, gm, None if gb is None else gb.double(), scale=0.2)
+    rlo, llo = seg_ref(q, k, v, cu, gm, None if gb is None else gb.to(dtype), scale=0.2)
+    assert_matches_reference(o, r64, rlo, atol=1e-5 if dtype == torch.float32 else 2e-3)
+    fin = torch.isfinite(l64)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert_matches_reference(lse[fin], l64[fin], llo[fin].float(), atol=1e-3, name="lse")
+    rows3 = slice(int(cu[3]), int(cu[4]))
+    assert (o[:, rows3] == 0).all()

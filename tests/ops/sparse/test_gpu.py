@@ -52,14 +52,18 @@ def test_multi_kv_spotedit_like(dtype, D, nseg):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_segment_ominicontrol(dtype):
-    cu = torch.tensor([0, 128, 128 + 1024, 128 + 2048, 128 + 2048 + 500], dtype=torch.int32, device="cuda")
+@pytest.mark.parametrize("layout", ["device-gqa", "host-mha"])
+def test_segment_ominicontrol(dtype, layout):
+    """Branch layout on the GPU (Triton engine; GQA) or on the CPU with MHA (cuDNN engine)."""
+    dev = "cuda" if layout == "device-gqa" else "cpu"
+    cu = torch.tensor([0, 128, 128 + 1024, 128 + 2048, 128 + 2048 + 500], dtype=torch.int32, device=dev)
     S = int(cu[-1])
-    gm = dtk.ominicontrol_group_mask(2, device="cuda")
-    gb = torch.zeros(4, 4, device="cuda")
+    gm = dtk.ominicontrol_group_mask(2, device=dev)
+    gb = torch.zeros(4, 4, device=dev)
     gb[1, 2:] = -0.7
     q = _r(1, S, 4, 128, dtype=dtype, tr=True)
-    k, v = _r(1, S, 2, 128, dtype=dtype), _r(1, S, 2, 128, dtype=dtype)
+    hkv = 2 if layout == "device-gqa" else 4
+    k, v = _r(1, S, hkv, 128, dtype=dtype), _r(1, S, hkv, 128, dtype=dtype)
     o, lse = dtk.segment_attention(q, k, v, cu, gm, gb, return_lse=True)
     r64, l64 = seg_ref(q.double(), k.double(), v.double(), cu.cpu(), gm, gb.double())
     rlo, _ = seg_ref(q, k, v, cu.cpu(), gm, gb.to(dtype))
@@ -107,7 +111,7 @@ def test_multi_kv_dense_segments_cudnn_and_triton_engines(dtype, monkeypatch):
     qi = torch.stack([torch.randperm(S, device="cuda")[:300] for _ in range(B)])
     qi[:, -7:] = -1
     for engine in ("cudnn", "triton"):
-        monkeypatch.setenv("DTK_MKV_ENGINE", engine)
+        monkeypatch.setenv("DTK_SPARSE_ENGINE", engine)
         o, lse = dtk.multi_kv_attention(q, ks, vs, return_lse=True)
         assert_matches_reference(o, r64, rlo, atol=2e-3)
         assert (lse.double() - l64).abs().max() < 2e-2, engine

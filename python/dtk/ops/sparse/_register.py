@@ -165,37 +165,67 @@ def _register_cuda():
     @torch.library.register_kernel(_LIB + "segment_attention", "cuda")
     def _seg_cuda(q, k, v, cu_seqlens, group_mask, group_bias, scale):
         scale = check_segment(q, k, v, cu_seqlens, group_mask, group_bias, scale)
-        from .triton import segment_attention_triton
-        return segment_attention_triton(q, k, v, cu_seqlens, group_mask, group_bias, scale)
+        return _seg_gpu(q, k, v, cu_seqlens, group_mask, group_bias, scale)
 
 
 _CUDNN_FAILED = []   # the first cuDNN error, after which the Triton engine serves every call
 
 
+def _use_cudnn(op: str, ok: bool, requirement: str) -> bool:
+    """Whether the cuDNN engine runs this call (DTK_SPARSE_ENGINE; auto: where it applies)."""
+    from ..._debug import sparse_engine
+
+    engine = sparse_engine()
+    if engine == "cudnn" and not ok:
+        raise ValueError(f"DTK_SPARSE_ENGINE=cudnn, but the cuDNN engine of {op} serves only {requirement}")
+    return ok and (engine == "cudnn" or (engine == "auto" and not _CUDNN_FAILED))
+
+
+def _cudnn_or_triton(run_cudnn, run_triton):
+    """run_cudnn(); on a cuDNN error (a build or card without this attention) say so once and use
+    the Triton engine from then on (DTK_SPARSE_ENGINE=cudnn re-raises)."""
+    from ..._debug import sparse_engine
+
+    try:
+        return run_cudnn()
+    except RuntimeError as e:
+        if sparse_engine() == "cudnn":
+            raise
+        import warnings
+        _CUDNN_FAILED.append(e)
+        warnings.warn(f"dtk sparse ops: cuDNN attention failed ({str(e).splitlines()[0][:200]}); "
+                      "using the Triton engine from now on")
+        return run_triton()
+
+
 def _mkv_gpu(q, ks, vs, kv_index, q_index, scale, out=None):
-    """The GPU engine for a call: cuDNN per dense segment + an exact lse merge where it applies
-    (the fastest dense kernel; DTK_MKV_ENGINE picks one engine), else the Triton engine."""
-    from ..._debug import mkv_engine
+    """The GPU engine for a multi_kv_attention call: cuDNN per dense segment + an exact lse merge
+    where it applies (the fastest dense kernel), else the Triton engine."""
     from . import cudnn
+    from .triton import multi_kv_attention_triton
 
     kv_index = list(kv_index) if kv_index else [None] * len(ks)
-    engine = mkv_engine()
-    ok = cudnn.supported(q, ks, kv_index)
-    if engine == "cudnn" and not ok:
-        raise ValueError("DTK_MKV_ENGINE=cudnn, but the cuDNN engine serves only CUDA fp16/bf16 calls with "
-                         f"H_kv == H, D % 8 == 0, D <= 128, 1..{cudnn.MAX_SEGMENTS} segments and no kv_index")
-    if ok and (engine == "cudnn" or (engine == "auto" and not _CUDNN_FAILED)):
-        try:
-            return cudnn.multi_kv_attention_cudnn(q, ks, vs, q_index, scale, out)
-        except RuntimeError as e:   # a cuDNN build or card without this attention: say so once, go on
-            if engine == "cudnn":
-                raise
-            import warnings
-            _CUDNN_FAILED.append(e)
-            warnings.warn(f"dtk.multi_kv_attention: cuDNN attention failed ({str(e).splitlines()[0][:200]}); "
-                          "using the Triton engine from now on")
-    from .triton import multi_kv_attention_triton
-    return multi_kv_attention_triton(q, ks, vs, kv_index, q_index, scale, out=out)
+    triton_run = lambda: multi_kv_attention_triton(q, ks, vs, kv_index, q_index, scale, out=out)  # noqa: E731
+    if _use_cudnn("multi_kv_attention", cudnn.supported(q, ks, kv_index),
+                  f"CUDA fp16/bf16 calls with H_kv == H, D % 8 == 0, D <= 128, 1..{cudnn.MAX_SEGMENTS} "
+                  "segments and no kv_index"):
+        return _cudnn_or_triton(lambda: cudnn.multi_kv_attention_cudnn(q, ks, vs, q_index, scale, out), triton_run)
+    return triton_run()
+
+
+def _seg_gpu(q, k, v, cu_seqlens, group_mask, group_bias, scale):
+    """The GPU engine for a segment_attention call: cuDNN per (query branch, run of visible key
+    branches) + lse merge when the branch layout is on the host, else the Triton engine."""
+    from . import cudnn
+    from .triton import segment_attention_triton
+
+    triton_run = lambda: segment_attention_triton(q, k, v, cu_seqlens, group_mask, group_bias, scale)  # noqa: E731
+    if _use_cudnn("segment_attention", cudnn.segment_supported(q, k, cu_seqlens, group_mask, group_bias),
+                  "CUDA fp16/bf16 calls with H_kv == H, D % 8 == 0, D <= 128 and cu_seqlens, group_mask, "
+                  "group_bias on the CPU"):
+        return _cudnn_or_triton(
+            lambda: cudnn.segment_attention_cudnn(q, k, v, cu_seqlens, group_mask, group_bias, scale), triton_run)
+    return triton_run()
 
 
 _register_cuda()

@@ -1,8 +1,14 @@
-"""cuDNN engine of multi_kv_attention for dense segments (no kv_index): each K/V segment is one
-call of torch's cuDNN attention (the fastest dense kernel on Hopper, DESIGN §5) returning its
-log-sum-exp, and one Triton pass (merge.py) merges the partial outputs exactly through their lse, writing
-the result in place: compact rows, or scattered into `out`'s q_index rows. Sparse queries are
+"""cuDNN engine of the sparse-token ops, built from torch's cuDNN attention (the fastest dense
+kernel on Hopper, DESIGN §5) with its log-sum-exp, and one exact lse-merge pass (merge.py).
+
+multi_kv_attention, dense segments (no kv_index): one cuDNN call per K/V segment, merged and
+written in place: compact rows, or scattered into `out`'s q_index rows. Sparse queries are
 gathered once (a small copy: the edited rows only). The K/V segments are never concatenated.
+
+segment_attention, when the branch layout is on the host (cu_seqlens, group_mask, group_bias as
+CPU tensors: read without a device sync): per query branch, one cuDNN call per run of adjacent
+visible key branches with one bias (a branch pair's bias shifts that call's lse), merged into the
+branch's rows. Masked branch pairs are never computed.
 
 The same code runs on the CPU with torch's CPU flash attention as the dense kernel (and the merge
 kernel in Triton's interpreter), which is how the gather / merge / scatter logic is tested without
@@ -20,10 +26,20 @@ MAX_SEGMENTS = MAX_PARTS   # one merge pass
 def supported(q, ks, kv_index) -> bool:
     """Whether this engine serves the call: a CUDA fp16/bf16 q, one K/V head per q head, a head
     dim cuDNN takes, at most MAX_SEGMENTS segments, none of them indexed."""
+    return (0 < len(ks) <= MAX_SEGMENTS and all(_shapes_ok(q, k) for k in ks)
+            and all(i is None for i in kv_index))
+
+
+def _shapes_ok(q, k) -> bool:
     H, D = q.shape[2], q.shape[3]
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 128
-            and 0 < len(ks) <= MAX_SEGMENTS and all(k.shape[2] == H for k in ks)
-            and all(i is None for i in kv_index))
+            and k.shape[2] == H)
+
+
+def segment_supported(q, k, cu_seqlens, group_mask, group_bias) -> bool:
+    """Whether this engine serves a segment_attention call: MHA fp16/bf16 CUDA tensors with a head
+    dim cuDNN takes, and the branch layout on the host."""
+    return _shapes_ok(q, k) and all(t is None or t.device.type == "cpu" for t in (cu_seqlens, group_mask, group_bias))
 
 
 def _dense_with_lse(q, k, v, scale):
@@ -55,3 +71,41 @@ def multi_kv_attention_cudnn(q, ks, vs, q_index, scale, out=None):
     os_, ls = zip(*parts)
     merge_partials(list(os_), list(ls), res, lse, q_index=q_index, S=S, scatter=out is not None)
     return res, lse
+
+
+def segment_attention_cudnn(q, k, v, cu_seqlens, group_mask, group_bias, scale):
+    """(out, lse) as segment_attention_triton, for calls `segment_supported` accepts (and CPU
+    tensors in tests). A query branch that sees no key gets 0 and lse -inf."""
+    B, S, H, D = q.shape
+    out = new_output((B, S, H, D), like=q)
+    lse = new_output((B, H, S), like=q, dtype=torch.float32)
+    cu = cu_seqlens.tolist()
+    mask = group_mask.tolist()
+    bias = group_bias.double().tolist() if group_bias is not None else None
+    G = len(cu) - 1
+    for a in range(G):
+        q0, q1 = cu[a], cu[a + 1]
+        if q0 == q1:
+            continue
+        qa = q[:, q0:q1].transpose(1, 2)
+        runs = []   # (first key, end key, bias) of adjacent visible branches with one bias
+        for b in range(G):
+            if not mask[a][b] or cu[b] == cu[b + 1]:
+                continue
+            c = bias[a][b] if bias is not None else 0.0
+            if runs and runs[-1][1] == cu[b] and runs[-1][2] == c:
+                runs[-1][1] = cu[b + 1]
+            else:
+                runs.append([cu[b], cu[b + 1], c])
+        rows_out, rows_lse = out[:, q0:q1], lse[:, :, q0:q1]
+        if not runs:
+            rows_out.zero_()
+            rows_lse.fill_(float("-inf"))
+            continue
+        parts, lses = [], []
+        for k0, k1, c in runs:
+            o, l = _dense_with_lse(qa, k[:, k0:k1].transpose(1, 2), v[:, k0:k1].transpose(1, 2), scale)
+            parts.append(o)
+            lses.append(l + c if c else l)
+        merge_partials(parts, lses, rows_out, rows_lse)
+    return out, lse

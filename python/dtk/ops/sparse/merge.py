@@ -16,7 +16,7 @@ MAX_PARTS = 4   # partials one pass takes
 
 @triton.jit
 def _merge(O0, O1, O2, O3, L0, L1, L2, L3, QI, OUT, LSE,
-           sob, soh, son, slb, slh, sqib, sutb, suts, suth,
+           sob, soh, son, slb, slh, sqib, sutb, suts, suth, slob, sloh,
            H, N, S, D,
            NSEG: tl.constexpr, HAS_QI: tl.constexpr, SCATTER: tl.constexpr,
            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -76,12 +76,12 @@ def _merge(O0, O1, O2, O3, L0, L1, L2, L3, QI, OUT, LSE,
             lse = tl.where(valid, lse, float("-inf"))
     tl.store(OUT + b * sutb + dest[:, None] * suts + h * suth + offs_d[None, :], res.to(OUT.dtype.element_ty),
              mask=ok[:, None] & (offs_d < D)[None, :])
-    tl.store(LSE + (b * H + h) * N + rows, lse, mask=r_ok)
+    tl.store(LSE + b * slob + h * sloh + rows, lse, mask=r_ok)
 
 
 def merge_partials(parts, lses, res, lse, *, q_index=None, S=0, scatter=False):
     """Merges `parts` (each (B, H, n, D) logical, any strides) with their `lses` (each (B, H, n)
-    float32) into `res` and `lse` (B, H, n). `res` is (B, n, H, D) (rows of q_index padding get 0
+    float32) into `res` and `lse` (B, H, n; any strides but a unit last one, e.g. a slice). `res` is (B, n, H, D) (rows of q_index padding get 0
     and lse -inf), or with `scatter` the (B, S, H, D) `out` whose q_index rows are written
     (padding and out-of-range entries skipped). More than MAX_PARTS partials merge in stages
     through float32 intermediates."""
@@ -109,7 +109,7 @@ def _launch(parts, lses, res, lse, q_index, S, scatter):
     _merge[(triton.cdiv(n, BLOCK_R), B * H)](
         *pad(parts), *pad(lses), qi, res, lse,
         o0.stride(0), o0.stride(1), o0.stride(2), lses[0].stride(0), lses[0].stride(1),
-        qi.stride(0), res.stride(0), res.stride(1), res.stride(2),
+        qi.stride(0), res.stride(0), res.stride(1), res.stride(2), lse.stride(0), lse.stride(1),
         H, n, S, D,
         NSEG=len(parts), HAS_QI=q_index is not None, SCATTER=scatter,
         BLOCK_R=BLOCK_R, BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=4)

@@ -65,3 +65,25 @@ def test_triton_explicit_launch_config(launch):
     case = dict(grid=(6, 7), window=(3, 5), radius=None, border="inward", num_prefix=3, tile=(2, 4),
                 num_extra=2, heads=(2, 1), D=32, B=1, transposed=True, scale=None)
     run_case(case, DTYPES[0], block=(32, 16), launch=launch)
+
+
+def test_limiting_axes_only_drops_axes_the_window_spans_whole():
+    """The kernel skips the mask test of axes where no key can be excluded (AXES): a wrong bit
+    would silently drop keys, so check it against the dense mask on every axis."""
+    from dtk.ops.window.reference import window_mask
+    from dtk.ops.window.triton import _limiting_axes
+
+    for grid, window, radius, border in [((1, 5, 7), (1, 6, 7), None, "clip"),       # w=6 on n=5: clip limits
+                                         ((1, 5, 7), (1, 9, 13), None, "clip"),      # 2n-1: whole axis
+                                         ((3, 5, 7), (-1, 5, 3), None, "inward"),
+                                         ((3, 5, 7), (2, 8, 9), None, "inward"),
+                                         ((1, 6, 6), None, 3, "inward"),
+                                         ((2, 6, 6), None, 3, "inward"), ((2, 6, 6), None, 3, "clip")]:
+        spec = make_spec(grid, window, radius, border)
+        bits = _limiting_axes(spec)
+        m = window_mask(spec).reshape(*spec.grid, *spec.grid)
+        for a in range(3):
+            # axis a is free iff moving a key along it never changes the mask
+            free = all(torch.equal(m.select(3 + a, 0), m.select(3 + a, i)) for i in range(spec.grid[a]))
+            if not bits & (1 << a):
+                assert free, (grid, window, radius, border, a)

@@ -6,7 +6,7 @@ from dtk.ops.window.plan import build_plan
 
 def test_sweep_shapes():
     names = [s.name for s in window_sweep.SHAPES]
-    assert names[0].startswith("dense-control") and len(names) == 4, names
+    assert names[0].startswith("dense-control") and len(names) == 5, names
 
 
 def test_dense_control_plan_has_only_full_blocks():

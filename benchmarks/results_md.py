@@ -1,7 +1,8 @@
-"""Regenerates benchmarks/RESULTS.md from a benchmark JSON (never typed by hand).
+"""Regenerates benchmarks/RESULTS.md from benchmark JSONs (never typed by hand).
 
     python -m benchmarks.results_md bench.json                         # to stdout
     python -m benchmarks.results_md bench.json -o benchmarks/RESULTS.md
+    python -m benchmarks.results_md ops.json e2e.json -o benchmarks/RESULTS.md   # runs in turn
 """
 from __future__ import annotations
 
@@ -34,9 +35,25 @@ def _notes(r: Dict) -> str:
 
 
 def render(data: Dict) -> str:
+    return render_runs([data])
+
+
+def render_runs(runs: List[Dict]) -> str:
+    """The page for one or more runs (e.g. the op families and the end-to-end models, measured by
+    two commands), each with its own card / versions / command / floors header."""
+    out: List[str] = [HEADER, "", "# dtk benchmark results", ""]
+    for i, data in enumerate(runs):
+        if len(runs) > 1:
+            ops = ", ".join(dict.fromkeys(r["op"] for r in data.get("rows", [])))
+            out += [f"# Run {i + 1} of {len(runs)}: {ops}", ""]
+        out += _render_run(data)
+    return "\n".join(out)
+
+
+def _render_run(data: Dict) -> List[str]:
     m = data.get("meta", {})
     fl = m.get("floor", {})
-    out: List[str] = [HEADER, "", "# dtk benchmark results", ""]
+    out: List[str] = []
     out.append(f"- card: **{m.get('card')}**" + (f" ({m.get('sms')} SMs, {m.get('gpu_mem_gib')} GiB)" if m.get("sms") else ""))
     out.append(f"- date: {m.get('date')}")
     out.append(f"- torch {m.get('torch')}, Triton {m.get('triton')}, CUDA {m.get('cuda')}"
@@ -77,7 +94,7 @@ def render(data: Dict) -> str:
         out.append("")
     if not ops:
         out += ["(no rows)", ""]
-    return "\n".join(out)
+    return out
 
 
 def render_placeholder(reason: str = "no GPU result yet") -> str:
@@ -90,19 +107,19 @@ def render_placeholder(reason: str = "no GPU result yet") -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.results_md", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("json", nargs="?", help="a python -m benchmarks --json file")
+    p.add_argument("json", nargs="*", help="python -m benchmarks --json files (runs, in this order)")
     p.add_argument("--placeholder", metavar="REASON", help="write the 'no result yet' page instead")
     p.add_argument("-o", "--output", help="write here (e.g. benchmarks/RESULTS.md) instead of stdout")
-    p.add_argument("--plot", metavar="PNG", help="also draw the JSON's plot (as `python -m benchmarks --plot`)")
+    p.add_argument("--plot", metavar="PNG", help="also draw the runs' plot (as `python -m benchmarks --plot`)")
     a = p.parse_args(argv)
     if a.placeholder:
         text = render_placeholder(a.placeholder)
     elif a.json:
         from .cli import load_json, plot
-        data = load_json(a.json)
-        text = render(data)
-        if a.plot:
-            plot(data, a.plot)
+        runs = [load_json(j) for j in a.json]
+        text = render_runs(runs)
+        if a.plot:   # one figure: the rows of every run
+            plot(dict(runs[0], rows=[r for d in runs for r in d.get("rows", [])]), a.plot)
     else:
         p.error("give a JSON file or --placeholder")
     if a.output:

@@ -199,6 +199,14 @@ def test_results_md_generation(tmp_path):
     assert results_md.main([str(p), "-o", str(out)]) == 0
     assert out.read_text() == text
     assert "no GPU result yet" in results_md.render_placeholder()
+    # two runs (e.g. op families, then the end-to-end models): one page, each run with its header
+    other = dict(data, meta=dict(data["meta"], command="python -m benchmarks --gpu --op e2e"))
+    q = tmp_path / "e2e.json"
+    cli.write_json(str(q), other)
+    assert results_md.main([str(p), str(q), "-o", str(out)]) == 0
+    two = out.read_text()
+    assert two.count("# Run ") == 2 and two.count("- card: **") == 2 and "--op e2e" in two
+    assert two.count("| s1 | dtk | 1.000 |") == 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,6 +113,21 @@ def first_call(fn: Callable, device: str, op: str) -> Dict[str, float]:
     return {"first_call_s": round(time.perf_counter() - t, 2)}
 
 
+def probe(fn: Callable, device: str, label: str) -> None:
+    """Runs an anchor once before it is timed; an implementation that cannot run here (an SDPA
+    backend without a kernel for this device / dtype / shape, ...) becomes a Skip naming why."""
+    try:
+        fn()
+        if device.startswith("cuda"):
+            import torch
+            torch.cuda.synchronize()
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        if msg.startswith("No viable backend"):
+            msg = "no kernel for this device/dtype/shape (SDPA: no viable backend)"
+        raise Skip(f"{label}: {msg}"[:160])
+
+
 def register(case: Case) -> Case:
     if any(c.key == case.key and c.gpu == case.gpu for c in _CASES):
         raise ValueError(f"duplicate benchmark case {case.key}")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from dtk.ops.linear import reference as R
 
-from ..registry import Case, CheckResult, Impl, Prepared, Skip, first_call, register
+from ..registry import Case, CheckResult, Impl, Prepared, Skip, first_call, probe, register
 
 OP = "linear"
 EPS = 1e-4
@@ -296,13 +296,7 @@ def _prep_sdpa(backend: Optional[str]):
             def fn():
                 with sdpa_kernel([be]):
                     return F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2)
-        try:
-            fn()
-            if state["device"].startswith("cuda"):
-                torch.cuda.synchronize()
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-            raise Skip(f"sdpa{'-' + backend if backend else ''}: {msg}"[:160])
+        probe(fn, state["device"], f"sdpa{'-' + backend if backend else ''}")
         return Prepared(fn, {"dense_flops": dense_flops(state["shape"])})
     return prep
 

@@ -29,7 +29,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from ..registry import Case, CheckResult, Impl, Prepared, Skip, first_call, register
+from ..registry import Case, CheckResult, Impl, Prepared, Skip, first_call, probe, register
 
 OP = "sparse"
 CHECK_ROWS = 256
@@ -175,13 +175,6 @@ def _dtk():
     return dtk
 
 
-def _sync(state):
-    if state["device"].startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-
-
 def _prep_dtk(state):
     dtk = _dtk()
     sh: SparseShape = state["shape"]
@@ -230,15 +223,6 @@ def _prep_dtk_triton(state):
     return Prepared(fn, first_call(fn, state["device"], "multi_kv_attention (Triton engine)"))
 
 
-def _try(fn, state, backend):
-    try:
-        fn()
-        _sync(state)
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-        raise Skip(f"{backend or 'sdpa'}: {msg}"[:160])
-
-
 def _prep_spotedit_anchor(backend):
     def prep(state):
         qh, khs, vhs, rows, outh = state["qh"], state["khs"], state["vhs"], state["q_rows"], state["outh"].clone()
@@ -249,7 +233,7 @@ def _prep_spotedit_anchor(backend):
                                                    scale=state["scale"])
             outh.index_copy_(2, rows, o)
             return outh.transpose(1, 2)
-        _try(fn, state, backend)
+        probe(fn, state["device"], backend or "sdpa")
         return Prepared(fn)
     return prep
 
@@ -264,7 +248,7 @@ def _prep_omini_anchor(backend, preconcat):
                 k = kc if preconcat else torch.cat(khs, 2)
                 v = vc if preconcat else torch.cat(vhs, 2)
                 return F.scaled_dot_product_attention(qh, k, v, scale=state["scale"]).transpose(1, 2)
-        _try(fn, state, backend)
+        probe(fn, state["device"], backend or "sdpa")
         return Prepared(fn)
     return prep
 
@@ -280,7 +264,7 @@ def _prep_segment_dense(backend):
         def fn():
             with _sdpa(backend, state["device"]):
                 return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=state["scale"]).transpose(1, 2)
-        _try(fn, state, backend)
+        probe(fn, state["device"], backend or "sdpa")
         return Prepared(fn)
     return prep
 
@@ -316,7 +300,7 @@ def _prep_segment_loop(backend):
                         v = torch.cat([vh[:, :, cu[b]:cu[b + 1]] for b in allowed], 2)
                     out[:, :, cu[a]:cu[a + 1]] = F.scaled_dot_product_attention(qa, k, v, scale=state["scale"])
             return out.transpose(1, 2)
-        _try(fn, state, backend)
+        probe(fn, state["device"], backend or "sdpa")
         return Prepared(fn)
     return prep
 

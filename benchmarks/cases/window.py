@@ -33,7 +33,7 @@ from dtk.ops.window.reference import grid_allowed, masked_attention, window_mask
 from dtk.ops.window.spec import (box_range, circle_center, grid_coords, make_spec, pair_count,
                                  tile_permutation)
 
-from ..registry import Case, CheckResult, Impl, Prepared, Skip, first_call, register
+from ..registry import Case, CheckResult, Impl, Prepared, Skip, first_call, probe, register
 
 OP = "window"
 
@@ -255,15 +255,7 @@ def _sdpa_prep(backend):
         def fn():
             with sdpa_kernel([be]):
                 return F.scaled_dot_product_attention(qh, kh, vh, scale=scale).transpose(1, 2)
-        try:
-            fn()
-            if state["device"].startswith("cuda"):
-                torch.cuda.synchronize()
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-            if msg.startswith("No viable backend"):
-                msg = "no kernel for this device/dtype/shape (SDPA: no viable backend)"
-            raise Skip(f"{backend} backend: {msg}"[:160])
+        probe(fn, state["device"], f"{backend} backend")
         B, S, H, D = state["q"].shape
         return Prepared(fn, {"dense_flops": 4.0 * B * H * S * S * D})
     return prep

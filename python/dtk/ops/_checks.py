@@ -26,6 +26,17 @@ def check_bshd(t, q, name):
         raise ValueError(f"{name} must have a contiguous last dim (stride 1), got stride {t.stride(-1)}")
 
 
+def check_kv_like_q(q, k, v):
+    """k and v: the same shape (B, S, H_kv, D) as q's batch, length and head dim, H % H_kv == 0."""
+    B, S, H, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[1] != S or k.shape[3] != D:
+        raise ValueError(f"k must be (B={B}, S={S}, H_kv, D={D}), got {tuple(k.shape)}")
+    if H % k.shape[2] != 0:
+        raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({k.shape[2]})")
+
+
 def check_scale(scale, D):
     """The softmax scale: 1/sqrt(D) by default, else a positive finite float."""
     if scale is None:

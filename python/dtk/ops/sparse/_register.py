@@ -8,7 +8,7 @@ import importlib.util
 
 import torch
 
-from .._checks import check_bshd as _check_bshd, check_gpu as _check_gpu, check_scale as _check_scale
+from .._checks import check_bshd as _check_bshd, check_gpu as _check_gpu, check_kv_like_q, check_scale as _check_scale
 
 _LIB = "dtk::"
 _INT = (torch.int32, torch.int64)
@@ -92,12 +92,7 @@ def check_segment(q, k, v, cu_seqlens, group_mask, group_bias, scale):
     _check_bshd(k, q, "k")
     _check_bshd(v, q, "v")
     B, S, H, D = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != B or k.shape[1] != S or k.shape[3] != D:
-        raise ValueError(f"k must be (B={B}, S={S}, H_kv, D={D}), got {tuple(k.shape)}")
-    if H % k.shape[2] != 0:
-        raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({k.shape[2]})")
+    check_kv_like_q(q, k, v)
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must be a 1-D tensor with G+1 >= 2 entries")
     if cu_seqlens.dtype != torch.int32:

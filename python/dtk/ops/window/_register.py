@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_bshd, check_gpu, check_scale
+from .._checks import check_bshd, check_gpu, check_kv_like_q, check_scale
 from .spec import make_spec
 
 
@@ -18,12 +18,7 @@ def check_inputs(q, k, v, grid, window, radius, border, num_prefix, tile, scale,
     if S != spec.seq_len:
         raise ValueError(f"grid {tuple(grid)} with num_prefix={num_prefix} needs S = {spec.seq_len} tokens, "
                          f"but q has S = {S}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != B or k.shape[1] != S or k.shape[3] != D:
-        raise ValueError(f"k must be (B={B}, S={S}, H_kv, D={D}), got {tuple(k.shape)}")
-    if H % k.shape[2] != 0:
-        raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({k.shape[2]})")
+    check_kv_like_q(q, k, v)
     if (extra_k is None) != (extra_v is None):
         raise ValueError("extra_k and extra_v must be given together")
     if extra_k is not None:

@@ -258,6 +258,19 @@ def _dispatch():
     assert info["engines"]["cpp_cpu"]["ok"] and info["engines"]["reference"]["ok"]
 
 
+@check("the CUDA C++ kernels are in the wheel exactly when it was built with them")
+def _cuda_cpp():
+    from dtk import _C
+    built_with = os.environ.get("DTK_WITH_CUDA")   # set by scripts/wheel_check.sh for the build it made
+    if built_with is None:
+        return
+    eng = dtk.info(quiet=True)["engines"]["cuda_cpp"]
+    assert bool(getattr(_C, "with_cuda", 0)) == (built_with == "1") == eng["ok"], (built_with, eng)
+    if built_with == "1":
+        assert "sm_90a" in str(eng["archs"]) or "90a" in str(eng["archs"]), eng
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("dtk::tile_reorder", "CUDA")
+
+
 @check("python -m dtk")
 def _main():
     r = subprocess.run([sys.executable, "-m", "dtk"], capture_output=True, text=True, timeout=120)

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from ..._debug import new_output
-from ..window.triton import LOG2E, _dense_range, _online_update, _softmax_step, default_blocks, launch_configs
+from ..window.triton import (LOG2E, _dense_range, _head_indices, _online_update, _softmax_step, default_blocks,
+                             launch_configs)
 
 MAX_SEGMENTS = 4
 
@@ -64,10 +65,7 @@ def _mkv_fwd(
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    kvh = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
+    b, h, kvh = _head_indices(bh, H, GROUP)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -207,10 +205,7 @@ def _seg_fwd(
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    kvh = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
+    b, h, kvh = _head_indices(bh, H, GROUP)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

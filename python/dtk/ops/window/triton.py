@@ -77,6 +77,14 @@ def _load_rows(ptr, rows, stride, offs_d, n_ok, d_mask, MASK_N: tl.constexpr, EV
 
 
 @triton.jit
+def _head_indices(bh, H, GROUP):
+    """(batch, q head, kv head) as int64 of a program's flat batch x head index (GQA: GROUP q heads
+    per kv head)."""
+    h = bh % H
+    return (bh // H).to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
+
+
+@triton.jit
 def _coords(i, o0, o1, o2, e1, e2):
     """Grid coordinates of positions i (0 <= i < 2^20) of a row-major box of extents (., e1, e2)
     at origin (o0, o1, o2). Quotients through a float reciprocal: (i + 0.5) / e is at least 0.5/e
@@ -115,10 +123,7 @@ def _window_fwd(
     n_pre = N_PQB * B * H
     pid = tl.where(t < n_pre, t // (B * H), N_PQB + (t - n_pre) % NQB)
     bh = tl.where(t < n_pre, t % (B * H), (t - n_pre) // NQB)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    kvh = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
+    b, h, kvh = _head_indices(bh, H, GROUP)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

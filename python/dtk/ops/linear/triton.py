@@ -451,12 +451,10 @@ def _grad_kv_kernel(K, V, GS, GZ, DK, DV_, CU,
 
 
 @triton.jit
-def _memory_kernel(Q, K, V, MKV, MZ, O,
-                   sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
-                   S, H, D, DV, decay, qscale,
-                   HAS_MEM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_e = tl.program_id(1)
+def _memo_clip(K, V, pid_bh, pid_e, skb, sks, skh, svb, svs, svh, S, H, D, DV,
+               BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One (sequence, head) clip of a MEMO program: its indices and masks, phi(k) = softmax of k
+    over the frames (0 on padded frames and features) and v in float32 (0 where padded)."""
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     offs_s = tl.arange(0, BLOCK_S)
@@ -472,6 +470,16 @@ def _memory_kernel(Q, K, V, MKV, MZ, O,
     fk = tl.where(md[None, :], p / tl.sum(p, 0)[None, :], 0.0)            # softmax over frames
     v = tl.load(V + b * svb + h * svh + offs_s[:, None] * svs + offs_e[None, :], mask=ms[:, None] & me[None, :],
                 other=0.0).to(tl.float32)
+    return b, h, offs_s, offs_d, offs_e, ms, md, me, fk, v
+
+
+@triton.jit
+def _memory_kernel(Q, K, V, MKV, MZ, O,
+                   sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
+                   S, H, D, DV, decay, qscale,
+                   HAS_MEM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    b, h, offs_s, offs_d, offs_e, ms, md, me, fk, v = _memo_clip(
+        K, V, tl.program_id(0), tl.program_id(1), skb, sks, skh, svb, svs, svh, S, H, D, DV, BLOCK_S, BLOCK_D, BLOCK_DV)
     kv = tl.dot(tl.trans(fk), v, input_precision="ieee")
     z = tl.sum(fk, 0)
     if HAS_MEM:
@@ -497,25 +505,11 @@ def _memory_update_kernel(K, V, MKV, MZ, NKV, NZ,
                           S, H, D, DV, log2_decay, decay_n,
                           HAS_MEM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_DV: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_e = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = pid_e * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    ms = offs_s < S
-    md = offs_d < D
-    me = offs_e < DV
-    w = tl.exp2((S - 1 - offs_s).to(tl.float32) * log2_decay)             # decay^(n-1-j)
-    w = tl.where(ms, w, 0.0)
-    k = tl.load(K + b * skb + h * skh + offs_s[:, None] * sks + offs_d[None, :], mask=ms[:, None] & md[None, :],
-                other=0.0).to(tl.float32)
-    k = tl.where(ms[:, None], k, float("-inf"))
-    p = tl.exp(k - tl.max(k, 0)[None, :])
-    fk = tl.where(md[None, :], p / tl.sum(p, 0)[None, :], 0.0) * w[:, None]
-    v = tl.load(V + b * svb + h * svh + offs_s[:, None] * svs + offs_e[None, :], mask=ms[:, None] & me[None, :],
-                other=0.0).to(tl.float32) * w[:, None]
+    b, h, offs_s, offs_d, offs_e, ms, md, me, fk, v = _memo_clip(
+        K, V, tl.program_id(0), tl.program_id(1), skb, sks, skh, svb, svs, svh, S, H, D, DV, BLOCK_S, BLOCK_D, BLOCK_DV)
+    w = tl.where(ms, tl.exp2((S - 1 - offs_s).to(tl.float32) * log2_decay), 0.0)   # decay^(n-1-j)
+    fk = fk * w[:, None]
+    v = v * w[:, None]
     kv = tl.dot(tl.trans(fk), v, input_precision="ieee")
     z = tl.sum(fk, 0)
     st = (b * H + h) * D
@@ -524,7 +518,7 @@ def _memory_update_kernel(K, V, MKV, MZ, NKV, NZ,
                                 other=0.0)
         z += decay_n * tl.load(MZ + st + offs_d, mask=md, other=0.0)
     tl.store(NKV + (st + offs_d[:, None]) * DV + offs_e[None, :], kv, mask=md[:, None] & me[None, :])
-    if pid_e == 0:
+    if tl.program_id(1) == 0:
         tl.store(NZ + st + offs_d, z, mask=md)
 
 

@@ -121,14 +121,27 @@ def _st(ptrs, x, rmask, cmask, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
 
 
 @triton.jit
-def _seq_range(CU, b, S, VARLEN: tl.constexpr):
+def _chunk_range(CU, b, S, CHUNK, VARLEN: tl.constexpr):
+    """[start, end) of this program's chunk (program axis 1) of sequence b: rows of the packed
+    sequence cu_seqlens[b]..cu_seqlens[b+1] with VARLEN, else of [0, S). Empty when start >= end."""
     if VARLEN:
-        start = tl.load(CU + b).to(tl.int64)
-        end = tl.load(CU + b + 1).to(tl.int64)
+        seq_start = tl.load(CU + b).to(tl.int64)
+        seq_end = tl.load(CU + b + 1).to(tl.int64)
     else:
-        start = 0
-        end = S
-    return start, end
+        seq_start = 0
+        seq_end = S
+    start = seq_start + tl.program_id(1).to(tl.int64) * CHUNK
+    return start, tl.minimum(start + CHUNK, seq_end)
+
+
+@triton.jit
+def _seq_base(P, b, h, sb, sh, VARLEN: tl.constexpr):
+    """P at sequence b, head h. Packed sequences (VARLEN) all live in batch row 0: their rows are
+    addressed by _chunk_range's absolute positions."""
+    base = P + h * sh
+    if not VARLEN:
+        base += b.to(tl.int64) * sb
+    return base
 
 
 # --------------------------------------------------------------------------------------------- forward
@@ -166,15 +179,9 @@ def _state_kernel(K, V, CU, PKV, PKS,
     pid_bh = pid // NE
     b = pid_bh // HKV
     h = pid_bh % HKV
-    seq_start, seq_end = _seq_range(CU, b, S, VARLEN)
-    if VARLEN:
-        kb = K + h * skh
-        vb = V + h * svh
-    else:
-        kb = K + b.to(tl.int64) * skb + h * skh
-        vb = V + b.to(tl.int64) * svb + h * svh
-    start = seq_start + pid_c.to(tl.int64) * CHUNK
-    end = tl.minimum(start + CHUNK, seq_end)
+    kb = _seq_base(K, b, h, skb, skh, VARLEN)
+    vb = _seq_base(V, b, h, svb, svh, VARLEN)
+    start, end = _chunk_range(CU, b, S, CHUNK, VARLEN)
     n_full = (tl.maximum(end - start, 0) // BLOCK_S).to(tl.int32)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = pid_e * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -234,22 +241,15 @@ def _apply_kernel(Q, KV, KS, CNT, O, CU,
                   LOWP: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid = tl.program_id(0)
-    pid_c = tl.program_id(1)
     pid_e = pid % NE
     pid_bh = pid // NE
     b = pid_bh // H
     h = pid_bh % H
     hk = h // (H // HKV)
-    seq_start, seq_end = _seq_range(CU, b, S, VARLEN)
-    start = seq_start + pid_c.to(tl.int64) * CHUNK
-    end = tl.minimum(start + CHUNK, seq_end)
+    start, end = _chunk_range(CU, b, S, CHUNK, VARLEN)
     if start < end:
-        if VARLEN:
-            qb = Q + h * sqh
-            ob = O + h * soh
-        else:
-            qb = Q + b.to(tl.int64) * sqb + h * sqh
-            ob = O + b.to(tl.int64) * sob + h * soh
+        qb = _seq_base(Q, b, h, sqb, sqh, VARLEN)
+        ob = _seq_base(O, b, h, sob, soh, VARLEN)
         offs_d = tl.arange(0, BLOCK_D)
         offs_e = pid_e * BLOCK_DV + tl.arange(0, BLOCK_DV)
         md = offs_d < D
@@ -330,17 +330,10 @@ def _grad_q_kernel(Q, G, KV, KS, CNT, DQ, PGS, PGZ, CU,
     b = pid_bh // H
     h = pid_bh % H
     hk = h // (H // HKV)
-    seq_start, seq_end = _seq_range(CU, b, S, VARLEN)
-    if VARLEN:
-        qb = Q + h * sqh
-        gb = G + h * sgh
-        db = DQ + h * sdh
-    else:
-        qb = Q + b.to(tl.int64) * sqb + h * sqh
-        gb = G + b.to(tl.int64) * sgb + h * sgh
-        db = DQ + b.to(tl.int64) * sdb + h * sdh
-    start = seq_start + pid_c.to(tl.int64) * CHUNK
-    end = tl.minimum(start + CHUNK, seq_end)
+    qb = _seq_base(Q, b, h, sqb, sqh, VARLEN)
+    gb = _seq_base(G, b, h, sgb, sgh, VARLEN)
+    db = _seq_base(DQ, b, h, sdb, sdh, VARLEN)
+    start, end = _chunk_range(CU, b, S, CHUNK, VARLEN)
     n_full = tl.maximum(end - start, 0) // BLOCK_M
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_DV)
@@ -410,23 +403,14 @@ def _grad_kv_kernel(K, V, GS, GZ, DK, DV_, CU,
     """dk_j = phi'(k_j) (dS v_j + dz), dv_j = dS^T phi(k_j) with dS, dz reduced over the group;
     one program per (sequence x kv head, key chunk), dS loaded once."""
     pid_bh = tl.program_id(0)
-    pid_c = tl.program_id(1)
     b = pid_bh // HKV
     h = pid_bh % HKV
-    seq_start, seq_end = _seq_range(CU, b, S, VARLEN)
-    start = seq_start + pid_c.to(tl.int64) * CHUNK
-    end = tl.minimum(start + CHUNK, seq_end)
+    start, end = _chunk_range(CU, b, S, CHUNK, VARLEN)
     if start < end:
-        if VARLEN:
-            kb = K + h * skh
-            vb = V + h * svh
-            dkb = DK + h * sdkh
-            dvb = DV_ + h * sdvh
-        else:
-            kb = K + b.to(tl.int64) * skb + h * skh
-            vb = V + b.to(tl.int64) * svb + h * svh
-            dkb = DK + b.to(tl.int64) * sdkb + h * sdkh
-            dvb = DV_ + b.to(tl.int64) * sdvb + h * sdvh
+        kb = _seq_base(K, b, h, skb, skh, VARLEN)
+        vb = _seq_base(V, b, h, svb, svh, VARLEN)
+        dkb = _seq_base(DK, b, h, sdkb, sdkh, VARLEN)
+        dvb = _seq_base(DV_, b, h, sdvb, sdvh, VARLEN)
         offs_d = tl.arange(0, BLOCK_D)
         offs_e = tl.arange(0, BLOCK_DV)
         md = offs_d < D

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from ..._debug import new_output
-from ..window.triton import (LOG2E, _dense_range, _head_indices, _online_update, _softmax_step, default_blocks,
-                             launch_configs)
+from ..window.triton import (LOG2E, _dense_range, _finish, _head_indices, _online_update, _softmax_step,
+                             default_blocks, launch_configs)
 
 MAX_SEGMENTS = 4
 
@@ -102,10 +102,9 @@ def _mkv_fwd(
                                     sk3s, sv3s, I3 + b * si3b, L3, M3, active, qk_scale, offs_n, offs_d, d_mask,
                                     HI3, BLOCK_N)
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out, lse = _finish(acc, m_i, l_i)
     out = tl.where(q_ok[:, None], out, 0.0)
-    lse = tl.where(q_ok & (l_i > 0.0), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(q_ok, lse, float("-inf"))
     if SCATTER:
         tl.store(O + b * sob + h * soh + rows_q[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=q_ok[:, None] & d_mask[None, :])
@@ -240,11 +239,9 @@ def _seg_fwd(
                 acc, m_i, l_i = _softmax_step_bias(q, acc, m_i, l_i, k, v, msk, bias, qk_scale)
             else:
                 acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, msk, True, qk_scale)
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out, lse = _finish(acc, m_i, l_i)
     tl.store(O + b * sob + h * soh + rows[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=q_ok[:, None] & d_mask[None, :])
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     tl.store(LSE + bh.to(tl.int64) * S + rows, lse, mask=q_ok)
 
 

@@ -13,7 +13,6 @@ from .plan import build_plan
 from .spec import WindowSpec
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -35,6 +34,15 @@ def _online_update(qk, acc, m_i, l_i, v):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _finish(acc, m_i, l_i):
+    """(out, lse) of an online-softmax state: acc / l and the natural-log lse; a row that saw no
+    allowed key gets 0 and -inf."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    return acc / l_safe[:, None], lse
 
 
 @triton.jit
@@ -228,11 +236,9 @@ def _window_fwd(
     acc, m_i, l_i = _dense_range(q, acc, m_i, l_i, EK + b * sekb + kvh * sekh, EV + b * sevb + kvh * sevh,
                                  seks, sevs, 0, tl.where(is_prefix, 0, E), qk_scale, offs_n, offs_d, d_mask, BLOCK_N)
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out, lse = _finish(acc, m_i, l_i)
     tl.store(O + b * sob + h * soh + rows_q[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=q_ok[:, None] & d_mask[None, :])
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     tl.store(LSE + bh.to(tl.int64) * S + rows_q, lse, mask=q_ok)
 
 

@@ -97,6 +97,9 @@ def main(argv=None):
     ap.add_argument("--shape", action="append", help="shape name or glob (repeatable); default all")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
+    unmatched = [p for p in args.shape or [] if not any(fnmatch.fnmatch(s.name, p) for s in SHAPES)]
+    if unmatched:
+        ap.error(f"--shape {', '.join(unmatched)} matches none of: {', '.join(s.name for s in SHAPES)}")
     if not torch.cuda.is_available():
         print("window_sweep needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -14,3 +14,11 @@ def test_dense_control_plan_has_only_full_blocks():
     plan = build_plan(spec, 128, 64, "cpu")
     c = plan.kv_count
     assert (c[:, 0] == c[:, 2]).all() and (c[:, 0] == spec.num_grid // 64).all()
+
+
+def test_unknown_shape_is_an_error_naming_it(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        window_sweep.main(["--shape", "no-such-shape*"])
+    assert "no-such-shape*" in capsys.readouterr().err

@@ -67,6 +67,13 @@ def test_triton_explicit_launch_config(launch):
     run_case(case, DTYPES[0], block=(32, 16), launch=launch)
 
 
+@pytest.mark.parametrize("launch", [(4,), (0, 2), (4.0, 1)])
+def test_triton_bad_launch_config(launch):
+    q = torch.randn(1, 12, 1, 16, device=DEVICE, dtype=DTYPES[0])
+    with pytest.raises(ValueError, match="launch"):
+        window_attention_triton(q, q, q, make_spec((3, 4), (3, 3)), 0.25, launch=launch)
+
+
 def test_limiting_axes_only_drops_axes_the_window_spans_whole():
     """The kernel skips the mask test of axes where no key can be excluded (AXES): a wrong bit
     would silently drop keys, so check it against the dense mask on every axis."""

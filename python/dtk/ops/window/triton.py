@@ -298,6 +298,8 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     """Runs the Triton engine (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). `block`
     is (block_q, block_k) or one int for both; default `default_blocks`. `launch` = (num_warps,
     num_stages) fixes the launch configuration (no autotuning; benchmarks/window_sweep.py)."""
+    if launch is not None and not (len(launch) == 2 and all(isinstance(x, int) and x >= 1 for x in launch)):
+        raise ValueError(f"launch must be (num_warps, num_stages), two ints >= 1, got {launch!r}")
     B, S, H, D = q.shape
     Hkv = k.shape[2]
     if block is None:

@@ -22,4 +22,15 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda   # the toolkit root holding lib64/libcudart.so
 fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-python -m pip install -q --no-build-isolation --no-deps -e .
+# The editable install (re)builds dtk._C; skipped when nothing the build reads has changed since the
+# last one (the C++/CUDA sources, the build files, torch, the build switches): the Python sources
+# are used in place anyway. A second script in the same run (CI) then costs no rebuild check.
+build_key="$( { cat CMakeLists.txt setup.py pyproject.toml scripts/torch_cmake_info.py
+                find csrc -type f | LC_ALL=C sort | xargs cat
+                python -c "import torch; print(torch.__version__)"
+                echo "${DTK_WITH_CUDA:-}|${TORCH_CUDA_ARCH_LIST:-}|${CUDA_HOME:-}"; } | sha1sum | cut -c1-16)"
+if [ ! -f ".venv/.dtk-build-$build_key" ] || ! compgen -G "python/dtk/_C*.so" > /dev/null; then
+  python -m pip install -q --no-build-isolation --no-deps -e .
+  rm -f .venv/.dtk-build-*
+  touch ".venv/.dtk-build-$build_key"
+fi

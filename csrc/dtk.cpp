@@ -45,6 +45,13 @@ TORCH_LIBRARY(dtk, m) {
       "window_attention(Tensor q, Tensor k, Tensor v, int[] grid, int[]? window, int? radius, "
       "str border, int num_prefix, int[]? tile, float? scale, Tensor? extra_k, Tensor? extra_v) "
       "-> (Tensor, Tensor)");
+  // Gradients of window_attention from its (out, lse) and the gradients of both (grad_lse may be
+  // None): (dq, dk, dv, d_extra_k, d_extra_v), each in its input's dtype; without extra keys the
+  // last two are (B, 0, H_kv, D).
+  m.def(
+      "window_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, int[] grid, int[]? window, int? radius, str border, int num_prefix, int[]? tile, float? scale, "
+      "Tensor? extra_k, Tensor? extra_v) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Reorders the grid tokens (dim 1, after num_prefix) of x between row-major and tile order.
   m.def("tile_reorder(Tensor x, int[] grid, int[] tile, int num_prefix, bool inverse) -> Tensor");
 

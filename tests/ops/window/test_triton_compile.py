@@ -3,8 +3,9 @@ from dtk.ops.window.triton import launch_configs
 
 from ...triton_aot import compile_all, job
 
-PTRS = {n: "*bf16" for n in ("Q", "K", "V", "EK", "EV", "O")}
-PTRS.update({"LSE": "*fp32", "QB": "*i32", "ENT": "*i32", "CNT": "*i32", "ORDER": "*i32", "qk_scale": "fp32",
+PTRS = {n: "*bf16" for n in ("Q", "K", "V", "EK", "EV", "O", "DO", "DK", "DV")}
+PTRS.update({"LSE": "*fp32", "LSE2": "*fp32", "DELTA": "*fp32", "QB": "*i32", "ENT": "*i32", "CNT": "*i32",
+             "ORDER": "*i32", "TQ": "*i32", "TOFF": "*i32", "qk_scale": "fp32", "dq_scale": "fp32", "dk_scale": "fp32",
              "INWARD": "i1"})
 
 
@@ -17,7 +18,7 @@ def test_window_kernel_compiles_with_every_launch_config():
     configs = [(arch, is_box, bd, bn, w, st) for arch in (90, 80) for is_box in (True, False)
                for bd, bn in ((64, 64), (128, 64), (256, 64), (128, 128)) for w, st in launch_configs(bd, bn)]
     jobs = [job("dtk.ops.window.triton:_window_fwd", arch, PTRS,
-                dict(IS_BOX=is_box, BLOCK_M=128, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd != 256, AXES=7), num_warps=w, num_stages=st)
+                dict(IS_BOX=is_box, BLOCK_M=128, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd != 256, AXES=7, BWD=False), num_warps=w, num_stages=st)
             for arch, is_box, bd, bn, w, st in configs]
     results = compile_all(jobs)
     print("\n".join(f"{cfg}: {res}" for cfg, res in zip(configs, results)))
@@ -32,3 +33,25 @@ def test_window_kernel_compiles_with_every_launch_config():
             assert not res["serialized"], (cfg, "wgmma pipeline serialised", res)
             if (w, st) == launch_configs(bd, bn)[0] and bd <= 128 and bn == 64:
                 assert res["spill_bytes"] == 0, (cfg, "the default config spills registers", res)
+
+
+def test_backward_kernels_compile():
+    """The backward's dq walk (_window_fwd with BWD) and dk/dv walk at their GPU blocks (64 x 64)
+    and launch configs: within shared memory on Ampere and Hopper, wgmma not serialised."""
+    from dtk.ops.window.triton import backward_launch_configs
+    configs = [(arch, is_box, bd) for arch in (90, 80) for is_box in (True, False) for bd in (64, 128, 256)]
+    jobs = []
+    for arch, is_box, bd in configs:
+        (wq, sq), (wk, sk) = backward_launch_configs(bd)
+        c = dict(IS_BOX=is_box, BLOCK_M=64, BLOCK_N=64, BLOCK_D=bd, EVEN_D=bd != 256, AXES=7)
+        jobs.append(job("dtk.ops.window.triton:_window_fwd", arch, PTRS, dict(c, BWD=True), num_warps=wq, num_stages=sq))
+        jobs.append(job("dtk.ops.window.triton:_window_bwd_dkdv", arch, PTRS, c, num_warps=wk, num_stages=sk))
+    results = compile_all(jobs)
+    for i, cfg in enumerate(configs):
+        for name, res in (("dq", results[2 * i]), ("dkdv", results[2 * i + 1])):
+            print(name, cfg, res)
+            assert res["shared"] <= SHARED_LIMIT[cfg[0]], (name, cfg, res)
+            if cfg[0] == 90:
+                assert not res["serialized"], (name, cfg, "wgmma pipeline serialised", res)
+                if cfg[2] == 64:
+                    assert res["spill_bytes"] == 0, (name, cfg, "spills at d = 64", res)

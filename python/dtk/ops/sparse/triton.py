@@ -45,8 +45,8 @@ def _kv_segment(q, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, idx_ptr, L, M, active, q
             v = tl.load(v_ptr + rows[:, None] * sv + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
             acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale)
     else:
-        acc, m_i, l_i = _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, 0, hi, qk_scale,
-                                     offs_n, offs_d, d_mask, BLOCK_N)
+        acc, m_i, l_i = _dense_range(q, q, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, 0, hi, qk_scale,
+                                     offs_n, offs_d, d_mask, BLOCK_N, False)
     return acc, m_i, l_i
 
 

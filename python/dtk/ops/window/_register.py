@@ -1,5 +1,6 @@
-"""Python-side registrations of dtk::window_attention: argument checks shared by the fake and the
-Triton (CUDA) kernel. The CPU kernel is C++ (csrc/window/cpu.cpp) with the same checks."""
+"""Python-side registrations of dtk::window_attention and its backward: argument checks shared by
+the fake and the Triton (CUDA) kernels, and the autograd formula. The CPU kernels are C++
+(csrc/window/cpu.cpp) with the same checks."""
 from __future__ import annotations
 
 import torch
@@ -44,3 +45,59 @@ def _cuda(q, k, v, grid, window, radius, border, num_prefix, tile, scale, extra_
     spec, scale = check_inputs(q, k, v, grid, window, radius, border, num_prefix, tile, scale, extra_k, extra_v)
     from .triton import window_attention_triton  # Triton compiles lazily, only where CUDA runs
     return window_attention_triton(q, k, v, spec, scale, extra_k, extra_v)
+
+
+def check_backward_inputs(grad_out, grad_lse, q, out, lse):
+    """The gradients and saved outputs match q: grad_out and out (B, S, H, D) in q's dtype and
+    device, lse and grad_lse (B, H, S) float32."""
+    B, S, H, D = q.shape
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must be {tuple(q.shape)} {q.dtype} on {q.device} like q, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+        if t.stride(3) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim")
+    for name, t in (("lse", lse), ("grad_lse", grad_lse)):
+        if t is not None and (t.shape != (B, H, S) or t.dtype != torch.float32 or t.device != q.device):
+            raise ValueError(f"{name} must be ({B}, {H}, {S}) float32 on {q.device}, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+@torch.library.register_fake("dtk::window_attention_backward")
+def _backward_fake(grad_out, grad_lse, q, k, v, out, lse, grid, window, radius, border, num_prefix, tile, scale,
+                   extra_k, extra_v):
+    check_inputs(q, k, v, grid, window, radius, border, num_prefix, tile, scale, extra_k, extra_v)
+    check_backward_inputs(grad_out, grad_lse, q, out, lse)
+    B, _, Hkv, D = k.shape
+    E = 0 if extra_k is None else extra_k.shape[1]
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), k.new_empty(B, E, Hkv, D),
+            v.new_empty(B, E, Hkv, D))
+
+
+@torch.library.register_kernel("dtk::window_attention_backward", "cuda")
+def _backward_cuda(grad_out, grad_lse, q, k, v, out, lse, grid, window, radius, border, num_prefix, tile, scale,
+                   extra_k, extra_v):
+    spec, scale = check_inputs(q, k, v, grid, window, radius, border, num_prefix, tile, scale, extra_k, extra_v)
+    check_backward_inputs(grad_out, grad_lse, q, out, lse)
+    from .triton import window_attention_backward_triton
+    return window_attention_backward_triton(grad_out, grad_lse, q, k, v, out, lse, spec, scale, extra_k, extra_v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, grid, window, radius, border, num_prefix, tile, scale, extra_k, extra_v = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, extra_k, extra_v)
+    ctx.args = (grid, window, radius, border, num_prefix, tile, scale)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, extra_k, extra_v = ctx.saved_tensors
+    dq, dk, dv, dek, dev = torch.ops.dtk.window_attention_backward(
+        grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out, grad_lse, q, k, v, out, lse, *ctx.args,
+        extra_k, extra_v)
+    has_extra = extra_k is not None
+    return (dq, dk, dv, None, None, None, None, None, None, None, dek if has_extra else None,
+            dev if has_extra else None)
+
+
+torch.library.register_autograd("dtk::window_attention", _backward, setup_context=_setup_context)

@@ -220,6 +220,35 @@ def build_plan(spec: WindowSpec, block_q: int, block_k: int, device: torch.devic
                       block_q, block_k)
 
 
+@dataclass(frozen=True)
+class KeyPlan:
+    """The plan transposed, for the backward's dk/dv pass: per key block (the plan's blocks, with
+    block_q == block_k, so key blocks are the query blocks), the query blocks that see it.
+    queries[offsets[2kb] : offsets[2kb+1]] see every key of block kb (no element mask),
+    queries[offsets[2kb+1] : offsets[2kb+2]] part of it."""
+    plan: WindowPlan
+    queries: torch.Tensor    # (n * L,) int32, grouped by key block
+    offsets: torch.Tensor    # (2n + 2,) int32
+
+
+@lru_cache(maxsize=16)
+def build_key_plan(spec: WindowSpec, block: int, device: torch.device) -> KeyPlan:
+    """The transposed plan of build_plan(spec, block, block, device): one stable sort of the plan's
+    entries by (key block, partial), on the device, no host sync, no S x S mask."""
+    plan = build_plan(spec, block, block, device)
+    n, L = plan.num_blocks, plan.max_entries
+    starts = plan.q_blocks[:, 0].contiguous()
+    kb = torch.searchsorted(starts, plan.entries[:, :, 0].contiguous()).long()   # blocks are in memory order
+    slot = torch.arange(L, device=device)[None, :]
+    count = plan.kv_count.long()
+    group = torch.where(slot < count[:, 2:3], 2 * kb + (slot >= count[:, 1:2]).long(), 2 * n).reshape(-1)
+    order = torch.argsort(group, stable=True)
+    queries = torch.arange(n, device=device, dtype=torch.int32).repeat_interleave(L)[order]
+    offsets = torch.cumsum(torch.bincount(group, minlength=2 * n + 1), 0)
+    offsets = torch.cat([offsets.new_zeros(1), offsets])
+    return KeyPlan(plan, queries.contiguous(), offsets.to(torch.int32).contiguous())
+
+
 def engine_pairs(plan: WindowPlan, spec: WindowSpec, num_extra: int = 0) -> int:
     """(query, key) pairs the Triton engine computes for `plan` (padded rows and columns of short
     blocks included): the tensor-core work. pair_count(spec) / engine_pairs is the plan's

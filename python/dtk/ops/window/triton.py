@@ -1,6 +1,10 @@
 """Triton engine for window attention: one program per (query block, batch x head) walks the
 plan's key blocks with an online softmax; element masks are evaluated only on partial blocks.
-Prefix (global) queries and keys and the extra keys are dense ranges around the plan."""
+Prefix (global) queries and keys and the extra keys are dense ranges around the plan.
+
+Backward (FlashAttention-2 style, from the forward's lse): the same query-side walk computes dq
+(`_window_fwd` with BWD=True), and `_window_bwd_dkdv` walks the transposed plan (per key block,
+the query blocks that see it) for dk and dv, looping over the GQA group's q heads."""
 from __future__ import annotations
 
 
@@ -9,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..._debug import new_output, triton_autotune, window_blocks_override
-from .plan import build_plan
+from .plan import build_key_plan, build_plan
 from .spec import WindowSpec
 
 LOG2E = 1.4426950408889634
@@ -22,6 +26,23 @@ def _softmax_step(q, acc, m_i, l_i, k, v, qk_mask, MASKED: tl.constexpr, qk_scal
     if MASKED:
         qk = tl.where(qk_mask, qk, float("-inf"))
     return _online_update(qk, acc, m_i, l_i, v)
+
+
+@triton.jit
+def _step(q, do, acc, m_i, l_i, k, v, qk_mask, MASKED: tl.constexpr, qk_scale, BWD: tl.constexpr):
+    """A key block folded into a query block's state: the forward's online softmax, or (BWD) the
+    dq step, where m_i holds the rows' lse (log2 units; +inf for rows without keys, so P = 0),
+    l_i their delta = rowsum(dO * out) - dlse, and acc += dS K with dS = P * (dO V^T - delta)."""
+    if BWD:
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASKED:
+            qk = tl.where(qk_mask, qk, float("-inf"))
+        p = tl.math.exp2(qk - m_i[:, None])
+        ds = p * (tl.dot(do, tl.trans(v)) - l_i[:, None])
+        acc += tl.dot(ds.to(k.dtype), k)
+    else:
+        acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, qk_mask, MASKED, qk_scale)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -46,8 +67,8 @@ def _finish(acc, m_i, l_i):
 
 
 @triton.jit
-def _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, lo, hi, qk_scale,
-                 offs_n, offs_d, d_mask, BLOCK_N: tl.constexpr):
+def _dense_range(q, do, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, lo, hi, qk_scale,
+                 offs_n, offs_d, d_mask, BLOCK_N: tl.constexpr, BWD: tl.constexpr):
     """Attend to every key in [lo, hi) of one (batch, kv head) row pointer pair: whole blocks
     without any mask, then the last partial block masked."""
     full_end = lo + (tl.maximum(hi - lo, 0) // BLOCK_N) * BLOCK_N
@@ -55,14 +76,14 @@ def _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, lo, hi, qk_scale,
         rows = (start + offs_n).to(tl.int64)
         k = _load_rows(k_ptr, rows, sk, offs_d, None, d_mask, False, False)
         v = _load_rows(v_ptr, rows, sv, offs_d, None, d_mask, False, False)
-        acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, None, False, qk_scale)
+        acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, None, False, qk_scale, BWD)
     for start in range(full_end, hi, BLOCK_N):
         n = start + offs_n
         n_ok = n < hi
         rows = n.to(tl.int64)
         k = _load_rows(k_ptr, rows, sk, offs_d, n_ok, d_mask, True, False)
         v = _load_rows(v_ptr, rows, sv, offs_d, n_ok, d_mask, True, False)
-        acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale)
+        acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale, BWD)
     return acc, m_i, l_i
 
 
@@ -108,8 +129,55 @@ def _coords(i, o0, o1, o2, e1, e2):
 
 @triton.jit
 def _in_range(y, lo, span):
-    """(BM, BN) lo[m] <= y[n] <= lo[m] + span[m], as one unsigned compare (y - lo < 0 wraps)."""
-    return (y[None, :] - lo[:, None]).to(tl.uint32, bitcast=True) <= span[:, None].to(tl.uint32, bitcast=True)
+    """lo <= y <= lo + span (broadcast), as one unsigned compare (y - lo < 0 wraps)."""
+    return (y - lo).to(tl.uint32, bitcast=True) <= span.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _query_windows(x0, x1, x2, N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1, IS_BOX: tl.constexpr):
+    """Per query at grid coordinates x: its box (lo, hi per axis) or, for circles, its centre
+    (returned as lo = hi)."""
+    if IS_BOX:
+        lo0 = tl.where(INWARD, tl.maximum(tl.minimum(x0 - W0 // 2, N0 - W0), 0), tl.maximum(x0 - W0 // 2, 0))
+        lo1 = tl.where(INWARD, tl.maximum(tl.minimum(x1 - W1 // 2, N1 - W1), 0), tl.maximum(x1 - W1 // 2, 0))
+        lo2 = tl.where(INWARD, tl.maximum(tl.minimum(x2 - W2 // 2, N2 - W2), 0), tl.maximum(x2 - W2 // 2, 0))
+        hi0 = tl.where(INWARD, lo0 + W0 - 1, x0 + (W0 - 1 - W0 // 2))
+        hi1 = tl.where(INWARD, lo1 + W1 - 1, x1 + (W1 - 1 - W1 // 2))
+        hi2 = tl.where(INWARD, lo2 + W2 - 1, x2 + (W2 - 1 - W2 // 2))
+    else:
+        lo0 = tl.where(INWARD & (PAD0 == 0), tl.maximum(tl.minimum(x0, N0 - R), R - 1), x0)
+        lo1 = tl.where(INWARD & (PAD1 == 0), tl.maximum(tl.minimum(x1, N1 - R), R - 1), x1)
+        lo2 = tl.where(INWARD, tl.maximum(tl.minimum(x2, N2 - R), R - 1), x2)
+        hi0 = lo0
+        hi1 = lo1
+        hi2 = lo2
+    return lo0, lo1, lo2, hi0, hi1, hi2
+
+
+@triton.jit
+def _window_allowed(allowed, y0, y1, y2, lo0, lo1, lo2, hi0, hi1, hi2, R, IS_BOX: tl.constexpr, AXES: tl.constexpr):
+    """allowed & (key at y in the query's window), all arguments broadcast against each other
+    (queries along one axis of the tile, keys along the other). AXES (bit a: axis a can exclude
+    keys) drops the tests of axes the window spans whole (size-1 axes of 1D/2D grids, FreeSwim's
+    full time axis)."""
+    if IS_BOX:
+        if AXES & 1:
+            allowed = allowed & _in_range(y0, lo0, hi0 - lo0)
+        if AXES & 2:
+            allowed = allowed & _in_range(y1, lo1, hi1 - lo1)
+        if AXES & 4:
+            allowed = allowed & _in_range(y2, lo2, hi2 - lo2)
+    else:
+        d2 = y2 - lo2
+        d2 = d2 * d2
+        if AXES & 2:
+            d1 = y1 - lo1
+            d2 += d1 * d1
+        if AXES & 1:
+            d0 = y0 - lo0
+            d2 += d0 * d0
+        allowed = allowed & (d2 < R * R)
+    return allowed
 
 
 @triton.jit
@@ -120,9 +188,12 @@ def _window_fwd(
     B, H, GROUP, S, P, E, L, N_PQB, NQB, D,
     N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1,
     qk_scale,
+    DO, LSE2, DELTA, sdob, sdos, sdoh, dq_scale,
     IS_BOX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, AXES: tl.constexpr,
+    EVEN_D: tl.constexpr, AXES: tl.constexpr, BWD: tl.constexpr = False,
 ):
+    # The forward, or with BWD the dq pass of the backward (same walk over the keys; O is dq, DO
+    # the output gradient, LSE2 / DELTA the rows' lse (log2 units) and delta, see _step).
     # 1D grid. First the prefix query blocks (each attends to every key: the heaviest programs)
     # of every head, so none starts late and leaves a tail; then, head by head, the grid query
     # blocks with the query block fastest, so the programs running together share their keys in
@@ -156,31 +227,24 @@ def _window_fwd(
     q_ok = offs_m < q_len
     q = _load_rows(Q + b * sqb + h * sqh, rows_q, sqs, offs_d, q_ok, d_mask, True, EVEN_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if BWD:
+        do = _load_rows(DO + b * sdob + h * sdoh, rows_q, sdos, offs_d, q_ok, d_mask, True, EVEN_D)
+        m_i = tl.load(LSE2 + bh.to(tl.int64) * S + rows_q, mask=q_ok, other=float("inf"))
+        l_i = tl.load(DELTA + bh.to(tl.int64) * S + rows_q, mask=q_ok, other=0.0)
+    else:
+        do = q
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     # No branch on is_prefix: the same loops run for every program with trip counts that are zero
     # where they do not apply (a prefix block sees keys [0, S) and no plan entries). A runtime
     # branch around the loops made ptxas serialise the wgmma pipeline (C7515) and doubled the
     # shared memory (each branch kept its own buffers).
-    acc, m_i, l_i = _dense_range(q, acc, m_i, l_i, k_ptr, v_ptr, sks, svs, 0, tl.where(is_prefix, S, P), qk_scale,
-                                 offs_n, offs_d, d_mask, BLOCK_N)
+    acc, m_i, l_i = _dense_range(q, do, acc, m_i, l_i, k_ptr, v_ptr, sks, svs, 0, tl.where(is_prefix, S, P),
+                                 qk_scale, offs_n, offs_d, d_mask, BLOCK_N, BWD)
     # Per-query window geometry, computed once: box bounds or circle centres per axis.
     x0, x1, x2 = _coords(offs_m, qo0, qo1, qo2, qe1, qe2)
-    if IS_BOX:
-        lo0 = tl.where(INWARD, tl.maximum(tl.minimum(x0 - W0 // 2, N0 - W0), 0), tl.maximum(x0 - W0 // 2, 0))
-        lo1 = tl.where(INWARD, tl.maximum(tl.minimum(x1 - W1 // 2, N1 - W1), 0), tl.maximum(x1 - W1 // 2, 0))
-        lo2 = tl.where(INWARD, tl.maximum(tl.minimum(x2 - W2 // 2, N2 - W2), 0), tl.maximum(x2 - W2 // 2, 0))
-        hi0 = tl.where(INWARD, lo0 + W0 - 1, x0 + (W0 - 1 - W0 // 2))
-        hi1 = tl.where(INWARD, lo1 + W1 - 1, x1 + (W1 - 1 - W1 // 2))
-        hi2 = tl.where(INWARD, lo2 + W2 - 1, x2 + (W2 - 1 - W2 // 2))
-    else:
-        lo0 = tl.where(INWARD & (PAD0 == 0), tl.maximum(tl.minimum(x0, N0 - R), R - 1), x0)
-        lo1 = tl.where(INWARD & (PAD1 == 0), tl.maximum(tl.minimum(x1, N1 - R), R - 1), x1)
-        lo2 = tl.where(INWARD, tl.maximum(tl.minimum(x2, N2 - R), R - 1), x2)
-        hi0 = lo0
-        hi1 = lo1
-        hi2 = lo2
+    lo0, lo1, lo2, hi0, hi1, hi2 = _query_windows(x0, x1, x2, N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1, IS_BOX)
     ent_ptr = ENT + qb * L * 8
     c0 = tl.where(is_prefix, 0, tl.load(CNT + qb * 3))
     c1 = tl.where(is_prefix, 0, tl.load(CNT + qb * 3 + 1))
@@ -190,56 +254,172 @@ def _window_fwd(
         rows = (tl.load(e) + offs_n).to(tl.int64)
         k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
         v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
-        acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, None, False, qk_scale)
+        acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, None, False, qk_scale, BWD)
     for j in range(c0, c1):  # full but shorter key blocks: mask the missing columns only
         e = ent_ptr + j * 8
         n_ok = offs_n < tl.load(e + 4) * tl.load(e + 5) * tl.load(e + 6)
         rows = (tl.load(e) + offs_n).to(tl.int64)
         k = _load_rows(k_ptr, rows, sks, offs_d, n_ok, d_mask, True, EVEN_D)
         v = _load_rows(v_ptr, rows, svs, offs_d, n_ok, d_mask, True, EVEN_D)
-        acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale)
+        acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale, BWD)
     for j in range(c1, c2):  # partial key blocks: element mask from coordinates
         e = ent_ptr + j * 8
-        k_start = tl.load(e)
-        ko0 = tl.load(e + 1)
-        ko1 = tl.load(e + 2)
-        ko2 = tl.load(e + 3)
-        ke0 = tl.load(e + 4)
         ke1 = tl.load(e + 5)
         ke2 = tl.load(e + 6)
-        n_ok = offs_n < ke0 * ke1 * ke2
-        rows = (k_start + offs_n).to(tl.int64)
+        n_ok = offs_n < tl.load(e + 4) * ke1 * ke2
+        rows = (tl.load(e) + offs_n).to(tl.int64)
         k = _load_rows(k_ptr, rows, sks, offs_d, n_ok, d_mask, True, EVEN_D)
         v = _load_rows(v_ptr, rows, svs, offs_d, n_ok, d_mask, True, EVEN_D)
-        y0, y1, y2 = _coords(offs_n, ko0, ko1, ko2, ke1, ke2)
-        # AXES (bit a: axis a can exclude keys) drops the tests of axes the window spans whole
-        # (size-1 axes of 1D/2D grids, FreeSwim's full time axis).
-        allowed = n_ok[None, :]
-        if IS_BOX:
-            if AXES & 1:
-                allowed = allowed & _in_range(y0, lo0, hi0 - lo0)
-            if AXES & 2:
-                allowed = allowed & _in_range(y1, lo1, hi1 - lo1)
-            if AXES & 4:
-                allowed = allowed & _in_range(y2, lo2, hi2 - lo2)
-        else:
-            d2 = y2[None, :] - lo2[:, None]
-            d2 = d2 * d2
-            if AXES & 2:
-                d1 = y1[None, :] - lo1[:, None]
-                d2 += d1 * d1
-            if AXES & 1:
-                d0 = y0[None, :] - lo0[:, None]
-                d2 += d0 * d0
-            allowed = allowed & (d2 < R * R)
-        acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, allowed, True, qk_scale)
-    acc, m_i, l_i = _dense_range(q, acc, m_i, l_i, EK + b * sekb + kvh * sekh, EV + b * sevb + kvh * sevh,
-                                 seks, sevs, 0, tl.where(is_prefix, 0, E), qk_scale, offs_n, offs_d, d_mask, BLOCK_N)
+        y0, y1, y2 = _coords(offs_n, tl.load(e + 1), tl.load(e + 2), tl.load(e + 3), ke1, ke2)
+        allowed = _window_allowed(n_ok[None, :], y0[None, :], y1[None, :], y2[None, :], lo0[:, None], lo1[:, None],
+                                  lo2[:, None], hi0[:, None], hi1[:, None], hi2[:, None], R, IS_BOX, AXES)
+        acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, allowed, True, qk_scale, BWD)
+    acc, m_i, l_i = _dense_range(q, do, acc, m_i, l_i, EK + b * sekb + kvh * sekh, EV + b * sevb + kvh * sevh,
+                                 seks, sevs, 0, tl.where(is_prefix, 0, E), qk_scale, offs_n, offs_d, d_mask,
+                                 BLOCK_N, BWD)
 
-    out, lse = _finish(acc, m_i, l_i)
-    tl.store(O + b * sob + h * soh + rows_q[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=q_ok[:, None] & d_mask[None, :])
-    tl.store(LSE + bh.to(tl.int64) * S + rows_q, lse, mask=q_ok)
+    o_ptrs = O + b * sob + h * soh + rows_q[:, None] * sos + offs_d[None, :]
+    if BWD:
+        tl.store(o_ptrs, (acc * dq_scale).to(O.dtype.element_ty), mask=q_ok[:, None] & d_mask[None, :])
+    else:
+        out, lse = _finish(acc, m_i, l_i)
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_ok[:, None] & d_mask[None, :])
+        tl.store(LSE + bh.to(tl.int64) * S + rows_q, lse, mask=q_ok)
+
+
+@triton.jit
+def _window_bwd_dkdv(
+    Q, K, V, DO, LSE2, DELTA, DK, DV, QB, TQ, TOFF,
+    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh, sdkb, sdks, sdkh, sdvb, sdvs, sdvh,
+    B, H, GROUP, S, P, NDB, DENSE_LEN, DENSE_QLO, DENSE_QHI, NKB, D,
+    N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1,
+    qk_scale, dk_scale,
+    IS_BOX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, AXES: tl.constexpr,
+):
+    """dk, dv of one key block for one (batch, kv head), summed over the GQA group's q heads.
+    Programs [0, NDB * B * Hkv) take dense key blocks (keys [0, DENSE_LEN) of K, seen by the
+    queries [DENSE_QLO, DENSE_QHI): the prefix keys, or the extra keys); the rest take the plan's
+    grid key blocks, seen by the prefix queries and by the query blocks the transposed plan lists
+    for them (TQ[TOFF[2kb] : TOFF[2kb+1]] full, [TOFF[2kb+1] : TOFF[2kb+2]] partial). Scores are
+    computed transposed (keys x queries); a query row outside a block loads lse = +inf, so its
+    P is 0 and it needs no mask."""
+    t = tl.program_id(0)
+    Hkv = H // GROUP
+    n_dense = NDB * B * Hkv
+    is_dense = t < n_dense
+    pid = tl.where(is_dense, t // (B * Hkv), (t - n_dense) % tl.maximum(NKB, 1))
+    bkv = tl.where(is_dense, t % (B * Hkv), (t - n_dense) // tl.maximum(NKB, 1))
+    b = (bkv // Hkv).to(tl.int64)
+    kvh = (bkv % Hkv).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+
+    kb = tl.where(is_dense, 0, pid).to(tl.int64)
+    ko0 = tl.load(QB + kb * 7 + 1)
+    ko1 = tl.load(QB + kb * 7 + 2)
+    ko2 = tl.load(QB + kb * 7 + 3)
+    ke0 = tl.load(QB + kb * 7 + 4)
+    ke1 = tl.load(QB + kb * 7 + 5)
+    ke2 = tl.load(QB + kb * 7 + 6)
+    k_start = tl.where(is_dense, pid * BLOCK_N, tl.load(QB + kb * 7))
+    k_len = tl.where(is_dense, tl.minimum(DENSE_LEN - pid * BLOCK_N, BLOCK_N), ke0 * ke1 * ke2)
+    rows_k = (k_start + offs_n).to(tl.int64)
+    k_ok = offs_n < k_len
+    k = _load_rows(K + b * skb + kvh * skh, rows_k, sks, offs_d, k_ok, d_mask, True, EVEN_D)
+    v = _load_rows(V + b * svb + kvh * svh, rows_k, svs, offs_d, k_ok, d_mask, True, EVEN_D)
+    y0, y1, y2 = _coords(offs_n, ko0, ko1, ko2, ke1, ke2)
+    q_lo = tl.where(is_dense, DENSE_QLO, 0)
+    q_hi = tl.where(is_dense, DENSE_QHI, P)
+    f0 = tl.where(is_dense, 0, tl.load(TOFF + 2 * kb))
+    f1 = tl.where(is_dense, 0, tl.load(TOFF + 2 * kb + 1))
+    f2 = tl.where(is_dense, 0, tl.load(TOFF + 2 * kb + 2))
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, GROUP):
+        h = kvh * GROUP + g
+        bh = b * H + h
+        q_ptr = Q + b * sqb + h * sqh
+        do_ptr = DO + b * sdob + h * sdoh
+        for start in range(q_lo, q_hi, BLOCK_M):  # dense queries (prefix rows, or all for dense keys)
+            rows = start + offs_m
+            dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, LSE2, DELTA, bh, S, sqs, sdos, rows, rows < q_hi,
+                                offs_d, d_mask, None, False, qk_scale, EVEN_D)
+        for j in range(f0, f1):  # query blocks that see every key of this block
+            qb = tl.load(TQ + j).to(tl.int64)
+            rows = tl.load(QB + qb * 7) + offs_m
+            q_ok = offs_m < tl.load(QB + qb * 7 + 4) * tl.load(QB + qb * 7 + 5) * tl.load(QB + qb * 7 + 6)
+            dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, LSE2, DELTA, bh, S, sqs, sdos, rows, q_ok,
+                                offs_d, d_mask, None, False, qk_scale, EVEN_D)
+        for j in range(f1, f2):  # query blocks that see part of it: element mask
+            qb = tl.load(TQ + j).to(tl.int64)
+            qe1 = tl.load(QB + qb * 7 + 5)
+            qe2 = tl.load(QB + qb * 7 + 6)
+            rows = tl.load(QB + qb * 7) + offs_m
+            q_ok = offs_m < tl.load(QB + qb * 7 + 4) * qe1 * qe2
+            x0, x1, x2 = _coords(offs_m, tl.load(QB + qb * 7 + 1), tl.load(QB + qb * 7 + 2), tl.load(QB + qb * 7 + 3),
+                                 qe1, qe2)
+            lo0, lo1, lo2, hi0, hi1, hi2 = _query_windows(x0, x1, x2, N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1,
+                                                          IS_BOX)
+            allowed = _window_allowed(k_ok[:, None], y0[:, None], y1[:, None], y2[:, None], lo0[None, :],
+                                      lo1[None, :], lo2[None, :], hi0[None, :], hi1[None, :], hi2[None, :], R,
+                                      IS_BOX, AXES)
+            dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, LSE2, DELTA, bh, S, sqs, sdos, rows, q_ok,
+                                offs_d, d_mask, allowed, True, qk_scale, EVEN_D)
+    st = k_ok[:, None] & d_mask[None, :]
+    tl.store(DK + b * sdkb + kvh * sdkh + rows_k[:, None] * sdks + offs_d[None, :],
+             (dk * dk_scale).to(DK.dtype.element_ty), mask=st)
+    tl.store(DV + b * sdvb + kvh * sdvh + rows_k[:, None] * sdvs + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=st)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, LSE2, DELTA, bh, S, sqs, sdos, rows, q_ok, offs_d, d_mask,
+               mask, MASKED: tl.constexpr, qk_scale, EVEN_D: tl.constexpr):
+    """Folds query rows `rows` (valid where q_ok) of one q head into a key block's dk, dv."""
+    rows = rows.to(tl.int64)
+    if EVEN_D:
+        qT = tl.load(q_ptr + rows[None, :] * sqs + offs_d[:, None], mask=q_ok[None, :], other=0.0)
+    else:
+        qT = tl.load(q_ptr + rows[None, :] * sqs + offs_d[:, None], mask=q_ok[None, :] & d_mask[:, None], other=0.0)
+    do = _load_rows(do_ptr, rows, sdos, offs_d, q_ok, d_mask, True, EVEN_D)
+    lse2 = tl.load(LSE2 + bh * S + rows, mask=q_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh * S + rows, mask=q_ok, other=0.0)
+    qkT = tl.dot(k, qT) * qk_scale                              # (keys, queries)
+    if MASKED:
+        qkT = tl.where(mask, qkT, float("-inf"))
+    pT = tl.math.exp2(qkT - lse2[None, :])
+    dv += tl.dot(pT.to(do.dtype), do)
+    dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
+    dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+    return dk, dv
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, LSE, DLSE, LSE2, DELTA, sob, sos, soh, sdob, sdos, sdoh, H, S, D,
+                    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per row: delta = rowsum(dO * out) - dlse, and the lse in log2 units with -inf (a row that
+    saw no key) turned into +inf, so the recomputed P of such rows is 0."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = rows < S
+    m2 = ok[:, None] & (offs_d < D)[None, :]
+    rows64 = rows.to(tl.int64)
+    o = tl.load(O + b * sob + h * soh + rows64[:, None] * sos + offs_d[None, :], mask=m2, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + rows64[:, None] * sdos + offs_d[None, :], mask=m2, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + bh * S + rows64, mask=ok, other=0.0)
+    lse = tl.load(LSE + bh * S + rows64, mask=ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    tl.store(DELTA + bh * S + rows64, delta, mask=ok)
+    tl.store(LSE2 + bh * S + rows64, lse2, mask=ok)
 
 
 def launch_configs(block_d: int, block_n: int = 64):
@@ -328,8 +508,80 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
         spec.grid[0], spec.grid[1], spec.grid[2], w[0], w[1], w[2], spec.radius or 1,
         spec.border == "inward", spec.padded(0), spec.padded(1),
         scale * LOG2E,
+        q, lse, lse, 0, 0, 0, 1.0,  # the backward's inputs (DO, LSE2, DELTA): unused here
         IS_BOX=spec.window is not None, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, EVEN_D=block_d == D,
         AXES=_limiting_axes(spec),
         **config,
     )
     return out, lse
+
+
+def backward_launch_configs(block_d: int):
+    """(num_warps, num_stages) of the dq and the dk/dv launches at 64 x 64 blocks, chosen from
+    ptxas -v on sm_90a (tests/ops/window/test_triton_compile.py): no wgmma serialisation, no
+    spills up to d = 64; at d = 128 the dk/dv pass (two 64 x 128 fp32 accumulators) spills a few
+    hundred bytes in every config, least with 8 warps. Unmeasured on a GPU."""
+    return ((4, 2), (8, 1)) if block_d <= 64 else ((8, 2), (8, 2))
+
+
+def backward_block(device: torch.device) -> int:
+    """Query and key block of the backward (equal: the dk/dv pass walks the plan transposed)."""
+    return 64 if device.type == "cuda" else 16
+
+
+def window_attention_backward_triton(grad_out, grad_lse, q, k, v, out, lse, spec: WindowSpec, scale: float,
+                                     extra_k=None, extra_v=None, block=None):
+    """(dq, dk, dv, d_extra_k, d_extra_v) of window_attention_triton's (out, lse); grad_lse may be
+    None. Three launches (four with extra keys): per-row delta and lse, dq, dk/dv."""
+    B, S, H, D = q.shape
+    Hkv = k.shape[2]
+    block = block or backward_block(q.device)
+    kplan = build_key_plan(spec, block, q.device)
+    plan = kplan.plan
+    P = spec.num_prefix
+    E = 0 if extra_k is None else extra_k.shape[1]
+    block_d = max(16, triton.next_power_of_2(D))
+    geometry = (spec.grid[0], spec.grid[1], spec.grid[2], *(spec.window or (1, 1, 1)), spec.radius or 1,
+                spec.border == "inward", spec.padded(0), spec.padded(1))
+    consts = dict(IS_BOX=spec.window is not None, BLOCK_D=block_d, EVEN_D=block_d == D, AXES=_limiting_axes(spec))
+    dq_launch, dkdv_launch = backward_launch_configs(block_d) if q.device.type == "cuda" else ((4, 1), (4, 1))
+
+    lse2 = torch.empty((B, H, S), device=q.device, dtype=torch.float32)
+    delta = torch.empty_like(lse2)
+    dlse = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
+    _bwd_preprocess[(triton.cdiv(S, 64), B * H)](
+        out, grad_out, lse, lse if dlse is None else dlse, lse2, delta,
+        out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        H, S, D, HAS_DLSE=dlse is not None, BLOCK_M=64, BLOCK_D=block_d)
+
+    dq = new_output((B, S, H, D), like=q)
+    ek, ev = (k, v) if extra_k is None else (extra_k, extra_v)
+    n_pqb = triton.cdiv(P, block)
+    _window_fwd[((n_pqb + plan.num_blocks) * B * H,)](
+        q, k, v, ek, ev, dq, lse, plan.q_blocks, plan.entries, plan.kv_count, plan.order,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), ek.stride(0), ek.stride(1), ek.stride(2),
+        ev.stride(0), ev.stride(1), ev.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+        B, H, H // Hkv, S, P, E, plan.max_entries, n_pqb, plan.num_blocks, D, *geometry, scale * LOG2E,
+        grad_out, lse2, delta, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), scale,
+        BLOCK_M=block, BLOCK_N=block, BWD=True, **consts, num_warps=dq_launch[0], num_stages=dq_launch[1])
+
+    dk, dv = new_output(k.shape, like=k), new_output(v.shape, like=v)
+    dek = new_output((B, E, Hkv, D), like=k)
+    dev = new_output((B, E, Hkv, D), like=v)
+
+    def dkdv(kk, vv, dkk, dvv, n_dense, dense_q, n_grid):
+        ndb = triton.cdiv(n_dense, block)
+        _window_bwd_dkdv[((ndb + n_grid) * B * Hkv,)](
+            q, kk, vv, grad_out, lse2, delta, dkk, dvv, plan.q_blocks, kplan.queries, kplan.offsets,
+            q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
+            vv.stride(0), vv.stride(1), vv.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            dkk.stride(0), dkk.stride(1), dkk.stride(2), dvv.stride(0), dvv.stride(1), dvv.stride(2),
+            B, H, H // Hkv, S, P, ndb, n_dense, dense_q[0], dense_q[1], n_grid, D, *geometry,
+            scale * LOG2E, scale, BLOCK_M=block, BLOCK_N=block, **consts, num_warps=dkdv_launch[0],
+            num_stages=dkdv_launch[1])
+
+    dkdv(k, v, dk, dv, P, (0, S), plan.num_blocks)      # prefix keys (seen by all), grid keys
+    if E:
+        dkdv(extra_k, extra_v, dek, dev, E, (P, S), 0)  # extra keys (seen by the grid queries)
+    return dq, dk, dv, dek, dev

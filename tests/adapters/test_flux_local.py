@@ -194,3 +194,31 @@ def test_clear_weights_errors_list_keys():
     assert "transformer_blocks.0.attn.to_q.weight" in str(e.value) and "bogus.weight" in str(e.value)
     missing, unexpected = flux.load_clear_weights(m, sd, strict=False)
     assert missing == ["transformer_blocks.0.attn.to_q.weight"] and unexpected == ["bogus.weight"]
+
+
+def test_training_gradients_equal_reference():
+    """CLEAR is trained (distillation / LoRA): the adapted model's parameter gradients, pooling
+    weights included, equal those of the dense-mask reference processor."""
+    H, W, df, radius = 8, 6, 2, 3
+    m, r = tiny_flux(), tiny_flux()
+    x = flux_inputs(H, W)
+    h = flux.apply_local_attention(m, radius=radius, downsample=df)
+    w = torch.rand(1, 1, 1, df, 1, df, 1)
+    weights = []
+    for proc in h.processors.values():
+        with torch.no_grad():
+            proc.spatial_weight.copy_(w)
+        weights.append(proc.spatial_weight)
+    ref_w = w.clone().requires_grad_()
+    set_reference(r, H=H, W=W, radius=radius, spatial_weight=ref_w, df=df)
+    g = torch.randn_like(run(m, x))
+    (m(**x).sample * g).sum().backward()
+    (r(**x).sample * g).sum().backward()
+    adapted = dict(m.named_parameters())
+    checked = 0
+    for name, pr in r.named_parameters():
+        if pr.grad is not None:
+            torch.testing.assert_close(adapted[name].grad, pr.grad, atol=1e-4, rtol=1e-4, msg=name)
+            checked += 1
+    assert checked > 10
+    torch.testing.assert_close(sum(p.grad for p in weights), ref_w.grad, atol=1e-4, rtol=1e-4)

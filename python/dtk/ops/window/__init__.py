@@ -41,7 +41,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: In
         return_lse: also return the log-sum-exp (B, H, S) float32 (natural log).
 
     A query that sees no key at all (possible for inward circles on grids smaller than the
-    circle) gets a zero output and lse = -inf.
+    circle) gets a zero output and lse = -inf (and zero gradients).
+
+    Differentiable in q, k, v, extra_k and extra_v, through out and lse (FlashAttention-2
+    backward from the saved lse: C++ on the CPU, Triton dq and dk/dv passes on the GPU).
     """
     if isinstance(grid, int):
         grid = (grid,)

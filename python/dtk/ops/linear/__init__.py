@@ -2,7 +2,7 @@
 tiled / chunked sequences) and MEMO's memory linear attention with a decayed state.
 
 Engines: ``reference.py`` (pure PyTorch, float64-capable), C++ CPU kernels (``csrc/linear/cpu.cpp``),
-Triton GPU kernels (``triton.py``), registered for the CUDA key in ``_registration.py``.
+Triton GPU kernels (``triton.py``), registered for the CUDA key in ``_register.py``.
 
 Layouts follow FlashAttention: q ``(B, S_q, H, D)``, k ``(B, S_k, H_kv, D)``, v ``(B, S_k, H_kv, D_v)``,
 any strides on B/S/H (last dim contiguous is fastest). GQA: ``H % H_kv == 0``, query head ``h``
@@ -19,7 +19,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from . import _registration  # noqa: F401  (fake kernels, autograd, CUDA kernels)
+from . import _register  # noqa: F401  (fake kernels, autograd, CUDA kernels)
 from .reference import FEATURE_MAPS
 
 __all__ = ["linear_attention", "linear_attention_state", "linear_attention_apply", "memory_linear_attention",

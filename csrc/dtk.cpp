@@ -89,6 +89,12 @@ TORCH_LIBRARY(dtk, m) {
   m.def(
       "multi_kv_attention(Tensor q, Tensor[] ks, Tensor[] vs, Tensor?[] kv_index, Tensor? q_index, "
       "float? scale) -> (Tensor, Tensor)");
+  // Gradients of multi_kv_attention from its (out, lse) and their gradients (grad_lse may be None):
+  // (dq like q, dks[i] like ks[i], dvs[i] like vs[i]); rows no query / no index entry reaches get 0,
+  // repeated q_index or kv_index entries add up.
+  m.def(
+      "multi_kv_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor[] ks, Tensor[] vs, "
+      "Tensor?[] kv_index, Tensor? q_index, float? scale, Tensor out, Tensor lse) -> (Tensor, Tensor[], Tensor[])");
   // Out variant: the results of the q_index rows are scattered into out (B,Sq,H,D) in place; every
   // other row of out is left untouched. Returns lse (B,H,n) float32.
   m.def(
@@ -99,6 +105,11 @@ TORCH_LIBRARY(dtk, m) {
   m.def(
       "segment_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor group_mask, "
       "Tensor? group_bias, float? scale) -> (Tensor, Tensor)");
+  // Gradients of segment_attention (q, k, v; group_bias is not differentiated): (dq, dk, dv).
+  m.def(
+      "segment_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
+      "Tensor cu_seqlens, Tensor group_mask, Tensor? group_bias, float? scale, Tensor out, Tensor lse) "
+      "-> (Tensor, Tensor, Tensor)");
 
   // Cache and token selection (SpotEdit, FreeSwim). See python/dtk/ops/cache/__init__.py.
   // cache[:, index] = fresh in place; returns (1-lam)*scattered(base) + lam*cache. lam is the float,

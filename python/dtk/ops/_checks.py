@@ -53,3 +53,20 @@ def check_gpu(q):
             raise TypeError(f"q dtype {q.dtype} unsupported on GPU: use float16 or bfloat16")
         if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
             raise ValueError(f"head dim D={q.shape[-1]} unsupported on GPU (1..{MAX_HEAD_DIM})")
+
+
+def check_grads(grad_out, grad_lse, out, lse, q):
+    """The backward's saved outputs and gradients: out and grad_out (B, n, H, D) with q's dtype,
+    device and a contiguous last dim, the same shape; lse and grad_lse (B, H, n) float32."""
+    check_bshd(out, q, "out")
+    check_bshd(grad_out, q, "grad_out")
+    if grad_out.shape != out.shape:
+        raise ValueError(f"grad_out must have out's shape {tuple(out.shape)}, got {tuple(grad_out.shape)}")
+    B, n, H, _ = out.shape
+    for name, t in (("lse", lse), ("grad_lse", grad_lse)):
+        if t is None:
+            continue
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+        if tuple(t.shape) != (B, H, n) or t.device != q.device:
+            raise ValueError(f"{name} must be ({B}, {H}, {n}) on {q.device}, got {tuple(t.shape)} on {t.device}")

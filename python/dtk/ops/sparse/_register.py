@@ -8,7 +8,7 @@ import importlib.util
 
 import torch
 
-from .._checks import check_bshd as _check_bshd, check_gpu as _check_gpu, check_kv_like_q, check_scale as _check_scale
+from .._checks import check_bshd as _check_bshd, check_gpu as _check_gpu, check_grads, check_kv_like_q, check_scale as _check_scale
 
 _LIB = "dtk::"
 _INT = (torch.int32, torch.int64)
@@ -141,6 +141,84 @@ def _seg_fake(q, k, v, cu_seqlens, group_mask, group_bias, scale):
     return q.new_empty(B, S, H, D), q.new_empty(B, H, S, dtype=torch.float32)
 
 
+@torch.library.register_fake(_LIB + "multi_kv_attention_backward")
+def _mkv_bwd_fake(grad_out, grad_lse, q, ks, vs, kv_index, q_index, scale, out, lse):
+    check_multi_kv_backward(grad_out, grad_lse, q, ks, vs, kv_index, q_index, scale, out, lse)
+    return q.new_empty(q.shape), [k.new_empty(k.shape) for k in ks], [v.new_empty(v.shape) for v in vs]
+
+
+@torch.library.register_fake(_LIB + "segment_attention_backward")
+def _seg_bwd_fake(grad_out, grad_lse, q, k, v, cu_seqlens, group_mask, group_bias, scale, out, lse):
+    check_segment_backward(grad_out, grad_lse, q, k, v, cu_seqlens, group_mask, group_bias, scale, out, lse)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def check_multi_kv_backward(grad_out, grad_lse, q, ks, vs, kv_index, q_index, scale, out, lse):
+    """check_multi_kv, and out / grad_out (B, n, H, D), lse / grad_lse (B, H, n) float32, with
+    n = q_index's width (S_q without q_index); returns the scale."""
+    scale = check_multi_kv(q, ks, vs, kv_index, q_index, scale)
+    check_grads(grad_out, grad_lse, out, lse, q)
+    B, S, H, D = q.shape
+    n = S if q_index is None else q_index.shape[1]
+    if tuple(out.shape) != (B, n, H, D):
+        raise ValueError(f"out must be (B, n, H, D) = {(B, n, H, D)} (n = q_index's width, else S_q), "
+                         f"got {tuple(out.shape)}")
+    return scale
+
+
+def check_segment_backward(grad_out, grad_lse, q, k, v, cu_seqlens, group_mask, group_bias, scale, out, lse):
+    """check_segment, and out / grad_out shaped like q, lse / grad_lse (B, H, S) float32."""
+    scale = check_segment(q, k, v, cu_seqlens, group_mask, group_bias, scale)
+    check_grads(grad_out, grad_lse, out, lse, q)
+    if out.shape != q.shape:
+        raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    return scale
+
+
+# ------------------------------------------------------------------------------------ autograd
+# FlashAttention-2 backward from the saved (out, lse); grad_lse (from return_lse) is folded in.
+# The in-place scatter variant (multi_kv_attention_out) is not differentiable.
+
+def _lastdim(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _mkv_setup(ctx, inputs, output):
+    q, ks, vs, kv_index, q_index, scale = inputs
+    out, lse = output
+    ctx.n = len(ks)
+    kv_index = list(kv_index) if kv_index else [None] * len(ks)
+    ctx.save_for_backward(q, out, lse, q_index, *ks, *vs, *kv_index)
+    ctx.scale = scale
+
+
+def _mkv_backward(ctx, grad_out, grad_lse):
+    q, out, lse, q_index, *rest = ctx.saved_tensors
+    n = ctx.n
+    ks, vs, kv_index = rest[:n], rest[n:2 * n], rest[2 * n:]
+    dq, dks, dvs = torch.ops.dtk.multi_kv_attention_backward(_lastdim(grad_out), grad_lse, q, ks, vs, kv_index,
+                                                             q_index, ctx.scale, out, lse)
+    return dq, list(dks), list(dvs), None, None, None
+
+
+def _seg_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, group_mask, group_bias, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, cu_seqlens, group_mask, group_bias, out, lse)
+    ctx.scale = scale
+
+
+def _seg_backward(ctx, grad_out, grad_lse):
+    q, k, v, cu_seqlens, group_mask, group_bias, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.dtk.segment_attention_backward(_lastdim(grad_out), grad_lse, q, k, v, cu_seqlens,
+                                                          group_mask, group_bias, ctx.scale, out, lse)
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd(_LIB + "multi_kv_attention", _mkv_backward, setup_context=_mkv_setup)
+torch.library.register_autograd(_LIB + "segment_attention", _seg_backward, setup_context=_seg_setup)
+
+
 # ------------------------------------------------------------------------------------ CUDA (Triton)
 
 def _register_cuda():
@@ -161,6 +239,20 @@ def _register_cuda():
     def _seg_cuda(q, k, v, cu_seqlens, group_mask, group_bias, scale):
         scale = check_segment(q, k, v, cu_seqlens, group_mask, group_bias, scale)
         return _seg_gpu(q, k, v, cu_seqlens, group_mask, group_bias, scale)
+
+    @torch.library.register_kernel(_LIB + "multi_kv_attention_backward", "cuda")
+    def _mkv_bwd_cuda(grad_out, grad_lse, q, ks, vs, kv_index, q_index, scale, out, lse):
+        scale = check_multi_kv_backward(grad_out, grad_lse, q, ks, vs, kv_index, q_index, scale, out, lse)
+        from .triton import multi_kv_attention_backward_triton
+        return multi_kv_attention_backward_triton(grad_out, grad_lse, q, ks, vs, kv_index, q_index, scale, out, lse)
+
+    @torch.library.register_kernel(_LIB + "segment_attention_backward", "cuda")
+    def _seg_bwd_cuda(grad_out, grad_lse, q, k, v, cu_seqlens, group_mask, group_bias, scale, out, lse):
+        scale = check_segment_backward(grad_out, grad_lse, q, k, v, cu_seqlens, group_mask, group_bias, scale, out,
+                                       lse)
+        from .triton import segment_attention_backward_triton
+        return segment_attention_backward_triton(grad_out, grad_lse, q, k, v, cu_seqlens, group_mask, group_bias,
+                                                 scale, out, lse)
 
 
 _CUDNN_FAILED = []   # the first cuDNN error, after which the Triton engine serves every call

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_bshd, check_gpu, check_kv_like_q, check_scale
+from .._checks import check_bshd, check_gpu, check_grads, check_kv_like_q, check_scale
 from .spec import make_spec
 
 
@@ -47,27 +47,22 @@ def _cuda(q, k, v, grid, window, radius, border, num_prefix, tile, scale, extra_
     return window_attention_triton(q, k, v, spec, scale, extra_k, extra_v)
 
 
-def check_backward_inputs(grad_out, grad_lse, q, out, lse):
-    """The gradients and saved outputs match q: grad_out and out (B, S, H, D) in q's dtype and
-    device, lse and grad_lse (B, H, S) float32."""
-    B, S, H, D = q.shape
-    for name, t in (("grad_out", grad_out), ("out", out)):
-        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{name} must be {tuple(q.shape)} {q.dtype} on {q.device} like q, "
-                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
-        if t.stride(3) != 1:
-            raise ValueError(f"{name} must have a contiguous last dim")
-    for name, t in (("lse", lse), ("grad_lse", grad_lse)):
-        if t is not None and (t.shape != (B, H, S) or t.dtype != torch.float32 or t.device != q.device):
-            raise ValueError(f"{name} must be ({B}, {H}, {S}) float32 on {q.device}, "
-                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+def check_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, grid, window, radius, border, num_prefix, tile,
+                          scale, extra_k, extra_v):
+    """check_inputs, and the saved outputs and gradients match q (out, grad_out (B, S, H, D), lse,
+    grad_lse (B, H, S) float32); returns (spec, scale)."""
+    res = check_inputs(q, k, v, grid, window, radius, border, num_prefix, tile, scale, extra_k, extra_v)
+    check_grads(grad_out, grad_lse, out, lse, q)
+    if out.shape != q.shape:
+        raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    return res
 
 
 @torch.library.register_fake("dtk::window_attention_backward")
 def _backward_fake(grad_out, grad_lse, q, k, v, out, lse, grid, window, radius, border, num_prefix, tile, scale,
                    extra_k, extra_v):
-    check_inputs(q, k, v, grid, window, radius, border, num_prefix, tile, scale, extra_k, extra_v)
-    check_backward_inputs(grad_out, grad_lse, q, out, lse)
+    check_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, grid, window, radius, border, num_prefix, tile,
+                          scale, extra_k, extra_v)
     B, _, Hkv, D = k.shape
     E = 0 if extra_k is None else extra_k.shape[1]
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), k.new_empty(B, E, Hkv, D),
@@ -77,8 +72,8 @@ def _backward_fake(grad_out, grad_lse, q, k, v, out, lse, grid, window, radius, 
 @torch.library.register_kernel("dtk::window_attention_backward", "cuda")
 def _backward_cuda(grad_out, grad_lse, q, k, v, out, lse, grid, window, radius, border, num_prefix, tile, scale,
                    extra_k, extra_v):
-    spec, scale = check_inputs(q, k, v, grid, window, radius, border, num_prefix, tile, scale, extra_k, extra_v)
-    check_backward_inputs(grad_out, grad_lse, q, out, lse)
+    spec, scale = check_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, grid, window, radius, border,
+                                        num_prefix, tile, scale, extra_k, extra_v)
     from .triton import window_attention_backward_triton
     return window_attention_backward_triton(grad_out, grad_lse, q, k, v, out, lse, spec, scale, extra_k, extra_v)
 

@@ -344,16 +344,18 @@ def _window_bwd_dkdv(
         bh = b * H + h
         q_ptr = Q + b * sqb + h * sqh
         do_ptr = DO + b * sdob + h * sdoh
+        lse2_ptr = LSE2 + bh * S
+        delta_ptr = DELTA + bh * S
         for start in range(q_lo, q_hi, BLOCK_M):  # dense queries (prefix rows, or all for dense keys)
             rows = start + offs_m
-            dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, LSE2, DELTA, bh, S, sqs, sdos, rows, rows < q_hi,
-                                offs_d, d_mask, None, False, qk_scale, EVEN_D)
+            dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, rows, sqs, do_ptr, rows, sdos, lse2_ptr, delta_ptr, rows,
+                                rows < q_hi, offs_d, d_mask, None, False, qk_scale, 0.0, EVEN_D)
         for j in range(f0, f1):  # query blocks that see every key of this block
             qb = tl.load(TQ + j).to(tl.int64)
             rows = tl.load(QB + qb * 7) + offs_m
             q_ok = offs_m < tl.load(QB + qb * 7 + 4) * tl.load(QB + qb * 7 + 5) * tl.load(QB + qb * 7 + 6)
-            dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, LSE2, DELTA, bh, S, sqs, sdos, rows, q_ok,
-                                offs_d, d_mask, None, False, qk_scale, EVEN_D)
+            dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, rows, sqs, do_ptr, rows, sdos, lse2_ptr, delta_ptr, rows,
+                                q_ok, offs_d, d_mask, None, False, qk_scale, 0.0, EVEN_D)
         for j in range(f1, f2):  # query blocks that see part of it: element mask
             qb = tl.load(TQ + j).to(tl.int64)
             qe1 = tl.load(QB + qb * 7 + 5)
@@ -367,8 +369,8 @@ def _window_bwd_dkdv(
             allowed = _window_allowed(k_ok[:, None], y0[:, None], y1[:, None], y2[:, None], lo0[None, :],
                                       lo1[None, :], lo2[None, :], hi0[None, :], hi1[None, :], hi2[None, :], R,
                                       IS_BOX, AXES)
-            dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, LSE2, DELTA, bh, S, sqs, sdos, rows, q_ok,
-                                offs_d, d_mask, allowed, True, qk_scale, EVEN_D)
+            dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, rows, sqs, do_ptr, rows, sdos, lse2_ptr, delta_ptr, rows,
+                                q_ok, offs_d, d_mask, allowed, True, qk_scale, 0.0, EVEN_D)
     st = k_ok[:, None] & d_mask[None, :]
     tl.store(DK + b * sdkb + kvh * sdkh + rows_k[:, None] * sdks + offs_d[None, :],
              (dk * dk_scale).to(DK.dtype.element_ty), mask=st)
@@ -377,18 +379,21 @@ def _window_bwd_dkdv(
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, LSE2, DELTA, bh, S, sqs, sdos, rows, q_ok, offs_d, d_mask,
-               mask, MASKED: tl.constexpr, qk_scale, EVEN_D: tl.constexpr):
-    """Folds query rows `rows` (valid where q_ok) of one q head into a key block's dk, dv."""
-    rows = rows.to(tl.int64)
+def _dkdv_step(dk, dv, k, v, q_ptr, q_rows, sqs, do_ptr, do_rows, sdos, lse2_ptr, delta_ptr, stat_rows, q_ok,
+               offs_d, d_mask, mask, MASKED: tl.constexpr, qk_scale, bias, EVEN_D: tl.constexpr):
+    """Folds query rows (valid where q_ok) of one q head into a key block's dk, dv, scores in log2
+    units plus a scalar `bias`. q_rows index q, do_rows the output gradient, stat_rows the rows'
+    lse (log2 units, +inf for rows without keys: P = 0) and delta (equal for the window engine;
+    the sparse engines gather queries). Scores are transposed (keys x queries)."""
+    q_rows = q_rows.to(tl.int64)
     if EVEN_D:
-        qT = tl.load(q_ptr + rows[None, :] * sqs + offs_d[:, None], mask=q_ok[None, :], other=0.0)
+        qT = tl.load(q_ptr + q_rows[None, :] * sqs + offs_d[:, None], mask=q_ok[None, :], other=0.0)
     else:
-        qT = tl.load(q_ptr + rows[None, :] * sqs + offs_d[:, None], mask=q_ok[None, :] & d_mask[:, None], other=0.0)
-    do = _load_rows(do_ptr, rows, sdos, offs_d, q_ok, d_mask, True, EVEN_D)
-    lse2 = tl.load(LSE2 + bh * S + rows, mask=q_ok, other=float("inf"))
-    delta = tl.load(DELTA + bh * S + rows, mask=q_ok, other=0.0)
-    qkT = tl.dot(k, qT) * qk_scale                              # (keys, queries)
+        qT = tl.load(q_ptr + q_rows[None, :] * sqs + offs_d[:, None], mask=q_ok[None, :] & d_mask[:, None], other=0.0)
+    do = _load_rows(do_ptr, do_rows.to(tl.int64), sdos, offs_d, q_ok, d_mask, True, EVEN_D)
+    lse2 = tl.load(lse2_ptr + stat_rows, mask=q_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + stat_rows, mask=q_ok, other=0.0)
+    qkT = tl.dot(k, qT) * qk_scale + bias
     if MASKED:
         qkT = tl.where(mask, qkT, float("-inf"))
     pT = tl.math.exp2(qkT - lse2[None, :])
@@ -529,6 +534,23 @@ def backward_block(device: torch.device) -> int:
     return 64 if device.type == "cuda" else 16
 
 
+def backward_row_stats(out, grad_out, lse, grad_lse):
+    """(lse2, delta), (B, H, n) float32 each, of an attention output (B, n, H, D) with its lse
+    (B, H, n) and gradients: the lse in log2 units (+inf for rows without keys) and
+    delta = rowsum(grad_out * out) - grad_lse, the per-row inputs of every backward walk."""
+    B, n, H, D = out.shape
+    lse2 = torch.empty((B, H, n), device=out.device, dtype=torch.float32)
+    delta = torch.empty_like(lse2)
+    if lse2.numel() == 0:
+        return lse2, delta
+    dlse = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
+    _bwd_preprocess[(triton.cdiv(n, 64), B * H)](
+        out, grad_out, lse.contiguous(), lse if dlse is None else dlse, lse2, delta,
+        out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        H, n, D, HAS_DLSE=dlse is not None, BLOCK_M=64, BLOCK_D=max(16, triton.next_power_of_2(D)))
+    return lse2, delta
+
+
 def window_attention_backward_triton(grad_out, grad_lse, q, k, v, out, lse, spec: WindowSpec, scale: float,
                                      extra_k=None, extra_v=None, block=None):
     """(dq, dk, dv, d_extra_k, d_extra_v) of window_attention_triton's (out, lse); grad_lse may be
@@ -546,13 +568,7 @@ def window_attention_backward_triton(grad_out, grad_lse, q, k, v, out, lse, spec
     consts = dict(IS_BOX=spec.window is not None, BLOCK_D=block_d, EVEN_D=block_d == D, AXES=_limiting_axes(spec))
     dq_launch, dkdv_launch = backward_launch_configs(block_d) if q.device.type == "cuda" else ((4, 1), (4, 1))
 
-    lse2 = torch.empty((B, H, S), device=q.device, dtype=torch.float32)
-    delta = torch.empty_like(lse2)
-    dlse = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
-    _bwd_preprocess[(triton.cdiv(S, 64), B * H)](
-        out, grad_out, lse, lse if dlse is None else dlse, lse2, delta,
-        out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        H, S, D, HAS_DLSE=dlse is not None, BLOCK_M=64, BLOCK_D=block_d)
+    lse2, delta = backward_row_stats(out, grad_out, lse, grad_lse)
 
     dq = new_output((B, S, H, D), like=q)
     ek, ev = (k, v) if extra_k is None else (extra_k, extra_v)

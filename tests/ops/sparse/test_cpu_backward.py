@@ -364,10 +364,10 @@ def test_valid_bases_run():
 def test_opcheck():
     q, ks, vs, kvi, qi, out, lse = _mkv_case(torch.float32)
     args = (torch.randn_like(out), torch.randn_like(lse), q, ks, vs, kvi, qi, None, out, lse)
-    torch.library.opcheck(MKV_BWD, args, test_utils=("test_schema",))  # full opcheck once the fake kernel exists
+    torch.library.opcheck(MKV_BWD, args)
     out, lse = MKV(q, ks, vs, [None] * 3, None, 0.5)
     args = (torch.randn_like(out), None, q, ks, vs, [None] * 3, None, 0.5, out, lse)
-    torch.library.opcheck(MKV_BWD, args, test_utils=("test_schema",))  # full opcheck once the fake kernel exists
+    torch.library.opcheck(MKV_BWD, args)
     q, k, v, cu, gm, gb, out, lse = _seg_case(torch.float32)
     args = (torch.randn_like(out), torch.randn_like(lse), q, k, v, cu, gm, gb, None, out, lse)
-    torch.library.opcheck(SEG_BWD, args, test_utils=("test_schema",))  # full opcheck once the fake kernel exists
+    torch.library.opcheck(SEG_BWD, args)

@@ -40,7 +40,9 @@ def multi_kv_attention(q: torch.Tensor, ks: Sequence[torch.Tensor], vs: Sequence
             (e.g. ``dtk.mask_to_index`` output). Duplicates are allowed (same value written twice).
             An empty index (n = 0) is valid.
         out: (B, S_q, H, D), needs q_index: the rows are scattered into ``out`` in place and every
-            other row is left untouched (SpotEdit keeps the previous step's values there).
+            other row is left untouched (SpotEdit keeps the previous step's values there). The
+            kernel writes them itself; when autograd is recording (an input requires grad) the
+            rows are computed by the differentiable op and then scattered.
         scale: softmax scale, default 1/sqrt(D).
         return_lse: also return the log-sum-exp (B, H, n) float32 (natural log): partial results
             over disjoint key sets merge exactly with it.
@@ -54,11 +56,26 @@ def multi_kv_attention(q: torch.Tensor, ks: Sequence[torch.Tensor], vs: Sequence
     ks, vs = list(ks), list(vs)
     kv_index = [None] * len(ks) if kv_index is None else list(kv_index)
     s = check_multi_kv(q, ks, vs, kv_index, q_index, scale, out)
+    if out is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, out, *ks, *vs)):
+        # differentiable path (training): the compact op, whose rows are then scattered into out
+        o, lse = torch.ops.dtk.multi_kv_attention(q, ks, vs, kv_index, q_index, s)
+        _scatter_rows_(out, o, q_index)
+        return (out, lse) if return_lse else out
     if out is not None:
         lse = torch.ops.dtk.multi_kv_attention_out(q, ks, vs, kv_index, q_index, s, out)
         return (out, lse) if return_lse else out
     o, lse = torch.ops.dtk.multi_kv_attention(q, ks, vs, kv_index, q_index, s)
     return (o, lse) if return_lse else o
+
+
+def _scatter_rows_(out, rows, index):
+    """out[b, index[b, j]] = rows[b, j] in place, with autograd; -1 / out-of-range entries skipped
+    (sent to a scratch row), no host sync."""
+    B, S, H, D = out.shape
+    idx = index.long()
+    idx = torch.where((idx >= 0) & (idx < S), idx, S)[:, :, None, None].expand(-1, -1, H, D)
+    full = torch.cat([out, out.new_zeros(B, 1, H, D)], 1).scatter(1, idx, rows)
+    out.copy_(full[:, :S])
 
 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

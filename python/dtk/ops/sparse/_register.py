@@ -177,7 +177,8 @@ def check_segment_backward(grad_out, grad_lse, q, k, v, cu_seqlens, group_mask, 
 
 # ------------------------------------------------------------------------------------ autograd
 # FlashAttention-2 backward from the saved (out, lse); grad_lse (from return_lse) is folded in.
-# The in-place scatter variant (multi_kv_attention_out) is not differentiable.
+# The in-place scatter op (multi_kv_attention_out) has no autograd: with grad, the wrapper scatters
+# the differentiable op's rows into `out` instead.
 
 def _lastdim(t):
     return t if t.stride(-1) == 1 else t.contiguous()

@@ -181,6 +181,37 @@ def _linear_grad():
         close(a, b, 1e-9, f"d{n}")
 
 
+def run_attention_grads(device="cpu", dtype=torch.float64, tol=1e-9):
+    """Gradients of window_attention, multi_kv_attention and segment_attention (the backward ops)
+    against autograd through the references."""
+    from dtk.ops.sparse.reference import multi_kv_attention_reference, segment_attention_reference
+    from dtk.ops.window.reference import window_attention_reference
+    mk = lambda *s: torch.randn(*s, dtype=torch.float64).to(device=device, dtype=dtype)  # noqa: E731
+    q, k, v = mk(1, 2 + 30, 4, 64), mk(1, 2 + 30, 2, 64), mk(1, 2 + 30, 2, 64)
+    cases = [
+        ("window_attention", lambda q, k, v: dtk.window_attention(q, k, v, (5, 6), radius=2, num_prefix=2),
+         lambda q, k, v: window_attention_reference(q, k, v, (5, 6), radius=2, num_prefix=2)[0]),
+        ("multi_kv_attention", lambda q, k, v: dtk.multi_kv_attention(q, [k[:, :9], k[:, 9:]], [v[:, :9], v[:, 9:]]),
+         lambda q, k, v: multi_kv_attention_reference(q, [k[:, :9], k[:, 9:]], [v[:, :9], v[:, 9:]])[0]),
+        ("segment_attention", lambda q, k, v: dtk.segment_attention(q, k, v, [0, 2, 20, 32],
+                                                                     dtk.ominicontrol_group_mask(1)),
+         lambda q, k, v: segment_attention_reference(q, k, v, [0, 2, 20, 32], dtk.ominicontrol_group_mask(1))[0]),
+    ]
+    g = mk(1, 32, 4, 64)
+    for name, op, ref in cases:
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        got = torch.autograd.grad(op(*leaves), leaves, g)
+        leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+        want = torch.autograd.grad(ref(*leaves), leaves, g.cpu().double())
+        for a, b, n in zip(got, want, "qkv"):
+            close(a.cpu(), b, tol, f"{name} d{n} {dtype}")
+
+
+@check("attention backward (CPU): window, multi_kv, segment vs autograd through the references")
+def _attention_grads():
+    run_attention_grads()
+
+
 def run_sparse(device="cpu", dtypes=(torch.float64, torch.float32), tol=None):
     from dtk.ops.sparse.reference import multi_kv_attention_reference, segment_attention_reference
     for dtype in dtypes:
@@ -328,6 +359,10 @@ if torch.cuda.is_available():
     @check("sparse family (CUDA, fp16/bf16) vs reference")
     def _sparse_gpu():
         run_sparse("cuda", (torch.float16, torch.bfloat16), tol=3e-2)
+
+    @check("attention backward (CUDA, Triton, bf16) vs autograd through the references")
+    def _attention_grads_gpu():
+        run_attention_grads("cuda", torch.bfloat16, tol=5e-2)
 
     @check("tile_reorder (CUDA) vs CPU")
     def _layout_gpu():

@@ -128,6 +128,33 @@ def probe(fn: Callable, device: str, label: str) -> None:
         raise Skip(f"{label}: {msg}"[:160])
 
 
+def check_gradients(state, grads, reference: Callable, full: bool, against: str) -> CheckResult:
+    """DESIGN §6 rule per gradient, errors relative to the gradient's largest magnitude: error vs
+    float64 <= 2 x (error of the reference evaluated in the run's dtype) + atol. `reference(state,
+    dtype)` gives the reference gradients: all of them when `full`, else dq on state["rows"] only
+    (a row's dq needs only its own keys), against which grads[0] is compared on those rows."""
+    import torch
+    rows = state["rows"]
+    got = grads if full else (grads[0].index_select(1, rows),)
+    against += " (errors relative to the max |grad|)"
+    if any(torch.isnan(t).any() for t in got):
+        return CheckResult(False, float("nan"), 0.0, rows.numel(), against + "; NaN in a gradient")
+    if "_grad64" not in state:
+        state["_grad64"] = reference(state, torch.float64)
+        lowp = state["q"].dtype
+        state["_grad_low"] = state["_grad64"] if lowp == torch.float64 else reference(state, lowp)
+    atol = 1e-5 if state["q"].dtype in (torch.float32, torch.float64) else 2e-3
+    ok, worst = True, (0.0, 1.0)
+    for a, r64, rlow in zip(got, state["_grad64"], state["_grad_low"]):
+        mag = max(r64.abs().max().item(), 1e-30)
+        err = (a.double() - r64).abs().max().item() / mag
+        tol = 2 * (rlow.double() - r64).abs().max().item() / mag + atol
+        ok &= err <= tol
+        if err / tol >= worst[0] / worst[1]:
+            worst = (err, tol)
+    return CheckResult(ok, worst[0], worst[1], rows.numel(), against)
+
+
 def register(case: Case) -> Case:
     if any(c.key == case.key and c.gpu == case.gpu for c in _CASES):
         raise ValueError(f"duplicate benchmark case {case.key}")

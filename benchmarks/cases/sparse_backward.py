@@ -20,7 +20,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ..registry import Case, CheckResult, Impl, Prepared, first_call, probe, register
+from ..registry import Case, CheckResult, Impl, Prepared, check_gradients, first_call, probe, register
 from .sparse import CPU_SHAPES, GPU_SHAPES, SparseShape, _dtk, _pairs, _sdpa, make_setup
 
 OP = "sparse-bwd"
@@ -155,29 +155,10 @@ def _reference_grads(state, dtype):
 
 
 def check(state, grads) -> CheckResult:
-    """DESIGN §6 rule per gradient, relative to its largest magnitude."""
     sh: SparseShape = state["shape"]
-    rows = state["rows"]
     full = sum(sh.lens) <= FULL_CHECK_UP_TO
-    against = "float64 autograd through the dense reference: " + (
-        "every gradient" if full else f"dq on {rows.numel()} query rows") + " (errors relative to the max |grad|)"
-    got = grads if full else (grads[0].index_select(1, rows),)
-    if any(torch.isnan(t).any() for t in got):
-        return CheckResult(False, float("nan"), 0.0, rows.numel(), against + "; NaN in a gradient")
-    if "_grad64" not in state:
-        state["_grad64"] = _reference_grads(state, torch.float64)
-        lowp = state["q"].dtype
-        state["_grad_low"] = state["_grad64"] if lowp == torch.float64 else _reference_grads(state, lowp)
-    ok, worst = True, (0.0, 1.0)
-    for a, r64, rlow in zip(got, state["_grad64"], state["_grad_low"]):
-        mag = max(r64.abs().max().item(), 1e-30)
-        err = (a.double() - r64).abs().max().item() / mag
-        tol = 2 * (rlow.double() - r64).abs().max().item() / mag + (
-            1e-5 if state["q"].dtype == torch.float32 else 2e-3)
-        ok &= err <= tol
-        if err / tol >= worst[0] / worst[1]:
-            worst = (err, tol)
-    return CheckResult(ok, worst[0], worst[1], rows.numel(), against)
+    return check_gradients(state, grads, _reference_grads, full, "float64 autograd through the dense reference: " + (
+        "every gradient" if full else f"dq on {state['rows'].numel()} query rows"))
 
 
 def make_case(sh: SparseShape, gpu: bool) -> Case:

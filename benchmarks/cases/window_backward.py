@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from dtk.ops.window.reference import masked_attention, window_mask
 from dtk.ops.window.spec import pair_count
 
-from ..registry import Case, CheckResult, Impl, Prepared, Skip, first_call, probe, register
+from ..registry import Case, CheckResult, Impl, Prepared, Skip, check_gradients, first_call, probe, register
 from .window import (CPU_SHAPES, GPU_SHAPES, WindowShape, _BACKEND, _dtk_op, _flex_fn, check_rows_for,
                      flex_mask_mod, mask_rows)
 
@@ -101,29 +101,10 @@ def _reference_grads(state, dtype):
 
 
 def check(state, grads) -> CheckResult:
-    """DESIGN §6 rule per gradient: error vs float64 <= 2 x (error of the reference in the run's
-    dtype) + atol, scaled by the gradient's magnitude."""
     spec, rows = state["spec"], state["rows"]
     full = spec.seq_len <= FULL_CHECK_UP_TO
-    against = "float64 autograd through the dense reference: " + (
-        "dq, dk, dv" if full else f"dq on {rows.numel()}/{spec.seq_len} query rows")
-    got = grads if full else (grads[0].index_select(1, rows),)
-    if any(torch.isnan(t).any() for t in got):
-        return CheckResult(False, float("nan"), 0.0, rows.numel(), against + "; NaN in a gradient")
-    if "_grad64" not in state:
-        state["_grad64"] = _reference_grads(state, torch.float64)
-        lowp = state["q"].dtype
-        state["_grad_low"] = state["_grad64"] if lowp == torch.float64 else _reference_grads(state, lowp)
-    worst_err, worst_tol, ok = 0.0, 0.0, True
-    for a, r64, rlow in zip(got, state["_grad64"], state["_grad_low"]):
-        mag = max(r64.abs().max().item(), 1e-30)
-        err = (a.double() - r64).abs().max().item() / mag
-        base = (rlow.double() - r64).abs().max().item() / mag
-        tol = 2 * base + (1e-5 if state["q"].dtype == torch.float32 else 2e-3)
-        ok &= err <= tol
-        if err / tol >= worst_err / max(worst_tol, 1e-30):
-            worst_err, worst_tol = err, tol
-    return CheckResult(ok, worst_err, worst_tol, rows.numel(), against + " (errors relative to the max |grad|)")
+    return check_gradients(state, grads, _reference_grads, full, "float64 autograd through the dense reference: " + (
+        "dq, dk, dv" if full else f"dq on {rows.numel()}/{spec.seq_len} query rows"))
 
 
 def make_case(shape: WindowShape, gpu: bool) -> Case:

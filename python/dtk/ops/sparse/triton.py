@@ -22,8 +22,8 @@ import triton.language as tl
 
 from ..._debug import new_output
 from ..window.triton import (LOG2E, _dense_range, _dkdv_step, _finish, _head_indices, _load_rows, _online_update,
-                             _step, backward_block, backward_launch_configs, backward_row_stats, default_blocks,
-                             launch_configs)
+                             _row_state, _step, _write_rows, backward_block, backward_launch_configs,
+                             backward_row_stats, default_blocks, launch_configs)
 
 MAX_SEGMENTS = 4
 
@@ -109,14 +109,9 @@ def _mkv_fwd(
     q = tl.load(Q + b * sqb + h * sqh + rows_q[:, None] * sqs + offs_d[None, :],
                 mask=q_ok[:, None] & d_mask[None, :], other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if BWD:
-        do = _load_rows(DO + b * sdob + h * sdoh, m_idx, sdos, offs_d, q_ok, d_mask, True, False)
-        m_i = tl.load(LSE2 + bh.to(tl.int64) * NQ + m_idx, mask=q_ok, other=float("inf"))
-        l_i = tl.load(DELTA + bh.to(tl.int64) * NQ + m_idx, mask=q_ok, other=0.0)
-    else:
-        do = q
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    stats = bh.to(tl.int64) * NQ
+    do, m_i, l_i = _row_state(q, DO + b * sdob + h * sdoh, m_idx, sdos, LSE2 + stats, DELTA + stats, m_idx, q_ok,
+                              offs_d, d_mask, BLOCK_M, False, BWD)
 
     acc, m_i, l_i = _kv_segment(q, do, acc, m_i, l_i, K0 + b * sk0b + kvh * sk0h, V0 + b * sv0b + kvh * sv0h,
                                 sk0s, sv0s, I0 + b * si0b, L0, M0, active, qk_scale, offs_n, offs_d, d_mask,
@@ -390,14 +385,9 @@ def _seg_fwd(
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqs + offs_d[None, :],
                 mask=q_ok[:, None] & d_mask[None, :], other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if BWD:
-        do = _load_rows(DO + b * sdob + h * sdoh, rows, sdos, offs_d, q_ok, d_mask, True, False)
-        m_i = tl.load(LSE2 + bh.to(tl.int64) * S + rows, mask=q_ok, other=float("inf"))
-        l_i = tl.load(DELTA + bh.to(tl.int64) * S + rows, mask=q_ok, other=0.0)
-    else:
-        do = q
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    stats = bh.to(tl.int64) * S
+    do, m_i, l_i = _row_state(q, DO + b * sdob + h * sdoh, rows, sdos, LSE2 + stats, DELTA + stats, rows, q_ok,
+                              offs_d, d_mask, BLOCK_M, False, BWD)
     k_ptr = K + b * skb + kvh * skh
     v_ptr = V + b * svb + kvh * svh
     for kb in range(0, G):
@@ -418,13 +408,8 @@ def _seg_fwd(
                 acc, m_i, l_i = _step_bias(q, do, acc, m_i, l_i, k, v, msk, bias, qk_scale, BWD)
             else:
                 acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, msk, True, qk_scale, BWD)
-    o_ptrs = O + b * sob + h * soh + rows[:, None] * sos + offs_d[None, :]
-    if BWD:
-        tl.store(o_ptrs, (acc * dq_scale).to(O.dtype.element_ty), mask=q_ok[:, None] & d_mask[None, :])
-    else:
-        out, lse = _finish(acc, m_i, l_i)
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_ok[:, None] & d_mask[None, :])
-        tl.store(LSE + bh.to(tl.int64) * S + rows, lse, mask=q_ok)
+    _write_rows(O + b * sob + h * soh + rows[:, None] * sos + offs_d[None, :], LSE + bh.to(tl.int64) * S + rows,
+                acc, m_i, l_i, q_ok, d_mask, dq_scale, BWD)
 
 
 @triton.jit

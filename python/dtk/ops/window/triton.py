@@ -106,6 +106,42 @@ def _load_rows(ptr, rows, stride, offs_d, n_ok, d_mask, MASK_N: tl.constexpr, EV
 
 
 @triton.jit
+def _block_desc(QB, i):
+    """(start, origin0..2, extent0..2) of plan block i (a row of the (n, 7) q_blocks table)."""
+    row = QB + i * 7
+    return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), tl.load(row + 5),
+            tl.load(row + 6))
+
+
+@triton.jit
+def _row_state(q, do_ptr, do_rows, sdos, lse2_ptr, delta_ptr, stat_rows, ok, offs_d, d_mask,
+               BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, BWD: tl.constexpr):
+    """A query block's initial walk state (do, m_i, l_i): the forward's empty online softmax (do is
+    q, unused), or the backward's output-gradient rows with their lse (log2 units; +inf outside
+    the block, so P = 0 there) and delta."""
+    if BWD:
+        do = _load_rows(do_ptr, do_rows, sdos, offs_d, ok, d_mask, True, EVEN_D)
+        m_i = tl.load(lse2_ptr + stat_rows, mask=ok, other=float("inf"))
+        l_i = tl.load(delta_ptr + stat_rows, mask=ok, other=0.0)
+    else:
+        do = q
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    return do, m_i, l_i
+
+
+@triton.jit
+def _write_rows(o_ptrs, lse_ptrs, acc, m_i, l_i, ok, d_mask, dq_scale, BWD: tl.constexpr):
+    """Ends a query block's walk: dq = acc * scale (BWD), or out = acc / l and the lse (_finish)."""
+    if BWD:
+        tl.store(o_ptrs, (acc * dq_scale).to(o_ptrs.dtype.element_ty), mask=ok[:, None] & d_mask[None, :])
+    else:
+        out, lse = _finish(acc, m_i, l_i)
+        tl.store(o_ptrs, out.to(o_ptrs.dtype.element_ty), mask=ok[:, None] & d_mask[None, :])
+        tl.store(lse_ptrs, lse, mask=ok)
+
+
+@triton.jit
 def _head_indices(bh, H, GROUP):
     """(batch, q head, kv head) as int64 of a program's flat batch x head index (GQA: GROUP q heads
     per kv head)."""
@@ -215,26 +251,16 @@ def _window_fwd(
     # prefix program reads the first plan block's and runs none of its loops).
     is_prefix = pid < N_PQB
     qb = tl.load(ORDER + tl.maximum(pid - N_PQB, 0)).to(tl.int64)
-    qo0 = tl.load(QB + qb * 7 + 1)
-    qo1 = tl.load(QB + qb * 7 + 2)
-    qo2 = tl.load(QB + qb * 7 + 3)
-    qe0 = tl.load(QB + qb * 7 + 4)
-    qe1 = tl.load(QB + qb * 7 + 5)
-    qe2 = tl.load(QB + qb * 7 + 6)
-    q_start = tl.where(is_prefix, pid * BLOCK_M, tl.load(QB + qb * 7))
+    q_start, qo0, qo1, qo2, qe0, qe1, qe2 = _block_desc(QB, qb)
+    q_start = tl.where(is_prefix, pid * BLOCK_M, q_start)
     q_len = tl.where(is_prefix, tl.minimum(P - pid * BLOCK_M, BLOCK_M), qe0 * qe1 * qe2)
     rows_q = (q_start + offs_m).to(tl.int64)
     q_ok = offs_m < q_len
     q = _load_rows(Q + b * sqb + h * sqh, rows_q, sqs, offs_d, q_ok, d_mask, True, EVEN_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if BWD:
-        do = _load_rows(DO + b * sdob + h * sdoh, rows_q, sdos, offs_d, q_ok, d_mask, True, EVEN_D)
-        m_i = tl.load(LSE2 + bh.to(tl.int64) * S + rows_q, mask=q_ok, other=float("inf"))
-        l_i = tl.load(DELTA + bh.to(tl.int64) * S + rows_q, mask=q_ok, other=0.0)
-    else:
-        do = q
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    stats = bh.to(tl.int64) * S
+    do, m_i, l_i = _row_state(q, DO + b * sdob + h * sdoh, rows_q, sdos, LSE2 + stats, DELTA + stats, rows_q, q_ok,
+                              offs_d, d_mask, BLOCK_M, EVEN_D, BWD)
 
     # No branch on is_prefix: the same loops run for every program with trip counts that are zero
     # where they do not apply (a prefix block sees keys [0, S) and no plan entries). A runtime
@@ -278,13 +304,8 @@ def _window_fwd(
                                  seks, sevs, 0, tl.where(is_prefix, 0, E), qk_scale, offs_n, offs_d, d_mask,
                                  BLOCK_N, BWD)
 
-    o_ptrs = O + b * sob + h * soh + rows_q[:, None] * sos + offs_d[None, :]
-    if BWD:
-        tl.store(o_ptrs, (acc * dq_scale).to(O.dtype.element_ty), mask=q_ok[:, None] & d_mask[None, :])
-    else:
-        out, lse = _finish(acc, m_i, l_i)
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_ok[:, None] & d_mask[None, :])
-        tl.store(LSE + bh.to(tl.int64) * S + rows_q, lse, mask=q_ok)
+    _write_rows(O + b * sob + h * soh + rows_q[:, None] * sos + offs_d[None, :], LSE + bh.to(tl.int64) * S + rows_q,
+                acc, m_i, l_i, q_ok, d_mask, dq_scale, BWD)
 
 
 @triton.jit
@@ -318,13 +339,8 @@ def _window_bwd_dkdv(
     d_mask = offs_d < D
 
     kb = tl.where(is_dense, 0, pid).to(tl.int64)
-    ko0 = tl.load(QB + kb * 7 + 1)
-    ko1 = tl.load(QB + kb * 7 + 2)
-    ko2 = tl.load(QB + kb * 7 + 3)
-    ke0 = tl.load(QB + kb * 7 + 4)
-    ke1 = tl.load(QB + kb * 7 + 5)
-    ke2 = tl.load(QB + kb * 7 + 6)
-    k_start = tl.where(is_dense, pid * BLOCK_N, tl.load(QB + kb * 7))
+    k_start, ko0, ko1, ko2, ke0, ke1, ke2 = _block_desc(QB, kb)
+    k_start = tl.where(is_dense, pid * BLOCK_N, k_start)
     k_len = tl.where(is_dense, tl.minimum(DENSE_LEN - pid * BLOCK_N, BLOCK_N), ke0 * ke1 * ke2)
     rows_k = (k_start + offs_n).to(tl.int64)
     k_ok = offs_n < k_len
@@ -357,13 +373,10 @@ def _window_bwd_dkdv(
             dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, rows, sqs, do_ptr, rows, sdos, lse2_ptr, delta_ptr, rows,
                                 q_ok, offs_d, d_mask, None, False, qk_scale, 0.0, EVEN_D)
         for j in range(f1, f2):  # query blocks that see part of it: element mask
-            qb = tl.load(TQ + j).to(tl.int64)
-            qe1 = tl.load(QB + qb * 7 + 5)
-            qe2 = tl.load(QB + qb * 7 + 6)
-            rows = tl.load(QB + qb * 7) + offs_m
-            q_ok = offs_m < tl.load(QB + qb * 7 + 4) * qe1 * qe2
-            x0, x1, x2 = _coords(offs_m, tl.load(QB + qb * 7 + 1), tl.load(QB + qb * 7 + 2), tl.load(QB + qb * 7 + 3),
-                                 qe1, qe2)
+            q_start, qo0, qo1, qo2, qe0, qe1, qe2 = _block_desc(QB, tl.load(TQ + j).to(tl.int64))
+            rows = q_start + offs_m
+            q_ok = offs_m < qe0 * qe1 * qe2
+            x0, x1, x2 = _coords(offs_m, qo0, qo1, qo2, qe1, qe2)
             lo0, lo1, lo2, hi0, hi1, hi2 = _query_windows(x0, x1, x2, N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1,
                                                           IS_BOX)
             allowed = _window_allowed(k_ok[:, None], y0[:, None], y1[:, None], y2[:, None], lo0[None, :],

@@ -429,10 +429,10 @@ def _seg_bwd_dkdv(
     b = (bkv // Hkv).to(tl.int64)
     kvh = (bkv % Hkv).to(tl.int64)
     # this program's branch kb and first key: walk the branches' block counts
-    kb = G
-    k_start = 0
-    k_end = 0
-    first = 0
+    kb = tl.full([], 0, tl.int32) + G      # loop-carried: int32 tensors from the start
+    k_start = tl.full([], 0, tl.int32)
+    k_end = tl.full([], 0, tl.int32)
+    first = tl.full([], 0, tl.int32)
     for g in range(0, G):
         lo = tl.load(CU + g)
         hi = tl.load(CU + g + 1)

@@ -52,6 +52,9 @@ def multi_kv_attention(q: torch.Tensor, ks: Sequence[torch.Tensor], vs: Sequence
 
     Index values are checked on CPU tensors (IndexError); on the GPU they are not (a check needs a
     host sync) and out-of-range entries are treated as padding.
+
+    Differentiable in q, ks and vs through out and lse (FlashAttention-2 backward from the saved
+    lse); rows outside q_index and keys outside kv_index get zero gradients, repeats add up.
     """
     ks, vs = list(ks), list(vs)
     kv_index = [None] * len(ks) if kv_index is None else list(kv_index)
@@ -93,6 +96,8 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             masked branch pairs are skipped, not computed.
         group_bias: optional (G, G) float added to the scores of (a, b) (e.g. log gamma).
         return_lse: also return lse (B, H, S) float32. A row that sees nothing gets 0 and -inf.
+
+    Differentiable in q, k and v through out and lse; group_bias is a constant (no gradient).
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         cu_seqlens = torch.tensor(list(cu_seqlens), dtype=torch.int32, device=q.device)

@@ -52,3 +52,15 @@ def tiny_unet(seed=0, dtype=torch.float32):
                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
                              cross_attention_dim=24, attention_head_dim=8)
     return (m if dtype == torch.float32 else m.to(dtype)).eval()
+
+
+def assert_same_param_grads(adapted, reference, atol=1e-4):
+    """Every parameter gradient of `reference` equals the adapted model's (parameters the adapter
+    added, like CLEAR's pooling weights, are not in the reference); at least one is checked."""
+    params = dict(adapted.named_parameters())
+    checked = 0
+    for name, p in reference.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(params[name].grad, p.grad, atol=atol, rtol=atol, msg=name)
+            checked += 1
+    assert checked > 10, f"only {checked} parameter gradients compared"

@@ -43,9 +43,9 @@ def _step_bias(q, do, acc, m_i, l_i, k, v, qk_mask, bias, qk_scale, BWD: tl.cons
 
 
 @triton.jit
-def _key_rows(idx_ptr, n, M, L, HAS_IDX: tl.constexpr):
-    """(rows, ok) of keys n (positions in a segment's key list of M entries): kv_index entries
-    (-1 or out of range = padding) or the positions themselves."""
+def _gather_rows(idx_ptr, n, M, L, HAS_IDX: tl.constexpr):
+    """(rows, ok) of entries n of a row list of M entries over L rows: the index entries (kv_index,
+    q_index; -1 or out of range = padding, ok False) or the positions themselves."""
     n_ok = n < M
     if HAS_IDX:
         rows = tl.load(idx_ptr + n, mask=n_ok, other=-1).to(tl.int64)
@@ -63,7 +63,7 @@ def _kv_segment(q, do, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, idx_ptr, L, M, activ
     hi = tl.where(active, M, 0)
     if HAS_IDX:
         for start in range(0, hi, BLOCK_N):
-            rows, n_ok = _key_rows(idx_ptr, start + offs_n, hi, L, True)
+            rows, n_ok = _gather_rows(idx_ptr, start + offs_n, hi, L, True)
             k = _load_rows(k_ptr, rows, sk, offs_d, n_ok, d_mask, True, False)
             v = _load_rows(v_ptr, rows, sv, offs_d, n_ok, d_mask, True, False)
             acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale, BWD)
@@ -98,13 +98,7 @@ def _mkv_fwd(
     d_mask = offs_d < D
     m_idx = pid.to(tl.int64) * BLOCK_M + offs_m
     m_ok = m_idx < NQ
-    if HAS_QI:  # gather the query rows in the kernel
-        rows_q = tl.load(QI + b * sqib + m_idx, mask=m_ok, other=-1).to(tl.int64)
-        q_ok = m_ok & (rows_q >= 0) & (rows_q < SQ)
-        rows_q = tl.where(q_ok, rows_q, 0)
-    else:
-        rows_q = m_idx
-        q_ok = m_ok
+    rows_q, q_ok = _gather_rows(QI + b * sqib, m_idx, NQ, SQ, HAS_QI)  # the kernel gathers its query rows
     active = tl.max(q_ok.to(tl.int32), 0) > 0      # all-padding blocks skip every key
     q = tl.load(Q + b * sqb + h * sqh + rows_q[:, None] * sqs + offs_d[None, :],
                 mask=q_ok[:, None] & d_mask[None, :], other=0.0)
@@ -254,7 +248,7 @@ def _mkv_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     n = pid.to(tl.int64) * BLOCK_N + offs_n
-    rows_k, k_ok = _key_rows(KI + b * skib, n, M, L, HAS_IDX)
+    rows_k, k_ok = _gather_rows(KI + b * skib, n, M, L, HAS_IDX)
     k = _load_rows(K + b * skb + kvh * skh, rows_k, sks, offs_d, k_ok, d_mask, True, False)
     v = _load_rows(V + b * svb + kvh * svh, rows_k, svs, offs_d, k_ok, d_mask, True, False)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -264,14 +258,7 @@ def _mkv_bwd_dkdv(
         bh = b * H + h
         for start in range(0, NQ, BLOCK_M):
             m_idx = start + offs_m
-            m_ok = m_idx < NQ
-            if HAS_QI:
-                rows_q = tl.load(QI + b * sqib + m_idx, mask=m_ok, other=-1).to(tl.int64)
-                q_ok = m_ok & (rows_q >= 0) & (rows_q < SQ)
-                rows_q = tl.where(q_ok, rows_q, 0)
-            else:
-                rows_q = m_idx
-                q_ok = m_ok
+            rows_q, q_ok = _gather_rows(QI + b * sqib, m_idx, NQ, SQ, HAS_QI)
             dk, dv = _dkdv_step(dk, dv, k, v, Q + b * sqb + h * sqh, rows_q, sqs, DO + b * sdob + h * sdoh, m_idx,
                                 sdos, LSE2 + bh * NQ, DELTA + bh * NQ, m_idx, q_ok, offs_d, d_mask, None, False,
                                 qk_scale, 0.0, False)

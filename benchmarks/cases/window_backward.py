@@ -95,9 +95,18 @@ def _reference_grads(state, dtype):
         q = state["q"].detach().to(dtype).requires_grad_()
         out, _ = masked_attention(q, k, v, window_mask(spec, 0, q.device), state["scale"])
         return torch.autograd.grad((out * g.to(dtype)).sum(), (q, k, v))
-    q = state["q"].detach().index_select(1, rows).to(dtype).requires_grad_()
-    out, _ = masked_attention(q, k, v, mask_rows(spec, rows, q.device), state["scale"])
-    return torch.autograd.grad((out * g.index_select(1, rows).to(dtype)).sum(), q)
+    # dq of the check rows, head chunk by head chunk (scores of at most 2^27 elements at a time;
+    # the window cases have H_kv = H, so q and k/v heads chunk alike)
+    mask = mask_rows(spec, rows, k.device)
+    B, S, H, _ = state["q"].shape
+    hc = max(1, min(H, (1 << 27) // max(1, B * rows.numel() * S)))
+    dq = []
+    for h0 in range(0, H, hc):
+        hs = slice(h0, min(H, h0 + hc))
+        q = state["q"][:, :, hs].detach().index_select(1, rows).to(dtype).requires_grad_()
+        out, _ = masked_attention(q, k.detach()[:, :, hs], v.detach()[:, :, hs], mask, state["scale"])
+        dq.append(torch.autograd.grad((out * g[:, :, hs].index_select(1, rows).to(dtype)).sum(), q)[0])
+    return torch.cat(dq, 2),
 
 
 def check(state, grads) -> CheckResult:

@@ -80,6 +80,16 @@ TORCH_LIBRARY(dtk, m) {
   m.def(
       "memory_linear_attention_update(Tensor k, Tensor v, Tensor? mem_kv, Tensor? mem_z, float decay) "
       "-> (Tensor, Tensor)");
+  // Gradients of memory_linear_attention: (dq, dk, dv, d_mem_kv, d_mem_z); without memory the
+  // last two are empty (0,) tensors.
+  m.def(
+      "memory_linear_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mem_kv, "
+      "Tensor? mem_z, float decay) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of memory_linear_attention_update from those of (kv, z) (either may be None):
+  // (dk, dv, d_mem_kv, d_mem_z), the last two empty (0,) tensors without memory.
+  m.def(
+      "memory_linear_attention_update_backward(Tensor? grad_kv, Tensor? grad_z, Tensor k, Tensor v, "
+      "Tensor? mem_kv, Tensor? mem_z, float decay) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // Sparse-token attention (OminiControl, SpotEdit, DualParal). See python/dtk/ops/sparse/__init__.py.
   // q (B,Sq,H,D) over the keys of several K/V segments ks[i]/vs[i] (B,L_i,Hkv,D) without concatenating

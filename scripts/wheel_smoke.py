@@ -170,7 +170,7 @@ def _linear():
     run_linear()
 
 
-@check("linear_attention backward (CPU) vs autograd through the reference")
+@check("linear_attention and memory_linear_attention backward (CPU) vs autograd through the references")
 def _linear_grad():
     from dtk.ops.linear.reference import linear_attention_reference
     q, k, v = (torch.randn(1, 9, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -179,6 +179,13 @@ def _linear_grad():
     want = torch.autograd.grad(linear_attention_reference(q, k, v), (q, k, v), g)
     for a, b, n in zip(got, want, "qkv"):
         close(a, b, 1e-9, f"d{n}")
+    from dtk.ops.linear.reference import memory_linear_attention_reference
+    mem = (torch.rand(1, 2, 8, 8, dtype=torch.float64, requires_grad=True),
+           (torch.rand(1, 2, 8, dtype=torch.float64) + 0.1).requires_grad_())
+    got = torch.autograd.grad(dtk.memory_linear_attention(q, k, v, mem, update_with=False)[0], (q, k, v, *mem), g)
+    want = torch.autograd.grad(memory_linear_attention_reference(q, k, v, *mem), (q, k, v, *mem), g)
+    for a, b, n in zip(got, want, ("q", "k", "v", "mem_kv", "mem_z")):
+        close(a, b, 1e-9, f"memory_linear_attention d{n}")
 
 
 def run_attention_grads(device="cpu", dtype=torch.float64, tol=1e-9):

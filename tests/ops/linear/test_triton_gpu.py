@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu   # skipped without a GPU (conftest); selected by gpu_check's "-m gpu"
 
 import dtk  # noqa: E402
 from dtk.ops.linear.reference import (linear_attention_reference, memory_linear_attention_reference,  # noqa: E402
@@ -83,3 +83,24 @@ def test_memory(dtype):
                                           None if mz is None else mz.double(), 0.9)
         assert max_err(new_state[0], rkv) < 1e-4 and max_err(new_state[1], rz) < 1e-4
         state = new_state
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_memory_backward_gpu(dtype):
+    """MEMO gradients (the any-device ATen kernels) on CUDA tensors equal float64 autograd on the CPU."""
+    B, S, H, D = 512, 16, 2, 40
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    kv = torch.rand(B, H, D, D, device="cuda", requires_grad=True)
+    z = (torch.rand(B, H, D, device="cuda") + 0.1).requires_grad_()
+    g = torch.randn(B, S, H, D, device="cuda")
+
+    def loss(att, q, k, v, kv, z):
+        return (att(q, k, v, kv, z) * g.to(q.dtype)).sum()
+
+    got = torch.autograd.grad(loss(lambda *t: dtk.memory_linear_attention(*t[:3], t[3:], update_with=False)[0],
+                                   q, k, v, kv, z), (q, k, v, kv, z))
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v, kv, z)]
+    g = g.cpu().double()
+    want = torch.autograd.grad(loss(memory_linear_attention_reference, *leaves), leaves)
+    for a, b in zip(got, want):
+        assert max_err(a.cpu(), b) <= 3e-2 * max(1.0, b.abs().max().item())

@@ -54,6 +54,22 @@ def _mem_upd_fake(k, v, mem_kv, mem_z, decay):
     return k.new_empty((B, H, D, v.shape[3]), dtype=acc), k.new_empty((B, H, D), dtype=acc)
 
 
+@torch.library.register_fake(_LIB + "memory_linear_attention_backward")
+def _mem_bwd_fake(grad_out, q, k, v, mem_kv, mem_z, decay):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), _like_or_empty(mem_kv, q),
+            _like_or_empty(mem_z, q))
+
+
+def _like_or_empty(t, other):
+    """A new tensor shaped like t, or a (0,) one (the gradient slot of an absent memory)."""
+    return other.new_empty((0,)) if t is None else t.new_empty(t.shape)
+
+
+@torch.library.register_fake(_LIB + "memory_linear_attention_update_backward")
+def _mem_upd_bwd_fake(grad_kv, grad_z, k, v, mem_kv, mem_z, decay):
+    return k.new_empty(k.shape), v.new_empty(v.shape), _like_or_empty(mem_kv, k), _like_or_empty(mem_z, k)
+
+
 # ------------------------------------------------------------------------------------ autograd
 
 def _la_setup_context(ctx, inputs, output):
@@ -71,6 +87,41 @@ def _la_backward(ctx, grad_out):
 
 
 torch.library.register_autograd(_LIB + "linear_attention", _la_backward, setup_context=_la_setup_context)
+
+
+# MEMO: gradients of q, k, v and of the memory (so training can backpropagate across clips); the
+# backward ops are one ATen-op kernel for any device (csrc/linear/cpu.cpp).
+
+def _mem_setup_context(ctx, inputs, output):
+    q, k, v, mem_kv, mem_z, decay = inputs
+    ctx.save_for_backward(q, k, v, mem_kv, mem_z)
+    ctx.decay = decay
+
+
+def _mem_backward(ctx, grad_out):
+    q, k, v, mem_kv, mem_z = ctx.saved_tensors
+    dq, dk, dv, dmkv, dmz = torch.ops.dtk.memory_linear_attention_backward(grad_out, q, k, v, mem_kv, mem_z, ctx.decay)
+    has_mem = mem_kv is not None
+    return dq, dk, dv, dmkv if has_mem else None, dmz if has_mem else None, None
+
+
+def _mem_upd_setup_context(ctx, inputs, output):
+    k, v, mem_kv, mem_z, decay = inputs
+    ctx.save_for_backward(k, v, mem_kv, mem_z)
+    ctx.decay = decay
+
+
+def _mem_upd_backward(ctx, grad_kv, grad_z):
+    k, v, mem_kv, mem_z = ctx.saved_tensors
+    dk, dv, dmkv, dmz = torch.ops.dtk.memory_linear_attention_update_backward(grad_kv, grad_z, k, v, mem_kv, mem_z,
+                                                                             ctx.decay)
+    has_mem = mem_kv is not None
+    return dk, dv, dmkv if has_mem else None, dmz if has_mem else None, None
+
+
+torch.library.register_autograd(_LIB + "memory_linear_attention", _mem_backward, setup_context=_mem_setup_context)
+torch.library.register_autograd(_LIB + "memory_linear_attention_update", _mem_upd_backward,
+                                setup_context=_mem_upd_setup_context)
 
 
 # ------------------------------------------------------------------------------------ CUDA (Triton)

@@ -491,6 +491,13 @@ def _limiting_axes(spec: WindowSpec) -> int:
     return bits
 
 
+def _geometry_args(spec: WindowSpec):
+    """The kernels' window geometry arguments: N0..2, W0..2 (1 for circles), R (1 for boxes),
+    INWARD, PAD0, PAD1."""
+    return (*spec.grid, *(spec.window or (1, 1, 1)), spec.radius or 1, spec.border == "inward", spec.padded(0),
+            spec.padded(1))
+
+
 def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=None, extra_v=None, block=None,
                             launch=None):
     """Runs the Triton engine (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). `block`
@@ -511,7 +518,6 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     P = spec.num_prefix
     n_pqb = (P + block_q - 1) // block_q
     block_d = max(16, triton.next_power_of_2(D))
-    w = spec.window or (1, 1, 1)
     grid = ((n_pqb + plan.num_blocks) * B * H,)
     tuned = q.device.type == "cuda" and triton_autotune() and launch is None
     kernel = _window_fwd_tuned if tuned else _window_fwd
@@ -523,9 +529,7 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
         v.stride(0), v.stride(1), v.stride(2), ek.stride(0), ek.stride(1), ek.stride(2),
         ev.stride(0), ev.stride(1), ev.stride(2), out.stride(0), out.stride(1), out.stride(2),
         B, H, H // Hkv, S, P, E, plan.max_entries, n_pqb, plan.num_blocks, D,
-        spec.grid[0], spec.grid[1], spec.grid[2], w[0], w[1], w[2], spec.radius or 1,
-        spec.border == "inward", spec.padded(0), spec.padded(1),
-        scale * LOG2E,
+        *_geometry_args(spec), scale * LOG2E,
         q, lse, lse, 0, 0, 0, 1.0,  # the backward's inputs (DO, LSE2, DELTA): unused here
         IS_BOX=spec.window is not None, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, EVEN_D=block_d == D,
         AXES=_limiting_axes(spec),
@@ -576,8 +580,7 @@ def window_attention_backward_triton(grad_out, grad_lse, q, k, v, out, lse, spec
     P = spec.num_prefix
     E = 0 if extra_k is None else extra_k.shape[1]
     block_d = max(16, triton.next_power_of_2(D))
-    geometry = (spec.grid[0], spec.grid[1], spec.grid[2], *(spec.window or (1, 1, 1)), spec.radius or 1,
-                spec.border == "inward", spec.padded(0), spec.padded(1))
+    geometry = _geometry_args(spec)
     consts = dict(IS_BOX=spec.window is not None, BLOCK_D=block_d, EVEN_D=block_d == D, AXES=_limiting_axes(spec))
     dq_launch, dkdv_launch = backward_launch_configs(block_d) if q.device.type == "cuda" else ((4, 1), (4, 1))
 

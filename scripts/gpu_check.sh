@@ -74,7 +74,7 @@ rc_tests=0
 # tests use each kernel's default launch configuration: autotuning every head dim would only add
 # compile time; the benchmarks below autotune
 if [ "$T_TESTS" -gt 0 ]; then
-  DTK_TRITON_AUTOTUNE=0 timeout "$T_TESTS" "$PY" -m pytest tests -q -m "gpu or triton_engine" -n 4 -p no:cacheprovider \
+  DTK_TRITON_AUTOTUNE=0 timeout "$T_TESTS" "$PY" -m pytest tests -q -m "gpu or triton_engine" -n 4 -p no:cacheprovider --durations=15 \
     2>&1 | tee "$OUT/tests.log" || rc_tests=$?
   echo "GPU tests rc=$rc_tests at ${SECONDS} s" | tee -a "$OUT/tests.log"
 fi

@@ -87,3 +87,12 @@ def test_torch_compile_backward():
     compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(q, k, v), (q, k, v))
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b)
+
+
+def test_group_bias_requiring_grad_is_an_error_not_a_silent_zero_gradient():
+    q, k, v = _leaf(1, 6, 2, 4), _leaf(1, 6, 2, 4), _leaf(1, 6, 2, 4)
+    gb = torch.zeros(2, 2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="group_bias"):
+        dtk.segment_attention(q, k, v, [0, 2, 6], [[1, 1], [1, 1]], gb)
+    out = dtk.segment_attention(q, k, v, [0, 2, 6], [[1, 1], [1, 1]], gb.detach())
+    assert out.requires_grad

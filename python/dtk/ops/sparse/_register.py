@@ -204,6 +204,9 @@ def _mkv_backward(ctx, grad_out, grad_lse):
 
 def _seg_setup(ctx, inputs, output):
     q, k, v, cu_seqlens, group_mask, group_bias, scale = inputs
+    if group_bias is not None and group_bias.requires_grad:   # no silent zero gradient
+        raise ValueError("dtk.segment_attention: group_bias is a constant (it gets no gradient); "
+                         "pass group_bias.detach() or a tensor that does not require grad")
     out, lse = output
     ctx.save_for_backward(q, k, v, cu_seqlens, group_mask, group_bias, out, lse)
     ctx.scale = scale

@@ -90,9 +90,9 @@ def _reference_grads(state, dtype):
     """Gradients of sum(out * g) through the dense reference in `dtype`: all of (dq, dk, dv) on
     small cases, else dq on the check rows only."""
     spec, rows, g = state["spec"], state["rows"], state["g"]
-    k, v = (state[n].detach().to(dtype).requires_grad_() for n in ("k", "v"))
+    k, v = (state[n].detach().to(dtype) for n in ("k", "v"))
     if spec.seq_len <= FULL_CHECK_UP_TO:
-        q = state["q"].detach().to(dtype).requires_grad_()
+        q, k, v = (t.detach().to(dtype).requires_grad_() for t in (state["q"], k, v))
         out, _ = masked_attention(q, k, v, window_mask(spec, 0, q.device), state["scale"])
         return torch.autograd.grad((out * g.to(dtype)).sum(), (q, k, v))
     # dq of the check rows, head chunk by head chunk (scores of at most 2^27 elements at a time;
@@ -104,7 +104,7 @@ def _reference_grads(state, dtype):
     for h0 in range(0, H, hc):
         hs = slice(h0, min(H, h0 + hc))
         q = state["q"][:, :, hs].detach().index_select(1, rows).to(dtype).requires_grad_()
-        out, _ = masked_attention(q, k.detach()[:, :, hs], v.detach()[:, :, hs], mask, state["scale"])
+        out, _ = masked_attention(q, k[:, :, hs], v[:, :, hs], mask, state["scale"])
         dq.append(torch.autograd.grad((out * g[:, :, hs].index_select(1, rows).to(dtype)).sum(), q)[0])
     return torch.cat(dq, 2),
 

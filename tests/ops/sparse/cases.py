@@ -28,3 +28,14 @@ def random_q_index(B, S, n, pad=True):
     if pad and n > 1:
         idx[0, -1] = -1
     return idx
+
+
+def multi_kv_case(dtype, nseg):
+    """A multi_kv_attention call of nseg segments (one empty): q (2, 21, 4, 16) transposed, GQA
+    with 2 kv heads, kv_index None / shared (m,) / per-batch (B, m) with repeats and padding."""
+    B, S, H, Hkv, D = 2, 21, 4, 2, 16
+    lens = [17, 0, 33, 5, 16, 9][:nseg]
+    q = bshd(B, S, H, D, dtype, transposed=True)
+    ks, vs = segments(B, lens, Hkv, D, dtype)
+    kv_index = [None if i % 2 == 0 else random_kv_index(B, L, 9, per_batch=i == 1) for i, L in enumerate(lens)]
+    return q, ks, vs, kv_index

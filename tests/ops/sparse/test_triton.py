@@ -9,7 +9,7 @@ from dtk.ops.sparse.reference import multi_kv_attention_reference as mkv_ref
 from dtk.ops.sparse.reference import segment_attention_reference as seg_ref
 
 from ...helpers import assert_matches_reference, bshd
-from .cases import random_kv_index, random_q_index, segments
+from .cases import multi_kv_case, random_q_index, segments
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="interpreter tests (CPU only)")
@@ -27,11 +27,8 @@ def _tol(dtype):
 @pytest.mark.parametrize("nseg", [1, 3, 6])
 def test_multi_kv_triton(dtype, nseg):
     from dtk.ops.sparse.triton import multi_kv_attention_triton
-    B, S, H, Hkv, D = 2, 21, 4, 2, 16
-    lens = [17, 0, 33, 5, 16, 9][:nseg]
-    q = bshd(B, S, H, D, dtype, transposed=True)
-    ks, vs = segments(B, lens, Hkv, D, dtype)
-    kv_index = [None if i % 2 == 0 else random_kv_index(B, L, 9, per_batch=i == 1) for i, L in enumerate(lens)]
+    q, ks, vs, kv_index = multi_kv_case(dtype, nseg)
+    B, S, H, D = q.shape
     for q_index in (None, random_q_index(B, S, 7), torch.zeros(B, 0, dtype=torch.int64)):
         o, lse = multi_kv_attention_triton(q, ks, vs, kv_index, q_index, D ** -0.5)
         r64, l64 = mkv_ref(q.double(), _d(ks), _d(vs), kv_index=kv_index, q_index=q_index)

@@ -12,7 +12,7 @@ from dtk.ops.window.reference import window_attention_reference
 from dtk.ops.window.spec import make_spec
 from dtk.ops.window.triton import window_attention_backward_triton, window_attention_triton
 
-from ..window.cases import as_dtype, kwargs, make_inputs, random_case
+from ..window.cases import kwargs, make_inputs, random_case
 from ...helpers import assert_matches_reference
 
 pytestmark = pytest.mark.triton_engine

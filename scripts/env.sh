@@ -34,3 +34,17 @@ if [ ! -f ".venv/.dtk-build-$build_key" ] || ! compgen -G "python/dtk/_C*.so" > 
   rm -f .venv/.dtk-build-*
   touch ".venv/.dtk-build-$build_key"
 fi
+
+# side_path PKG VERSION: PYTHONPATH with PKG==VERSION (installed once, no deps, into
+# .venv/PKG-VERSION) first, checked to be what `import PKG` finds: an older supported version
+# beside the venv's, without a second venv (scripts/test_adapters_min_diffusers.sh, triton_compat.sh).
+side_path() {
+  local pkg="$1" ver="$2" dir="$ROOT/.venv/$1-$2"
+  if [ ! -f "$dir/$pkg/__init__.py" ]; then
+    python -m pip install -q --no-deps --target "$dir" "$pkg==$ver" >&2
+  fi
+  local path="$dir${PYTHONPATH:+:$PYTHONPATH}"
+  PYTHONPATH="$path" python -c "import $pkg as m; assert m.__version__ == '$ver', \
+f'expected $pkg $ver first on the path, got {m.__version__} ({m.__file__})'" >&2 || return 1
+  echo "$path"
+}

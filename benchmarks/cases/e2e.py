@@ -64,8 +64,7 @@ GPU_SHAPES = [
              variants=(("tile8x16", dict(radius=16, tile=(8, 16))),), slow=True,
              note="FLUX.1-dev shape at 4096^2, CLEAR r=16"),
     E2EShape("wan1.3b-1088x1920x81", "wan", WAN_1_3B, grid=(21, 68, 120), adapter=dict(window=(-1, 31, 53)),
-             variants=(("tile7x2x8", dict(window=(-1, 31, 53), tile=(7, 2, 8))),
-                       ("tile1x8x16", dict(window=(-1, 31, 53), tile=(1, 8, 16)))),
+             variants=(("tile21x3x2", dict(window=(-1, 31, 53), tile=(21, 3, 2))),),
              slow=True, note="Wan2.1-1.3B shape, FreeSwim 1080p window"),
 ]
 

@@ -14,13 +14,13 @@ from ._info import info
 from .ops.layout import from_tile_order, to_tile_order
 from .ops.linear import (linear_attention, linear_attention_apply, linear_attention_state,
                          memory_linear_attention, memory_linear_attention_update)
-from .ops.window import tile_permutation, window_attention
+from .ops.window import suggest_tile, tile_permutation, window_attention
 from .ops.sparse import multi_kv_attention, ominicontrol_group_mask, segment_attention
 from .ops.cache import dilate_mask, mask_to_index, prune_isolated, scatter_blend, token_change_score
 from . import cache  # noqa: F401,E402  (cache objects: dtk.cache.KVCache, OutputCache, RefreshPolicy)
 
 __all__ = [
-    "window_attention", "tile_permutation", "to_tile_order", "from_tile_order",
+    "window_attention", "tile_permutation", "suggest_tile", "to_tile_order", "from_tile_order",
     "linear_attention", "linear_attention_state", "linear_attention_apply",
     "memory_linear_attention", "memory_linear_attention_update",
     "multi_kv_attention", "segment_attention", "ominicontrol_group_mask",

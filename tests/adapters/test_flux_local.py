@@ -113,6 +113,18 @@ def test_tile_order_equals_row_major(tile):
     torch.testing.assert_close(out, run(a, x), atol=ATOL, rtol=0)
 
 
+def test_tile_auto_picks_a_tile_per_grid():
+    """tile="auto": dtk.suggest_tile per new grid, same result as row-major at each resolution."""
+    a, b = tiny_flux(), tiny_flux()
+    flux.apply_local_attention(a, radius=3, downsample=2)
+    h = flux.apply_local_attention(b, radius=3, downsample=2, tile="auto")
+    for H, W in ((16, 40), (7, 10)):
+        x = flux_inputs(H, W)
+        torch.testing.assert_close(run(b, x), run(a, x), atol=ATOL, rtol=0)
+        assert h.context.tile == dtk.suggest_tile((H, W), radius=3)
+    assert dtk.suggest_tile((16, 40), radius=3) is not None and dtk.suggest_tile((7, 10), radius=3) is None
+
+
 def test_remove_restores_bit_for_bit():
     m = tiny_flux()
     x = flux_inputs(6, 5)

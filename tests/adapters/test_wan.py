@@ -166,6 +166,19 @@ def test_tile_order_equals_row_major(tile):
         torch.testing.assert_close(run(m, x), run(r, x), atol=ATOL, rtol=0)
 
 
+def test_tile_auto_picks_a_tile_per_grid():
+    """tile="auto": dtk.suggest_tile per new grid (a tile where it helps, row-major where not), the
+    same prediction as row-major at both resolutions."""
+    m, r = tiny_wan(), tiny_wan()
+    wan.apply_inward_window(r, window=(-1, 3, 5))
+    h = wan.apply_inward_window(m, window=(-1, 3, 5), tile="auto")
+    for grid in ((3, 12, 20), (2, 4, 3)):
+        x = wan_inputs(*grid)
+        torch.testing.assert_close(run(m, x), run(r, x), atol=ATOL, rtol=0)
+        assert h.context.tile == dtk.suggest_tile(grid, (-1, 3, 5))
+    assert dtk.suggest_tile((3, 12, 20), (-1, 3, 5)) is not None and dtk.suggest_tile((2, 4, 3), (-1, 3, 5)) is None
+
+
 def test_tile_order_per_token_timestep():
     """Wan 2.2 TI2V passes one timestep per token (B, S): it follows the tokens into tile order."""
     m, r = tiny_wan(), tiny_wan()
@@ -182,3 +195,5 @@ def test_tile_argument_errors():
         wan.apply_inward_window(tiny_wan(), tile=(2, 2))
     with pytest.raises(ValueError, match="tile must be"):
         wan.apply_inward_window(tiny_wan(), tile=(1, 0, 4))
+    with pytest.raises(ValueError, match="tile must be"):
+        wan.apply_inward_window(tiny_wan(), tile="best")

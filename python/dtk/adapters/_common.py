@@ -111,30 +111,42 @@ class AdapterHandle:
 
 
 class TileOrder:
-    """The permutations between row-major grid tokens and tile order (``dtk.tile_permutation``) for
-    an adapter's tile shape, one pair per (grid, device), kept for the model's lifetime (a new
-    resolution adds one)."""
+    """An adapter's tile layout: a fixed tile, or ``"auto"`` (``dtk.suggest_tile`` per grid, via
+    `suggest`), and the permutations between row-major grid tokens and tile order
+    (``dtk.tile_permutation``) per (grid, device), kept for the model's lifetime (a new resolution
+    adds one)."""
 
-    def __init__(self, tile: Tuple[int, ...]):
-        self.tile = tuple(tile)
+    def __init__(self, tile, suggest: Optional[Callable[[Tuple[int, ...]], Optional[Tuple[int, ...]]]] = None):
+        self.setting = tile
+        self.suggest = suggest
+        self._tile: Dict[tuple, Optional[Tuple[int, ...]]] = {}
         self._perm: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tile(self, grid) -> Optional[Tuple[int, ...]]:
+        """The tile for `grid` (None: row-major is as good, under "auto")."""
+        grid = tuple(grid)
+        if self.setting != "auto":
+            return self.setting
+        if grid not in self._tile:
+            self._tile[grid] = self.suggest(grid)
+        return self._tile[grid]
 
     def __call__(self, grid, device) -> Tuple[torch.Tensor, torch.Tensor]:
         """(perm, inv): ``x[:, perm]`` is x's grid tokens in tile order, ``y[:, inv]`` undoes it."""
         key = (tuple(grid), torch.device(device))
         if key not in self._perm:
             from ..ops.window import tile_permutation
-            self._perm[key] = tile_permutation(grid, self.tile, device=device)
+            self._perm[key] = tile_permutation(grid, self.tile(grid), device=device)
         return self._perm[key]
 
 
-def parse_tile(tile, ndim: int) -> Optional[Tuple[int, ...]]:
-    """None, or ``tile`` as ndim ints >= 1 (an int means that size on every axis)."""
-    if tile is None:
-        return None
+def parse_tile(tile, ndim: int):
+    """None, ``"auto"``, or ``tile`` as ndim ints >= 1 (an int means that size on every axis)."""
+    if tile is None or (isinstance(tile, str) and tile == "auto"):
+        return tile
     t = (tile,) * ndim if isinstance(tile, int) and not isinstance(tile, bool) else tuple(tile)
     if len(t) != ndim or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in t):
-        raise ValueError(f"tile must be an int or {ndim} ints, each >= 1, got {tile!r}")
+        raise ValueError(f"tile must be None, 'auto', an int or {ndim} ints, each >= 1, got {tile!r}")
     return t
 
 

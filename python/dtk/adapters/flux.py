@@ -16,7 +16,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..ops.window import pool_grid_tokens, window_attention
+from ..ops.window import pool_grid_tokens, suggest_tile, window_attention
 from ._common import AdapterHandle, TileOrder, check_diffusers, get_handle, parse_tile, replace_output_sample
 
 __all__ = ["apply_local_attention", "load_clear_weights", "LocalAttentionHandle", "FluxLocalAttnProcessor"]
@@ -87,9 +87,10 @@ class FluxGridContext:
     """Per-model state shared by the processors of one adapted transformer: the image grid of the
     current forward, its text length and the tile layout."""
 
-    def __init__(self, tile: Optional[Tuple[int, int]] = None):
-        self.tile = tile
-        self.permutation = TileOrder(tile) if tile is not None else None   # (grid, device) -> (perm, inv)
+    def __init__(self, tile=None, radius: Optional[int] = None):
+        # the layout setting (None, a tile or "auto"); self.tile is the current forward's tile
+        self.permutation = None if tile is None else TileOrder(tile, lambda grid: suggest_tile(grid, radius=radius))
+        self.tile: Optional[Tuple[int, int]] = None if tile == "auto" else tile
         self.grid: Optional[Tuple[int, int]] = None
         self._ids_key = None
 
@@ -125,6 +126,8 @@ def _grid_hooks(handle: AdapterHandle, ctx: FluxGridContext):
         ids2 = ids[0] if ids.ndim == 3 else ids
         grid = ctx.grid_from_ids(ids2)
         ctx.num_text = kw["encoder_hidden_states"].shape[1]
+        if ctx.permutation is not None:
+            ctx.tile = ctx.permutation.tile(grid)
         if ctx.tile is not None:
             perm, _ = ctx.permutation(grid, ids2.device)
             kw["hidden_states"] = kw["hidden_states"][:, perm]
@@ -140,7 +143,7 @@ def _grid_hooks(handle: AdapterHandle, ctx: FluxGridContext):
         _, inv = ctx.permutation(ctx.grid, kw["hidden_states"].device)
         return replace_output_sample(output, lambda x: x[:, inv])
 
-    handle.add_hooks(pre, post if ctx.tile is not None else None)
+    handle.add_hooks(pre, post if ctx.permutation is not None else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,13 +206,13 @@ class LocalAttentionHandle(AdapterHandle):
     def __init__(self, model, radius, downsample, proportional_scale, tile):
         super().__init__(model)
         self.radius, self.downsample, self.proportional_scale, self.tile = radius, downsample, proportional_scale, tile
-        self.context = FluxGridContext(tile)
+        self.context = FluxGridContext(tile, radius)
         self.processors: Dict[str, FluxLocalAttnProcessor] = {}
 
 
 def apply_local_attention(transformer, radius: int = 16, *, downsample: Optional[int] = None,
                           proportional_scale: bool = False,
-                          tile: Optional[Union[int, Sequence[int]]] = None) -> LocalAttentionHandle:
+                          tile: Optional[Union[int, Sequence[int], str]] = None) -> LocalAttentionHandle:
     """CLEAR on a diffusers ``FluxTransformer2DModel``: every attention layer (19 joint + 38 single
     blocks in FLUX.1) becomes local attention on the image grid via ``dtk.window_attention``.
 
@@ -224,7 +227,8 @@ def apply_local_attention(transformer, radius: int = 16, *, downsample: Optional
             attention for resolutions above the training one) instead of ``1/sqrt(d)``.
         tile: ``(th, tw)``: the image tokens are permuted into tile order once per forward (input
             tokens, RoPE ids and ControlNet residuals in; the prediction out), so every layer runs
-            on tile-ordered tokens (faster window kernels). Same result as row-major.
+            on tile-ordered tokens (faster window kernels). Same result as row-major. ``"auto"``:
+            ``dtk.suggest_tile`` picks the tile for each new grid ((8, 16) for r = 16).
 
     Returns a handle; ``dtk.adapters.remove(transformer)`` restores the original processors.
     """

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..ops.window import window_attention
+from ..ops.window import suggest_tile, window_attention
 from ._common import AdapterHandle, TileOrder, check_diffusers, parse_tile, replace_output_sample, sdpa_bshd
 
 __all__ = ["apply_inward_window", "InwardWindowHandle", "WanWindowAttnProcessor", "WanDualCrossAttnProcessor",
@@ -89,13 +89,14 @@ class WanContext:
     dual path, whether this call refreshes (batch = [window branch; full branch]) or reuses the
     cached cross-attention outputs of its stream."""
 
-    def __init__(self, tile: Optional[Tuple[int, int, int]] = None):
+    def __init__(self, tile=None, window: Optional[Tuple[int, int, int]] = None):
         self.grid: Optional[Tuple[int, int, int]] = None
         self.batch: int = 0
         self.mode: str = "window"          # "window" | "refresh" | "cached"
         self.stream = None
-        self.tile = tile
-        self.permutation = TileOrder(tile) if tile is not None else None   # (grid, device) -> (perm, inv)
+        # the layout setting (None, a tile or "auto"); self.tile is the current forward's tile
+        self.permutation = None if tile is None else TileOrder(tile, lambda grid: suggest_tile(grid, window))
+        self.tile: Optional[Tuple[int, int, int]] = None if tile == "auto" else tile
 
 
 class WanWindowAttnProcessor:
@@ -154,7 +155,7 @@ class InwardWindowHandle(AdapterHandle):
     def __init__(self, model, window, scale, refresh, tile):
         super().__init__(model)
         self.window, self.scale, self.cross_attention_refresh = window, scale, refresh
-        self.context = WanContext(tile)
+        self.context = WanContext(tile, window)
         self.cross_processors: List[WanDualCrossAttnProcessor] = []
         self._calls: Dict[object, int] = {}
         self.refresh_log: List[Tuple[int, bool]] = []    # (stream number, refreshed?) per forward
@@ -178,7 +179,7 @@ def _stream_key(kw):
 
 def apply_inward_window(transformer, window: Sequence[int] = (-1, 31, 53), *, scale: Optional[float] = None,
                         cross_attention_refresh: Optional[int] = None,
-                        tile: Optional[Sequence[int]] = None) -> InwardWindowHandle:
+                        tile=None) -> InwardWindowHandle:
     """FreeSwim on a diffusers ``WanTransformer3DModel``: every self-attention (``attn1``) becomes
     inward window attention over the (frames, rows, cols) token grid.
 
@@ -197,7 +198,9 @@ def apply_inward_window(transformer, window: Sequence[int] = (-1, 31, 53), *, sc
         tile: ``(tt, th, tw)``: the tokens are permuted into tile order once per forward (the patch
             embedding's tokens, the RoPE tables and a per-token timestep in; the projected output
             back), so every layer runs on tile-ordered tokens: the window kernel computes fewer
-            wasted pairs (e.g. ``(7, 2, 8)`` or ``(1, 8, 16)`` at 1080p). Same result as row-major.
+            wasted pairs. Same result as row-major. ``"auto"`` (recommended): ``dtk.suggest_tile``
+            picks the tile for each new grid, e.g. ``(21, 3, 2)`` at 1080p (the whole time axis is in
+            every window): 0.88 of the computed pairs are needed there, against 0.59 for ``(7, 2, 8)``.
 
     Returns a handle; ``dtk.adapters.remove(transformer)`` restores the original processors.
     """
@@ -225,8 +228,10 @@ def apply_inward_window(transformer, window: Sequence[int] = (-1, 31, 53), *, sc
         _, _, F, H, W = hs.shape
         ctx.grid = (F // p_t, H // p_h, W // p_w)
         ctx.batch = hs.shape[0]
+        if ctx.permutation is not None:
+            ctx.tile = ctx.permutation.tile(ctx.grid)
         ts = kw.get("timestep")
-        if tile is not None and ts is not None and ts.ndim == 2:   # per-token timesteps (Wan 2.2 TI2V)
+        if ctx.tile is not None and ts is not None and ts.ndim == 2:   # per-token timesteps (Wan 2.2 TI2V)
             kw["timestep"] = ts[:, ctx.permutation(ctx.grid, ts.device)[0]]
         if cross_attention_refresh is None:
             ctx.mode = "window"
@@ -267,13 +272,13 @@ def _tile_order_hooks(handle: AdapterHandle, transformer, ctx: WanContext) -> No
         return ctx.permutation(ctx.grid, device)
 
     def tokens_in(x):
-        return x.flatten(2)[:, :, perm(x.device)[0]].unflatten(2, (1, 1, -1))
+        return x if ctx.tile is None else x.flatten(2)[:, :, perm(x.device)[0]].unflatten(2, (1, 1, -1))
 
     def rope_in(tables):
-        return tuple(t[:, perm(t.device)[0]] for t in tables)
+        return tables if ctx.tile is None else tuple(t[:, perm(t.device)[0]] for t in tables)
 
     def tokens_out(x):
-        return x[:, perm(x.device)[1]]
+        return x if ctx.tile is None else x[:, perm(x.device)[1]]
 
     handle.add_output_hook(transformer.patch_embedding, tokens_in)
     handle.add_output_hook(transformer.rope, rope_in)

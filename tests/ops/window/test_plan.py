@@ -93,3 +93,63 @@ def test_engine_pairs_counts_the_work_of_whole_blocks():
     n = plan.kv_count[:, 2].long().sum().item()
     brute = 16 * (n * 16 + plan.num_blocks * 16) + 1 * 16 * 96       # 95 tokens: keys padded to 96
     assert engine_pairs(plan, spec) == brute and pair_count(spec) < brute
+
+
+def plan_efficiency(spec, blocks):
+    from dtk.ops.window.plan import engine_pairs
+    from dtk.ops.window.spec import pair_count
+    return pair_count(spec) / engine_pairs(build_plan(spec, *blocks, torch.device("cpu")), spec)
+
+
+def test_block_fill_and_key_block_choice():
+    """128-key blocks where the layout tiles fill them clearly better than 64-key blocks (a
+    (21, 3, 2) tile is one 126-token block, or three 42-token ones), else 64 (finer edges)."""
+    from dtk.ops.window.plan import block_fill
+    from dtk.ops.window.triton import default_blocks
+    cuda = torch.device("cuda")   # only the block rule, nothing runs on it
+    swim = make_spec((21, 68, 120), (-1, 31, 53), tile=(21, 3, 2))
+    # 22 x 60 full layout tiles (126 tokens: three 42-token 64-blocks) + 60 edge tiles of 2 rows
+    # (84 tokens: two 64-blocks); one 128-block each
+    assert block_fill(swim, 64) == pytest.approx(21 * 68 * 120 / (64 * (3 * 22 * 60 + 2 * 60)))
+    assert block_fill(swim, 128) == pytest.approx(21 * 68 * 120 / (128 * 23 * 60))
+    assert default_blocks(cuda, 128, swim) == (128, 128)
+    assert default_blocks(cuda, 256, swim) == (128, 64)       # 128-key blocks at d = 256 exceed shared memory
+    assert default_blocks(cuda, 128, make_spec((256, 256), (64, 64), tile=(8, 16))) == (128, 64)
+    assert default_blocks(cuda, 128) == (128, 64)
+    assert default_blocks(torch.device("cpu"), 128, swim) == (16, 16)
+    assert plan_efficiency(swim, (128, 128)) > plan_efficiency(swim, (128, 64)) + 0.2
+
+
+@pytest.mark.parametrize("grid, window, radius, others", [
+    ((21, 68, 120), (-1, 31, 53), None, [None, (7, 2, 8), (1, 8, 16), (21, 2, 3), (3, 4, 8)]),   # FreeSwim 1080p
+    ((21, 45, 80), (-1, 31, 53), None, [None, (7, 2, 8), (1, 8, 16)]),                            # Wan 720p
+    ((128, 128), (64, 64), None, [None, (4, 32), (32, 4), (8, 8)]),
+    ((96, 96), None, 16, [None, (4, 32), (8, 8), (2, 64)]),                                       # CLEAR
+])
+def test_suggest_tile_beats_the_alternatives(grid, window, radius, others):
+    """The host-only estimate picks a tile whose exact plan efficiency (default GPU blocks) is at
+    least that of row-major and of other plausible tiles."""
+    from dtk.ops.window.plan import suggest_tile
+    from dtk.ops.window.triton import default_blocks
+    tile = suggest_tile(grid, window, radius=radius)
+    assert tile is not None and all(1 <= u <= n for u, n in zip(tile, grid)) and len(tile) == len(grid)
+
+    def eff(t):
+        spec = make_spec(grid, window, radius, "inward" if window else "clip", 0, t)
+        return plan_efficiency(spec, default_blocks(torch.device("cuda"), 128, spec))
+    best = eff(tile)
+    for t in others:
+        assert best >= eff(t) - 1e-9, (tile, best, t, eff(t))
+    if grid == (21, 68, 120):
+        assert tile == (21, 3, 2) and best > 0.85
+
+
+def test_suggest_tile_arguments():
+    from dtk.ops.window.plan import suggest_tile
+    assert suggest_tile([21, 68, 120], [-1, 31, 53]) == suggest_tile((21, 68, 120), (-1, 31, 53))
+    with pytest.raises(ValueError, match="grid"):
+        suggest_tile((0, 4), (3, 3))
+    with pytest.raises(ValueError, match="radius|window"):
+        suggest_tile((8, 8))
+    with pytest.raises(ValueError, match="block"):
+        suggest_tile((8, 8), (3, 3), block=0)

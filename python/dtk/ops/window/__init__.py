@@ -8,6 +8,7 @@ import torch
 
 from . import _register  # noqa: F401  (fake kernel and Triton CUDA kernel of dtk::window_attention)
 from .spec import tile_permutation  # noqa: F401
+from .plan import suggest_tile  # noqa: F401
 from .pool import pool_grid_tokens  # noqa: F401
 
 IntOrTuple = Union[int, Sequence[int]]

@@ -42,6 +42,8 @@ def test_gpu_random(seed, dtype):
     dict(grid=(40, 56), window=None, radius=8, border="clip", num_prefix=64, tile=(8, 16), num_extra=24),
     dict(grid=(6, 20, 36), window=(-1, 7, 11), radius=None, border="inward", num_prefix=0, tile=None, num_extra=0),
     dict(grid=(6, 20, 36), window=(-1, 7, 11), radius=None, border="inward", num_prefix=0, tile=(1, 8, 16), num_extra=0),
+    # FreeSwim-style tiles over the whole time axis: 128 x 128 blocks (default_blocks), partial edge tiles
+    dict(grid=(21, 10, 13), window=(-1, 5, 7), radius=None, border="inward", num_prefix=0, tile=(21, 3, 2), num_extra=0),
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_headline_geometries(case, dtype):

@@ -104,3 +104,15 @@ def test_memory_backward_gpu(dtype):
     want = torch.autograd.grad(loss(memory_linear_attention_reference, *leaves), leaves)
     for a, b in zip(got, want):
         assert max_err(a.cpu(), b) <= 3e-2 * max(1.0, b.abs().max().item())
+
+
+def test_float64_is_cpu_only():
+    """The GPU kernels accumulate in float32: float64 CUDA inputs are an error naming the op, not
+    float32 results (and states unlike the fakes' float64)."""
+    q = torch.randn(1, 8, 2, 16, device="cuda", dtype=torch.float64)
+    with pytest.raises(TypeError, match="linear_attention: float64 is CPU-only"):
+        dtk.linear_attention(q, q, q)
+    with pytest.raises(TypeError, match="linear_attention_state: float64 is CPU-only"):
+        dtk.linear_attention_state(q, q)
+    with pytest.raises(TypeError, match="memory_linear_attention: float64 is CPU-only"):
+        dtk.memory_linear_attention(q, q, q)

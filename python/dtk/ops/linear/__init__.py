@@ -7,7 +7,7 @@ Triton GPU kernels (``triton.py``), registered for the CUDA key in ``_register.p
 Layouts follow FlashAttention: q ``(B, S_q, H, D)``, k ``(B, S_k, H_kv, D)``, v ``(B, S_k, H_kv, D_v)``,
 any strides on B/S/H (last dim contiguous is fastest). GQA: ``H % H_kv == 0``, query head ``h``
 reads key/value head ``h // (H // H_kv)``. Accumulation is float32 (float64 for float64 inputs);
-outputs have the input dtype; states are float32 (float64 for float64 inputs).
+outputs have the input dtype; states are float32 (float64 for float64 inputs, which are CPU-only).
 
 Packed variable-length sequences (``cu_seqlens``, int32, FlashAttention convention): q, k and v
 are ``(1, total, H, D)`` and **q and k share cu_seqlens** (self-attention: sequence ``i`` is rows

@@ -126,7 +126,13 @@ torch.library.register_autograd(_LIB + "memory_linear_attention_update", _mem_up
 
 # ------------------------------------------------------------------------------------ CUDA (Triton)
 
-def _triton():
+def _triton(op: str, *tensors):
+    """The Triton module, after rejecting float64 (its kernels accumulate in float32, so float64
+    inputs would silently lose precision and get float32 states, unlike the fakes' float64)."""
+    for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            raise TypeError(f"dtk.{op}: float64 is CPU-only (the GPU kernels accumulate in float32); use float16, "
+                            "bfloat16 or float32 on CUDA")
     from . import triton as tr
     return tr
 
@@ -138,29 +144,32 @@ def _register_cuda():
 
     @torch.library.register_kernel(_LIB + "linear_attention", "cuda")
     def _la_cuda(q, k, v, feature_map, normalize, eps, scale, cu_seqlens):
-        return _triton().linear_attention_triton(q, k, v, feature_map, normalize, eps, scale, cu_seqlens)
+        tr = _triton("linear_attention", q)
+        return tr.linear_attention_triton(q, k, v, feature_map, normalize, eps, scale, cu_seqlens)
 
     @torch.library.register_kernel(_LIB + "linear_attention_backward", "cuda")
     def _la_bwd_cuda(grad_out, q, k, v, feature_map, normalize, eps, scale, cu_seqlens):
-        return _triton().linear_attention_backward_triton(grad_out, q, k, v, feature_map, normalize, eps, scale,
-                                                          cu_seqlens)
+        tr = _triton("linear_attention_backward", q)
+        return tr.linear_attention_backward_triton(grad_out, q, k, v, feature_map, normalize, eps, scale, cu_seqlens)
 
     @torch.library.register_kernel(_LIB + "linear_attention_state", "cuda")
     def _state_cuda(k, v, feature_map, cu_seqlens):
-        return _triton().linear_attention_state_triton(k, v, feature_map, cu_seqlens)
+        return _triton("linear_attention_state", k).linear_attention_state_triton(k, v, feature_map, cu_seqlens)
 
     @torch.library.register_kernel(_LIB + "linear_attention_apply", "cuda")
     def _apply_cuda(q, kv_sum, k_sum, count, feature_map, normalize, eps, scale, cu_seqlens):
-        return _triton().linear_attention_apply_triton(q, kv_sum, k_sum, count, feature_map, normalize, eps, scale,
-                                                       cu_seqlens)
+        tr = _triton("linear_attention_apply", q, kv_sum)
+        return tr.linear_attention_apply_triton(q, kv_sum, k_sum, count, feature_map, normalize, eps, scale,
+                                                cu_seqlens)
 
     @torch.library.register_kernel(_LIB + "memory_linear_attention", "cuda")
     def _mem_cuda(q, k, v, mem_kv, mem_z, decay):
-        return _triton().memory_linear_attention_triton(q, k, v, mem_kv, mem_z, decay)
+        tr = _triton("memory_linear_attention", q, mem_kv)
+        return tr.memory_linear_attention_triton(q, k, v, mem_kv, mem_z, decay)
 
     @torch.library.register_kernel(_LIB + "memory_linear_attention_update", "cuda")
     def _mem_upd_cuda(k, v, mem_kv, mem_z, decay):
-        return _triton().memory_linear_attention_update_triton(k, v, mem_kv, mem_z, decay)
-
+        tr = _triton("memory_linear_attention_update", k, mem_kv)
+        return tr.memory_linear_attention_update_triton(k, v, mem_kv, mem_z, decay)
 
 _register_cuda()

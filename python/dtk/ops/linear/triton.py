@@ -708,7 +708,7 @@ def linear_attention_backward_triton(grad_out, q, k, v, feature_map="elu1", norm
     cq = launch_configs("grad_q", D, Dv, q.dtype, gpu)
     even = even_flags(D, Dv, cq[0])
     n_chunks, chunk = _chunking(max_len, nseq * H, q.device)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dq = _new_output(q.shape, like=q)
     pgs = torch.empty(n_chunks, nseq, H, D, Dv, dtype=torch.float32, device=q.device)
     pgz = torch.empty(n_chunks, nseq, H, D, dtype=torch.float32, device=q.device)
     if nseq * H > 0:
@@ -721,8 +721,8 @@ def linear_attention_backward_triton(grad_out, q, k, v, feature_map="elu1", norm
                 cq, key=["D", "DV", "FM", "VARLEN", "NORMALIZE"])
     gS = pgs.sum(0).view(nseq, Hkv, H // max(Hkv, 1), D, Dv).sum(2).contiguous()
     gz = pgz.sum(0).view(nseq, Hkv, H // max(Hkv, 1), D).sum(2).contiguous()
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dk = _new_output(k.shape, like=k)
+    dv = _new_output(v.shape, like=v)
     _, max_len_k, _ = _seqs(k, cu_seqlens)
     ckv = launch_configs("grad_kv", D, Dv, k.dtype, gpu)
     n_chunks_k, chunk_k = _chunking(max_len_k, nseq * Hkv, k.device)
@@ -768,8 +768,8 @@ def memory_linear_attention_update_triton(k, v, mem_kv=None, mem_z=None, decay=0
     k, v = _lastdim(k), _lastdim(v)
     B, S, H, D = k.shape
     Dv = v.shape[-1]
-    nkv = torch.empty(B, H, D, Dv, dtype=torch.float32, device=k.device)
-    nz = torch.empty(B, H, D, dtype=torch.float32, device=k.device)
+    nkv = _new_output((B, H, D, Dv), like=k, dtype=torch.float32)
+    nz = _new_output((B, H, D), like=k, dtype=torch.float32)
     cfg = launch_configs("memory_update", D, Dv, k.dtype, k.device.type == "cuda", frames=S)[0]
     has_mem = mem_kv is not None
     mkv = mem_kv.to(torch.float32).contiguous() if has_mem else nkv

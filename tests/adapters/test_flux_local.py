@@ -8,7 +8,7 @@ pytest.importorskip("diffusers")
 import dtk.adapters  # noqa: E402
 from dtk.adapters import flux  # noqa: E402
 
-from .models import assert_same_param_grads, flux_inputs, tiny_flux  # noqa: E402
+from .models import assert_same_param_grads, flux_inputs, image_ids, tiny_flux  # noqa: E402
 
 ATOL = 2e-5
 
@@ -123,6 +123,28 @@ def test_tile_auto_picks_a_tile_per_grid():
         torch.testing.assert_close(run(b, x), run(a, x), atol=ATOL, rtol=0)
         assert h.context.tile == dtk.suggest_tile((H, W), radius=3)
     assert dtk.suggest_tile((16, 40), radius=3) is not None and dtk.suggest_tile((7, 10), radius=3) is None
+
+
+def test_new_ids_tensor_at_a_reused_address_is_read_again():
+    """The grid comes from the ids tensor object the pipeline passes, not its address: new ids in
+    the memory of the previous ones (same data_ptr, shape and version) get their own grid."""
+    m, r = tiny_flux(), tiny_flux()
+    flux.apply_local_attention(m, radius=3, tile=(2, 2))
+    storage = torch.empty(36 * 3).untyped_storage()
+
+    def ids_in_storage(H, W):
+        t = torch.empty(0).set_(storage, 0, (36, 3))
+        t.copy_(image_ids(H, W))
+        return t
+    x = flux_inputs(4, 9)
+    x["img_ids"] = ids_in_storage(4, 9)
+    run(m, x)
+    first = x["img_ids"]
+    y = flux_inputs(6, 6)
+    y["img_ids"] = ids_in_storage(6, 6)
+    assert y["img_ids"].data_ptr() == first.data_ptr() and y["img_ids"]._version == first._version
+    set_reference(r, H=6, W=6, radius=3)
+    torch.testing.assert_close(run(m, y), run(r, y), atol=ATOL, rtol=0)
 
 
 def test_remove_restores_bit_for_bit():

@@ -118,6 +118,23 @@ def test_dual_path_semantics_and_refresh_schedule():
     assert h.refresh_log == [] and all(not p.cache for p in h.cross_processors)
 
 
+def test_a_freed_prompt_ends_its_stream():
+    """Streams follow the prompt tensor objects: when one is freed its step count and cached
+    cross-attention go, and the next prompt (whatever its address) starts with a refresh."""
+    import gc
+    m = tiny_wan(layers=1)
+    h = wan.apply_inward_window(m, window=(-1, 3, 3), cross_attention_refresh=3)
+    x = wan_inputs(2, 4, 4)
+    for _ in range(2):
+        run(m, x)
+    assert h.refresh_log == [(0, True), (0, False)] and all(len(p.cache) == 1 for p in h.cross_processors)
+    x["encoder_hidden_states"] = torch.randn_like(x["encoder_hidden_states"])   # a new generation's prompt
+    gc.collect()
+    assert not h._calls and all(not p.cache for p in h.cross_processors)
+    run(m, x)
+    assert h.refresh_log[-1] == (0, True)
+
+
 def test_refresh_counts_streams_separately():
     m = tiny_wan(layers=1)
     h = wan.apply_inward_window(m, window=(-1, 3, 3), cross_attention_refresh=2)

@@ -3,6 +3,7 @@ forward hooks that see the model's call as keyword arguments, and weight backups
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -64,7 +65,6 @@ class AdapterHandle:
             kw.update(kwargs)
             if pre is not None:
                 kw = pre(kw)
-            self._last_kwargs = kw
             return (), kw
 
         self._hooks.append(model.register_forward_pre_hook(_pre, with_kwargs=True))
@@ -138,6 +138,52 @@ class TileOrder:
             from ..ops.window import tile_permutation
             self._perm[key] = tile_permutation(grid, self.tile(grid), device=device)
         return self._perm[key]
+
+
+class TensorMemo:
+    """A value derived from a tensor (with a host sync), reused while the caller passes that same
+    tensor object unchanged. The tensor is held weakly: a new tensor at a freed one's address
+    (a data_ptr key would match it) is always recomputed."""
+
+    def __init__(self):
+        self._ref = None
+        self._key = None
+        self.value = None
+
+    def get(self, t: torch.Tensor, compute: Callable[[torch.Tensor], Any], extra: tuple = ()):
+        """compute(t), or its value from the last call with this tensor, unchanged, and `extra`."""
+        key = (t._version, extra)
+        if self._ref is None or self._ref() is not t or key != self._key:
+            self.value = compute(t)
+            self._ref, self._key = weakref.ref(t), key
+        return self.value
+
+
+class StreamNumbers:
+    """Numbers for the tensors that identify a generation's stream (the prompt embeddings a
+    pipeline passes at every step, one per CFG branch): the same tensor object keeps its number,
+    any other tensor gets a new one, even at a freed tensor's address (where a data_ptr key would
+    continue the old generation's step count and reuse its caches). When a tensor is freed,
+    `on_free(number)` drops that stream's state."""
+
+    def __init__(self, on_free: Callable[[int], None]):
+        self._live: Dict[int, Tuple[weakref.ref, int]] = {}   # id(tensor) -> (weak ref, number)
+        self._next = 0
+        self._on_free = on_free
+
+    def __call__(self, t: torch.Tensor) -> int:
+        entry = self._live.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        n, key = self._next, id(t)
+        self._next += 1
+
+        def freed(_ref, key=key, n=n, live=self._live, on_free=self._on_free):
+            if live.get(key, (None, None))[1] == n:
+                del live[key]
+            on_free(n)
+        self._live[key] = (weakref.ref(t, freed), n)
+        return n
 
 
 def parse_tile(tile, ndim: int):

@@ -17,7 +17,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from ..ops.window import pool_grid_tokens, suggest_tile, window_attention
-from ._common import AdapterHandle, TileOrder, check_diffusers, get_handle, parse_tile, replace_output_sample
+from ._common import (AdapterHandle, StreamNumbers, TensorMemo, TileOrder, check_diffusers, get_handle, parse_tile,
+                      replace_output_sample)
 
 __all__ = ["apply_local_attention", "load_clear_weights", "LocalAttentionHandle", "FluxLocalAttnProcessor"]
 
@@ -83,35 +84,41 @@ def _check_flux(transformer):
         raise TypeError(f"expected a diffusers FluxTransformer2DModel, got {type(transformer).__name__}")
 
 
+def _ids_2d(img_ids: torch.Tensor) -> torch.Tensor:
+    return img_ids[0] if img_ids.ndim == 3 else img_ids
+
+
+def _image_grid(ids: torch.Tensor) -> Tuple[int, int]:
+    """(H, W) of row-major image ids (FluxPipeline's layout: ids[:, 1] = row, ids[:, 2] = col)."""
+    n = ids.shape[0]
+    rows, cols = ids[:, 1], ids[:, 2]
+    h0, w0, h1, w1 = (int(v) for v in torch.stack([rows.amin(), cols.amin(), rows.amax(), cols.amax()]).tolist())
+    H, W = h1 - h0 + 1, w1 - w0 + 1
+    ok = H * W == n
+    if ok:
+        r = torch.arange(n, device=ids.device)
+        ok = bool(((rows - h0) == (r // W).to(rows.dtype)).all() & ((cols - w0) == (r % W).to(cols.dtype)).all())
+    if not ok:
+        raise ValueError(f"dtk FLUX adapter: img_ids ({n} tokens, rows {h0}..{h1}, cols {w0}..{w1}) are not a "
+                         "row-major image grid; local attention needs FluxPipeline's image ids")
+    return H, W
+
+
 class FluxGridContext:
     """Per-model state shared by the processors of one adapted transformer: the image grid of the
-    current forward, its text length and the tile layout."""
+    current forward and the tile layout."""
 
     def __init__(self, tile=None, radius: Optional[int] = None):
         # the layout setting (None, a tile or "auto"); self.tile is the current forward's tile
         self.permutation = None if tile is None else TileOrder(tile, lambda grid: suggest_tile(grid, radius=radius))
         self.tile: Optional[Tuple[int, int]] = None if tile == "auto" else tile
         self.grid: Optional[Tuple[int, int]] = None
-        self._ids_key = None
+        self._memo = TensorMemo()
 
-    def grid_from_ids(self, img_ids: torch.Tensor) -> Tuple[int, int]:
-        """(H, W) of row-major image ids (FluxPipeline's layout: ids[:, 1] = row, ids[:, 2] = col).
-        One host sync per new ids tensor; reused while the pipeline passes the same tensor."""
-        key = (img_ids.data_ptr(), tuple(img_ids.shape), img_ids._version, img_ids.device)
-        if key == self._ids_key:
-            return self.grid
-        n = img_ids.shape[0]
-        rows, cols = img_ids[:, 1], img_ids[:, 2]
-        h0, w0, h1, w1 = (int(v) for v in torch.stack([rows.amin(), cols.amin(), rows.amax(), cols.amax()]).tolist())
-        H, W = h1 - h0 + 1, w1 - w0 + 1
-        ok = H * W == n
-        if ok:
-            r = torch.arange(n, device=img_ids.device)
-            ok = bool(((rows - h0) == (r // W).to(rows.dtype)).all() & ((cols - w0) == (r % W).to(cols.dtype)).all())
-        if not ok:
-            raise ValueError(f"dtk FLUX adapter: img_ids ({n} tokens, rows {h0}..{h1}, cols {w0}..{w1}) are not a "
-                             "row-major image grid; local attention needs FluxPipeline's image ids")
-        self._ids_key, self.grid = key, (H, W)
+    def grid_from_ids(self, img_ids: torch.Tensor, lo: int = 0, hi: Optional[int] = None) -> Tuple[int, int]:
+        """(H, W) of the image ids rows [lo, hi) of `img_ids` as the pipeline passes them ((S, 3) or
+        (B, S, 3)). One host sync per new ids tensor; reused while the pipeline passes the same one."""
+        self.grid = self._memo.get(img_ids, lambda t: _image_grid(_ids_2d(t)[lo:hi]), (lo, hi))
         return self.grid
 
 
@@ -123,9 +130,8 @@ def _grid_hooks(handle: AdapterHandle, ctx: FluxGridContext):
         ids = kw.get("img_ids")
         if ids is None:
             raise ValueError("dtk FLUX adapter: the transformer must be called with img_ids")
-        ids2 = ids[0] if ids.ndim == 3 else ids
-        grid = ctx.grid_from_ids(ids2)
-        ctx.num_text = kw["encoder_hidden_states"].shape[1]
+        ids2 = _ids_2d(ids)
+        grid = ctx.grid_from_ids(ids)
         if ctx.permutation is not None:
             ctx.tile = ctx.permutation.tile(grid)
         if ctx.tile is not None:
@@ -306,11 +312,13 @@ def _sparse_ops():
     return dtk
 
 
-def _stream_key(kw):
-    # The pipeline passes the same prompt-embedding tensor at every step (one per CFG branch):
-    # its storage identifies the stream whose steps are counted, with no host sync.
-    enc = kw["encoder_hidden_states"]
-    return (enc.data_ptr(), tuple(enc.shape), enc.device)
+def _condition_count(ids: torch.Tensor) -> int:
+    cond = ids[:, 0] != 0
+    m, first = torch.stack([cond.sum(), cond.int().argmax()]).tolist()
+    if m and first != ids.shape[0] - m:
+        raise ValueError("dtk FLUX condition adapters: condition tokens (img_ids[:, 0] != 0) must follow "
+                         "the noisy tokens")
+    return int(m)
 
 
 class ConditionContext:
@@ -321,23 +329,15 @@ class ConditionContext:
         self.mode = "full"
         self.T = self.N = self.M = 0
         self.stream = None
-        self._ids_key = None
-        self._ids_val = None
+        self._memo = TensorMemo()
 
-    def split_from_ids(self, ids: torch.Tensor, num_condition: Optional[int]) -> int:
+    def split_from_ids(self, img_ids: torch.Tensor, num_condition: Optional[int]) -> int:
         """Number of condition tokens: given, or the trailing image tokens with ids[:, 0] != 0
-        (FLUX Kontext marks its condition image with 1). One host sync per new ids tensor."""
+        (FLUX Kontext marks its condition image with 1) of `img_ids` as the pipeline passes them.
+        One host sync per new ids tensor."""
         if num_condition is not None:
             return int(num_condition)
-        key = (ids.data_ptr(), tuple(ids.shape), ids._version, ids.device)
-        if key != self._ids_key:
-            cond = ids[:, 0] != 0
-            m, first = torch.stack([cond.sum(), cond.int().argmax()]).tolist()
-            if m and first != ids.shape[0] - m:
-                raise ValueError("dtk FLUX condition adapters: condition tokens (img_ids[:, 0] != 0) must follow "
-                                 "the noisy tokens")
-            self._ids_key, self._ids_val = key, int(m)
-        return self._ids_val
+        return self._memo.get(img_ids, lambda t: _condition_count(_ids_2d(t)))
 
 
 class _CondStream:
@@ -379,7 +379,8 @@ class ConditionReuseHandle(AdapterHandle):
         super().__init__(model)
         self.refresh_every, self.num_condition_tokens = refresh_every, num_condition_tokens
         self.context = ConditionContext()
-        self.streams: Dict[object, _CondStream] = {}
+        self.streams: Dict[int, _CondStream] = {}
+        self.stream_numbers = StreamNumbers(lambda n: self.streams.pop(n, None))   # a freed prompt ends its stream
         self.log = []                   # (stream number, "write" | "read") per forward
 
     def reset(self):
@@ -413,12 +414,10 @@ def apply_condition_reuse(transformer, *, refresh_every: Optional[int] = None,
     policy = dtk.cache.RefreshPolicy(every=refresh_every)
 
     def pre(kw):
-        ids = kw["img_ids"]
-        ids = ids[0] if ids.ndim == 3 else ids
         hs = kw["hidden_states"]
-        M = ctx.split_from_ids(ids, num_condition_tokens)
+        M = ctx.split_from_ids(kw["img_ids"], num_condition_tokens)
         ctx.T, ctx.M, ctx.N = kw["encoder_hidden_states"].shape[1], M, hs.shape[1] - M
-        key = _stream_key(kw)
+        key = handle.stream_numbers(kw["encoder_hidden_states"])
         if key not in handle.streams:
             handle.streams[key] = _CondStream(dtk, policy)
         st = ctx.stream = handle.streams[key]
@@ -431,7 +430,7 @@ def apply_condition_reuse(transformer, *, refresh_every: Optional[int] = None,
             ctx.group_mask = dtk.ominicontrol_group_mask(1)
         else:
             kw["hidden_states"] = hs[:, :ctx.N]
-            kw["img_ids"] = ids[:ctx.N]
+            kw["img_ids"] = _ids_2d(kw["img_ids"])[:ctx.N]
         return kw
 
     def post(kw, output):
@@ -502,7 +501,8 @@ class SpotEditHandle(AdapterHandle):
         self.num_condition_tokens = num_condition_tokens
         self.context = ConditionContext()
         self.grids = (FluxGridContext(), FluxGridContext())
-        self.streams: Dict[object, _SpotStream] = {}
+        self.streams: Dict[int, _SpotStream] = {}
+        self.stream_numbers = StreamNumbers(lambda n: self.streams.pop(n, None))   # a freed prompt ends its stream
         self.log = []                   # (stream number, "full" | "edit") per forward
 
     def reset(self):
@@ -535,14 +535,14 @@ def apply_spotedit(transformer, *, threshold: float = 0.2, warmup: int = 2, refr
         handle.set_processor(attn, FluxSpotEditProcessor(ctx, name, lam))
 
     def pre(kw):
-        ids = kw["img_ids"]
-        ids = ids[0] if ids.ndim == 3 else ids
+        raw_ids = kw["img_ids"]
+        ids = _ids_2d(raw_ids)
         hs = kw["hidden_states"]
-        M = ctx.split_from_ids(ids, handle.num_condition_tokens)
+        M = ctx.split_from_ids(raw_ids, handle.num_condition_tokens)
         ctx.T, ctx.M, ctx.N = kw["encoder_hidden_states"].shape[1], M, hs.shape[1] - M
-        ctx.grid = handle.grids[0].grid_from_ids(ids[:ctx.N])
-        ctx.ref_grid = handle.grids[1].grid_from_ids(ids[ctx.N:]) if M else None
-        key = _stream_key(kw)
+        ctx.grid = handle.grids[0].grid_from_ids(raw_ids, 0, ctx.N)
+        ctx.ref_grid = handle.grids[1].grid_from_ids(raw_ids, ctx.N) if M else None
+        key = handle.stream_numbers(kw["encoder_hidden_states"])
         if key not in handle.streams:
             handle.streams[key] = _SpotStream()
         st = ctx.stream = handle.streams[key]

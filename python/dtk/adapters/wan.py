@@ -21,7 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..ops.window import suggest_tile, window_attention
-from ._common import AdapterHandle, TileOrder, check_diffusers, parse_tile, replace_output_sample, sdpa_bshd
+from ._common import (AdapterHandle, StreamNumbers, TileOrder, check_diffusers, parse_tile, replace_output_sample,
+                      sdpa_bshd)
 
 __all__ = ["apply_inward_window", "InwardWindowHandle", "WanWindowAttnProcessor", "WanDualCrossAttnProcessor",
            "apply_block_cache", "BlockCacheHandle", "WanBlockCacheAttnProcessor"]
@@ -159,6 +160,21 @@ class InwardWindowHandle(AdapterHandle):
         self.cross_processors: List[WanDualCrossAttnProcessor] = []
         self._calls: Dict[object, int] = {}
         self.refresh_log: List[Tuple[int, bool]] = []    # (stream number, refreshed?) per forward
+        self.stream_numbers = StreamNumbers(self._forget)
+
+    def stream_key(self, kw) -> tuple:
+        """The stream of a call: its prompt-embedding tensors (the same objects at every step of a
+        generation, one per CFG branch) and the latent shape; no host sync."""
+        img = kw.get("encoder_hidden_states_image")
+        return (self.stream_numbers(kw["encoder_hidden_states"]), None if img is None else self.stream_numbers(img),
+                tuple(kw["hidden_states"].shape), kw["hidden_states"].dtype)
+
+    def _forget(self, number: int) -> None:
+        """A freed prompt tensor ends its streams: their step counts and cached outputs go."""
+        for key in [k for k in self._calls if number in k[:2]]:
+            del self._calls[key]
+            for p in self.cross_processors:
+                p.cache.pop(key, None)
 
     def reset(self) -> None:
         """Drops the cached cross-attention outputs and step counters (start of a new video)."""
@@ -166,15 +182,6 @@ class InwardWindowHandle(AdapterHandle):
         self.refresh_log.clear()
         for p in self.cross_processors:
             p.cache.clear()
-
-
-def _stream_key(kw):
-    # A pipeline passes the same prompt-embedding tensor at every step (one per CFG branch), so its
-    # storage identifies the stream whose steps are counted; no host sync is needed.
-    enc = kw["encoder_hidden_states"]
-    img = kw.get("encoder_hidden_states_image")
-    return (enc.data_ptr(), tuple(enc.shape), None if img is None else img.data_ptr(),
-            tuple(kw["hidden_states"].shape), kw["hidden_states"].dtype)
 
 
 def apply_inward_window(transformer, window: Sequence[int] = (-1, 31, 53), *, scale: Optional[float] = None,
@@ -236,7 +243,7 @@ def apply_inward_window(transformer, window: Sequence[int] = (-1, 31, 53), *, sc
         if cross_attention_refresh is None:
             ctx.mode = "window"
             return kw
-        key = _stream_key(kw)
+        key = handle.stream_key(kw)
         if key not in handle._calls:
             handle._calls[key] = 0
         n = handle._calls[key]

@@ -56,7 +56,8 @@ def test_natten_row_runs_and_passes_the_check(shape):
 
 def test_natten_geometry():
     assert W.natten_geometry(NATTEN_SHAPES[1]) == ((6, 10), (3, 6))        # unit axis dropped
-    assert W.natten_geometry(W.GPU_SHAPES[5]) == ((21, 68, 120), (21, 31, 53))   # FreeSwim: -1 = the axis
+    swim = next(s for s in W.GPU_SHAPES if s.name == "freeswim-1080p-rowmajor")
+    assert W.natten_geometry(swim) == ((21, 68, 120), (21, 31, 53))   # FreeSwim: -1 = the axis
     reasons = {"circle window": W.CPU_SHAPES[3], "prefix tokens": W.CPU_SHAPES[0],
                "border 'clip'": W.WindowShape("x", 1, 1, 8, (6, 6), window=3, border="clip"),
                "window 1 on an axis": W.WindowShape("x", 1, 1, 8, (6, 6), window=(1, 3))}

@@ -44,6 +44,8 @@ class CMakeBuild(build_ext):
         if archs:  # "8.0;9.0a" -> "80;90a"
             cfg.append("-DCMAKE_CUDA_ARCHITECTURES=" + ";".join(
                 a.replace(".", "").replace("+PTX", "") for a in archs.replace(" ", ";").split(";") if a))
+        else:      # CMakeLists.txt's default, not an earlier build's cached TORCH_CUDA_ARCH_LIST
+            cfg.append("-UCMAKE_CUDA_ARCHITECTURES")
         subprocess.run(["cmake", str(ROOT), *cfg], cwd=build_dir, check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))
         subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)

@@ -24,6 +24,8 @@ def check_bshd(t, q, name):
         raise ValueError(f"{name} is on {t.device}, expected q's device {q.device}")
     if t.stride(-1) != 1 and t.shape[-1] != 1:
         raise ValueError(f"{name} must have a contiguous last dim (stride 1), got stride {t.stride(-1)}")
+    if t.shape[2] < 1 or t.shape[3] < 1:
+        raise ValueError(f"{name} must have at least one head and a head dim D >= 1, got shape {tuple(t.shape)}")
 
 
 def check_kv_like_q(q, k, v):
@@ -40,7 +42,9 @@ def check_kv_like_q(q, k, v):
 def check_scale(scale, D):
     """The softmax scale: 1/sqrt(D) by default, else a positive finite float."""
     if scale is None:
-        return 1.0 / math.sqrt(D)
+        return 1.0 / math.sqrt(max(D, 1))
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__} {scale!r}")
     if not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"scale must be a positive finite float, got {scale}")
     return float(scale)

@@ -139,6 +139,9 @@ def _bad_cases():
         ("out", dict(q_index=qi, out=torch.zeros(1, 9, 2, 8))),
         ("out", dict(q_index=qi, out=torch.zeros(1, 8, 2, 8, dtype=torch.float64))),
         ("scale", dict(scale=-1.0)),
+        ("scale", dict(scale="x")),
+        ("q_index", dict(q_index=[[0, 1]])),
+        ("kv_index\\[0\\]", dict(kv_index=[[0, 1], None])),
     ], q, ks, vs
 
 
@@ -154,6 +157,7 @@ def test_bad_input_names_the_argument():
         ("ks\\[0\\]", (q, [ks[0].double(), ks[1]], vs)),
         ("heads", (bshd(1, 8, 3, 8, torch.float32), ks, vs)),
         ("ks", (q, [], [])),
+        ("ks\\[0\\].*head", (q, [k[:, :, :0] for k in ks], [v[:, :, :0] for v in vs])),
     ]
     for name, args in bad:
         with pytest.raises((ValueError, TypeError, RuntimeError), match=f"(?i){name}"):

@@ -56,8 +56,15 @@ def _check_feature_map(feature_map, op: str):
 
 
 def _check_eps(eps, op: str):
-    if not isinstance(eps, (int, float)) or not eps > 0:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"{op}: eps must be a number > 0, got {eps!r}")
+
+
+def _check_normalize_scale(normalize, scale, op: str):
+    if not isinstance(normalize, bool):
+        raise TypeError(f"{op}: normalize must be a bool, got {normalize!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"{op}: scale must be None or a float, got {scale!r}")
 
 
 def _check_cu_seqlens(cu_seqlens, total: int, device, op: str, batch: int):
@@ -138,6 +145,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, featu
     _check_qkv(q, k, v, op)
     _check_feature_map(feature_map, op)
     _check_eps(eps, op)
+    _check_normalize_scale(normalize, scale, op)
     if cu_seqlens is not None and k.shape[1] != q.shape[1]:
         raise ValueError(f"{op}: with cu_seqlens q and k share the packing; got lengths {q.shape[1]} and {k.shape[1]}")
     _check_cu_seqlens(cu_seqlens, q.shape[1], q.device, op, q.shape[0])
@@ -190,6 +198,7 @@ def linear_attention_apply(q: torch.Tensor, kv_sum: torch.Tensor, k_sum: torch.T
         raise ValueError(f"{op}: the heads of q ({q.shape[2]}) must be a multiple of the state's heads ({Hkv})")
     _check_feature_map(feature_map, op)
     _check_eps(eps, op)
+    _check_normalize_scale(normalize, scale, op)
     if cu_seqlens is None:
         if n != q.shape[0]:
             raise ValueError(f"{op}: the state's batch {n} must equal q's batch {q.shape[0]}")

@@ -67,10 +67,14 @@ def check_multi_kv(q, ks, vs, kv_index, q_index, scale, out=None):
         raise ValueError(f"kv_index must hold one entry (tensor or None) per segment ({len(ks)}), got {len(kv_index)}")
     for i, idx in enumerate(kv_index or []):
         if idx is not None:
+            if not isinstance(idx, torch.Tensor):
+                raise TypeError(f"kv_index[{i}] must be an integer tensor or None, got {type(idx).__name__}")
             if idx.dim() not in (1, 2):
                 raise ValueError(f"kv_index[{i}] must be (m,) or (B={B}, m), got shape {tuple(idx.shape)}")
             _check_index(idx, f"kv_index[{i}]", q, ks[i].shape[1], [(), (B,)])
     if q_index is not None:
+        if not isinstance(q_index, torch.Tensor):
+            raise TypeError(f"q_index must be an integer tensor (B={B}, n), got {type(q_index).__name__}")
         if q_index.dim() != 2:
             raise ValueError(f"q_index must be (B={B}, n), got shape {tuple(q_index.shape)}")
         _check_index(q_index, "q_index", q, SQ, [(B,)])

@@ -47,6 +47,12 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: In
     Differentiable in q, k, v, extra_k and extra_v, through out and lse (FlashAttention-2
     backward from the saved lse: C++ on the CPU, Triton dq and dk/dv passes on the GPU).
     """
+    for name, value in (("grid", grid), ("window", window), ("tile", tile), ("radius", radius),
+                        ("num_prefix", num_prefix)):
+        if isinstance(value, bool) or (isinstance(value, (tuple, list)) and any(isinstance(x, bool) for x in value)):
+            raise TypeError(f"{name} must be made of ints, got {value!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be None or a float, got {scale!r}")
     if isinstance(grid, int):
         grid = (grid,)
     ndim = len(grid)

@@ -17,7 +17,7 @@ import torch
 
 from . import registry
 from .registry import Case, Impl, Skip
-from .results_md import INFO_KEYS
+from .results_md import fmt, row_notes
 from .timing import gbs, measure_copy_bandwidth, measure_floor, pct_of_bandwidth, pct_of_floor, tflops, time_fn
 
 SCHEMA = "dtk-bench/1"
@@ -228,40 +228,23 @@ def add_speedups(rows: List[Dict]):
 # ---------------------------------------------------------------------------------------------
 # output
 
-def _fmt(x, spec):
-    return "" if x is None else format(x, spec)
-
-
-def _row_note(r):
-    parts = []
-    if r.get("status") not in ("ok", None):
-        parts.append(f"{r['status']}: {r.get('reason', '')}" if r["status"] != "skipped" else f"skipped: {r.get('reason', '')}")
-    info = r.get("info") or {}
-    for k in INFO_KEYS:
-        if k in info:
-            parts.append(f"{k}={info[k]}")
-    if r.get("check") and r.get("status") == "ok":
-        parts.append(f"check err {r['check']['err']:.2g}<={r['check']['tol']:.2g}")
-    return "; ".join(parts)
-
-
 def format_table(rows: List[Dict]) -> str:
-    head = ["shape", "impl", "ms", "eff TFLOP/s", "% floor", "dtk x", "GB/s", "% copy", "notes"]
+    head = ["op", "shape", "impl", "ms", "eff TFLOP/s", "% floor", "dtk x", "GB/s", "% copy", "notes"]
     body = []
     for r in rows:
-        body.append([r["shape"], r["impl"], _fmt(r.get("ms"), ".3f"), _fmt(r.get("tflops"), ".3g"),
-                     _fmt(r.get("pct_floor"), ".1f"), _fmt(r.get("dtk_speedup"), ".2f"),
-                     _fmt(r.get("gbs"), ".4g"), _fmt(r.get("pct_bw"), ".1f"), _row_note(r)])
+        body.append([r.get("op", ""), r["shape"], r["impl"], fmt(r.get("ms"), ".3f"), fmt(r.get("tflops"), ".3g"),
+                     fmt(r.get("pct_floor"), ".1f"), fmt(r.get("dtk_speedup"), ".2f"),
+                     fmt(r.get("gbs"), ".4g"), fmt(r.get("pct_bw"), ".1f"), row_notes(r, markdown=False)])
     w = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     w[-1] = len(head[-1])
     last = len(head) - 1
-    line = lambda cells: "  ".join(c.ljust(w[i]) if i < 2 or i == last else c.rjust(w[i]) for i, c in enumerate(cells)).rstrip()
+    line = lambda cells: "  ".join(c.ljust(w[i]) if i < 3 or i == last else c.rjust(w[i]) for i, c in enumerate(cells)).rstrip()
     out = [line(head), line(["-" * x for x in w])]
     prev = None
     for b in body:
-        if prev is not None and b[0] != prev:
+        if prev is not None and b[:2] != prev:
             out.append("")
-        prev = b[0]
+        prev = b[:2]
         out.append(line(b))
     return "\n".join(out)
 
@@ -317,57 +300,56 @@ def compare(new: Dict, old: Dict) -> str:
     return "\n".join(lines)
 
 
+def sequence_length(params: Dict) -> Optional[int]:
+    """A case's sequence length (tokens attended over) from its parameters, per op family."""
+    if params.get("seq_len"):
+        return int(params["seq_len"])
+    if params.get("S"):
+        return int(params["S"])
+    if params.get("lens"):
+        return int(sum(params["lens"]))
+    if params.get("grid"):
+        return int(math.prod(params["grid"]) + params.get("text", 0))
+    return None
+
+
 def plot(data: Dict, path: str):
+    """One panel per op: dtk's speedup over each anchor against the sequence length (log-log)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in data["rows"] if r.get("ms")]
-    shapes = list(dict.fromkeys(r["shape"] for r in data["rows"]))
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(max(10, 2.2 * len(shapes) + 6), 5.5))
-    width = 0.8 / max(1, len(impls))
-    ax = axes[0]
-    for j, name in enumerate(impls):
-        xs, ys = [], []
-        for i, s in enumerate(shapes):
-            r = next((r for r in rows if r["shape"] == s and r["impl"] == name), None)
-            if r:
-                xs.append(i + j * width)
-                ys.append(r["tflops"])
-        ax.bar(xs, ys, width, label=name)
-    ax.set_yscale("log")
-    ax.set_ylabel("effective TFLOP/s (mask FLOPs)")
-    floor = data.get("meta", {}).get("floor", {})
-    if floor.get("tflops"):
-        ax.axhline(floor["tflops"], color="k", ls="--", lw=1, label=f"GEMM floor {floor['tflops']:.3g}")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))])
-    ax.set_xticklabels(shapes, rotation=30, ha="right", fontsize=7)
-    ax.legend(fontsize=7)
-    ax.set_title("throughput")
-    ax = axes[1]
-    anchors = [n for n in impls if any(r.get("dtk_speedup") for r in rows if r["impl"] == n)]
-    if anchors:
-        w2 = 0.8 / len(anchors)
-        for j, name in enumerate(anchors):
-            xs, ys = [], []
-            for i, s in enumerate(shapes):
-                r = next((r for r in rows if r["shape"] == s and r["impl"] == name and r.get("dtk_speedup")), None)
-                if r:
-                    xs.append(i + j * w2)
-                    ys.append(r["dtk_speedup"])
-            ax.bar(xs, ys, w2, label=f"vs {name}")
-        ax.axhline(1.0, color="k", lw=1)
+    cases = data.get("meta", {}).get("cases", {})
+    rows = [r for r in data["rows"] if r.get("dtk_speedup")]
+    ops = list(dict.fromkeys(r["op"] for r in data["rows"]))
+    cols = min(3, max(1, len(ops)))
+    nrows = -(-max(1, len(ops)) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(ops):]:
+        ax.axis("off")
+    for ax, op in zip(axes.flat, ops):
+        series: Dict[str, list] = {}
+        for r in rows:
+            if r["op"] == op:
+                n = sequence_length(cases.get(f"{op}/{r['shape']}", {}))
+                if n:
+                    series.setdefault(r["impl"], []).append((n, r["dtk_speedup"]))
+        for name, pts in series.items():
+            pts.sort()
+            xs = [p[0] for p in pts]   # several shapes of one length (tile variants): points, no line
+            ax.plot(xs, [p[1] for p in pts], "o-" if len(set(xs)) == len(xs) else "o", ms=4, lw=1, label=f"vs {name}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xticks([i + 0.4 - w2 / 2 for i in range(len(shapes))])
-        ax.set_xticklabels(shapes, rotation=30, ha="right", fontsize=7)
-        ax.legend(fontsize=7)
-    else:
-        ax.text(0.5, 0.5, "no timed dtk rows", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xticks([])
-    ax.set_ylabel("dtk speedup (anchor ms / dtk ms)")
-    ax.set_title("dtk speedup per shape")
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel("dtk speedup (anchor ms / dtk ms)")
+        ax.set_title(op)
+        if series:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no timed dtk/anchor pairs", ha="center", va="center", transform=ax.transAxes)
     m = data.get("meta", {})
-    fig.suptitle(f"dtk benchmarks — {m.get('card')} — torch {m.get('torch')} — {m.get('date')}", fontsize=9)
+    fig.suptitle(f"dtk speedup vs sequence length — {m.get('card')} — torch {m.get('torch')} — {m.get('date')}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -177,13 +177,13 @@ def make_case(sh: SparseShape, gpu: bool) -> Case:
     for be in (("cudnn", "flash") if gpu else (None,)):
         tag = be or "default"
         if sh.kind == "ominicontrol2":
-            impls.append(Impl(f"cat-sdpa-{tag}", _prep_cat_sdpa(be), note="torch.cat + SDPA, forward + backward"))
+            impls.append(Impl(f"cat-sdpa-{tag}", _prep_cat_sdpa(be), check=True, note="torch.cat + SDPA, forward + backward"))
         else:
-            impls.append(Impl(f"branch-loop-sdpa-{tag}", _prep_branch_loop(be),
+            impls.append(Impl(f"branch-loop-sdpa-{tag}", _prep_branch_loop(be), check=True,
                               note="one SDPA per query branch, forward + backward"))
     if sh.kind == "segment":
         be = "efficient" if gpu else None
-        impls.append(Impl(f"masked-sdpa-{be or 'default'}", _prep_masked(be), note="dense bool mask"))
+        impls.append(Impl(f"masked-sdpa-{be or 'default'}", _prep_masked(be), check=True, note="dense bool mask"))
     params = {k: v for k, v in dataclasses.asdict(sh).items() if k not in ("name", "note")}
     return Case(op=OP, shape=sh.name, params=params, setup=setup, impls=impls, check=check, work=work,
                 dtype="bfloat16" if gpu else "float32", gpu=gpu, note="forward + backward; " + sh.note)

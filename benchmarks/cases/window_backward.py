@@ -136,7 +136,7 @@ def make_case(shape: WindowShape, gpu: bool) -> Case:
     impls = [Impl("dtk", _prep_dtk, kind="dtk", check=True)]
     impls += [Impl(f"sdpa-{be}", _sdpa_prep(be), note="dense, no mask") for be in ("cudnn", "flash")]
     if gpu:
-        impls.append(Impl("flex", _prep_flex, devices=("cuda",), cost_hint_s=20.0))
+        impls.append(Impl("flex", _prep_flex, check=True, devices=("cuda",), cost_hint_s=20.0))
     params = {k: v for k, v in dataclasses.asdict(shape).items() if k not in ("name", "note") and v is not None}
     params["seq_len"] = spec.seq_len
     return Case(op=OP, shape=shape.name, params=params, setup=setup, impls=impls, check=check, work=work,

@@ -260,3 +260,12 @@ def test_permute_row_counts_the_tile_permutation(monkeypatch):
     monkeypatch.setattr(dtk, "to_tile_order", lambda x, *a, **kw: x)
     by = {r["impl"]: r for r in _runner().run_case(c, torch.float32)}
     assert by["dtk+permute"]["status"] == "FAILED", by["dtk+permute"]
+
+
+def test_sequence_length_of_each_family():
+    from benchmarks.cli import sequence_length
+    assert sequence_length(dict(grid=[64, 64], num_prefix=512, seq_len=4608)) == 4608     # window
+    assert sequence_length(dict(B=1, S=66048, H=24)) == 66048                              # linear
+    assert sequence_length(dict(lens=[512, 4096, 4096])) == 8704                           # sparse
+    assert sequence_length(dict(model="flux", grid=[128, 128], text=512)) == 16896         # e2e
+    assert sequence_length(dict(B=1)) is None

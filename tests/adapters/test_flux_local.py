@@ -93,6 +93,17 @@ def test_downsample_and_proportional_scale_equal_reference():
     torch.testing.assert_close(run(m, x), run(r, x), atol=ATOL, rtol=0)
 
 
+def test_proportional_scale_without_downsample():
+    """sqrt(log_4608(N) / d) with N the sequence length (CLEAR's 10 N applies to its pooled variant only)."""
+    import math
+    H, W = 6, 7
+    m, r = tiny_flux(), tiny_flux()
+    x = flux_inputs(H, W)
+    flux.apply_local_attention(m, radius=3, proportional_scale=True)
+    set_reference(r, H=H, W=W, radius=3, scale=math.sqrt(math.log(5 + H * W, 4608) / 16))
+    torch.testing.assert_close(run(m, x), run(r, x), atol=ATOL, rtol=0)
+
+
 def test_two_resolutions_one_apply():
     m, r = tiny_flux(), tiny_flux()
     flux.apply_local_attention(m, radius=3)

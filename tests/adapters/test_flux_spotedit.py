@@ -59,3 +59,46 @@ def test_partial_edit_keeps_unedited_rows():
     keep[[1, 5, 7]] = False
     assert torch.equal(out[:, :24][:, keep], prev[:, keep])
     assert not torch.equal(out[:, [1, 5, 7]], prev[:, [1, 5, 7]])
+
+
+def test_edit_selection_is_the_changed_tokens():
+    """After a step the edited tokens are those whose predicted clean latent x_t - sigma * v differs
+    from the reference latents (token_change_score > threshold), read from the prediction."""
+    m, ref = tiny_flux(), tiny_flux()
+    x = kontext_inputs(4, 6, 4, 6)
+    N = 24
+    with torch.no_grad():
+        pred = ref(**x).sample[:, :N]
+    x0 = x["hidden_states"][:, :N] - x["timestep"].reshape(-1, 1, 1) * pred
+    score = dtk.token_change_score([flux.unpack_latents(x0, (4, 6))],
+                                   [flux.unpack_latents(x["hidden_states"][:, N:], (4, 6))], pool=2, size=(8, 12))
+    s = score.flatten().sort().values
+    gap = int((s[6:18].diff()).argmax()) + 6          # a threshold between two well-separated middle scores
+    assert s[gap + 1] - s[gap] > 1e-4
+    h = flux.apply_spotedit(m, warmup=1, threshold=float(s[gap] + s[gap + 1]) / 2)
+    with torch.no_grad():
+        m(**x)
+    st = h.streams[next(iter(h.streams))]
+    expect = torch.nonzero(score.flatten() > h.threshold).flatten()
+    assert 6 <= expect.numel() <= 18
+    assert torch.equal(st.index[:int(st.count)].long().sort().values, expect)
+
+
+def test_edit_step_attends_to_the_fresh_keys_of_edited_tokens():
+    """Every token edited: a token's output depends on the other edited tokens' current inputs
+    (their fresh K/V, scattered into the cache), not only on the full step's cached K/V."""
+    outs = []
+    for seed in (0, 1):
+        m = tiny_flux()
+        x = kontext_inputs(4, 6, 4, 6)
+        torch.manual_seed(0)
+        x2 = dict(x, hidden_states=x["hidden_states"].clone())
+        x2["hidden_states"][:, :20] += 0.5 * torch.randn(1, 20, 8)
+        if seed:
+            x2["hidden_states"][:, 5] += 1.0                   # only token 5's input differs between the runs
+        flux.apply_spotedit(m, warmup=1, threshold=-1.0)        # all tokens edited
+        with torch.no_grad():
+            m(**x)
+            outs.append(m(**x2).sample)
+    others = [i for i in range(24) if i != 5]
+    assert (outs[0][:, others] - outs[1][:, others]).abs().amax() > 1e-3

@@ -229,8 +229,10 @@ def apply_local_attention(transformer, radius: int = 16, *, downsample: Optional
         downsample: ``df`` adds CLEAR's pooled keys/values: the image K/V pooled over df x df
             patches with learnable per-position weights (``spatial_weight``, initialised to
             1/df^2), seen by the image queries only.
-        proportional_scale: softmax scale ``sqrt(log_4608(N_kv) / d)`` (CLEAR's proportional
-            attention for resolutions above the training one) instead of ``1/sqrt(d)``.
+        proportional_scale: softmax scale ``sqrt(log_4608(N) / d)`` (CLEAR's proportional
+            attention for resolutions above the training one) instead of ``1/sqrt(d)``; N is the
+            sequence length (text + image tokens), or 10 x that with ``downsample``, as in CLEAR's
+            released processor.
         tile: ``(th, tw)``: the image tokens are permuted into tile order once per forward (input
             tokens, RoPE ids and ControlNet residuals in; the prediction out), so every layer runs
             on tile-ordered tokens (faster window kernels). Same result as row-major. ``"auto"``:

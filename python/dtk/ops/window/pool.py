@@ -8,6 +8,7 @@ train); cost O(S * D), negligible next to the attention.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional, Sequence, Union
 
 import torch
@@ -57,25 +58,31 @@ def pool_grid_tokens(x: torch.Tensor, grid: Sequence[int], factor: IntOrTuple,
         if weight.numel() != n:
             raise ValueError(f"weight must have prod(factor) = {n} elements, got shape {tuple(weight.shape)}")
         w = weight.reshape(n).to(x.dtype)
-    g = x[:, P:]
-    if tile is not None:
-        _, inv = tile_permutation(grid, tile, device=x.device)
-        g = g[:, inv]                                    # tile order -> row-major
-    B, rest = g.shape[0], g.shape[2:]
-    out_grid = tuple(a // b for a, b in zip(grid, f))
-    if any(v == 0 for v in out_grid):
-        return g.new_zeros((B, 0) + tuple(rest))
-    g = g.reshape((B,) + grid + tuple(rest))
-    g = g[(slice(None),) + tuple(slice(0, o * b) for o, b in zip(out_grid, f))]
-    shape = [B]
-    for o, b in zip(out_grid, f):
-        shape += [o, b]
-    g = g.reshape(shape + list(rest))                   # (B, o0, f0, o1, f1, ..., rest)
-    perm = [0] + [1 + 2 * i for i in range(nd)] + [2 + 2 * i for i in range(nd)] + \
-           list(range(1 + 2 * nd, 1 + 2 * nd + len(rest)))
-    g = g.permute(perm).reshape((B, _prod(out_grid), n) + tuple(rest))
+    B, rest = x.shape[0], x.shape[2:]
+    tile = (tile,) * nd if isinstance(tile, int) else (None if tile is None else tuple(int(v) for v in tile))
+    idx = _patch_index(grid, f, tile, x.device)
+    g = x[:, P:].index_select(1, idx.flatten()).reshape((B,) + tuple(idx.shape) + tuple(rest))
     w = w.reshape((1, 1, n) + (1,) * len(rest))
     return (g * w).sum(dim=2)
+
+
+@lru_cache(maxsize=32)
+def _patch_index(grid, factor, tile, device) -> torch.Tensor:
+    """(patches, prod(factor)): the memory position (after the prefix) of token j of patch p, patches
+    row-major over the cropped patch grid; one gather then replaces a tile-order permutation and
+    a patch-major copy per call (the index is built once per geometry)."""
+    nd = len(grid)
+    out_grid = tuple(a // b for a, b in zip(grid, factor))
+    rm = torch.arange(_prod(grid), device=device).reshape(grid)
+    rm = rm[tuple(slice(0, o * b) for o, b in zip(out_grid, factor))]
+    shape = []
+    for o, b in zip(out_grid, factor):
+        shape += [o, b]
+    rm = rm.reshape(shape).permute([2 * i for i in range(nd)] + [2 * i + 1 for i in range(nd)])
+    rm = rm.reshape(_prod(out_grid), _prod(factor))
+    if tile is not None:
+        rm = tile_permutation(grid, tile, device=device)[1][rm]    # row-major -> tile-order position
+    return rm
 
 
 def _prod(t):

@@ -54,6 +54,8 @@ def test_triton_head_dims(D):
     dict(grid=(4, 6, 7), window=(-1, 3, 5), radius=None, border="inward", num_prefix=0, tile=None, num_extra=0),
     dict(grid=(2, 3), window=None, radius=4, border="inward", num_prefix=0, tile=None, num_extra=0),  # empty rows
     dict(grid=(37,), window=(6,), radius=None, border="clip", num_prefix=17, tile=None, num_extra=0),
+    # a FLUX-like text prefix (512 + a partial block): many prefix query blocks and key blocks
+    dict(grid=(6, 10), window=None, radius=3, border="clip", num_prefix=520, tile=(2, 4), num_extra=4),
 ])
 def test_triton_named(case):
     run_case(dict(case, heads=(2, 2), D=16, B=2, transposed=False, scale=None), DTYPES[0], block=16)

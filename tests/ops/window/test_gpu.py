@@ -59,6 +59,45 @@ def test_gpu_bad_input():
         dtk.window_attention(q, q, q, (4, 4), 3)
 
 
+def _compiled_variants(fn) -> int:
+    """Compiled variants of a Triton JITFunction on every device (Triton 3.6-3.8 layouts)."""
+    caches = getattr(fn, "device_caches", None)
+    if caches is not None:
+        return sum(len(c[0]) for c in caches.values())
+    return sum(len(c) for c in fn.cache.values())
+
+
+def test_gpu_new_grids_compile_nothing_new(monkeypatch):
+    """A new resolution builds a new plan, never a new kernel: the geometry arguments are not
+    specialised (strides keep their divisibility, so the grids here change none)."""
+    from dtk.ops.window.triton import _window_fwd
+    monkeypatch.setenv("DTK_TRITON_AUTOTUNE", "0")
+
+    def call(grid):
+        S = 7 + grid[0] * grid[1]
+        q, k, v = (torch.randn(1, S, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        out = dtk.window_attention(q, k, v, grid, (9, 9), num_prefix=7, tile=(8, 16))
+        assert out.isfinite().all()
+    call((32, 48))
+    before = _compiled_variants(_window_fwd)
+    for grid in ((40, 56), (33, 47), (64, 64), (17, 100)):
+        call(grid)
+    assert _compiled_variants(_window_fwd) == before
+
+
+def test_gpu_opcheck():
+    """The fake kernels and autograd registration against the Triton CUDA kernels."""
+    q, k, v = (torch.randn(1, 3 + 80, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    k, v = k[:, :, :2], v[:, :, :2]
+    ek, ev = (torch.randn(1, 5, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    torch.library.opcheck(torch.ops.dtk.window_attention.default,
+                          (q, k, v, [8, 10], [3, 5], None, "inward", 3, [4, 4], None, ek, ev))
+    out, lse = torch.ops.dtk.window_attention(q, k, v, [80], None, 6, "clip", 3, None, 0.3, None, None)
+    g = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.dtk.window_attention_backward.default,
+                          (g, None, q, k, v, out, lse, [80], None, 6, "clip", 3, None, 0.3, None, None))
+
+
 def test_gpu_compile_and_new_grid_without_recompiling_the_kernel():
     f = torch.compile(lambda q, k, v, g: dtk.window_attention(q, k, v, g, (5, 5), tile=(4, 8)), fullgraph=True)
     for grid in ((16, 24), (20, 28)):

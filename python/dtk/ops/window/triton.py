@@ -216,7 +216,13 @@ def _window_allowed(allowed, y0, y1, y2, lo0, lo1, lo2, hi0, hi1, hi2, R, IS_BOX
     return allowed
 
 
-@triton.jit
+# Triton specialises int arguments on == 1 and divisibility by 16: the grid geometry is kept out of
+# that so that a new grid (resolution) reuses the compiled kernel. Strides stay specialised (their
+# divisibility gives vectorised loads); a grid can still compile anew where it changes one's.
+GEOMETRY_ARGS = ["S", "P", "N0", "N1", "N2", "W0", "W1", "W2", "R", "PAD0", "PAD1"]
+
+
+@triton.jit(do_not_specialize=GEOMETRY_ARGS + ["E", "L", "N_PQB", "NQB"])
 def _window_fwd(
     Q, K, V, EK, EV, O, LSE, QB, ENT, CNT, ORDER,
     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh,
@@ -308,7 +314,7 @@ def _window_fwd(
                 acc, m_i, l_i, q_ok, d_mask, dq_scale, BWD)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=GEOMETRY_ARGS + ["NDB", "DENSE_LEN", "DENSE_QLO", "DENSE_QHI", "NKB"])
 def _window_bwd_dkdv(
     Q, K, V, DO, LSE2, DELTA, DK, DV, QB, TQ, TOFF,
     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh, sdkb, sdks, sdkh, sdvb, sdvs, sdvh,

@@ -67,16 +67,10 @@ CPU_SHAPES = [
     WindowShape("circle-r4-20x20-p16-clip", 1, 2, 64, (20, 20), radius=4, border="clip", num_prefix=16),
 ]
 
-# --gpu set (bf16, d=128): DESIGN §4 headline shapes, cheapest first.
+# --gpu set (bf16, d=128): DESIGN §4 shapes, the issue targets' first.
 GPU_SHAPES = [
     WindowShape("flux1024-r16-clip-p512-tile8x16", 1, 24, 128, (64, 64), radius=16, border="clip",
                 num_prefix=512, tile=(8, 16), note="CLEAR on FLUX 1024^2"),
-    WindowShape("flux2048-r16-clip-p512-tile8x16", 1, 24, 128, (128, 128), radius=16, border="clip",
-                num_prefix=512, tile=(8, 16), note="CLEAR on FLUX 2048^2"),
-    WindowShape("wan480p-tile21x3x2", 1, 12, 128, (21, 30, 52), window=(-1, 31, 53), tile=(21, 3, 2),
-                note="Wan2.1-1.3B 480p, 81 frames: FreeSwim's window covers the whole grid (dense)"),
-    WindowShape("wan14b-720p-tile21x3x2", 1, 40, 128, (21, 45, 80), window=(-1, 31, 53), tile=(21, 3, 2),
-                note="Wan2.1-14B 720p, 81 frames, FreeSwim window"),
     WindowShape("na2d-256-w64-tile8x16", 1, 24, 128, (256, 256), window=(64, 64), tile=(8, 16),
                 note="FLUX 4K grid, inward 64x64 window"),
     WindowShape("na2d-256-w64-rowmajor", 1, 24, 128, (256, 256), window=(64, 64)),
@@ -88,6 +82,13 @@ GPU_SHAPES = [
     WindowShape("freeswim-1080p-rowmajor", 1, 12, 128, (21, 68, 120), window=(-1, 31, 53)),
     WindowShape("clear8k-r16-clip-p512-tile8x16", 1, 24, 128, (512, 512), radius=16, border="clip",
                 num_prefix=512, tile=(8, 16), note="CLEAR at 8K"),
+    # more DESIGN §4 shapes, after the targets' (a --budget-s run reaches these last)
+    WindowShape("flux2048-r16-clip-p512-tile8x16", 1, 24, 128, (128, 128), radius=16, border="clip",
+                num_prefix=512, tile=(8, 16), note="CLEAR on FLUX 2048^2"),
+    WindowShape("wan480p-tile21x3x2", 1, 12, 128, (21, 30, 52), window=(-1, 31, 53), tile=(21, 3, 2),
+                note="Wan2.1-1.3B 480p, 81 frames: FreeSwim's window covers the whole grid (dense)"),
+    WindowShape("wan14b-720p-tile21x3x2", 1, 40, 128, (21, 45, 80), window=(-1, 31, 53), tile=(21, 3, 2),
+                note="Wan2.1-14B 720p, 81 frames, FreeSwim window"),
 ]
 
 SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")

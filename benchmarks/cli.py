@@ -84,6 +84,7 @@ def environment(device: str, argv: List[str]) -> Dict[str, Any]:
                                      cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip() or None
     except Exception:
         meta["git"] = None
+    meta["git"] = meta["git"] or os.environ.get("DTK_GIT_COMMIT")   # a machine given the tree without .git
     return meta
 
 

@@ -5,6 +5,7 @@
 # RESULTS.md wheel_smoke.log; + sweep.json sweep.log with SWEEP_S > 0).
 # Whole run sized to ~9 minutes: each step gets what is left of TOTAL_S.
 #   run from the repo root:  bash scripts/gpu_check.sh
+# The machine gets the tree without .git: pass DTK_GIT_COMMIT=<short hash> for the results' header.
 # Offline machine: the pure-Python wheels it lacks are carried in .gpu/whl (git-ignored) and
 # installed below, e.g. the fla benchmark peer (fla-core and its one dependency, einops):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 fla-core==0.6.0 einops -d .gpu/whl

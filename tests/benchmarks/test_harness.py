@@ -198,7 +198,8 @@ def test_results_md_generation(tmp_path):
     cli.write_json(str(p), data)
     out = tmp_path / "RESULTS.md"
     assert results_md.main([str(p), "-o", str(out)]) == 0
-    assert out.read_text() == text
+    assert out.read_text() == results_md.render_runs([data], sources=[str(p)]) and "Generated from" in out.read_text()
+    assert out.read_text().startswith(text)
     assert "no GPU result yet" in results_md.render_placeholder()
     # two runs (e.g. op families, then the end-to-end models): one page, each run with its header
     other = dict(data, meta=dict(data["meta"], command="python -m benchmarks --gpu --op e2e"))

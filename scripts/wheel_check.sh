@@ -34,10 +34,12 @@ whl="$(ls dist/dtk-*.whl)"
 echo "== wheel_check: built $whl in $((SECONDS - t0)) s"
 "$PY" -m zipfile -l "$whl"
 
-# 2. A fresh venv with torch from the package index (the local disk here) and the wheel.
+# 2. A fresh venv with the wheel and, from the package index (the local disk here), the torch it was
+#    built against (the extension's C++ ABI is that release's: a newer torch would not load it).
 t1=$SECONDS
+torch_ver="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
 "$PY" -m venv "$tmp/venv"
-"$tmp/venv/bin/python" -m pip install -q "torch>=2.11" numpy "$whl"
+"$tmp/venv/bin/python" -m pip install -q "torch==$torch_ver" numpy "$whl"
 echo "== wheel_check: installed into a fresh venv in $((SECONDS - t1)) s"
 
 # 3. The smoke test, run from an empty directory so `import dtk` can only find the installed wheel.

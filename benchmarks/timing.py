@@ -15,11 +15,6 @@ from typing import Callable, Dict, Optional
 import torch
 
 
-def _sync(device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def time_cpu(fn: Callable, *, warmup_s: float = 0.05, min_reps: int = 3, max_reps: int = 50,
              target_s: float = 0.3) -> Dict:
     """Median wall time (ms) of fn(): at least one warmup call (until warmup_s), then reps until

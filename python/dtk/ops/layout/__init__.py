@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence, Union
 
 import torch
 
-__all__ = ["to_tile_order", "from_tile_order"]
+from ..window.spec import IntOrTuple
 
-IntOrTuple = Union[int, Sequence[int]]
+__all__ = ["to_tile_order", "from_tile_order"]
 
 
 def _as_list(name: str, value: IntOrTuple, ndim: int) -> list:

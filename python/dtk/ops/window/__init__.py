@@ -2,16 +2,14 @@
 (NATTEN / FreeSwim) over a 1D/2D/3D token grid that follows `num_prefix` global tokens."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 
 from . import _register  # noqa: F401  (fake kernel and Triton CUDA kernel of dtk::window_attention)
-from .spec import tile_permutation  # noqa: F401
+from .spec import IntOrTuple, tile_permutation  # noqa: F401
 from .plan import suggest_tile  # noqa: F401
 from .pool import pool_grid_tokens  # noqa: F401
-
-IntOrTuple = Union[int, Sequence[int]]
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: IntOrTuple,

@@ -9,13 +9,11 @@ train); cost O(S * D), negligible next to the attention.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 
-from .spec import tile_permutation
-
-IntOrTuple = Union[int, Sequence[int]]
+from .spec import IntOrTuple, tile_permutation
 
 __all__ = ["pool_grid_tokens"]
 

@@ -105,11 +105,6 @@ def circle_center(p, n: int, r: int, border: str, padded: bool):
     return _maximum(_minimum(p, n - r), r - 1)
 
 
-def circle_range(c, n: int, r: int):
-    """Inclusive key range of the circle's bounding box around centre c, clipped to the axis."""
-    return _clamp(c - (r - 1), 0, n - 1), _clamp(c + (r - 1), 0, n - 1)
-
-
 def _clamp(x, lo, hi):
     # max(lo, min(x, hi)) with lo taking precedence, as in max(0, min(p - w//2, N - w))
     return _maximum(_minimum(x, hi), lo)

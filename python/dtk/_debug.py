@@ -9,6 +9,13 @@ def nan_fill() -> bool:
     return os.environ.get("DTK_DEBUG_NAN_FILL", "0") == "1"
 
 
+def check_indices() -> bool:
+    """DTK_CHECK_INDICES=1: index arguments on a GPU are validated too (range, and duplicates for
+    scatter_blend) at the cost of a host sync per call; by default only CPU indices are read (a
+    GPU kernel skips an out-of-range entry like the -1 padding)."""
+    return os.environ.get("DTK_CHECK_INDICES", "0") == "1"
+
+
 def new_output(shape, *, like: torch.Tensor, dtype=None) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
     return out.fill_(float("nan")) if nan_fill() else out

@@ -84,6 +84,25 @@ def test_scatter_blend_gpu(dtype):
     torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
 
 
+def test_gpu_indices_checked_on_request(monkeypatch):
+    """GPU indices are not read by default (no host sync); DTK_CHECK_INDICES=1 validates them."""
+    q = torch.randn(1, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+    ks, vs = [torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)], [torch.randn(1, 8, 2, 64, device="cuda",
+                                                                                            dtype=torch.bfloat16)]
+    bad_q = torch.tensor([[0, 16]], device="cuda")
+    base = torch.randn(1, 8, 4, device="cuda")
+    dup = torch.tensor([[1, 3, 1]], device="cuda")
+    fresh = torch.randn(1, 3, 4, device="cuda")
+    dtk.multi_kv_attention(q, ks, vs, q_index=bad_q)                # skipped like padding, no sync
+    monkeypatch.setenv("DTK_CHECK_INDICES", "1")
+    with pytest.raises(IndexError, match="q_index out of range"):
+        dtk.multi_kv_attention(q, ks, vs, q_index=bad_q)
+    with pytest.raises(IndexError, match=r"kv_index\[0\] out of range"):
+        dtk.multi_kv_attention(q, ks, vs, kv_index=[torch.tensor([8], device="cuda")])
+    with pytest.raises(ValueError, match="duplicate entry 1"):
+        dtk.scatter_blend(base, base.clone(), fresh, dup, 0.5)
+
+
 def test_mask_ops_on_gpu():
     m = torch.rand(2, 64, 64, device="cuda") < 0.3
     idx, cnt = dtk.mask_to_index(m, num_prefix=512)

@@ -50,6 +50,11 @@ def check_scatter_blend(base, cache, fresh, index, lam, lam_per_batch):
         lo, hi = int(index.min()), int(index.max())
         if lo < -1 or hi >= N:
             raise IndexError(f"index out of range: entries must be in [0, {N}) or -1, got values in [{lo}, {hi}]")
+        if index.device.type != "cpu":   # (the C++ CPU kernel finds duplicates in its own pass)
+            s = index.reshape(-1, index.shape[-1]).sort(-1).values
+            dup = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
+            if bool(dup.any()):
+                raise ValueError(f"dtk.scatter_blend: index has duplicate entry {int(s[:, 1:][dup][0])}")
 
 
 @torch.library.register_fake(_LIB + "scatter_blend")

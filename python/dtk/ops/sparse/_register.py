@@ -8,6 +8,7 @@ import importlib.util
 
 import torch
 
+from ..._debug import check_indices
 from .._checks import check_bshd as _check_bshd, check_gpu as _check_gpu, check_grads, check_kv_like_q, check_scale as _check_scale
 
 _LIB = "dtk::"
@@ -15,8 +16,11 @@ _INT = (torch.int32, torch.int64)
 
 
 def readable(t: torch.Tensor) -> bool:
-    """True when t's values can be read without a device sync and outside tracing (CPU, not fake)."""
-    if t.device.type != "cpu" or torch.compiler.is_compiling():
+    """True when the checks may read t's values: outside tracing, not fake, on the CPU (no device
+    sync) or, with DTK_CHECK_INDICES=1, on a GPU too."""
+    if t.device.type != "cpu" and not (t.device.type == "cuda" and check_indices()):
+        return False
+    if torch.compiler.is_compiling():
         return False
     from torch._subclasses.fake_tensor import is_fake
     return not is_fake(t)

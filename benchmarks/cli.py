@@ -213,7 +213,8 @@ class Runner:
 
 
 def add_speedups(rows: List[Dict]):
-    """Anchor rows get dtk_speedup = anchor ms / dtk ms; the dtk row gets speedup {anchor: ratio}."""
+    """Anchor rows get dtk_speedup = anchor ms / dtk ms (the fastest dtk row of the shape, named in
+    speedup_vs); that dtk row gets speedup {anchor: ratio}."""
     dtk = [r for r in rows if r.get("kind") == "dtk" and r.get("status") == "ok"]
     if not dtk:
         return
@@ -222,6 +223,7 @@ def add_speedups(rows: List[Dict]):
     for r in rows:
         if r.get("kind") == "anchor" and r.get("status") == "ok":
             r["dtk_speedup"] = r["ms"] / d["ms"]
+            r["speedup_vs"] = d["impl"]
             sp[r["impl"]] = r["dtk_speedup"]
     d["speedup"] = sp
 

@@ -27,12 +27,16 @@ def row_notes(r: Dict, markdown: bool = True) -> str:
     if st and st != "ok":
         parts.append(f"skipped: {r.get('reason', '')}" if st == "skipped" else
                      f"**{st}**: {r.get('reason', '')}" if markdown else f"{st}: {r.get('reason', '')}")
+    if r.get("speedup_vs") not in (None, "dtk"):
+        parts.append(f"dtk × against {r['speedup_vs']}")
     info = r.get("info") or {}
     for k in INFO_KEYS:
         if k in info:
             parts.append(f"{k}={info[k]}")
     ck = r.get("check")
-    if ck and st == "ok":
+    if ck and st == "ok" and not ck.get("rows"):     # no rows compared (e2e: shape and finiteness)
+        parts.append(f"checked: {ck.get('against', '')}")
+    elif ck and st == "ok":
         parts.append(f"checked on {ck['rows']} rows, err {ck['err']:.2g} ≤ {ck['tol']:.2g}" if markdown else
                      f"check err {ck['err']:.2g}<={ck['tol']:.2g}")
     return "; ".join(parts).replace("|", "\\|") if markdown else "; ".join(parts)

@@ -115,7 +115,7 @@ def test_dual_path_semantics_and_refresh_schedule():
         torch.testing.assert_close(out, expect, atol=ATOL, rtol=0)
     assert h.refresh_log == [(0, True), (0, False), (0, False), (0, True), (0, False)]
     h.reset()
-    assert h.refresh_log == [] and all(not p.cache for p in h.cross_processors)
+    assert h.refresh_log == [] and not h.streams
 
 
 def test_a_freed_prompt_ends_its_stream():
@@ -127,10 +127,10 @@ def test_a_freed_prompt_ends_its_stream():
     x = wan_inputs(2, 4, 4)
     for _ in range(2):
         run(m, x)
-    assert h.refresh_log == [(0, True), (0, False)] and all(len(p.cache) == 1 for p in h.cross_processors)
+    assert h.refresh_log == [(0, True), (0, False)] and [len(c) for c in h.streams.values()] == [1]
     x["encoder_hidden_states"] = torch.randn_like(x["encoder_hidden_states"])   # a new generation's prompt
     gc.collect()
-    assert not h._calls and all(not p.cache for p in h.cross_processors)
+    assert not h.streams
     run(m, x)
     assert h.refresh_log[-1] == (0, True)
 

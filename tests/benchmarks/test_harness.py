@@ -270,3 +270,18 @@ def test_sequence_length_of_each_family():
     assert sequence_length(dict(lens=[512, 4096, 4096])) == 8704                           # sparse
     assert sequence_length(dict(model="flux", grid=[128, 128], text=512)) == 16896         # e2e
     assert sequence_length(dict(B=1)) is None
+
+
+def test_target_bounds_from_exact_work():
+    from benchmarks import bounds as B
+    t = B.Target("tiny", 2, 64, (16, 16), (5, 5), None, "inward", 0, (4, 8), ms=1.0)
+    rows = B.bounds(t, floor_tflops=100.0, target_ms=1.0)
+    assert {r["tile"] for r in rows} >= {None, (4, 8)}
+    for r in rows:
+        assert 0 < r["plan_eff"] <= 1
+        assert r["need_tflop"] == pytest.approx(4 * 2 * 64 * 16 * 16 * 25 / 1e12)
+        assert r["ms_at_floor"] == pytest.approx(r["computed_tflop"] * 1e12 / (100.0 * 1e9))
+        assert r["required_pct_of_floor"] == pytest.approx(100 * r["ms_at_floor"] / 1.0)
+    data = dict(rows=[dict(op="window", impl="sdpa-cudnn", shape="freeswim-1080p-x", ms=300.0),
+                      dict(op="window", impl="flex", shape="clear8k-x", ms=5.0)])
+    assert B._dense_ms(data, "freeswim-1080p") == 300.0 and B._dense_ms(data, "clear8k") is None

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..cache import KVCache, OutputCache, RefreshPolicy
 from ..ops.window import suggest_tile, window_attention
 from ._common import (AdapterHandle, StreamNumbers, TileOrder, check_diffusers, parse_tile, replace_output_sample,
                       sdpa_bshd)
@@ -125,23 +126,23 @@ class WanWindowAttnProcessor:
 
 
 class WanDualCrossAttnProcessor:
-    """FreeSwim's cross-attention override for one Wan ``attn2``: on refresh calls the full branch's
-    output before ``to_out`` replaces the window branch's and is cached (per stream); on the other
-    calls the cache is used and the cross-attention is not computed at all."""
+    """FreeSwim's cross-attention override for one Wan ``attn2`` (block ``layer``): on refresh calls
+    the full branch's output before ``to_out`` replaces the window branch's and is written to the
+    stream's ``dtk.cache.OutputCache``; on the other calls it is read from there and the
+    cross-attention is not computed at all."""
 
-    def __init__(self, ctx: WanContext):
-        self.ctx = ctx
-        self.cache: Dict[object, torch.Tensor] = {}
+    def __init__(self, ctx: WanContext, layer: int):
+        self.ctx, self.layer = ctx, layer
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kwargs):
         ctx = self.ctx
         if ctx.mode == "refresh":
             B = ctx.batch
             full = wan_cross_pre_out(attn, hidden_states[B:], encoder_hidden_states[B:])
-            self.cache[ctx.stream] = full
+            ctx.stream.write(self.layer, full)
             pre = torch.cat([full, full], dim=0)
         elif ctx.mode == "cached":
-            pre = self.cache[ctx.stream]
+            pre = ctx.stream.read(self.layer)
             if pre.shape[:2] != hidden_states.shape[:2]:
                 raise RuntimeError("dtk FreeSwim: the cached cross-attention does not match this call's shape; "
                                    "call handle.reset() between generations")
@@ -158,7 +159,7 @@ class InwardWindowHandle(AdapterHandle):
         self.window, self.scale, self.cross_attention_refresh = window, scale, refresh
         self.context = WanContext(tile, window)
         self.cross_processors: List[WanDualCrossAttnProcessor] = []
-        self._calls: Dict[object, int] = {}
+        self.streams: Dict[tuple, OutputCache] = {}     # per stream: step count and per-layer outputs
         self.refresh_log: List[Tuple[int, bool]] = []    # (stream number, refreshed?) per forward
         self.stream_numbers = StreamNumbers(self._forget)
 
@@ -171,17 +172,13 @@ class InwardWindowHandle(AdapterHandle):
 
     def _forget(self, number: int) -> None:
         """A freed prompt tensor ends its streams: their step counts and cached outputs go."""
-        for key in [k for k in self._calls if number in k[:2]]:
-            del self._calls[key]
-            for p in self.cross_processors:
-                p.cache.pop(key, None)
+        for key in [k for k in self.streams if number in k[:2]]:
+            del self.streams[key]
 
     def reset(self) -> None:
         """Drops the cached cross-attention outputs and step counters (start of a new video)."""
-        self._calls.clear()
+        self.streams.clear()
         self.refresh_log.clear()
-        for p in self.cross_processors:
-            p.cache.clear()
 
 
 def apply_inward_window(transformer, window: Sequence[int] = (-1, 31, 53), *, scale: Optional[float] = None,
@@ -225,7 +222,7 @@ def apply_inward_window(transformer, window: Sequence[int] = (-1, 31, 53), *, sc
     for block in transformer.blocks:
         handle.set_processor(block.attn1, WanWindowAttnProcessor(ctx, window, scale, block.attn1.processor))
         if cross_attention_refresh is not None:
-            proc = WanDualCrossAttnProcessor(ctx)
+            proc = WanDualCrossAttnProcessor(ctx, len(handle.cross_processors))
             handle.set_processor(block.attn2, proc)
             handle.cross_processors.append(proc)
     p_t, p_h, p_w = transformer.config.patch_size
@@ -244,13 +241,13 @@ def apply_inward_window(transformer, window: Sequence[int] = (-1, 31, 53), *, sc
             ctx.mode = "window"
             return kw
         key = handle.stream_key(kw)
-        if key not in handle._calls:
-            handle._calls[key] = 0
-        n = handle._calls[key]
-        handle._calls[key] = n + 1
-        refresh = n % cross_attention_refresh == 0 or any(key not in p.cache for p in handle.cross_processors)
-        ctx.stream, ctx.mode = key, ("refresh" if refresh else "cached")
-        handle.refresh_log.append((list(handle._calls).index(key), refresh))
+        if key not in handle.streams:
+            handle.streams[key] = OutputCache(RefreshPolicy(every=cross_attention_refresh))
+        cache = handle.streams[key]
+        refresh = cache.should_write() or len(cache) < len(handle.cross_processors)
+        cache.next_step()
+        ctx.stream, ctx.mode = cache, ("refresh" if refresh else "cached")
+        handle.refresh_log.append((list(handle.streams).index(key), refresh))
         if refresh:
             for name in ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"):
                 if kw.get(name) is not None:
@@ -411,9 +408,8 @@ class BlockCacheHandle(AdapterHandle):
 
     def __init__(self, model, cache, keep_frames, scale):
         super().__init__(model)
-        import dtk.cache
-        self.cache = cache if cache is not None else dtk.cache.KVCache()
-        self.staged = dtk.cache.KVCache(offload=self.cache.offload, offload_device=str(self.cache.offload_device))
+        self.cache = cache if cache is not None else KVCache()
+        self.staged = KVCache(offload=self.cache.offload, offload_device=str(self.cache.offload_device))
         self.keep_frames, self.scale = keep_frames, scale
         self.context = BlockCacheContext(model)
         self.stream = None

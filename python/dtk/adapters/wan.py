@@ -142,10 +142,7 @@ class WanDualCrossAttnProcessor:
             ctx.stream.write(self.layer, full)
             pre = torch.cat([full, full], dim=0)
         elif ctx.mode == "cached":
-            pre = ctx.stream.read(self.layer)
-            if pre.shape[:2] != hidden_states.shape[:2]:
-                raise RuntimeError("dtk FreeSwim: the cached cross-attention does not match this call's shape; "
-                                   "call handle.reset() between generations")
+            pre = ctx.stream.read(self.layer)      # same shape: the stream key holds the latent shape
         else:
             pre = wan_cross_pre_out(attn, hidden_states, encoder_hidden_states)
         return attn.to_out[1](attn.to_out[0](pre))

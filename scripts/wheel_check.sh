@@ -25,7 +25,7 @@ t0=$SECONDS
 #    in-place build output (build/, python/dtk/_C*.so, __pycache__) can leak into the wheel.
 mkdir -p "$tmp/src"
 git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
-  [ -f "$f" ] && printf '%s\0' "$f"
+  if [ -f "$f" ]; then printf '%s\0' "$f"; fi   # not submodule links (third_party/cutlass)
 done | tar --null -T - -cf - | tar -xf - -C "$tmp/src"
 rm -rf dist && mkdir -p dist
 echo "== wheel_check: building the wheel (DTK_WITH_CUDA=$DTK_WITH_CUDA) with $PY"

@@ -14,9 +14,7 @@ mkdir -p "$OUT"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/src" "$tmp/site" "$tmp/run" "$tmp/dist"
-git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
-  [ -f "$f" ] && printf '%s\0' "$f"
-done | tar --null -T - -cf - | tar -xf - -C "$tmp/src"
+bash scripts/copy_sources.sh "$tmp/src"
 DTK_WITH_CUDA=0 MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip wheel "$tmp/src" --no-build-isolation --no-deps --no-index \
   -w "$tmp/dist" -q > "$OUT/wheel_build.log" 2>&1 || { tail -n 40 "$OUT/wheel_build.log"; exit 1; }
 "$PY" -m pip install -q --no-index --no-deps --target "$tmp/site" "$tmp"/dist/dtk-*.whl

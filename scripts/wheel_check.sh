@@ -23,10 +23,7 @@ t0=$SECONDS
 
 # 1. Build from a copy of the sources git knows about (tracked + untracked-not-ignored), so no
 #    in-place build output (build/, python/dtk/_C*.so, __pycache__) can leak into the wheel.
-mkdir -p "$tmp/src"
-git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
-  if [ -f "$f" ]; then printf '%s\0' "$f"; fi   # not submodule links (third_party/cutlass)
-done | tar --null -T - -cf - | tar -xf - -C "$tmp/src"
+bash scripts/copy_sources.sh "$tmp/src"
 rm -rf dist && mkdir -p dist
 echo "== wheel_check: building the wheel (DTK_WITH_CUDA=$DTK_WITH_CUDA) with $PY"
 "$PY" -m pip wheel "$tmp/src" --no-build-isolation --no-deps -w dist -q

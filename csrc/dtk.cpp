@@ -56,15 +56,18 @@ TORCH_LIBRARY(dtk, m) {
   m.def("tile_reorder(Tensor x, int[] grid, int[] tile, int num_prefix, bool inverse) -> Tensor");
 
   // Linear attention (LinFusion / MEMO). See python/dtk/ops/linear/__init__.py.
-  // q (B,Sq,H,D), k (B,Sk,Hkv,D), v (B,Sk,Hkv,Dv); with cu_seqlens (int32, shared by q and k)
-  // the inputs are packed (1,total,H,D). Returns out (B,Sq,H,Dv) in q's dtype.
+  // q (B,Sq,H,D), k (B,Sk,Hkv,D), v (B,Sk,Hkv,Dv); with cu_seqlens (int32) the inputs are packed
+  // (1,total,H,D): cu_seqlens packs q and, without cu_seqlens_k, k too; cu_seqlens_k (int32, as
+  // many sequences; FlashAttention's cu_seqlens_q / cu_seqlens_k) packs k and v separately.
+  // cu_seqlens_k is last so that callers without it keep working. Returns out (B,Sq,H,Dv) in q's dtype.
   m.def(
       "linear_attention(Tensor q, Tensor k, Tensor v, str feature_map, bool normalize, float eps, "
-      "float? scale, Tensor? cu_seqlens) -> Tensor");
+      "float? scale, Tensor? cu_seqlens, Tensor? cu_seqlens_k=None) -> Tensor");
   // Gradients of linear_attention: (dq, dk, dv).
   m.def(
       "linear_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, str feature_map, "
-      "bool normalize, float eps, float? scale, Tensor? cu_seqlens) -> (Tensor, Tensor, Tensor)");
+      "bool normalize, float eps, float? scale, Tensor? cu_seqlens, Tensor? cu_seqlens_k=None) "
+      "-> (Tensor, Tensor, Tensor)");
   // Additive state of a key/value sequence: (kv_sum (B,Hkv,D,Dv), k_sum (B,Hkv,D), count (B,) int64),
   // float32 (float64 for float64 inputs); B = number of sequences with cu_seqlens.
   m.def("linear_attention_state(Tensor k, Tensor v, str feature_map, Tensor? cu_seqlens) -> (Tensor, Tensor, Tensor)");

@@ -1,4 +1,6 @@
-"""Shared test helpers: the tolerance rule of DESIGN §6 and layout helpers."""
+"""Shared test helpers: the tolerance rule of DESIGN §6, layout and packing helpers."""
+import random
+
 import torch
 
 
@@ -21,3 +23,18 @@ def bshd(B, S, H, D, dtype, device="cpu", transposed=False):
     if transposed:
         return torch.randn(B, H, S, D, dtype=dtype, device=device).transpose(1, 2)
     return torch.randn(B, S, H, D, dtype=dtype, device=device)
+
+
+def cu_seqlens(lens, device="cpu"):
+    """int32 cumulative offsets (0, l0, l0+l1, ...) of packed sequence lengths."""
+    return torch.tensor([0] + torch.tensor(lens, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32,
+                        device=device)
+
+
+def qk_lengths(n, max_len):
+    """Query and key lengths of n >= 3 packed sequences, drawn apart, in a random order: one has
+    queries and no keys, one keys and no queries, one neither, the others 0..max_len of each."""
+    lq = [random.randint(1, max_len), 0, 0] + [random.randint(0, max_len) for _ in range(n - 3)]
+    lk = [0, random.randint(1, max_len), 0] + [random.randint(0, max_len) for _ in range(n - 3)]
+    order = random.sample(range(n), n)
+    return [lq[i] for i in order], [lk[i] for i in order]

@@ -2,7 +2,8 @@
 //
 // Every op is "state reduction, then apply": the state phi(k)^T v (D x Dv) and sum phi(k) (D) are
 // accumulated per (sequence, kv head) with batched GEMMs in float32 (float64 for float64 inputs),
-// then each query row reads it. Packed sequences (cu_seqlens) are processed one at a time.
+// then each query row reads it. Packed sequences (cu_seqlens for q, cu_seqlens_k for k and v when
+// they are packed apart) are processed one at a time.
 #include "common/debug.h"
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -64,24 +65,38 @@ void check_bshd(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be (B, S, H, D), got shape ", t.sizes());
 }
 
-// [start, end) of each packed sequence; validates cu_seqlens against the packed length.
-std::vector<std::pair<int64_t, int64_t>> seq_bounds(const Tensor& cu, int64_t total, const char* op) {
-  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2, op, ": cu_seqlens must be 1-D with at least 2 entries, got shape ",
+using Bounds = std::vector<std::pair<int64_t, int64_t>>;
+
+// [start, end) of each packed sequence; validates cu (the argument `name`) against the packed length.
+Bounds seq_bounds(const Tensor& cu, int64_t total, const char* op, const char* name = "cu_seqlens") {
+  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2, op, ": ", name, " must be 1-D with at least 2 entries, got shape ",
               cu.sizes());
-  TORCH_CHECK(cu.scalar_type() == at::kInt, op, ": cu_seqlens must be int32, got ", cu.scalar_type());
+  TORCH_CHECK(cu.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", cu.scalar_type());
   Tensor c = cu.to(at::kCPU, at::kLong).contiguous();
   const int64_t* p = c.data_ptr<int64_t>();
   const int64_t n = c.numel();
-  TORCH_CHECK(p[0] == 0, op, ": cu_seqlens must start at 0, got ", p[0]);
-  std::vector<std::pair<int64_t, int64_t>> out;
+  TORCH_CHECK(p[0] == 0, op, ": ", name, " must start at 0, got ", p[0]);
+  Bounds out;
   out.reserve(n - 1);
   for (int64_t i = 1; i < n; ++i) {
-    TORCH_CHECK(p[i] >= p[i - 1], op, ": cu_seqlens must be non-decreasing, got ", p[i - 1], " then ", p[i],
+    TORCH_CHECK(p[i] >= p[i - 1], op, ": ", name, " must be non-decreasing, got ", p[i - 1], " then ", p[i],
                 " at index ", i);
     out.emplace_back(p[i - 1], p[i]);
   }
-  TORCH_CHECK(p[n - 1] == total, op, ": cu_seqlens must end at the packed length ", total, ", got ", p[n - 1]);
+  TORCH_CHECK(p[n - 1] == total, op, ": ", name, " must end at the packed length ", total, ", got ", p[n - 1]);
   return out;
+}
+
+// Bounds of each packed sequence's queries (cu_seqlens over q) and keys (cu_seqlens_k over k, or
+// cu_seqlens when q and k share the packing, whose equal lengths check_qkv has checked).
+std::pair<Bounds, Bounds> packed_bounds(const Tensor& cu, const std::optional<Tensor>& cu_k, int64_t total_q,
+                                        int64_t total_k, const char* op) {
+  Bounds qb = seq_bounds(cu, total_q, op);
+  if (!cu_k) return {qb, qb};
+  Bounds kb = seq_bounds(*cu_k, total_k, op, "cu_seqlens_k");
+  TORCH_CHECK(kb.size() == qb.size(), op, ": cu_seqlens_k must describe as many sequences as cu_seqlens (",
+              qb.size(), "), got ", kb.size());
+  return {std::move(qb), std::move(kb)};
 }
 
 Tensor expand_heads(const Tensor& t, int64_t H) {  // t (B, Hkv, ...) -> (B, H, ...)
@@ -161,7 +176,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_dense(const Tensor& g, const Tensor&
   return {dq, dk, gv.permute({0, 2, 1, 3})};
 }
 
-void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& cu, const char* op) {
+void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& cu,
+               const std::optional<Tensor>& cu_k, const char* op) {
   check_bshd(q, op, "q");
   check_bshd(k, op, "k");
   check_bshd(v, op, "v");
@@ -173,9 +189,12 @@ void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const std::opt
               ": v must match k in sequence length and heads, got v ", v.sizes(), " and k ", k.sizes());
   TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, op, ": the heads of q (", q.size(2),
               ") must be a multiple of the heads of k (", k.size(2), ")");
+  TORCH_CHECK(!cu_k || cu, op, ": cu_seqlens_k (the packing of k and v) needs cu_seqlens (the packing of q)");
   if (cu) {
     TORCH_CHECK(q.size(0) == 1, op, ": with cu_seqlens, q, k and v must be packed as (1, total, H, D)");
-    TORCH_CHECK(k.size(1) == q.size(1), op, ": with cu_seqlens, q and k share the packing and must have the same length");
+    TORCH_CHECK(cu_k || k.size(1) == q.size(1), op,
+                ": with cu_seqlens alone, q and k share the packing and must have the same length (pass "
+                "cu_seqlens_k to pack k and v apart), got ", q.size(1), " and ", k.size(1));
   }
 }
 
@@ -183,34 +202,39 @@ void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const std::opt
 
 Tensor linear_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v, std::string_view feature_map,
                             bool normalize, double eps, std::optional<double> scale,
-                            const std::optional<Tensor>& cu_seqlens) {
+                            const std::optional<Tensor>& cu_seqlens, const std::optional<Tensor>& cu_seqlens_k) {
   constexpr const char* op = "dtk.linear_attention";
   const FeatureMap fm = parse_feature_map(feature_map, op);
   TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
-  check_qkv(q, k, v, cu_seqlens, op);
+  check_qkv(q, k, v, cu_seqlens, cu_seqlens_k, op);
   const auto acc = acc_type(q);
   if (!cu_seqlens) {
     auto [kv, ks] = state_dense(k, v, fm, acc);
     Tensor count = at::full({q.size(0)}, k.size(1), q.options().dtype(at::kLong));
     return apply_dense(q, kv, ks, count, fm, normalize, eps, scale, acc).to(q.scalar_type()).contiguous();
   }
-  auto bounds = seq_bounds(*cu_seqlens, q.size(1), op);
+  auto [qb, kb] = packed_bounds(*cu_seqlens, cu_seqlens_k, q.size(1), k.size(1), op);
   Tensor out = new_output({1, q.size(1), q.size(2), v.size(3)}, q.options());
-  for (auto [s, e] : bounds) {
-    if (e == s) continue;
-    auto [kv, ks] = state_dense(k.narrow(1, s, e - s), v.narrow(1, s, e - s), fm, acc);
-    Tensor count = at::full({1}, e - s, q.options().dtype(at::kLong));
-    out.narrow(1, s, e - s).copy_(apply_dense(q.narrow(1, s, e - s), kv, ks, count, fm, normalize, eps, scale, acc));
+  for (size_t i = 0; i < qb.size(); ++i) {
+    auto [q0, q1] = qb[i];
+    auto [k0, k1] = kb[i];
+    if (q1 == q0) continue;
+    // No keys: the state is zero and count 0 (read as 1), so the rows are 0, as in the reference.
+    auto [kv, ks] = state_dense(k.narrow(1, k0, k1 - k0), v.narrow(1, k0, k1 - k0), fm, acc);
+    Tensor count = at::full({1}, k1 - k0, q.options().dtype(at::kLong));
+    out.narrow(1, q0, q1 - q0)
+        .copy_(apply_dense(q.narrow(1, q0, q1 - q0), kv, ks, count, fm, normalize, eps, scale, acc));
   }
   return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_attention_backward_cpu(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, std::string_view feature_map,
-    bool normalize, double eps, std::optional<double> scale, const std::optional<Tensor>& cu_seqlens) {
+    bool normalize, double eps, std::optional<double> scale, const std::optional<Tensor>& cu_seqlens,
+    const std::optional<Tensor>& cu_seqlens_k) {
   constexpr const char* op = "dtk.linear_attention_backward";
   const FeatureMap fm = parse_feature_map(feature_map, op);
-  check_qkv(q, k, v, cu_seqlens, op);
+  check_qkv(q, k, v, cu_seqlens, cu_seqlens_k, op);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == q.size(0) && grad_out.size(1) == q.size(1) &&
                   grad_out.size(2) == q.size(2) && grad_out.size(3) == v.size(3),
               op, ": grad_out must have the output's shape");
@@ -219,17 +243,21 @@ std::tuple<Tensor, Tensor, Tensor> linear_attention_backward_cpu(
     auto [dq, dk, dv] = backward_dense(grad_out, q, k, v, fm, normalize, eps, scale, acc);
     return {dq.to(q.scalar_type()).contiguous(), dk.to(k.scalar_type()).contiguous(), dv.to(v.scalar_type()).contiguous()};
   }
-  auto bounds = seq_bounds(*cu_seqlens, q.size(1), op);
+  auto [qb, kb] = packed_bounds(*cu_seqlens, cu_seqlens_k, q.size(1), k.size(1), op);
   Tensor dq = at::zeros(q.sizes(), q.options());
   Tensor dk = at::zeros(k.sizes(), k.options());
   Tensor dv = at::zeros(v.sizes(), v.options());
-  for (auto [s, e] : bounds) {
-    if (e == s) continue;
-    auto [a, b, c] = backward_dense(grad_out.narrow(1, s, e - s), q.narrow(1, s, e - s), k.narrow(1, s, e - s),
-                                    v.narrow(1, s, e - s), fm, normalize, eps, scale, acc);
-    dq.narrow(1, s, e - s).copy_(a);
-    dk.narrow(1, s, e - s).copy_(b);
-    dv.narrow(1, s, e - s).copy_(c);
+  for (size_t i = 0; i < qb.size(); ++i) {
+    auto [q0, q1] = qb[i];
+    auto [k0, k1] = kb[i];
+    // No queries or no keys: the output does not depend on the sequence's inputs (no rows, or a
+    // zero state), so their gradients stay 0.
+    if (q1 == q0 || k1 == k0) continue;
+    auto [a, b, c] = backward_dense(grad_out.narrow(1, q0, q1 - q0), q.narrow(1, q0, q1 - q0),
+                                    k.narrow(1, k0, k1 - k0), v.narrow(1, k0, k1 - k0), fm, normalize, eps, scale, acc);
+    dq.narrow(1, q0, q1 - q0).copy_(a);
+    dk.narrow(1, k0, k1 - k0).copy_(b);
+    dv.narrow(1, k0, k1 - k0).copy_(c);
   }
   return {dq, dk, dv};
 }
@@ -316,7 +344,7 @@ Tensor memory_linear_attention_cpu(const Tensor& q, const Tensor& k, const Tenso
                                    const std::optional<Tensor>& mem_kv, const std::optional<Tensor>& mem_z,
                                    double decay) {
   constexpr const char* op = "dtk.memory_linear_attention";
-  check_qkv(q, k, v, std::nullopt, op);
+  check_qkv(q, k, v, std::nullopt, std::nullopt, op);
   TORCH_CHECK(k.size(2) == q.size(2), op, ": q, k and v must have the same number of heads");
   TORCH_CHECK(k.size(1) == q.size(1), op, ": q and k must have the same number of frames");
   const int64_t D = q.size(3);
@@ -375,7 +403,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> memory_linear_attention_backw
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mem_kv,
     const std::optional<Tensor>& mem_z, double decay) {
   constexpr const char* op = "dtk.memory_linear_attention_backward";
-  check_qkv(q, k, v, std::nullopt, op);
+  check_qkv(q, k, v, std::nullopt, std::nullopt, op);
   TORCH_CHECK(k.size(2) == q.size(2) && k.size(1) == q.size(1), op,
               ": q, k and v must have the same frames and heads");
   check_bshd(grad_out, op, "grad_out");

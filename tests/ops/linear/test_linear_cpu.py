@@ -8,7 +8,7 @@ import dtk
 from dtk.ops.linear.reference import (linear_attention_quadratic_reference, linear_attention_reference,
                                       linear_attention_state_reference, memo_features,
                                       memory_linear_attention_reference, memory_update_reference, split_bounds)
-from ...helpers import assert_matches_reference, bshd, max_err
+from ...helpers import assert_matches_reference, bshd, cu_seqlens, max_err, qk_lengths
 
 FMS = ("elu1", "relu", "identity")
 
@@ -85,6 +85,48 @@ def test_cu_seqlens():
             assert max_err(out[:, s:e], alone) < 1e-5
 
 
+def _packed_qk(lq, lk, H, Hkv, D, Dv, dtype, fm, norm):
+    """Packed q (1, sum lq, H, D), k and v (1, sum lk, Hkv, .); identity + normalize gets positive
+    q and k (a denominator near 0 would make the output ill-conditioned)."""
+    q, k, v = _inputs(1, sum(lq), sum(lk), H, Hkv, D, Dv, dtype)
+    if fm == "identity" and norm:
+        q, k = q.abs(), k.abs()
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fm", FMS)
+@pytest.mark.parametrize("norm", [True, False])
+def test_cu_seqlens_k(dtype, fm, norm):
+    """cu_seqlens packs q, cu_seqlens_k packs k and v (different totals, zero-length sequences on
+    either side): each sequence equals its own unpacked call, and queries without keys get 0."""
+    lq, lk = qk_lengths(6, 150)
+    cu, cu_k = cu_seqlens(lq), cu_seqlens(lk)
+    H, Hkv = random.choice([(4, 2), (4, 1), (2, 2)])
+    q, k, v = _packed_qk(lq, lk, H, Hkv, 32, 24, dtype, fm, norm)
+    kw = dict(feature_map=fm, normalize=norm, scale=random.choice([None, 0.3]))
+    out = dtk.linear_attention(q, k, v, cu_seqlens=cu, cu_seqlens_k=cu_k, **kw)
+    ref64 = linear_attention_reference(q.double(), k.double(), v.double(), cu_seqlens=cu, cu_seqlens_k=cu_k, **kw)
+    ref = linear_attention_reference(q, k, v, cu_seqlens=cu, cu_seqlens_k=cu_k, **kw)
+    assert_matches_reference(out, ref64, ref, atol=1e-5 * (1 if norm else max(1.0, ref64.abs().max().item())))
+    bq, bk = cu.tolist(), cu_k.tolist()
+    for i in range(len(lq)):
+        if lq[i] == 0:
+            continue
+        rows = out[:, bq[i]:bq[i + 1]]
+        alone = dtk.linear_attention(q[:, bq[i]:bq[i + 1]], k[:, bk[i]:bk[i + 1]], v[:, bk[i]:bk[i + 1]], **kw)
+        assert max_err(rows, alone) <= 1e-6 * (1 + alone.abs().max().item()), i
+        if lk[i] == 0:
+            assert not rows.any(), i
+
+
+def test_cu_seqlens_k_equal_to_cu_seqlens_is_the_shared_packing():
+    cu = cu_seqlens([5, 0, 17, 2])
+    q, k, v = _inputs(1, 24, 24, 4, 2, 16, 16, torch.float64)
+    assert max_err(dtk.linear_attention(q, k, v, cu_seqlens=cu, cu_seqlens_k=cu),
+                   dtk.linear_attention(q, k, v, cu_seqlens=cu)) == 0
+
+
 @pytest.mark.parametrize("parts", [2, 3, 4])
 def test_state_split_merge(parts):
     S = random.randint(parts, 3000)
@@ -152,6 +194,36 @@ def test_gradcheck_varlen_and_fp32_grad():
         assert max_err(a.grad, b.grad) < 1e-4 * (1 + b.grad.abs().max().item())
 
 
+@pytest.mark.parametrize("fm", FMS)
+@pytest.mark.parametrize("norm", [True, False])
+def test_gradcheck_cu_seqlens_k(fm, norm):
+    cu = torch.tensor([0, 3, 3, 5, 9], dtype=torch.int32)     # queries: 3, 0, 2, 4
+    cu_k = torch.tensor([0, 4, 6, 6, 7], dtype=torch.int32)   # keys:    4, 2, 0, 1
+    q, k, v = _packed_qk([9], [7], 4, 2, 8, 6, torch.float64, fm, norm)
+    for t in (q, k, v):
+        t.requires_grad_()
+    torch.autograd.gradcheck(lambda q, k, v: dtk.linear_attention(q, k, v, feature_map=fm, normalize=norm, scale=0.7,
+                                                                  cu_seqlens=cu, cu_seqlens_k=cu_k), (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm", [True, False])
+def test_cu_seqlens_k_grads(dtype, norm):
+    """Gradients with separate packings against float64 autograd through the reference."""
+    lq, lk = qk_lengths(5, 120)
+    cu, cu_k = cu_seqlens(lq), cu_seqlens(lk)
+    q, k, v = _packed_qk(lq, lk, 4, 2, 40, 24, dtype, "elu1", norm)
+    g = torch.randn(1, sum(lq), 4, 24, dtype=dtype)
+    kw = dict(normalize=norm, scale=0.5, cu_seqlens=cu, cu_seqlens_k=cu_k)
+    ts = [t.clone().requires_grad_() for t in (q, k, v)]
+    dtk.linear_attention(*ts, **kw).backward(g)
+    rs = [t.double().requires_grad_() for t in (q, k, v)]
+    linear_attention_reference(*rs, **kw).backward(g.double())
+    tol = 1e-4 if dtype == torch.float32 else 1e-11
+    for name, a, b in zip("qkv", ts, rs):
+        assert max_err(a.grad, b.grad) < tol * (1 + b.grad.abs().max().item()), name
+
+
 def test_opcheck():
     q, k, v = _inputs(2, 6, 9, 4, 2, 16, 8, torch.float32)
     cu = torch.tensor([0, 4, 6], dtype=torch.int32)
@@ -173,6 +245,20 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.dtk.memory_linear_attention.default, (m, m, mv, mkv, mz, 0.9))
     torch.library.opcheck(torch.ops.dtk.memory_linear_attention.default, (m, m, mv, None, None, 0.9))
     torch.library.opcheck(torch.ops.dtk.memory_linear_attention_update.default, (m, mv, mkv, mz, 0.9))
+
+
+def test_opcheck_cu_seqlens_k():
+    cu = torch.tensor([0, 4, 4, 6], dtype=torch.int32)
+    cu_k = torch.tensor([0, 0, 5, 9], dtype=torch.int32)
+    q, k, v = _inputs(1, 6, 9, 4, 2, 16, 8, torch.float32)
+    for t in (q, k, v):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.dtk.linear_attention.default, (q, k, v, "elu1", True, 1e-4, None, cu, cu_k))
+    torch.library.opcheck(torch.ops.dtk.linear_attention.default, (q, k, v, "relu", False, 1e-4, 0.5, cu, cu_k))
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+    g = torch.randn(1, 6, 4, 8)
+    torch.library.opcheck(torch.ops.dtk.linear_attention_backward.default,
+                          (g, qd, kd, vd, "elu1", True, 1e-4, None, cu, cu_k))
 
 
 # ---------------------------------------------------------------------------------------- MEMO
@@ -270,3 +356,31 @@ def test_bad_inputs_name_the_argument():
     _raises("decay", lambda: ml(m, m, m, decay=1.5))
     _raises("update_with", lambda: ml(m, m, m, update_with=17))
     _raises("same number of heads|q's number of heads", lambda: ml(m, m[:, :, :1], m[:, :, :1]))
+
+
+def test_cu_seqlens_k_bad_inputs_name_it():
+    q, k, v = _inputs(1, 10, 7, 4, 2, 16, 16, torch.float32)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    cu_k = torch.tensor([0, 3, 7], dtype=torch.int32)
+    i32 = dict(dtype=torch.int32)
+    bad = {  # cu_seqlens_k -> the message naming it (the wrapper's and the C++ op's alike)
+        cu_k.long(): "cu_seqlens_k must be int32",
+        cu_k[None]: "cu_seqlens_k must be 1-D",
+        torch.tensor([0, 2, 3, 7], **i32): "cu_seqlens_k must describe as many sequences as cu_seqlens",
+        torch.tensor([0, 3, 6], **i32): "cu_seqlens_k must end at the packed length 7",
+        torch.tensor([0, 8, 7], **i32): "cu_seqlens_k must be non-decreasing",
+        torch.tensor([1, 3, 7], **i32): "cu_seqlens_k must start at 0",
+    }
+    la = dtk.linear_attention
+    op, bwd = torch.ops.dtk.linear_attention, torch.ops.dtk.linear_attention_backward
+    g = torch.randn(1, 10, 4, 16)
+    for t, msg in bad.items():
+        _raises(msg, lambda: la(q, k, v, cu_seqlens=cu, cu_seqlens_k=t))
+        _raises(msg, lambda: op(q, k, v, "elu1", True, 1e-4, None, cu, t))
+        _raises(msg, lambda: bwd(g, q, k, v, "elu1", True, 1e-4, None, cu, t))
+    _raises("cu_seqlens_k .*needs cu_seqlens", lambda: la(q, k, v, cu_seqlens_k=cu_k))
+    _raises("cu_seqlens_k .*needs cu_seqlens", lambda: op(q, k, v, "elu1", True, 1e-4, None, None, cu_k))
+    _raises("cu_seqlens_k .*needs cu_seqlens", lambda: bwd(g, q, k, v, "elu1", True, 1e-4, None, None, cu_k))
+    # different totals without cu_seqlens_k: the shared packing cannot fit, the message says what to pass
+    _raises("pass cu_seqlens_k", lambda: la(q, k, v, cu_seqlens=cu))
+    _raises("pass cu_seqlens_k", lambda: op(q, k, v, "elu1", True, 1e-4, None, cu))

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.gpu   # skipped without a GPU (conftest); selected by g
 import dtk  # noqa: E402
 from dtk.ops.linear.reference import (linear_attention_reference, memory_linear_attention_reference,  # noqa: E402
                                       memory_update_reference, split_bounds)
-from ...helpers import assert_matches_reference, bshd, max_err  # noqa: E402
+from ...helpers import assert_matches_reference, bshd, cu_seqlens, max_err, qk_lengths  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16]
 
@@ -64,6 +64,35 @@ def test_backward(dtype, norm):
     linear_attention_reference(*rl, normalize=norm).backward(g)
     for name, a, b, c in zip("qkv", ts, r64, rl):
         assert_matches_reference(a.grad, b.grad, c.grad, atol=1e-3 * (1 + b.grad.abs().max().item()), name="d" + name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cu_seqlens_k(dtype):
+    """cu_seqlens packs q, cu_seqlens_k packs k and v (different totals, zero-length sequences on
+    either side): forward in both modes and the backward, through the CUDA key."""
+    lq, lk = qk_lengths(6, 3000)
+    cu, cu_k = cu_seqlens(lq, "cuda"), cu_seqlens(lk, "cuda")
+    q = bshd(1, sum(lq), 8, 64, dtype, "cuda", transposed=True)
+    k, v = bshd(1, sum(lk), 2, 64, dtype, "cuda"), bshd(1, sum(lk), 2, 64, dtype, "cuda")
+    kw = dict(cu_seqlens=cu, cu_seqlens_k=cu_k)
+    for norm in (True, False):
+        out = dtk.linear_attention(q, k, v, normalize=norm, **kw)
+        ref64, ref = _ref(q, k, v, normalize=norm, **kw)
+        assert_matches_reference(out, ref64, ref, atol=1e-3 * (1 if norm else max(1.0, ref64.abs().max().item())))
+    g = bshd(1, sum(lq), 8, 64, dtype, "cuda")
+    ts = [t.clone().requires_grad_() for t in (q, k, v)]
+    dtk.linear_attention(*ts, **kw).backward(g)
+    r64 = [t.double().requires_grad_() for t in (q, k, v)]
+    linear_attention_reference(*r64, **kw).backward(g.double())
+    rl = [t.clone().requires_grad_() for t in (q, k, v)]
+    linear_attention_reference(*rl, **kw).backward(g)
+    for name, a, b, c in zip("qkv", ts, r64, rl):
+        assert_matches_reference(a.grad, b.grad, c.grad, atol=1e-3 * (1 + b.grad.abs().max().item()), name="d" + name)
+    # the raw CUDA op rejects packings its kernels would index past
+    with pytest.raises(ValueError, match="cu_seqlens_k must describe as many sequences"):
+        torch.ops.dtk.linear_attention(q, k, v, "elu1", True, 1e-4, None, cu, cu_k[:-1])
+    with pytest.raises(ValueError, match="cu_seqlens_k .*needs cu_seqlens"):
+        torch.ops.dtk.linear_attention_backward(g, q, k, v, "elu1", True, 1e-4, None, None, cu_k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -17,7 +17,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before Triton is first imported
 from dtk.ops.linear import triton as tr  # noqa: E402
 from dtk.ops.linear.reference import (linear_attention_reference, linear_attention_state_reference,  # noqa: E402
                                       memory_linear_attention_reference, memory_update_reference, split_bounds)
-from ...helpers import assert_matches_reference, bshd, max_err  # noqa: E402
+from ...helpers import assert_matches_reference, bshd, cu_seqlens, max_err, qk_lengths  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16]
 
@@ -91,6 +91,50 @@ def test_backward_packed_sequences(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [True, False])
+def test_cu_seqlens_k(dtype, norm):
+    """cu_seqlens packs q, cu_seqlens_k packs k and v (state pass over k's packing, apply pass over
+    q's): different totals, zero-length sequences on either side, several chunks per sequence."""
+    lq, lk = qk_lengths(5, 90)
+    cu, cu_k = cu_seqlens(lq), cu_seqlens(lk)
+    D, Dv, H, Hkv = random.choice([(40, 40, 4, 2), (64, 32, 2, 1), (32, 48, 2, 2)])
+    fm = random.choice(["elu1", "relu"] if norm else ["elu1", "relu", "identity"])
+    scale = random.choice([None, 0.3])
+    q, k, v = bshd(1, sum(lq), H, D, dtype), bshd(1, sum(lk), Hkv, D, dtype), bshd(1, sum(lk), Hkv, Dv, dtype)
+    kw = dict(feature_map=fm, normalize=norm, scale=scale, cu_seqlens=cu, cu_seqlens_k=cu_k)
+    out = tr.linear_attention_triton(q, k, v, fm, norm, 1e-4, scale, cu, cu_k)
+    ref64 = linear_attention_reference(q.double(), k.double(), v.double(), **kw)
+    atol = _atol(dtype) * (1 if norm else max(1.0, ref64.abs().max().item()))
+    assert_matches_reference(out, ref64, linear_attention_reference(q, k, v, **kw), atol=atol)
+    bq, bk = cu.tolist(), cu_k.tolist()
+    for i in range(len(lq)):
+        if lq[i] == 0:
+            continue
+        rows = out[:, bq[i]:bq[i + 1]]
+        alone = tr.linear_attention_triton(q[:, bq[i]:bq[i + 1]], k[:, bk[i]:bk[i + 1]], v[:, bk[i]:bk[i + 1]], fm,
+                                           norm, 1e-4, scale)
+        assert max_err(rows, alone) <= atol, i
+        if lk[i] == 0:
+            assert not rows.any(), i
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [True, False])
+def test_backward_cu_seqlens_k(dtype, norm):
+    """grad_q over q's packing, grad_kv over k's, with the per-sequence dS, dz between them."""
+    lq, lk = qk_lengths(5, 80)
+    cu, cu_k = cu_seqlens(lq), cu_seqlens(lk)
+    q, k, v = bshd(1, sum(lq), 4, 40, dtype), bshd(1, sum(lk), 2, 40, dtype), bshd(1, sum(lk), 2, 32, dtype)
+    g = bshd(1, sum(lq), 4, 32, dtype)
+    dq, dk, dv = tr.linear_attention_backward_triton(g, q, k, v, "elu1", norm, 1e-4, 0.5, cu, cu_k)
+    rs = [t.double().requires_grad_() for t in (q, k, v)]
+    linear_attention_reference(*rs, normalize=norm, scale=0.5, cu_seqlens=cu, cu_seqlens_k=cu_k).backward(g.double())
+    for name, a, r in zip("qkv", (dq, dk, dv), rs):
+        tol = (1e-4 if dtype == torch.float32 else 4e-3) * (1 + r.grad.abs().max().item())
+        assert max_err(a, r.grad) < tol, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_memory(dtype):
     B, S, H, D = 5, 16, 2, 40
     q, k, v = (bshd(B, S, H, D, dtype, transposed=True) for _ in range(3))
@@ -112,6 +156,17 @@ def test_backward_large_head_dim_fallback():
     got = tr.linear_attention_backward_triton(g, q, k, v)
     rs = [t.double().requires_grad_() for t in (q, k, v)]
     linear_attention_reference(*rs).backward(g.double())
+    for a, r in zip(got, rs):
+        assert max_err(a, r.grad) < 1e-4 * (1 + r.grad.abs().max().item())
+
+
+def test_backward_large_head_dim_fallback_cu_seqlens_k():
+    cu, cu_k = torch.tensor([0, 0, 9, 20], dtype=torch.int32), torch.tensor([0, 6, 6, 30], dtype=torch.int32)
+    q, k, v = bshd(1, 20, 2, 160, torch.float32), bshd(1, 30, 1, 160, torch.float32), bshd(1, 30, 1, 160, torch.float32)
+    g = bshd(1, 20, 2, 160, torch.float32)
+    got = tr.linear_attention_backward_triton(g, q, k, v, cu_seqlens=cu, cu_seqlens_k=cu_k)
+    rs = [t.double().requires_grad_() for t in (q, k, v)]
+    linear_attention_reference(*rs, cu_seqlens=cu, cu_seqlens_k=cu_k).backward(g.double())
     for a, r in zip(got, rs):
         assert max_err(a, r.grad) < 1e-4 * (1 + r.grad.abs().max().item())
 

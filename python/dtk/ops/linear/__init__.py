@@ -10,8 +10,11 @@ reads key/value head ``h // (H // H_kv)``. Accumulation is float32 (float64 for 
 outputs have the input dtype; states are float32 (float64 for float64 inputs, which are CPU-only).
 
 Packed variable-length sequences (``cu_seqlens``, int32, FlashAttention convention): q, k and v
-are ``(1, total, H, D)`` and **q and k share cu_seqlens** (self-attention: sequence ``i`` is rows
-``cu_seqlens[i]:cu_seqlens[i+1]`` of q, k and v, and attends only within itself).
+are ``(1, total, H, D)``. By default q and k share ``cu_seqlens`` (self-attention: sequence ``i``
+is rows ``cu_seqlens[i]:cu_seqlens[i+1]`` of q, k and v, and attends only within itself);
+``linear_attention`` also takes ``cu_seqlens_k`` (FlashAttention's ``cu_seqlens_q`` /
+``cu_seqlens_k``): then ``cu_seqlens`` packs q and ``cu_seqlens_k`` packs k and v, and their
+totals may differ.
 """
 from __future__ import annotations
 
@@ -67,28 +70,28 @@ def _check_normalize_scale(normalize, scale, op: str):
         raise TypeError(f"{op}: scale must be None or a float, got {scale!r}")
 
 
-def _check_cu_seqlens(cu_seqlens, total: int, device, op: str, batch: int):
+def _check_cu_seqlens(cu_seqlens, total: int, device, op: str, batch: int, name: str = "cu_seqlens"):
     if cu_seqlens is None:
         return None
     if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"{op}: cu_seqlens must be an int32 tensor, got {type(cu_seqlens).__name__}")
+        raise TypeError(f"{op}: {name} must be an int32 tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"{op}: cu_seqlens must be int32, got {cu_seqlens.dtype}")
+        raise TypeError(f"{op}: {name} must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"{op}: cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(f"{op}: {name} must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
-        raise ValueError(f"{op}: cu_seqlens must be on {device}, got {cu_seqlens.device}")
+        raise ValueError(f"{op}: {name} must be on {device}, got {cu_seqlens.device}")
     if batch != 1:
-        raise ValueError(f"{op}: with cu_seqlens the inputs must be packed as (1, total, H, D), got batch {batch}")
+        raise ValueError(f"{op}: with {name} the inputs must be packed as (1, total, H, D), got batch {batch}")
     if not torch.compiler.is_compiling():  # host sync: skipped while tracing
         c = cu_seqlens.tolist()
         if c[0] != 0:
-            raise ValueError(f"{op}: cu_seqlens must start at 0, got {c[0]}")
+            raise ValueError(f"{op}: {name} must start at 0, got {c[0]}")
         for i in range(1, len(c)):
             if c[i] < c[i - 1]:
-                raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got {c[i - 1]} then {c[i]} at index {i}")
+                raise ValueError(f"{op}: {name} must be non-decreasing, got {c[i - 1]} then {c[i]} at index {i}")
         if c[-1] != total:
-            raise ValueError(f"{op}: cu_seqlens must end at the packed length {total}, got {c[-1]}")
+            raise ValueError(f"{op}: {name} must end at the packed length {total}, got {c[-1]}")
     return cu_seqlens
 
 
@@ -128,7 +131,8 @@ def _check_qkv(q, k, v, op: str, same_heads: bool = False):
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, feature_map: str = "elu1",
                      normalize: bool = True, eps: float = 1e-4, scale: Optional[float] = None,
-                     cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     cu_seqlens: Optional[torch.Tensor] = None,
+                     cu_seqlens_k: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Non-causal linear attention. Returns ``(B, S_q, H, D_v)`` in q's dtype.
 
     ``phi`` (``feature_map``: "elu1" = elu(x)+1, "relu", "identity") is applied to ``q * scale``
@@ -139,18 +143,31 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, featu
     * ``normalize=False``: ``o_i = phi(q_i) sum_j phi(k_j) v_j^T``.
 
     S_q may differ from S_k. With ``cu_seqlens`` (int32, ``(num_seqs + 1,)``) q, k, v are packed
-    ``(1, total, ., .)`` and q and k **share** ``cu_seqlens``. Differentiable in q, k and v.
+    ``(1, total, ., .)`` and, alone, q and k **share** ``cu_seqlens``. With ``cu_seqlens_k`` too
+    (int32, as many sequences; FlashAttention's ``cu_seqlens_q`` / ``cu_seqlens_k``), ``cu_seqlens``
+    packs q (and the output) and ``cu_seqlens_k`` packs k and v: the queries of sequence ``i``
+    (rows ``cu_seqlens[i]:cu_seqlens[i+1]`` of q) attend to its keys (rows
+    ``cu_seqlens_k[i]:cu_seqlens_k[i+1]`` of k and v); the totals of q and k may differ and either
+    side of a sequence may be empty (queries without keys get 0). Differentiable in q, k and v.
     """
     op = "dtk.linear_attention"
     _check_qkv(q, k, v, op)
     _check_feature_map(feature_map, op)
     _check_eps(eps, op)
     _check_normalize_scale(normalize, scale, op)
-    if cu_seqlens is not None and k.shape[1] != q.shape[1]:
-        raise ValueError(f"{op}: with cu_seqlens q and k share the packing; got lengths {q.shape[1]} and {k.shape[1]}")
+    if cu_seqlens_k is not None:
+        if cu_seqlens is None:
+            raise ValueError(f"{op}: cu_seqlens_k (the packing of k and v) needs cu_seqlens (the packing of q)")
+    elif cu_seqlens is not None and k.shape[1] != q.shape[1]:
+        raise ValueError(f"{op}: with cu_seqlens alone q and k share the packing (pass cu_seqlens_k to pack k and v "
+                         f"apart); got lengths {q.shape[1]} and {k.shape[1]}")
     _check_cu_seqlens(cu_seqlens, q.shape[1], q.device, op, q.shape[0])
+    _check_cu_seqlens(cu_seqlens_k, k.shape[1], q.device, op, k.shape[0], "cu_seqlens_k")
+    if cu_seqlens_k is not None and cu_seqlens_k.shape[0] != cu_seqlens.shape[0]:
+        raise ValueError(f"{op}: cu_seqlens_k must describe as many sequences as cu_seqlens "
+                         f"({cu_seqlens.shape[0] - 1}), got {cu_seqlens_k.shape[0] - 1}")
     return torch.ops.dtk.linear_attention(q, k, v, feature_map, bool(normalize), float(eps),
-                                          None if scale is None else float(scale), cu_seqlens)
+                                          None if scale is None else float(scale), cu_seqlens, cu_seqlens_k)
 
 
 def linear_attention_state(k: torch.Tensor, v: torch.Tensor, *, feature_map: str = "elu1",

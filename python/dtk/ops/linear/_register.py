@@ -20,12 +20,12 @@ def _num_seqs(x, cu_seqlens):
 # ------------------------------------------------------------------------------------ fake kernels
 
 @torch.library.register_fake(_LIB + "linear_attention")
-def _la_fake(q, k, v, feature_map, normalize, eps, scale, cu_seqlens):
+def _la_fake(q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k=None):
     return q.new_empty(q.shape[:3] + v.shape[3:])
 
 
 @torch.library.register_fake(_LIB + "linear_attention_backward")
-def _la_bwd_fake(grad_out, q, k, v, feature_map, normalize, eps, scale, cu_seqlens):
+def _la_bwd_fake(grad_out, q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -73,17 +73,17 @@ def _mem_upd_bwd_fake(grad_kv, grad_z, k, v, mem_kv, mem_z, decay):
 # ------------------------------------------------------------------------------------ autograd
 
 def _la_setup_context(ctx, inputs, output):
-    q, k, v, feature_map, normalize, eps, scale, cu_seqlens = inputs
-    ctx.save_for_backward(q, k, v, cu_seqlens)
+    q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens, cu_seqlens_k)
     ctx.args = (feature_map, normalize, eps, scale)
 
 
 def _la_backward(ctx, grad_out):
-    q, k, v, cu_seqlens = ctx.saved_tensors
+    q, k, v, cu_seqlens, cu_seqlens_k = ctx.saved_tensors
     feature_map, normalize, eps, scale = ctx.args
     dq, dk, dv = torch.ops.dtk.linear_attention_backward(grad_out, q, k, v, feature_map, normalize, eps, scale,
-                                                         cu_seqlens)
-    return dq, dk, dv, None, None, None, None, None
+                                                         cu_seqlens, cu_seqlens_k)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 torch.library.register_autograd(_LIB + "linear_attention", _la_backward, setup_context=_la_setup_context)
@@ -137,20 +137,39 @@ def _triton(op: str, *tensors):
     return tr
 
 
+def _check_packings(op: str, cu_seqlens, cu_seqlens_k):
+    """The raw op's packings, as far as no host sync is needed: the kernels index cu_seqlens_k by
+    cu_seqlens' sequences, so without cu_seqlens, or with a cu_seqlens_k of another length, they
+    would read past it or pair the wrong sequences."""
+    if cu_seqlens_k is None:
+        return
+    if cu_seqlens is None:
+        raise ValueError(f"dtk.{op}: cu_seqlens_k (the packing of k and v) needs cu_seqlens (the packing of q)")
+    if cu_seqlens_k.dtype != torch.int32 or cu_seqlens_k.dim() != 1:
+        raise TypeError(f"dtk.{op}: cu_seqlens_k must be a 1-D int32 tensor, got {cu_seqlens_k.dtype} "
+                        f"of shape {tuple(cu_seqlens_k.shape)}")
+    if cu_seqlens_k.shape[0] != cu_seqlens.shape[0]:
+        raise ValueError(f"dtk.{op}: cu_seqlens_k must describe as many sequences as cu_seqlens "
+                         f"({cu_seqlens.shape[0] - 1}), got {cu_seqlens_k.shape[0] - 1}")
+
+
 def _register_cuda():
     import importlib.util
     if importlib.util.find_spec("triton") is None:  # no Triton: the dispatcher says "no CUDA kernel"
         return  # (find_spec, not import: Triton must first be imported after TRITON_INTERPRET is set)
 
     @torch.library.register_kernel(_LIB + "linear_attention", "cuda")
-    def _la_cuda(q, k, v, feature_map, normalize, eps, scale, cu_seqlens):
+    def _la_cuda(q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k=None):
         tr = _triton("linear_attention", q)
-        return tr.linear_attention_triton(q, k, v, feature_map, normalize, eps, scale, cu_seqlens)
+        _check_packings("linear_attention", cu_seqlens, cu_seqlens_k)
+        return tr.linear_attention_triton(q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k)
 
     @torch.library.register_kernel(_LIB + "linear_attention_backward", "cuda")
-    def _la_bwd_cuda(grad_out, q, k, v, feature_map, normalize, eps, scale, cu_seqlens):
+    def _la_bwd_cuda(grad_out, q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k=None):
         tr = _triton("linear_attention_backward", q)
-        return tr.linear_attention_backward_triton(grad_out, q, k, v, feature_map, normalize, eps, scale, cu_seqlens)
+        _check_packings("linear_attention_backward", cu_seqlens, cu_seqlens_k)
+        return tr.linear_attention_backward_triton(grad_out, q, k, v, feature_map, normalize, eps, scale, cu_seqlens,
+                                                   cu_seqlens_k)
 
     @torch.library.register_kernel(_LIB + "linear_attention_state", "cuda")
     def _state_cuda(k, v, feature_map, cu_seqlens):

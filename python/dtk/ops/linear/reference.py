@@ -73,9 +73,12 @@ def linear_attention_apply_reference(q, kv_sum, k_sum, count, feature_map: str =
 
 
 def linear_attention_reference(q, k, v, feature_map: str = "elu1", normalize: bool = True, eps: float = 1e-4,
-                               scale: Optional[float] = None, cu_seqlens=None):
-    """LinFusion's generalised linear attention (normalize=True) or plain phi(q) (sum phi(k) v^T)."""
-    kv_sum, k_sum, count = linear_attention_state_reference(k, v, feature_map, cu_seqlens)
+                               scale: Optional[float] = None, cu_seqlens=None, cu_seqlens_k=None):
+    """LinFusion's generalised linear attention (normalize=True) or plain phi(q) (sum phi(k) v^T).
+    Packed: cu_seqlens packs q, cu_seqlens_k (default cu_seqlens) packs k and v; sequence i's
+    queries read the state of sequence i's keys (zero, with N read as 1, when it has none)."""
+    cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    kv_sum, k_sum, count = linear_attention_state_reference(k, v, feature_map, cu_k)
     return linear_attention_apply_reference(q, kv_sum, k_sum, count, feature_map, normalize, eps, scale, cu_seqlens)
 
 

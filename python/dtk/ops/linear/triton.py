@@ -687,19 +687,25 @@ def linear_attention_apply_triton(q, kv_sum, k_sum, count, feature_map="elu1", n
     return out
 
 
-def linear_attention_triton(q, k, v, feature_map="elu1", normalize=True, eps=1e-4, scale=None, cu_seqlens=None):
-    kv_sum, k_sum, count = linear_attention_state_triton(k, v, feature_map, cu_seqlens)
+def linear_attention_triton(q, k, v, feature_map="elu1", normalize=True, eps=1e-4, scale=None, cu_seqlens=None,
+                            cu_seqlens_k=None):
+    """cu_seqlens packs q (and the output), cu_seqlens_k (default: cu_seqlens) packs k and v."""
+    cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    kv_sum, k_sum, count = linear_attention_state_triton(k, v, feature_map, cu_k)
     return linear_attention_apply_triton(q, kv_sum, k_sum, count, feature_map, normalize, eps, scale, cu_seqlens)
 
 
 def linear_attention_backward_triton(grad_out, q, k, v, feature_map="elu1", normalize=True, eps=1e-4, scale=None,
-                                     cu_seqlens=None):
+                                     cu_seqlens=None, cu_seqlens_k=None):
     q, k, v, g = _lastdim(q), _lastdim(k), _lastdim(v), _lastdim(grad_out)
     B, Sq, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
+    cu_seqlens_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     if not backward_supported(D, Dv):  # whole D x Dv tiles would not fit on chip
-        return _backward_torch(g, q, k, v, feature_map, normalize, eps, scale, cu_seqlens)
-    kv_sum, k_sum, count = linear_attention_state_triton(k, v, feature_map, cu_seqlens)
+        return _backward_torch(g, q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k)
+    # grad_q streams q's rows (cu_seqlens), grad_kv k's rows (cu_seqlens_k); both index the same
+    # sequences, so the state and the reduced dS, dz are per sequence on either side.
+    kv_sum, k_sum, count = linear_attention_state_triton(k, v, feature_map, cu_seqlens_k)
     nseq, max_len, cu = _seqs(q, cu_seqlens)
     lowp, ieee = _flags(q.dtype)
     gpu = q.device.type == "cuda"
@@ -723,12 +729,12 @@ def linear_attention_backward_triton(grad_out, q, k, v, feature_map="elu1", norm
     gz = pgz.sum(0).view(nseq, Hkv, H // max(Hkv, 1), D).sum(2).contiguous()
     dk = _new_output(k.shape, like=k)
     dv = _new_output(v.shape, like=v)
-    _, max_len_k, _ = _seqs(k, cu_seqlens)
+    _, max_len_k, cu_k = _seqs(k, cu_seqlens_k)
     ckv = launch_configs("grad_kv", D, Dv, k.dtype, gpu)
     n_chunks_k, chunk_k = _chunking(max_len_k, nseq * Hkv, k.device)
     if nseq * Hkv > 0 and max_len_k > 0:
         _launch("grad_kv", _grad_kv_kernel, (nseq * Hkv, n_chunks_k),
-                [k, v, gS, gz, dk, dv, cu, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+                [k, v, gS, gz, dk, dv, cu_k, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
                  v.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
                  k.shape[1], Hkv, D, Dv, chunk_k],
                 dict(FM=fm, VARLEN=varlen, NORMALIZE=bool(normalize), LOWP=lowp, IEEE=ieee, **even),
@@ -736,13 +742,13 @@ def linear_attention_backward_triton(grad_out, q, k, v, feature_map="elu1", norm
     return dq, dk, dv
 
 
-def _backward_torch(g, q, k, v, feature_map, normalize, eps, scale, cu_seqlens):
+def _backward_torch(g, q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k):
     """fp32 PyTorch backward (recomputes the forward under autograd), used for head dims above 128."""
     from .reference import linear_attention_reference
     with torch.enable_grad():
         ts = [t.detach().float().requires_grad_() for t in (q, k, v)]
         out = linear_attention_reference(*ts, feature_map=feature_map, normalize=normalize, eps=eps, scale=scale,
-                                         cu_seqlens=cu_seqlens)
+                                         cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k)
         grads = torch.autograd.grad(out, ts, g.float())
     return tuple(gr.to(t.dtype) for gr, t in zip(grads, (q, k, v)))
 

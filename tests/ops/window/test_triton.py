@@ -63,13 +63,13 @@ def test_triton_named(case):
 
 def test_triton_gpu_blocks_on_freeswim_tiles():
     """The GPU's block choice for tiles spanning the time axis (128 x 128: one 126-token tile per
-    block) on a FreeSwim-like geometry with partial edge tiles, fp32."""
+    block) on a FreeSwim-like geometry with partial edge tiles."""
     from dtk.ops.window.triton import default_blocks
     case = dict(grid=(21, 10, 13), window=(-1, 5, 7), radius=None, border="inward", num_prefix=0, tile=(21, 3, 2),
                 num_extra=0, heads=(2, 2), D=32, B=1, transposed=False, scale=None)
     spec = make_spec(case["grid"], case["window"], None, "inward", 0, case["tile"])
     assert default_blocks(torch.device("cuda"), 128, spec) == (128, 128)
-    run_case(case, torch.float32, block=(128, 128))
+    run_case(case, DTYPES[0], block=(128, 128))
 
 
 @pytest.mark.parametrize("launch", [(4, 1), (8, 3)])

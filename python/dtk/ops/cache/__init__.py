@@ -29,8 +29,8 @@ def scatter_blend(base: torch.Tensor, cache: torch.Tensor, fresh: torch.Tensor, 
     Args:
         base: (B, N, ...) floating; cache: same shape and dtype, contiguous (updated in place);
         fresh: (B, n, ...); index: (n,) or (B, n) int rows of dim 1, -1 = padding (skipped).
-            Duplicate entries are an error on CPU; on the GPU they are not checked (which fresh
-            row lands is then unspecified).
+            Duplicate entries are an error on CPU; on the GPU they are checked only with
+            DTK_CHECK_INDICES=1 (a host sync), else which fresh row lands is unspecified.
         lam: float, or a tensor with one value per batch (0-dim tensors are broadcast).
     """
     B = base.shape[0] if isinstance(base, torch.Tensor) and base.dim() else 0

@@ -50,8 +50,8 @@ def multi_kv_attention(q: torch.Tensor, ks: Sequence[torch.Tensor], vs: Sequence
     Returns ``out``: (B, n, H, D) with q_index (padding rows 0, lse -inf), (B, S_q, H, D)
     without, or the given ``out``; plus lse with return_lse.
 
-    Index values are checked on CPU tensors (IndexError); on the GPU they are not (a check needs a
-    host sync) and out-of-range entries are treated as padding.
+    Index values are checked on CPU tensors (IndexError); on the GPU only with DTK_CHECK_INDICES=1
+    (the check needs a host sync), else out-of-range entries are treated as padding.
 
     Differentiable in q, ks and vs through out and lse (FlashAttention-2 backward from the saved
     lse); rows outside q_index and keys outside kv_index get zero gradients, repeats add up.

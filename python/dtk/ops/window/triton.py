@@ -475,7 +475,7 @@ _window_fwd_tuned = triton.autotune(
 def default_blocks(device: torch.device, D: int, spec: WindowSpec | None = None):
     """(query block, key block) sizes: small ones in the interpreter; on a GPU 128 x 64, or 128 x 128
     where the layout tiles fill 128-key blocks clearly better than 64-key ones (FreeSwim's
-    (21, 3, 2) tiles: plan efficiency 0.59 -> 0.88) and D <= 128 (the larger blocks fit shared
+    (21, 3, 2) tiles: plan efficiency 0.58 -> 0.88) and D <= 128 (the larger blocks fit shared
     memory). DTK_WINDOW_BLOCKS="bq,bk" overrides it, for block-size sweeps."""
     if device.type != "cuda":
         return 16, 16

@@ -56,3 +56,26 @@ def test_cached_step_equals_uncached_step_under_asymmetric_mask():
     dtk.adapters.remove(m)
     with torch.no_grad():
         assert torch.equal(m(**x).sample, ref(**x).sample)
+
+
+def test_streams_follow_the_prompt_tensor_and_latent_shape():
+    """A freed prompt ends its stream (cached condition K/V dropped; the next prompt writes
+    afresh, whatever its address); a new latent shape with the same prompt is its own stream."""
+    import gc
+    m = tiny_flux()
+    x = kontext_inputs(4, 5, 3, 4)
+    h = flux.apply_condition_reuse(m)
+    with torch.no_grad():
+        m(**x)
+        m(**x)
+        assert [mode for _, mode in h.log] == ["write", "read"] and len(h.streams) == 1
+        y = kontext_inputs(3, 6, 3, 4)
+        y["encoder_hidden_states"] = x["encoder_hidden_states"]
+        m(**y)                                             # same prompt, another latent shape
+        assert h.log[-1][1] == "write" and len(h.streams) == 2
+        x["encoder_hidden_states"] = torch.randn_like(x["encoder_hidden_states"])   # a new generation
+        del y
+        gc.collect()
+        assert not h.streams
+        m(**x)
+    assert h.log[-1][1] == "write"

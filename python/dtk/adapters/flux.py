@@ -314,6 +314,12 @@ def _sparse_ops():
     return dtk
 
 
+def _drop_streams(streams: dict, number: int) -> None:
+    """A freed prompt tensor ends its streams (keys (prompt number, latent shape))."""
+    for key in [k for k in streams if k[0] == number]:
+        del streams[key]
+
+
 def _condition_count(ids: torch.Tensor) -> int:
     cond = ids[:, 0] != 0
     m, first = torch.stack([cond.sum(), cond.int().argmax()]).tolist()
@@ -381,8 +387,8 @@ class ConditionReuseHandle(AdapterHandle):
         super().__init__(model)
         self.refresh_every, self.num_condition_tokens = refresh_every, num_condition_tokens
         self.context = ConditionContext()
-        self.streams: Dict[int, _CondStream] = {}
-        self.stream_numbers = StreamNumbers(lambda n: self.streams.pop(n, None))   # a freed prompt ends its stream
+        self.streams: Dict[tuple, _CondStream] = {}    # per (prompt tensor, latent shape)
+        self.stream_numbers = StreamNumbers(lambda n: _drop_streams(self.streams, n))
         self.log = []                   # (stream number, "write" | "read") per forward
 
     def reset(self):
@@ -419,7 +425,7 @@ def apply_condition_reuse(transformer, *, refresh_every: Optional[int] = None,
         hs = kw["hidden_states"]
         M = ctx.split_from_ids(kw["img_ids"], num_condition_tokens)
         ctx.T, ctx.M, ctx.N = kw["encoder_hidden_states"].shape[1], M, hs.shape[1] - M
-        key = handle.stream_numbers(kw["encoder_hidden_states"])
+        key = (handle.stream_numbers(kw["encoder_hidden_states"]), tuple(hs.shape))
         if key not in handle.streams:
             handle.streams[key] = _CondStream(dtk, policy)
         st = ctx.stream = handle.streams[key]
@@ -503,8 +509,8 @@ class SpotEditHandle(AdapterHandle):
         self.num_condition_tokens = num_condition_tokens
         self.context = ConditionContext()
         self.grids = (FluxGridContext(), FluxGridContext())
-        self.streams: Dict[int, _SpotStream] = {}
-        self.stream_numbers = StreamNumbers(lambda n: self.streams.pop(n, None))   # a freed prompt ends its stream
+        self.streams: Dict[tuple, _SpotStream] = {}    # per (prompt tensor, latent shape)
+        self.stream_numbers = StreamNumbers(lambda n: _drop_streams(self.streams, n))
         self.log = []                   # (stream number, "full" | "edit") per forward
 
     def reset(self):
@@ -544,7 +550,7 @@ def apply_spotedit(transformer, *, threshold: float = 0.2, warmup: int = 2, refr
         ctx.T, ctx.M, ctx.N = kw["encoder_hidden_states"].shape[1], M, hs.shape[1] - M
         ctx.grid = handle.grids[0].grid_from_ids(raw_ids, 0, ctx.N)
         ctx.ref_grid = handle.grids[1].grid_from_ids(raw_ids, ctx.N) if M else None
-        key = handle.stream_numbers(kw["encoder_hidden_states"])
+        key = (handle.stream_numbers(kw["encoder_hidden_states"]), tuple(hs.shape))
         if key not in handle.streams:
             handle.streams[key] = _SpotStream()
         st = ctx.stream = handle.streams[key]

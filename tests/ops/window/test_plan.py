@@ -1,5 +1,6 @@
 """The analytic block-sparse plan against the dense mask: every allowed pair is covered exactly
 once per query block, full entries need no mask, no entry is useless, geometry is exact."""
+import math
 import random
 
 import pytest
@@ -153,3 +154,19 @@ def test_suggest_tile_arguments():
         suggest_tile((8, 8))
     with pytest.raises(ValueError, match="block"):
         suggest_tile((8, 8), (3, 3), block=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_suggested_tiles_give_valid_plans(seed):
+    """suggest_tile on random geometries (small blocks, so small grids get real tiles): a tile of
+    the grid's rank within it, or None; the plan over that layout is exact."""
+    from dtk.ops.window.plan import suggest_tile
+    rng = random.Random(seed * 31337 + torch.randint(0, 10**6, ()).item())
+    for _ in range(8):
+        c = random_case(rng, max_side=13, max_tokens=300)
+        block = rng.choice([16, 32])
+        tile = suggest_tile(c["grid"], c["window"], radius=c["radius"], block=block)
+        if tile is not None:
+            assert len(tile) == len(c["grid"]) and all(1 <= u <= n for u, n in zip(tile, c["grid"]))
+            assert block // 2 < math.prod(tile) <= block
+        check_plan(make_spec(c["grid"], c["window"], c["radius"], c["border"], c["num_prefix"], tile), block)

@@ -109,12 +109,13 @@ class Runner:
     def elapsed(self):
         return time.perf_counter() - self.t0
 
-    def _skip_reason(self, impl: Impl) -> Optional[str]:
+    def _skip_reason(self, impl: Impl, op: str = "") -> Optional[str]:
         if self.device.split(":")[0] not in impl.devices:
             return f"{'/'.join(impl.devices)} only"
         if impl.kind == "dtk":
             return None
-        if any(fnmatch.fnmatchcase(impl.name, p) or impl.name == p for p in self.skip_anchors):
+        if any(fnmatch.fnmatchcase(impl.name, p) or fnmatch.fnmatchcase(f"{op}/{impl.name}", p)
+               for p in self.skip_anchors):
             return "--skip-anchor"
         if self.budget_s is not None:
             el = self.elapsed()
@@ -165,7 +166,7 @@ class Runner:
         return rows
 
     def _run_impl(self, case: Case, impl: Impl, state, row):
-        reason = self._skip_reason(impl)
+        reason = self._skip_reason(impl, case.op)
         if reason:
             row.update(status="skipped", reason=reason)
             return
@@ -371,7 +372,8 @@ def parse_args(argv):
     p.add_argument("--compare", help="print per-row time ratios against an earlier JSON")
     p.add_argument("--budget-s", type=float, default=None,
                    help="once this many seconds have passed, skip the remaining anchors (dtk rows still run)")
-    p.add_argument("--skip-anchor", action="append", default=[], help="anchor name or glob to skip (repeatable)")
+    p.add_argument("--skip-anchor", action="append", default=[],
+                   help="anchor name or glob to skip, or op/name for one op's (e.g. window/naive); repeatable")
     p.add_argument("--slow-reps", type=int, default=3, help="reps for anchors taking ~0.1 s or more per call")
     p.add_argument("--cpu-target-s", type=float, default=0.3, help="CPU timer: seconds of timed reps per row")
     p.add_argument("--list", action="store_true", help="list the cases and exit")

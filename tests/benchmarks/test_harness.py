@@ -149,6 +149,9 @@ def test_budget_and_skip_anchor(fake_dtk):
     assert r.budget_hit and len(logs) == 1
     rows = _runner(skip_anchors=["sdpa-*"]).run_case(_cpu_case("3d-4x8x8-w(-1,3,5)"), torch.float32)
     assert {x["impl"] for x in rows if x.get("reason") == "--skip-anchor"} == {f"sdpa-{b}" for b in W.SDPA_BACKENDS}
+    rows = _runner(skip_anchors=["window/naive", "linear/sdpa-*"]).run_case(_cpu_case("3d-4x8x8-w(-1,3,5)"),
+                                                                          torch.float32)
+    assert {x["impl"] for x in rows if x.get("reason") == "--skip-anchor"} == {"naive"}   # op-qualified
 
 
 def _fake_data(card="H200", ms_scale=1.0):

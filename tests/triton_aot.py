@@ -6,7 +6,8 @@ process may be in interpreter mode (TRITON_INTERPRET=1), where kernels cannot be
 Kernels are compiled with the specialisation a real launch gets: the runtime marks 16-byte-aligned
 pointers and integer arguments divisible by 16 (``tt.divisibility``), which lets Triton vectorise
 loads into cp.async and software-pipeline loops (num_stages buffers in shared memory); without it
-the reported shared memory is far below what the GPU needs. Every non-float argument is marked.
+the reported shared memory is far below what the GPU needs. Every non-float argument is marked,
+except those the kernel declares ``do_not_specialize`` (the runtime never marks them either).
 
 Hopper builds are also passed through ptxas -v, which reports what the PTX alone does not: whether
 the wgmma pipeline is serialised (warning C7515: wgmma instructions wait for each other, a large
@@ -49,8 +50,9 @@ def _compile(j):
     const = j["constexprs"]
     params = list(inspect.signature(kernel.fn).parameters)
     sig = {n: "constexpr" if n in const else j["types"].get(n, j["default"]) for n in params}
+    unspecialised = {p.name for p in getattr(kernel, "params", []) if getattr(p, "do_not_specialize", False)}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(params)
-             if sig[n] != "constexpr" and not sig[n].startswith("fp")}
+             if sig[n] != "constexpr" and not sig[n].startswith("fp") and n not in unspecialised}
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs)
     try:
         k = triton.compile(src, target=GPUTarget("cuda", j["arch"], 32), options=j["options"])

@@ -35,9 +35,9 @@ def _types(kernel: str, dtype) -> dict:
 
 
 def _flags(kernel: str, dtype, D: int, Dv: int, cfg: dict) -> dict:
-    if kernel.startswith("memory"):
-        return dict(HAS_MEM=True)
     lowp, ieee = tr._flags(dtype)
+    if kernel.startswith("memory"):
+        return dict(HAS_MEM=True, LOWP=lowp, IEEE=ieee)
     flags = dict(FM=0, VARLEN=False, LOWP=lowp, IEEE=ieee, **tr.even_flags(D, Dv, cfg))
     if kernel == "state":
         flags["ATOMIC"] = True
@@ -77,6 +77,11 @@ def test_linear_kernels_compile_and_fit(arch, dtype):
         no_wgmma = [line for line, (k, _, D, cfg), r in zip(report, cases, results)
                     if not k.startswith("memory") and r["wgmma"] == 0]
         assert not no_wgmma, "no wgmma:\n" + "\n".join(no_wgmma)
+        # MEMO's products on tensor cores too: as fp32 FMAs they took 255 registers at D = 40 (two
+        # programs per SM) and spilled kilobytes from D = 80
+        memo = [line for line, (k, _, D, cfg), r in zip(report, cases, results) if k.startswith("memory") and
+                (r["wgmma"] == 0 or (D <= 128 and r["spill_bytes"]) or (D <= 64 and r["registers"] > 128))]
+        assert not memo, "MEMO kernels off tensor cores or spilling:\n" + "\n".join(memo)
     # ptxas keeps the wgmma pipeline asynchronous (C7515 would make every wgmma wait for the last).
     serial = [line for line, r in zip(report, results) if r["serialized"]]
     assert not serial, "wgmma pipeline serialised:\n" + "\n".join(serial)

@@ -436,9 +436,10 @@ def _grad_kv_kernel(K, V, GS, GZ, DK, DV_, CU,
 
 @triton.jit
 def _memo_clip(K, V, pid_bh, pid_e, skb, sks, skh, svb, svs, svh, S, H, D, DV,
-               BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+               BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, LOWP: tl.constexpr):
     """One (sequence, head) clip of a MEMO program: its indices and masks, phi(k) = softmax of k
-    over the frames (0 on padded frames and features) and v in float32 (0 where padded)."""
+    over the frames (0 on padded frames and features) in float32 and v (0 where padded), in the
+    input dtype with LOWP (a tensor-core operand), else float32."""
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     offs_s = tl.arange(0, BLOCK_S)
@@ -453,7 +454,9 @@ def _memo_clip(K, V, pid_bh, pid_e, skb, sks, skh, svb, svs, svh, S, H, D, DV,
     p = tl.exp(k - tl.max(k, 0)[None, :])
     fk = tl.where(md[None, :], p / tl.sum(p, 0)[None, :], 0.0)            # softmax over frames
     v = tl.load(V + b * svb + h * svh + offs_s[:, None] * svs + offs_e[None, :], mask=ms[:, None] & me[None, :],
-                other=0.0).to(tl.float32)
+                other=0.0)
+    if not LOWP:
+        v = v.to(tl.float32)
     return b, h, offs_s, offs_d, offs_e, ms, md, me, fk, v
 
 
@@ -461,10 +464,15 @@ def _memo_clip(K, V, pid_bh, pid_e, skb, sks, skh, svb, svs, svh, S, H, D, DV,
 def _memory_kernel(Q, K, V, MKV, MZ, O,
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
                    S, H, D, DV, decay, qscale,
-                   HAS_MEM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                   HAS_MEM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   LOWP: tl.constexpr, IEEE: tl.constexpr):
+    # 16-bit inputs (LOWP): both products on tensor cores (16-bit operands, fp32 accumulation). As
+    # fp32 FMAs at these padded tiles they took 255 registers and ~1,000 FFMA per thread (ptxas), so
+    # two 4-warp programs filled an SM (stop 7's H200 run: 10 % of the copy bandwidth).
     b, h, offs_s, offs_d, offs_e, ms, md, me, fk, v = _memo_clip(
-        K, V, tl.program_id(0), tl.program_id(1), skb, sks, skh, svb, svs, svh, S, H, D, DV, BLOCK_S, BLOCK_D, BLOCK_DV)
-    kv = tl.dot(tl.trans(fk), v, input_precision="ieee")
+        K, V, tl.program_id(0), tl.program_id(1), skb, sks, skh, svb, svs, svh, S, H, D, DV, BLOCK_S, BLOCK_D, BLOCK_DV,
+        LOWP)
+    kv = _mm(tl.trans(fk.to(v.dtype)), v, tl.zeros((BLOCK_D, BLOCK_DV), tl.float32), LOWP, IEEE)
     z = tl.sum(fk, 0)
     if HAS_MEM:
         st = (b * H + h) * D
@@ -476,7 +484,11 @@ def _memory_kernel(Q, K, V, MKV, MZ, O,
     q = tl.where(md[None, :], q, float("-inf"))
     pq = tl.exp(q - tl.max(q, 1)[:, None])
     fq = pq / tl.sum(pq, 1)[:, None] * qscale                              # softmax over features
-    num = tl.dot(fq, kv, input_precision="ieee")
+    if LOWP:
+        num = _mm(fq.to(Q.dtype.element_ty), kv.to(Q.dtype.element_ty), tl.zeros((BLOCK_S, BLOCK_DV), tl.float32),
+                  LOWP, IEEE)
+    else:
+        num = _mm(fq, kv, tl.zeros((BLOCK_S, BLOCK_DV), tl.float32), LOWP, IEEE)
     den = tl.maximum(tl.sum(fq * z[None, :], 1), 1e-10)
     out = num / den[:, None]
     tl.store(O + b * sob + h * soh + offs_s[:, None] * sos + offs_e[None, :], out.to(O.dtype.element_ty),
@@ -488,13 +500,16 @@ def _memory_update_kernel(K, V, MKV, MZ, NKV, NZ,
                           skb, sks, skh, svb, svs, svh,
                           S, H, D, DV, log2_decay, decay_n,
                           HAS_MEM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_DV: tl.constexpr):
+                          BLOCK_DV: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr):
     b, h, offs_s, offs_d, offs_e, ms, md, me, fk, v = _memo_clip(
-        K, V, tl.program_id(0), tl.program_id(1), skb, sks, skh, svb, svs, svh, S, H, D, DV, BLOCK_S, BLOCK_D, BLOCK_DV)
+        K, V, tl.program_id(0), tl.program_id(1), skb, sks, skh, svb, svs, svh, S, H, D, DV, BLOCK_S, BLOCK_D, BLOCK_DV,
+        LOWP)
     w = tl.where(ms, tl.exp2((S - 1 - offs_s).to(tl.float32) * log2_decay), 0.0)   # decay^(n-1-j)
     fk = fk * w[:, None]
-    v = v * w[:, None]
-    kv = tl.dot(tl.trans(fk), v, input_precision="ieee")
+    # (w_j phi(k_j)) (w_j v_j)^T = (w_j^2 phi(k_j)) v_j^T. The memory is carried from clip to clip in
+    # fp32, so its product keeps fp32 accuracy: exact FMAs for fp32 inputs; for 16-bit ones three
+    # TF32 tensor-core products (tf32x3), far fewer instructions and registers than FMAs.
+    kv = tl.dot(tl.trans(fk * w[:, None]), v.to(tl.float32), input_precision="tf32x3" if LOWP else "ieee")
     z = tl.sum(fk, 0)
     st = (b * H + h) * D
     if HAS_MEM:
@@ -766,7 +781,8 @@ def memory_linear_attention_triton(q, k, v, mem_kv=None, mem_z=None, decay=0.9):
         _memory_kernel[(B * H, triton.cdiv(Dv, cfg["BLOCK_DV"]))](
             q, k, v, mkv, mz, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            S, H, D, Dv, float(decay), D ** -0.5, HAS_MEM=has_mem, **cfg)
+            S, H, D, Dv, float(decay), D ** -0.5, HAS_MEM=has_mem, **dict(zip(("LOWP", "IEEE"), _flags(q.dtype))),
+            **cfg)
     return out
 
 
@@ -785,5 +801,6 @@ def memory_linear_attention_update_triton(k, v, mem_kv=None, mem_z=None, decay=0
             return (mkv.clone(), mz.clone()) if has_mem else (nkv.zero_(), nz.zero_())
         _memory_update_kernel[(B * H, triton.cdiv(Dv, cfg["BLOCK_DV"]))](
             k, v, mkv, mz, nkv, nz, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            S, H, D, Dv, math.log2(decay) if decay > 0 else -1e30, float(decay) ** S, HAS_MEM=has_mem, **cfg)
+            S, H, D, Dv, math.log2(decay) if decay > 0 else -1e30, float(decay) ** S, HAS_MEM=has_mem,
+            **dict(zip(("LOWP", "IEEE"), _flags(k.dtype))), **cfg)
     return nkv, nz

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared check for the lent GPU machine (H100/H200, torch 2.11, Triton 3.6, nvcc, no network).
 # Builds dtk in place, runs the test suite, then the GPU benchmarks, then the CPU-only wheel check;
-# everything lands in $OUT (8 files: env.txt build.log tests.log bench.log bench.json bench.png
-# RESULTS.md wheel_smoke.log; + sweep.json sweep.log with SWEEP_S > 0).
+# everything lands in $OUT, at most 8 files (what the device tool brings back): env.txt tests.log
+# bench.log bench.json bench.png RESULTS.md wheel_smoke.log, sweep.json with SWEEP_S > 0 (its log
+# goes to bench.log), build.log only when the build fails.
 # Whole run sized to ~9 minutes: each step gets what is left of TOTAL_S.
 #   run from the repo root:  bash scripts/gpu_check.sh
 # The machine gets the tree without .git: pass DTK_GIT_COMMIT=<short hash> for the results' header.
@@ -61,7 +62,7 @@ for c in build/temp*/dtk._C/CMakeCache.txt; do
 done
 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 timeout "$(left)" "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
   || { echo "BUILD FAILED"; tail -n 40 "$OUT/build.log"; exit 1; }
-tail -n 3 "$OUT/build.log"
+tail -n 3 "$OUT/build.log" && rm -f "$OUT/build.log"   # kept only when the build fails
 echo "build done at ${SECONDS} s"
 export PYTHONPATH="$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -94,7 +95,7 @@ if [ "$SWEEP_S" -gt 0 ]; then
   echo "== window sweep (timeout ${SWEEP_S} s)"
   # shellcheck disable=SC2086
   timeout "$SWEEP_S" "$PY" -m benchmarks.window_sweep --json "$OUT/sweep.json" ${SWEEP_ARGS:-} 2>&1 \
-    | tee "$OUT/sweep.log" || echo "sweep cut or failed at ${SECONDS} s"
+    | tee "$OUT/bench.log" || echo "sweep cut or failed at ${SECONDS} s"
 fi
 
 # benchmarks: anchors stop at the budget; dtk rows always run; JSON is rewritten after every case.
@@ -109,7 +110,7 @@ rc_bench=0
 # families in order of importance (BENCH_OPS), so a run cut short keeps the headline results
 ops_args=""; for op in ${BENCH_OPS:-window sparse linear layout window-bwd sparse-bwd e2e}; do ops_args="$ops_args --op $op"; done
 timeout "$T_BENCH" "$PY" -m benchmarks --gpu --json "$OUT/bench.json" \
-  --budget-s "$BUDGET" $ops_args ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || rc_bench=$?
+  --budget-s "$BUDGET" $ops_args ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log" || rc_bench=$?
 echo "bench rc=$rc_bench at ${SECONDS} s"
 
 # the page and the plot come from the JSON, so a run cut short still gets both

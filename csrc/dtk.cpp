@@ -83,6 +83,11 @@ TORCH_LIBRARY(dtk, m) {
   m.def(
       "memory_linear_attention_update(Tensor k, Tensor v, Tensor? mem_kv, Tensor? mem_z, float decay) "
       "-> (Tensor, Tensor)");
+  // MEMO's clip step fused: (out of memory_linear_attention, new kv, new z of
+  // memory_linear_attention_update with the same clip's k, v), one pass over k, v and the memory.
+  m.def(
+      "memory_linear_attention_step(Tensor q, Tensor k, Tensor v, Tensor? mem_kv, Tensor? mem_z, float decay) "
+      "-> (Tensor out, Tensor new_kv, Tensor new_z)");
   // Gradients of memory_linear_attention: (dq, dk, dv, d_mem_kv, d_mem_z); without memory the
   // last two are empty (0,) tensors.
   m.def(

@@ -340,15 +340,21 @@ void check_memory(const std::optional<Tensor>& mem_kv, const std::optional<Tenso
               ": mem_z must be (B, H, D) = (", B, ", ", H, ", ", D, "), got ", mem_z->sizes());
 }
 
+// q, k, v (B, S, H, D) of one clip (same frames and heads) and its optional memory.
+void check_memo(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mem_kv,
+                const std::optional<Tensor>& mem_z, const char* op) {
+  check_qkv(q, k, v, std::nullopt, std::nullopt, op);
+  TORCH_CHECK(k.size(2) == q.size(2), op, ": q, k and v must have the same number of heads");
+  TORCH_CHECK(k.size(1) == q.size(1), op, ": q and k must have the same number of frames");
+  check_memory(mem_kv, mem_z, q.size(0), q.size(2), q.size(3), v.size(3), op);
+}
+
 Tensor memory_linear_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                    const std::optional<Tensor>& mem_kv, const std::optional<Tensor>& mem_z,
                                    double decay) {
   constexpr const char* op = "dtk.memory_linear_attention";
-  check_qkv(q, k, v, std::nullopt, std::nullopt, op);
-  TORCH_CHECK(k.size(2) == q.size(2), op, ": q, k and v must have the same number of heads");
-  TORCH_CHECK(k.size(1) == q.size(1), op, ": q and k must have the same number of frames");
+  check_memo(q, k, v, mem_kv, mem_z, op);
   const int64_t D = q.size(3);
-  check_memory(mem_kv, mem_z, q.size(0), q.size(2), D, v.size(3), op);
   const auto acc = acc_type(q);
   Tensor fq = (at::softmax(q.to(acc), -1) * (1.0 / std::sqrt(static_cast<double>(D)))).permute({0, 2, 1, 3});
   Tensor fk = at::softmax(k.to(acc), 1).permute({0, 2, 3, 1});     // B,H,D,S
@@ -390,6 +396,20 @@ std::tuple<Tensor, Tensor> memory_linear_attention_update_cpu(const Tensor& k, c
   return {kv.contiguous(), z.contiguous()};
 }
 
+// The CPU step is the two ops (the fusion saves GPU memory traffic); checked first so that errors
+// name this op.
+std::tuple<Tensor, Tensor, Tensor> memory_linear_attention_step_cpu(const Tensor& q, const Tensor& k,
+                                                                    const Tensor& v,
+                                                                    const std::optional<Tensor>& mem_kv,
+                                                                    const std::optional<Tensor>& mem_z,
+                                                                    double decay) {
+  constexpr const char* op = "dtk.memory_linear_attention_step";
+  check_memo(q, k, v, mem_kv, mem_z, op);
+  TORCH_CHECK(decay >= 0 && decay <= 1, op, ": decay must be in [0, 1], got ", decay);
+  auto [kv, z] = memory_linear_attention_update_cpu(k, v, mem_kv, mem_z, decay);
+  return {memory_linear_attention_cpu(q, k, v, mem_kv, mem_z, decay), kv, z};
+}
+
 // MEMO backward: the forward's few batched GEMMs differentiated by hand, in opmath, with ATen
 // ops only, so the same code serves CPU and CUDA tensors (registered CompositeExplicitAutograd;
 // the GEMMs are (S ~ 16) x D x Dv per (batch, head), where cuBLAS' batched GEMM is the kernel).
@@ -403,14 +423,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> memory_linear_attention_backw
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mem_kv,
     const std::optional<Tensor>& mem_z, double decay) {
   constexpr const char* op = "dtk.memory_linear_attention_backward";
-  check_qkv(q, k, v, std::nullopt, std::nullopt, op);
-  TORCH_CHECK(k.size(2) == q.size(2) && k.size(1) == q.size(1), op,
-              ": q, k and v must have the same frames and heads");
+  check_memo(q, k, v, mem_kv, mem_z, op);
   check_bshd(grad_out, op, "grad_out");
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), v.size(3)}), op,
               ": grad_out must be the output's shape (B, S, H, Dv), got ", grad_out.sizes());
   const int64_t D = q.size(3);
-  check_memory(mem_kv, mem_z, q.size(0), q.size(2), D, v.size(3), op);
   const auto acc = acc_type(q);
   const double rs = 1.0 / std::sqrt(static_cast<double>(D));
   // Recompute the forward in (B, H, S, .) layout.
@@ -496,6 +513,7 @@ TORCH_LIBRARY_IMPL(dtk, CPU, m) {
   m.impl("linear_attention_apply", &linear_attention_apply_cpu);
   m.impl("memory_linear_attention", &memory_linear_attention_cpu);
   m.impl("memory_linear_attention_update", &memory_linear_attention_update_cpu);
+  m.impl("memory_linear_attention_step", &memory_linear_attention_step_cpu);
 }
 
 }  // namespace dtk::linear

@@ -30,6 +30,7 @@ def _types(kernel: str, dtype) -> dict:
         "grad_kv": dict(K=x, V=x, GS=f, GZ=f, DK=x, DV_=x),
         "memory": dict(Q=x, K=x, V=x, MKV=f, MZ=f, O=x),
         "memory_update": dict(K=x, V=x, MKV=f, MZ=f, NKV=f, NZ=f),
+        "memory_step": dict(Q=x, K=x, V=x, MKV=f, MZ=f, O=x, NKV=f, NZ=f),
     }[kernel]
     return {**scalars, **ptrs}
 

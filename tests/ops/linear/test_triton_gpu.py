@@ -115,6 +115,28 @@ def test_memory(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [40, 128])
+@pytest.mark.parametrize("with_memory", [False, True])
+def test_memory_step(dtype, D, with_memory):
+    """The fused kernel (the wrapper's default update) against the two kernels: another compiled
+    program, so up to the output's rounding; the fp32 memory to fp32 accuracy."""
+    B, S, H, Dv = 2048, 16, 2, 80   # Dv 80: two column blocks
+    q, k = (bshd(B, S, H, D, dtype, "cuda") for _ in range(2))
+    v = bshd(B, S, H, Dv, dtype, "cuda")
+    mem = ((torch.rand(B, H, D, Dv, device="cuda"), torch.rand(B, H, D, device="cuda")) if with_memory
+           else (None, None))
+    out, kv, z = torch.ops.dtk.memory_linear_attention_step(q, k, v, *mem, 0.9)
+    o2 = torch.ops.dtk.memory_linear_attention(q, k, v, *mem, 0.9)
+    rkv, rz = torch.ops.dtk.memory_linear_attention_update(k, v, *mem, 0.9)
+    assert out.dtype == dtype and kv.dtype == z.dtype == torch.float32
+    assert max_err(out, o2) <= 2 ** -7 * max(1.0, o2.float().abs().max().item())
+    assert max_err(kv, rkv) < 1e-5 and max_err(z, rz) < 1e-5
+    ref64 = memory_linear_attention_reference(q.double(), k.double(), v.double(),
+                                              *(None if t is None else t.double() for t in mem), 0.9)
+    assert_matches_reference(out, ref64, memory_linear_attention_reference(q, k, v, *mem, 0.9), atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_memory_backward_gpu(dtype):
     """MEMO gradients (the any-device ATen kernels) on CUDA tensors equal float64 autograd on the CPU."""
     B, S, H, D = 512, 16, 2, 40
@@ -144,4 +166,6 @@ def test_float64_is_cpu_only():
     with pytest.raises(TypeError, match="linear_attention_state: float64 is CPU-only"):
         dtk.linear_attention_state(q, q)
     with pytest.raises(TypeError, match="memory_linear_attention: float64 is CPU-only"):
-        dtk.memory_linear_attention(q, q, q)
+        dtk.memory_linear_attention(q, q, q, update_with=False)
+    with pytest.raises(TypeError, match="memory_linear_attention_step: float64 is CPU-only"):
+        dtk.memory_linear_attention(q, q, q)   # the default update: the fused op

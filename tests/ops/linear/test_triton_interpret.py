@@ -150,6 +150,23 @@ def test_memory(dtype):
     assert max_err(nkv, rkv) < 1e-5 and max_err(nz, rz) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_memory", [False, True])
+@pytest.mark.parametrize("S,D,Dv", [(16, 40, 40), (7, 24, 80), (0, 16, 16)])   # Dv 80: two column blocks
+def test_memory_step(dtype, with_memory, S, D, Dv):
+    """The fused kernel's (out, kv, z) are bitwise those of the two kernels (a result it leaves
+    unwritten stays NaN, DTK_DEBUG_NAN_FILL, and fails the comparison)."""
+    B, H = 3, 2
+    q, k = (bshd(B, S, H, D, dtype, transposed=True) for _ in range(2))
+    v = bshd(B, S, H, Dv, dtype)
+    mem = (torch.rand(B, H, D, Dv), torch.rand(B, H, D)) if with_memory else (None, None)
+    out, kv, z = tr.memory_linear_attention_step_triton(q, k, v, *mem, 0.9)
+    assert torch.equal(out, tr.memory_linear_attention_triton(q, k, v, *mem, 0.9))
+    rkv, rz = tr.memory_linear_attention_update_triton(k, v, *mem, 0.9)
+    assert torch.equal(kv, rkv) and torch.equal(z, rz)
+    assert kv.dtype == z.dtype == torch.float32
+
+
 def test_backward_large_head_dim_fallback():
     q, k, v = bshd(1, 20, 2, 160, torch.float32), bshd(1, 30, 1, 160, torch.float32), bshd(1, 30, 1, 160, torch.float32)
     g = bshd(1, 20, 2, 160, torch.float32)

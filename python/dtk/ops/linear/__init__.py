@@ -273,7 +273,8 @@ def memory_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     Returns ``(out, new_state)``. ``update_with`` picks the past frames the memory is updated with
     (see :func:`memory_linear_attention_update`):
 
-    * ``None`` (default): all frames of this clip (k, v);
+    * ``None`` (default) or ``True``: all frames of this clip (k, v), computed with the output by one
+      fused op (``memory_linear_attention_step``);
     * an int ``n``: the last ``n`` frames of this clip;
     * a ``(k_p, v_p)`` pair: those frames;
     * ``False``: no update, ``state`` is returned unchanged.
@@ -285,12 +286,14 @@ def memory_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     if not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
         raise ValueError(f"{op}: decay must be in [0, 1], got {decay!r}")
     mkv, mz = _check_memory(state, q.shape[0], q.shape[2], q.shape[3], v.shape[3], q.device, op)
+    if update_with is None or update_with is True:
+        # The memory updated with this clip's own k, v: one fused op reads them and the memory once.
+        out, nkv, nz = torch.ops.dtk.memory_linear_attention_step(q, k, v, mkv, mz, float(decay))
+        return out, (nkv, nz)
     out = torch.ops.dtk.memory_linear_attention(q, k, v, mkv, mz, float(decay))
     if update_with is False:
         return out, state
-    if update_with is None or update_with is True:
-        kp, vp = k, v
-    elif isinstance(update_with, int):
+    if isinstance(update_with, int):
         if not 0 < update_with <= k.shape[1]:
             raise ValueError(f"{op}: update_with (an int) must be in [1, {k.shape[1]}], got {update_with}")
         kp, vp = k[:, -update_with:], v[:, -update_with:]

@@ -54,6 +54,11 @@ def _mem_upd_fake(k, v, mem_kv, mem_z, decay):
     return k.new_empty((B, H, D, v.shape[3]), dtype=acc), k.new_empty((B, H, D), dtype=acc)
 
 
+@torch.library.register_fake(_LIB + "memory_linear_attention_step")
+def _mem_step_fake(q, k, v, mem_kv, mem_z, decay):
+    return (_mem_fake(q, k, v, mem_kv, mem_z, decay), *_mem_upd_fake(k, v, mem_kv, mem_z, decay))
+
+
 @torch.library.register_fake(_LIB + "memory_linear_attention_backward")
 def _mem_bwd_fake(grad_out, q, k, v, mem_kv, mem_z, decay):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), _like_or_empty(mem_kv, q),
@@ -119,9 +124,26 @@ def _mem_upd_backward(ctx, grad_kv, grad_z):
     return dk, dv, dmkv if has_mem else None, dmz if has_mem else None, None
 
 
+def _mem_step_backward(ctx, grad_out, grad_kv, grad_z):
+    """The step is the two ops on the same inputs: the sum of their gradients (an unused output's
+    gradient may be None)."""
+    q, k, v, mem_kv, mem_z = ctx.saved_tensors
+    grads = [None] * 5   # q, k, v, mem_kv, mem_z
+    if grad_out is not None:
+        grads = list(torch.ops.dtk.memory_linear_attention_backward(grad_out, q, k, v, mem_kv, mem_z, ctx.decay))
+    if grad_kv is not None or grad_z is not None:
+        upd = torch.ops.dtk.memory_linear_attention_update_backward(grad_kv, grad_z, k, v, mem_kv, mem_z, ctx.decay)
+        grads[1:] = [u if g is None else g + u for g, u in zip(grads[1:], upd)]
+    if mem_kv is None:
+        grads[3:] = [None, None]
+    return (*grads, None)
+
+
 torch.library.register_autograd(_LIB + "memory_linear_attention", _mem_backward, setup_context=_mem_setup_context)
 torch.library.register_autograd(_LIB + "memory_linear_attention_update", _mem_upd_backward,
                                 setup_context=_mem_upd_setup_context)
+torch.library.register_autograd(_LIB + "memory_linear_attention_step", _mem_step_backward,
+                                setup_context=_mem_setup_context)
 
 
 # ------------------------------------------------------------------------------------ CUDA (Triton)
@@ -190,5 +212,10 @@ def _register_cuda():
     def _mem_upd_cuda(k, v, mem_kv, mem_z, decay):
         tr = _triton("memory_linear_attention_update", k, mem_kv)
         return tr.memory_linear_attention_update_triton(k, v, mem_kv, mem_z, decay)
+
+    @torch.library.register_kernel(_LIB + "memory_linear_attention_step", "cuda")
+    def _mem_step_cuda(q, k, v, mem_kv, mem_z, decay):
+        tr = _triton("memory_linear_attention_step", q, mem_kv)
+        return tr.memory_linear_attention_step_triton(q, k, v, mem_kv, mem_z, decay)
 
 _register_cuda()

@@ -23,6 +23,8 @@ rule: error <= 2x the reference in the input dtype + atol). fp32 inputs use exac
 
 MEMO: ``_memory_kernel`` / ``_memory_update_kernel``, one program per (batch, head), the whole
 (short) frame axis in registers: efficient for a huge batch of ~16-frame sequences.
+``_memory_step_kernel`` computes both for one clip (the wrapper's default update), reading k, v
+and the fp32 memory once instead of twice.
 
 Backward: ``_grad_q_kernel`` (dq and the partial reductions of dS, dz over query chunks) and
 ``_grad_kv_kernel`` (dk, dv from the reduced dS, dz), both streaming a chunk of rows against a
@@ -461,24 +463,31 @@ def _memo_clip(K, V, pid_bh, pid_e, skb, sks, skh, svb, svs, svh, S, H, D, DV,
 
 
 @triton.jit
-def _memory_kernel(Q, K, V, MKV, MZ, O,
-                   sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
-                   S, H, D, DV, decay, qscale,
-                   HAS_MEM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   LOWP: tl.constexpr, IEEE: tl.constexpr):
+def _memo_memory(MKV, MZ, st, offs_d, offs_e, md, me, DV, HAS_MEM: tl.constexpr):
+    """This program's tile of the carried fp32 memory, (kv (BLOCK_D, BLOCK_DV), z (BLOCK_D,));
+    unused placeholders without memory."""
+    if HAS_MEM:
+        mkv = tl.load(MKV + (st + offs_d[:, None]) * DV + offs_e[None, :], mask=md[:, None] & me[None, :], other=0.0)
+        mz = tl.load(MZ + st + offs_d, mask=md, other=0.0)
+    else:
+        mkv = 0.0
+        mz = 0.0
+    return mkv, mz
+
+
+@triton.jit
+def _memo_out(Q, O, b, h, offs_s, offs_d, offs_e, ms, md, me, fk, v, mkv, mz, sqb, sqs, sqh, sob, sos, soh,
+              decay, qscale, HAS_MEM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr):
+    """o = (phi(q) . KV) / max(phi(q) . Z, 1e-10) against the decayed memory, stored to O."""
     # 16-bit inputs (LOWP): both products on tensor cores (16-bit operands, fp32 accumulation). As
     # fp32 FMAs at these padded tiles they took 255 registers and ~1,000 FFMA per thread (ptxas), so
     # two 4-warp programs filled an SM (stop 7's H200 run: 10 % of the copy bandwidth).
-    b, h, offs_s, offs_d, offs_e, ms, md, me, fk, v = _memo_clip(
-        K, V, tl.program_id(0), tl.program_id(1), skb, sks, skh, svb, svs, svh, S, H, D, DV, BLOCK_S, BLOCK_D, BLOCK_DV,
-        LOWP)
     kv = _mm(tl.trans(fk.to(v.dtype)), v, tl.zeros((BLOCK_D, BLOCK_DV), tl.float32), LOWP, IEEE)
     z = tl.sum(fk, 0)
     if HAS_MEM:
-        st = (b * H + h) * D
-        kv += decay * tl.load(MKV + (st + offs_d[:, None]) * DV + offs_e[None, :], mask=md[:, None] & me[None, :],
-                              other=0.0)
-        z += decay * tl.load(MZ + st + offs_d, mask=md, other=0.0)
+        kv += decay * mkv
+        z += decay * mz
     q = tl.load(Q + b * sqb + h * sqh + offs_s[:, None] * sqs + offs_d[None, :], mask=ms[:, None] & md[None, :],
                 other=0.0).to(tl.float32)
     q = tl.where(md[None, :], q, float("-inf"))
@@ -496,6 +505,39 @@ def _memory_kernel(Q, K, V, MKV, MZ, O,
 
 
 @triton.jit
+def _memo_update_sums(offs_s, ms, fk, v, S, log2_decay, LOWP: tl.constexpr):
+    """This clip's weighted sums of the new memory: sum_j (w_j phi(k_j)) (w_j v_j)^T and sum_j w_j phi(k_j)."""
+    w = tl.where(ms, tl.exp2((S - 1 - offs_s).to(tl.float32) * log2_decay), 0.0)   # decay^(n-1-j)
+    fk = fk * w[:, None]
+    # (w_j phi(k_j)) (w_j v_j)^T = (w_j^2 phi(k_j)) v_j^T. The memory is carried from clip to clip in
+    # fp32, so its product keeps fp32 accuracy: exact FMAs for fp32 inputs; for 16-bit ones three
+    # TF32 tensor-core products (tf32x3), far fewer instructions and registers than FMAs.
+    kv = tl.dot(tl.trans(fk * w[:, None]), v.to(tl.float32), input_precision="tf32x3" if LOWP else "ieee")
+    return kv, tl.sum(fk, 0)
+
+
+@triton.jit
+def _memo_store_memory(NKV, NZ, st, offs_d, offs_e, md, me, kv, z, DV):
+    tl.store(NKV + (st + offs_d[:, None]) * DV + offs_e[None, :], kv, mask=md[:, None] & me[None, :])
+    if tl.program_id(1) == 0:
+        tl.store(NZ + st + offs_d, z, mask=md)
+
+
+@triton.jit
+def _memory_kernel(Q, K, V, MKV, MZ, O,
+                   sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
+                   S, H, D, DV, decay, qscale,
+                   HAS_MEM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   LOWP: tl.constexpr, IEEE: tl.constexpr):
+    b, h, offs_s, offs_d, offs_e, ms, md, me, fk, v = _memo_clip(
+        K, V, tl.program_id(0), tl.program_id(1), skb, sks, skh, svb, svs, svh, S, H, D, DV, BLOCK_S, BLOCK_D, BLOCK_DV,
+        LOWP)
+    mkv, mz = _memo_memory(MKV, MZ, (b * H + h) * D, offs_d, offs_e, md, me, DV, HAS_MEM)
+    _memo_out(Q, O, b, h, offs_s, offs_d, offs_e, ms, md, me, fk, v, mkv, mz, sqb, sqs, sqh, sob, sos, soh,
+              decay, qscale, HAS_MEM, BLOCK_S, BLOCK_D, BLOCK_DV, LOWP, IEEE)
+
+
+@triton.jit
 def _memory_update_kernel(K, V, MKV, MZ, NKV, NZ,
                           skb, sks, skh, svb, svs, svh,
                           S, H, D, DV, log2_decay, decay_n,
@@ -504,21 +546,37 @@ def _memory_update_kernel(K, V, MKV, MZ, NKV, NZ,
     b, h, offs_s, offs_d, offs_e, ms, md, me, fk, v = _memo_clip(
         K, V, tl.program_id(0), tl.program_id(1), skb, sks, skh, svb, svs, svh, S, H, D, DV, BLOCK_S, BLOCK_D, BLOCK_DV,
         LOWP)
-    w = tl.where(ms, tl.exp2((S - 1 - offs_s).to(tl.float32) * log2_decay), 0.0)   # decay^(n-1-j)
-    fk = fk * w[:, None]
-    # (w_j phi(k_j)) (w_j v_j)^T = (w_j^2 phi(k_j)) v_j^T. The memory is carried from clip to clip in
-    # fp32, so its product keeps fp32 accuracy: exact FMAs for fp32 inputs; for 16-bit ones three
-    # TF32 tensor-core products (tf32x3), far fewer instructions and registers than FMAs.
-    kv = tl.dot(tl.trans(fk * w[:, None]), v.to(tl.float32), input_precision="tf32x3" if LOWP else "ieee")
-    z = tl.sum(fk, 0)
+    kv, z = _memo_update_sums(offs_s, ms, fk, v, S, log2_decay, LOWP)
     st = (b * H + h) * D
+    # Each memory load consumed at once (via _memo_memory: 141 instead of 121 registers at D = 40).
     if HAS_MEM:
         kv += decay_n * tl.load(MKV + (st + offs_d[:, None]) * DV + offs_e[None, :], mask=md[:, None] & me[None, :],
                                 other=0.0)
         z += decay_n * tl.load(MZ + st + offs_d, mask=md, other=0.0)
-    tl.store(NKV + (st + offs_d[:, None]) * DV + offs_e[None, :], kv, mask=md[:, None] & me[None, :])
-    if tl.program_id(1) == 0:
-        tl.store(NZ + st + offs_d, z, mask=md)
+    _memo_store_memory(NKV, NZ, st, offs_d, offs_e, md, me, kv, z, DV)
+
+
+@triton.jit
+def _memory_step_kernel(Q, K, V, MKV, MZ, O, NKV, NZ,
+                        sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
+                        S, H, D, DV, decay, qscale, log2_decay, decay_n,
+                        HAS_MEM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_DV: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr):
+    # _memory_kernel and _memory_update_kernel in one program: k, v and the memory tile read once.
+    # The output first: the other order kept more tiles live (ptxas, bf16 sm_90, 4 warps: 178 vs 151
+    # registers at D = 40, 136 B of spills vs none at D = 128).
+    b, h, offs_s, offs_d, offs_e, ms, md, me, fk, v = _memo_clip(
+        K, V, tl.program_id(0), tl.program_id(1), skb, sks, skh, svb, svs, svh, S, H, D, DV, BLOCK_S, BLOCK_D, BLOCK_DV,
+        LOWP)
+    st = (b * H + h) * D
+    mkv, mz = _memo_memory(MKV, MZ, st, offs_d, offs_e, md, me, DV, HAS_MEM)
+    _memo_out(Q, O, b, h, offs_s, offs_d, offs_e, ms, md, me, fk, v, mkv, mz, sqb, sqs, sqh, sob, sos, soh,
+              decay, qscale, HAS_MEM, BLOCK_S, BLOCK_D, BLOCK_DV, LOWP, IEEE)
+    kv, z = _memo_update_sums(offs_s, ms, fk, v, S, log2_decay, LOWP)
+    if HAS_MEM:
+        kv += decay_n * mkv
+        z += decay_n * mz
+    _memo_store_memory(NKV, NZ, st, offs_d, offs_e, md, me, kv, z, DV)
 
 
 # --------------------------------------------------------------------------------------------- launch configurations
@@ -538,7 +596,8 @@ _GPU_ROWS = {
 _INTERP_ROWS = {"state": 64, "apply": 64, "grad_q": 32, "grad_kv": 32}
 _ROW_NAME = {"state": "BLOCK_S", "apply": "BLOCK_M", "grad_q": "BLOCK_M", "grad_kv": "BLOCK_M"}
 KERNELS = {"state": "_state_kernel", "apply": "_apply_kernel", "grad_q": "_grad_q_kernel",
-           "grad_kv": "_grad_kv_kernel", "memory": "_memory_kernel", "memory_update": "_memory_update_kernel"}
+           "grad_kv": "_grad_kv_kernel", "memory": "_memory_kernel", "memory_update": "_memory_update_kernel",
+           "memory_step": "_memory_step_kernel"}
 
 
 def backward_supported(D: int, Dv: int) -> bool:
@@ -553,9 +612,11 @@ def launch_configs(kernel: str, D: int, Dv: int, dtype: torch.dtype = torch.bflo
     what the autotuner chooses from (a single entry: used as is); in the interpreter one entry.
     `frames` is MEMO's sequence length (its whole frame axis is one block)."""
     BLOCK_D = _next_pow2(D)
-    if kernel in ("memory", "memory_update"):
-        return [dict(BLOCK_S=_next_pow2(frames), BLOCK_D=BLOCK_D, BLOCK_DV=min(_next_pow2(Dv), 64), num_warps=4,
-                     num_stages=1)]
+    if kernel in ("memory", "memory_update", "memory_step"):
+        # The step holds both kernels' fp32 tiles: 8 warps share them (4 warps: 151 registers at D = 40,
+        # 255 at D = 128; 8: 119 and 174, no spills; a narrower BLOCK_DV would re-read q and k).
+        return [dict(BLOCK_S=_next_pow2(frames), BLOCK_D=BLOCK_D, BLOCK_DV=min(_next_pow2(Dv), 64),
+                     num_warps=8 if kernel == "memory_step" else 4, num_stages=1)]
     if kernel in ("state", "apply"):
         BLOCK_DV = min(_next_pow2(Dv), 64 if BLOCK_D > 128 else 128)
     elif kernel in ("grad_q", "grad_kv"):
@@ -768,15 +829,26 @@ def _backward_torch(g, q, k, v, feature_map, normalize, eps, scale, cu_seqlens, 
     return tuple(gr.to(t.dtype) for gr, t in zip(grads, (q, k, v)))
 
 
+def _memo_args(mem_kv, mem_z, placeholder):
+    """(HAS_MEM, fp32 contiguous mem_kv, mem_z) for the MEMO kernels; without memory `placeholder`
+    stands for the pointers, never read."""
+    if mem_kv is None:
+        return False, placeholder, placeholder
+    return True, mem_kv.to(torch.float32).contiguous(), mem_z.to(torch.float32).contiguous()
+
+
+def _decay_args(decay: float, S: int):
+    """(log2 decay, decay^S) of the update kernels: w_j = exp2((S-1-j) log2 decay), 0 for decay = 0."""
+    return math.log2(decay) if decay > 0 else -1e30, float(decay) ** S
+
+
 def memory_linear_attention_triton(q, k, v, mem_kv=None, mem_z=None, decay=0.9):
     q, k, v = _lastdim(q), _lastdim(k), _lastdim(v)
     B, S, H, D = q.shape
     Dv = v.shape[-1]
     out = _new_output((B, S, H, Dv), q)
     cfg = launch_configs("memory", D, Dv, q.dtype, q.device.type == "cuda", frames=S)[0]
-    has_mem = mem_kv is not None
-    mkv = mem_kv.to(torch.float32).contiguous() if has_mem else q
-    mz = mem_z.to(torch.float32).contiguous() if has_mem else q
+    has_mem, mkv, mz = _memo_args(mem_kv, mem_z, q)
     if B * H > 0 and S > 0:
         _memory_kernel[(B * H, triton.cdiv(Dv, cfg["BLOCK_DV"]))](
             q, k, v, mkv, mz, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -786,6 +858,28 @@ def memory_linear_attention_triton(q, k, v, mem_kv=None, mem_z=None, decay=0.9):
     return out
 
 
+def memory_linear_attention_step_triton(q, k, v, mem_kv=None, mem_z=None, decay=0.9):
+    """(out, new kv, new z) of one clip: memory_linear_attention_triton and
+    memory_linear_attention_update_triton with the same k, v in one launch."""
+    q, k, v = _lastdim(q), _lastdim(k), _lastdim(v)
+    B, S, H, D = q.shape
+    Dv = v.shape[-1]
+    out = _new_output((B, S, H, Dv), q)
+    nkv = _new_output((B, H, D, Dv), like=k, dtype=torch.float32)
+    nz = _new_output((B, H, D), like=k, dtype=torch.float32)
+    cfg = launch_configs("memory_step", D, Dv, q.dtype, q.device.type == "cuda", frames=S)[0]
+    has_mem, mkv, mz = _memo_args(mem_kv, mem_z, nkv)
+    if B * H > 0:
+        if S == 0:  # no frames: the memory unchanged (decay^0), out is empty
+            return (out, mkv.clone(), mz.clone()) if has_mem else (out, nkv.zero_(), nz.zero_())
+        _memory_step_kernel[(B * H, triton.cdiv(Dv, cfg["BLOCK_DV"]))](
+            q, k, v, mkv, mz, out, nkv, nz, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+            k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            S, H, D, Dv, float(decay), D ** -0.5, *_decay_args(decay, S), HAS_MEM=has_mem,
+            **dict(zip(("LOWP", "IEEE"), _flags(q.dtype))), **cfg)
+    return out, nkv, nz
+
+
 def memory_linear_attention_update_triton(k, v, mem_kv=None, mem_z=None, decay=0.9):
     k, v = _lastdim(k), _lastdim(v)
     B, S, H, D = k.shape
@@ -793,14 +887,12 @@ def memory_linear_attention_update_triton(k, v, mem_kv=None, mem_z=None, decay=0
     nkv = _new_output((B, H, D, Dv), like=k, dtype=torch.float32)
     nz = _new_output((B, H, D), like=k, dtype=torch.float32)
     cfg = launch_configs("memory_update", D, Dv, k.dtype, k.device.type == "cuda", frames=S)[0]
-    has_mem = mem_kv is not None
-    mkv = mem_kv.to(torch.float32).contiguous() if has_mem else nkv
-    mz = mem_z.to(torch.float32).contiguous() if has_mem else nz
+    has_mem, mkv, mz = _memo_args(mem_kv, mem_z, nkv)
     if B * H > 0:
         if S == 0:
             return (mkv.clone(), mz.clone()) if has_mem else (nkv.zero_(), nz.zero_())
         _memory_update_kernel[(B * H, triton.cdiv(Dv, cfg["BLOCK_DV"]))](
             k, v, mkv, mz, nkv, nz, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            S, H, D, Dv, math.log2(decay) if decay > 0 else -1e30, float(decay) ** S, HAS_MEM=has_mem,
-            **dict(zip(("LOWP", "IEEE"), _flags(k.dtype))), **cfg)
+            S, H, D, Dv, *_decay_args(decay, S), HAS_MEM=has_mem, **dict(zip(("LOWP", "IEEE"), _flags(k.dtype))),
+            **cfg)
     return nkv, nz

@@ -218,4 +218,5 @@ def _register_cuda():
         tr = _triton("memory_linear_attention_step", q, mem_kv)
         return tr.memory_linear_attention_step_triton(q, k, v, mem_kv, mem_z, decay)
 
+
 _register_cuda()

@@ -163,13 +163,18 @@ class StreamNumbers:
     """Numbers for the tensors that identify a generation's stream (the prompt embeddings a
     pipeline passes at every step, one per CFG branch): the same tensor object keeps its number,
     any other tensor gets a new one, even at a freed tensor's address (where a data_ptr key would
-    continue the old generation's step count and reuse its caches). When a tensor is freed,
-    `on_free(number)` drops that stream's state."""
+    continue the old generation's step count and reuse its caches). `streams` maps stream keys,
+    tuples holding such numbers (and shapes, dtypes), to their state: when a tensor is freed, every
+    key holding its number is dropped."""
 
-    def __init__(self, on_free: Callable[[int], None]):
+    def __init__(self, streams: Dict[tuple, Any]):
         self._live: Dict[int, Tuple[weakref.ref, int]] = {}   # id(tensor) -> (weak ref, number)
         self._next = 0
-        self._on_free = on_free
+        self._streams = streams
+
+    def _drop(self, number: int) -> None:
+        for key in [k for k in self._streams if any(x == number for x in k if isinstance(x, int))]:
+            del self._streams[key]
 
     def __call__(self, t: torch.Tensor) -> int:
         entry = self._live.get(id(t))
@@ -178,10 +183,10 @@ class StreamNumbers:
         n, key = self._next, id(t)
         self._next += 1
 
-        def freed(_ref, key=key, n=n, live=self._live, on_free=self._on_free):
+        def freed(_ref, key=key, n=n, live=self._live, drop=self._drop):
             if live.get(key, (None, None))[1] == n:
                 del live[key]
-            on_free(n)
+            drop(n)
         self._live[key] = (weakref.ref(t, freed), n)
         return n
 

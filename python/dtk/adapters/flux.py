@@ -314,12 +314,6 @@ def _sparse_ops():
     return dtk
 
 
-def _drop_streams(streams: dict, number: int) -> None:
-    """A freed prompt tensor ends its streams (keys (prompt number, latent shape))."""
-    for key in [k for k in streams if k[0] == number]:
-        del streams[key]
-
-
 def _condition_count(ids: torch.Tensor) -> int:
     cond = ids[:, 0] != 0
     m, first = torch.stack([cond.sum(), cond.int().argmax()]).tolist()
@@ -388,7 +382,7 @@ class ConditionReuseHandle(AdapterHandle):
         self.refresh_every, self.num_condition_tokens = refresh_every, num_condition_tokens
         self.context = ConditionContext()
         self.streams: Dict[tuple, _CondStream] = {}    # per (prompt tensor, latent shape)
-        self.stream_numbers = StreamNumbers(lambda n: _drop_streams(self.streams, n))
+        self.stream_numbers = StreamNumbers(self.streams)
         self.log = []                   # (stream number, "write" | "read") per forward
 
     def reset(self):
@@ -510,7 +504,7 @@ class SpotEditHandle(AdapterHandle):
         self.context = ConditionContext()
         self.grids = (FluxGridContext(), FluxGridContext())
         self.streams: Dict[tuple, _SpotStream] = {}    # per (prompt tensor, latent shape)
-        self.stream_numbers = StreamNumbers(lambda n: _drop_streams(self.streams, n))
+        self.stream_numbers = StreamNumbers(self.streams)
         self.log = []                   # (stream number, "full" | "edit") per forward
 
     def reset(self):

@@ -158,7 +158,7 @@ class InwardWindowHandle(AdapterHandle):
         self.cross_processors: List[WanDualCrossAttnProcessor] = []
         self.streams: Dict[tuple, OutputCache] = {}     # per stream: step count and per-layer outputs
         self.refresh_log: List[Tuple[int, bool]] = []    # (stream number, refreshed?) per forward
-        self.stream_numbers = StreamNumbers(self._forget)
+        self.stream_numbers = StreamNumbers(self.streams)   # a freed prompt drops its streams
 
     def stream_key(self, kw) -> tuple:
         """The stream of a call: its prompt-embedding tensors (the same objects at every step of a
@@ -166,11 +166,6 @@ class InwardWindowHandle(AdapterHandle):
         img = kw.get("encoder_hidden_states_image")
         return (self.stream_numbers(kw["encoder_hidden_states"]), None if img is None else self.stream_numbers(img),
                 tuple(kw["hidden_states"].shape), kw["hidden_states"].dtype)
-
-    def _forget(self, number: int) -> None:
-        """A freed prompt tensor ends its streams: their step counts and cached outputs go."""
-        for key in [k for k in self.streams if number in k[:2]]:
-            del self.streams[key]
 
     def reset(self) -> None:
         """Drops the cached cross-attention outputs and step counters (start of a new video)."""

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from .._checks import check_scale
 from . import _register  # noqa: F401  (fake kernel and Triton CUDA kernel of dtk::window_attention)
 from .spec import IntOrTuple, tile_permutation  # noqa: F401
 from .plan import suggest_tile  # noqa: F401
@@ -49,8 +50,6 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: In
                         ("num_prefix", num_prefix)):
         if isinstance(value, bool) or (isinstance(value, (tuple, list)) and any(isinstance(x, bool) for x in value)):
             raise TypeError(f"{name} must be made of ints, got {value!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale must be None or a float, got {scale!r}")
     if isinstance(grid, int):
         grid = (grid,)
     ndim = len(grid)
@@ -60,5 +59,5 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: In
         tile = (tile,) * ndim
     out, lse = torch.ops.dtk.window_attention(
         q, k, v, list(grid), None if window is None else list(window), radius, border, num_prefix,
-        None if tile is None else list(tile), None if scale is None else float(scale), extra_k, extra_v)
+        None if tile is None else list(tile), None if scale is None else check_scale(scale, 1), extra_k, extra_v)
     return (out, lse) if return_lse else out

@@ -76,9 +76,17 @@ rc_tests=0
 # tests use each kernel's default launch configuration: autotuning every head dim would only add
 # compile time; the benchmarks below autotune
 if [ "$T_TESTS" -gt 0 ]; then
-  DTK_TRITON_AUTOTUNE=0 timeout "$T_TESTS" "$PY" -m pytest tests -q -m "gpu or triton_engine" -n 4 -p no:cacheprovider --durations=15 \
+  # SIGINT at the timeout: pytest stops and still prints its summary; the failures log (conftest)
+  # names each failed test with its traceback as it fails
+  rm -f /tmp/dtk-test-failures.log
+  DTK_TEST_FAILURES=/tmp/dtk-test-failures.log DTK_TRITON_AUTOTUNE=0 timeout -s INT -k 20 "$T_TESTS" \
+    "$PY" -m pytest tests -q -rfE -m "gpu or triton_engine" -n 4 -p no:cacheprovider --durations=15 \
     2>&1 | tee "$OUT/tests.log" || rc_tests=$?
   echo "GPU tests rc=$rc_tests at ${SECONDS} s" | tee -a "$OUT/tests.log"
+  if [ -s /tmp/dtk-test-failures.log ]; then
+    { echo "== failures as they happened"; cat /tmp/dtk-test-failures.log; } >> "$OUT/tests.log"
+    grep '^FAILED' /tmp/dtk-test-failures.log
+  fi
 fi
 if [ "$T_TESTS" -gt 0 ] && [ $(( $(left) - 60 )) -ge 390 ]; then
   echo "== other tests (timeout 60 s)" | tee -a "$OUT/tests.log"

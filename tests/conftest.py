@@ -23,6 +23,23 @@ def _fresh_seed(request):
     yield
 
 
+_FAILURES_LOG = os.environ.get("DTK_TEST_FAILURES")   # scripts/gpu_check.sh: failures as they happen
+
+
+def pytest_configure(config):
+    # under xdist only the controller writes the failures log (it sees every worker's reports)
+    global _FAILURES_LOG
+    if hasattr(config, "workerinput"):
+        _FAILURES_LOG = None
+
+
+def pytest_runtest_logreport(report):
+    # a run cut by its timeout still names the tests that failed before it
+    if _FAILURES_LOG and report.failed:
+        with open(_FAILURES_LOG, "a") as f:
+            f.write(f"FAILED {report.nodeid} ({report.when})\n{report.longreprtext[-3000:]}\n\n")
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     from dtk._debug import triton_interpreter_broken

@@ -1,6 +1,8 @@
 """End to end: one transformer forward of a diffusers model with random weights, dense (the model
 as diffusers ships it) vs adapted with dtk (``dtk.adapters``). Reports seconds per forward (the
-ms column) and the speedup (dtk x). No downloads: models are built from configs.
+ms column) and the speedup (dtk x) against the model as shipped and, on a GPU, against the same
+model with SDPA held to cuDNN (the fastest dense backend at these shapes, the issues' anchor). No
+downloads: models are built from configs.
 
 GPU set (bf16): a FLUX.1-dev-shaped transformer (19 joint + 38 single blocks, 24 heads x 128) at
 2048^2 and 4096^2 (128^2 / 256^2 image tokens + 512 text), dense vs
@@ -158,6 +160,22 @@ def _prep_dense(state):
     return _first_call(state, _forward(state), {"build_s": state["build_s"]})
 
 
+def _prep_dense_cudnn(state):
+    """The unadapted model with SDPA held to its cuDNN backend (diffusers' default attention calls
+    torch SDPA, whose own choice at these shapes is another backend): the issue's 'dense cuDNN'."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if "skip" in state:
+        raise Skip(state["skip"])
+    import dtk.adapters
+    dtk.adapters.remove(state["model"])
+    inner = _forward(state)
+
+    def fn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return inner()
+    return _first_call(state, fn, {})
+
+
 def _make_prep_dtk(kwargs):
     def prep(state):
         if "skip" in state:
@@ -198,6 +216,9 @@ def make_case(shape: E2EShape, gpu: bool) -> Case:
     label = "local" if shape.model == "flux" else "window"
     impls = [Impl("diffusers-dense", _prep_dense, kind="anchor", slow=shape.slow, cost_hint_s=60.0 if gpu else 0.0,
                   note="unadapted model (diffusers' default attention backend)")]
+    if gpu:
+        impls.append(Impl("diffusers-dense-cudnn", _prep_dense_cudnn, kind="anchor", slow=shape.slow,
+                          cost_hint_s=60.0, note="unadapted model, SDPA held to cuDNN"))
     impls.append(Impl(f"dtk-{label}", _make_prep_dtk(shape.adapter), kind="dtk", slow=shape.slow))
     for suffix, kw in shape.variants:
         impls.append(Impl(f"dtk-{label}-{suffix}", _make_prep_dtk(kw), kind="dtk", slow=shape.slow))

@@ -20,6 +20,11 @@ from benchmarks.cases import e2e  # noqa: E402
 def test_cases_registered():
     assert {c.shape for c in registry.select(True, ["e2e"])} == {s.name for s in e2e.GPU_SHAPES}
     assert {c.shape for c in registry.select(False, ["e2e"])} == {s.name for s in e2e.CPU_SHAPES}
+    # the issues' anchor is dense cuDNN: on a GPU the unadapted model also runs with SDPA held to it
+    for c in registry.select(True, ["e2e"]):
+        assert [i.name for i in c.impls][:2] == ["diffusers-dense", "diffusers-dense-cudnn"]
+    for c in registry.select(False, ["e2e"]):
+        assert "diffusers-dense-cudnn" not in [i.name for i in c.impls]
 
 
 def test_cpu_wan_case_runs_and_checks():

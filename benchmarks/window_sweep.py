@@ -30,7 +30,7 @@ from .cases.window import GPU_SHAPES, WindowShape
 
 SHAPES = [WindowShape("dense-control-64x128", 1, 24, 128, (64, 128), window=(64, 128))] + [
     s for s in GPU_SHAPES if s.name in ("na2d-256-w64-tile8x16", "freeswim-1080p-tile21x3x2", "freeswim-1080p-tile7x2x8",
-                                        "clear8k-r16-clip-p512-tile8x16")]
+                                        "clear8k-r16-clip-p512-tile8x16", "flux4096-r16-clip-p512-tile8x16")]
 BLOCKS = [(128, 64), (128, 128), (64, 64), (128, 32)]
 
 

@@ -77,7 +77,8 @@ def test_gpu_set_is_registered_with_the_design_shapes():
     names = {c.shape for c in registry.select(True, ["window"])}
     assert {"na2d-256-w64-tile8x16", "na2d-256-w64-rowmajor", "freeswim-1080p-tile21x3x2",
             "freeswim-1080p-rowmajor", "clear8k-r16-clip-p512-tile8x16", "flux1024-r16-clip-p512-tile8x16",
-            "flux2048-r16-clip-p512-tile8x16", "wan480p-tile21x3x2", "wan14b-720p-tile21x3x2"} <= names
+            "flux2048-r16-clip-p512-tile8x16", "flux4096-r16-clip-p512-tile8x16", "wan480p-tile21x3x2",
+            "wan14b-720p-tile21x3x2"} <= names
     c = next(c for c in registry.select(True, ["window"]) if c.shape == "na2d-256-w64-tile8x16")
     assert c.dtype == "bfloat16" and c.params["seq_len"] == 65536
     assert [i.name for i in c.impls][:4] == ["dtk", "dtk+permute", "sdpa-cudnn", "flex"]

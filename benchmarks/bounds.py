@@ -9,7 +9,7 @@ plan efficiency (mask pairs / computed pairs) and that required fraction. Over 1
 kernel consuming such a plan can meet the target on that card; for scale, dense cuDNN attention
 ran at 70-79% of the GEMM rate in the H200 run of 2026-11-26 (its rows' dense_tflops).
 
-    python -m benchmarks.bounds                          # floors of benchmarks/results/h200-*.json
+    python -m benchmarks.bounds                          # the newest stored H200 run with dense window anchors
     python -m benchmarks.bounds --json bench.json        # another run's floor and dense anchors
 """
 from __future__ import annotations
@@ -55,15 +55,19 @@ TARGETS = [
 
 
 def _run_json(path: Optional[str]) -> dict:
-    if path is None:
-        found = sorted(glob.glob("benchmarks/results/h200-*.json"))
-        if not found:
-            raise SystemExit("no benchmarks/results/h200-*.json: give --json")
-        path = found[-1]
-    with open(path) as f:
-        data = json.load(f)
-    data["_path"] = path
-    return data
+    if path is not None:
+        with open(path) as f:
+            data = json.load(f)
+        data["_path"] = path
+        return data
+    # the newest stored run that timed the dense cuDNN anchors of the window shapes
+    for path in sorted(glob.glob("benchmarks/results/h200-*.json"), reverse=True):
+        with open(path) as f:
+            data = json.load(f)
+        if any(_dense_ms(data, t.dense_prefix) for t in TARGETS if t.dense_prefix):
+            data["_path"] = path
+            return data
+    raise SystemExit("no benchmarks/results/h200-*.json with window sdpa-cudnn rows: give --json")
 
 
 def _dense_ms(data: dict, prefix: str) -> Optional[float]:

@@ -3,7 +3,7 @@
 # Builds dtk in place, runs the test suite, then the GPU benchmarks, then the CPU-only wheel check;
 # everything lands in $OUT, at most 8 files (what the device tool brings back): env.txt tests.log
 # bench.log bench.json bench.png RESULTS.md wheel_smoke.log, sweep.json with SWEEP_S > 0 (its log
-# goes to bench.log), build.log only when the build fails.
+# goes to bench.log, as does the linear sweep's with LSWEEP_S > 0), build.log only when the build fails.
 # Whole run sized to ~9 minutes: each step gets what is left of TOTAL_S.
 #   run from the repo root:  bash scripts/gpu_check.sh
 # The machine gets the tree without .git: pass DTK_GIT_COMMIT=<short hash> for the results' header.
@@ -104,6 +104,14 @@ if [ "$SWEEP_S" -gt 0 ]; then
   # shellcheck disable=SC2086
   timeout "$SWEEP_S" "$PY" -m benchmarks.window_sweep --json "$OUT/sweep.json" ${SWEEP_ARGS:-} 2>&1 \
     | tee "$OUT/bench.log" || echo "sweep cut or failed at ${SECONDS} s"
+fi
+
+# optional launch-config sweep of the linear-attention forward (benchmarks/linear_sweep.py; its
+# table goes to bench.log), LSWEEP_S seconds (0, the default, skips it)
+LSWEEP_S="${LSWEEP_S:-0}"
+if [ "$LSWEEP_S" -gt 0 ]; then
+  echo "== linear sweep (timeout ${LSWEEP_S} s)"
+  timeout "$LSWEEP_S" "$PY" -m benchmarks.linear_sweep 2>&1 | tee -a "$OUT/bench.log" || echo "linear sweep cut or failed at ${SECONDS} s"
 fi
 
 # benchmarks: anchors stop at the budget; dtk rows always run; JSON is rewritten after every case.

@@ -42,6 +42,7 @@ def _flags(kernel: str, dtype, D: int, Dv: int, cfg: dict) -> dict:
     flags = dict(FM=0, VARLEN=False, LOWP=lowp, IEEE=ieee, **tr.even_flags(D, Dv, cfg))
     if kernel == "state":
         flags["ATOMIC"] = True
+        flags["KS_DOT"] = tr.STATE_KS_BY_DOT
     if kernel in ("apply", "grad_q", "grad_kv"):
         flags["NORMALIZE"] = True
     if kernel in ("apply", "grad_q"):

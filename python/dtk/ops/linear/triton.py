@@ -7,7 +7,8 @@ q, k, v and writes o once: 0.38 ms at 4.27 TB/s):
    chunk of the key sequence to a partial ``phi(k)^T v`` (D x Dv) and ``sum phi(k)``, accumulated
    in fp32. For fp16/bf16 inputs phi(k) is rounded once to the input dtype and multiplied with v
    by one tensor-core dot with fp32 accumulation (what FlashAttention does with P); the column
-   sums of phi(k) are accumulated elementwise in fp32 and reduced once at the end. The partials
+   sums of the same rounded phi(k) come from a second small dot with a ones column (numerator
+   and denominator then see the same features; ``STATE_KS_BY_DOT``). The partials
    are added with fp32 atomics into a zeroed state (fast, not bitwise reproducible) unless
    ``torch.use_deterministic_algorithms(True)`` is on, in which case each chunk writes its own
    slot and a torch sum reduces them (deterministic).
@@ -152,7 +153,7 @@ def _seq_base(P, b, h, sb, sh, VARLEN: tl.constexpr):
 @triton.jit
 def _state_step(kb, vb, s0, end, sks, svs, offs_d, offs_e, md, me, acc, ks,
                 FM: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr, MASK_S: tl.constexpr,
-                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_S: tl.constexpr):
+                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, KS_DOT: tl.constexpr, BLOCK_S: tl.constexpr):
     offs_s = s0 + tl.arange(0, BLOCK_S)
     ms = offs_s < end
     k = _ld(kb + offs_s[:, None] * sks + offs_d[None, :], ms, md, MASK_S, not EVEN_D)
@@ -161,10 +162,17 @@ def _state_step(kb, vb, s0, end, sks, svs, offs_d, offs_e, md, me, acc, ks,
     if MASK_S:  # padded rows: v is 0 there, but phi(0) may not be (elu1)
         fk = tl.where(ms[:, None], fk, 0.0)
     if LOWP:
-        acc = _mm(tl.trans(fk.to(k.dtype)), v, acc, LOWP, IEEE)
+        fk_op = fk.to(k.dtype)
+        acc = _mm(tl.trans(fk_op), v, acc, LOWP, IEEE)
     else:
-        acc = _mm(tl.trans(fk), v.to(tl.float32), acc, LOWP, IEEE)
-    ks += tl.sum(fk, 0)  # (padded feature columns hold phi(0); they are never stored)
+        fk_op = fk
+        acc = _mm(tl.trans(fk_op), v.to(tl.float32), acc, LOWP, IEEE)
+    # (padded feature columns hold phi(0) in both sums; they are never stored)
+    if KS_DOT:  # column sums as one more small dot: phi(k)^T @ e0, e0 = ones in column 0 of 16
+        e0 = (tl.arange(0, BLOCK_S)[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0)
+        ks = _mm(tl.trans(fk_op), e0.to(fk_op.dtype), ks, LOWP, IEEE)
+    else:       # a cross-thread reduction every step
+        ks += tl.sum(fk, 0)
     return acc, ks
 
 
@@ -173,7 +181,7 @@ def _state_kernel(K, V, CU, PKV, PKS,
                   skb, sks, skh, svb, svs, svh,
                   S, NSEQ, HKV, D, DV, NE, CHUNK,
                   FM: tl.constexpr, VARLEN: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
-                  ATOMIC: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                  ATOMIC: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, KS_DOT: tl.constexpr,
                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -190,14 +198,19 @@ def _state_kernel(K, V, CU, PKV, PKS,
     md = offs_d < D
     me = offs_e < DV
     acc = tl.zeros((BLOCK_D, BLOCK_DV), tl.float32)
-    ks = tl.zeros((BLOCK_D,), tl.float32)
+    if KS_DOT:
+        ks = tl.zeros((BLOCK_D, 16), tl.float32)
+    else:
+        ks = tl.zeros((BLOCK_D,), tl.float32)
     for i in range(0, n_full):
         acc, ks = _state_step(kb, vb, start + i * BLOCK_S, end, sks, svs, offs_d, offs_e, md, me, acc, ks,
-                               FM, LOWP, IEEE, False, EVEN_D, EVEN_DV, BLOCK_S)
+                               FM, LOWP, IEEE, False, EVEN_D, EVEN_DV, KS_DOT, BLOCK_S)
     tail = start + n_full * BLOCK_S
     if tail < end:
         acc, ks = _state_step(kb, vb, tail, end, sks, svs, offs_d, offs_e, md, me, acc, ks,
-                               FM, LOWP, IEEE, True, EVEN_D, EVEN_DV, BLOCK_S)
+                               FM, LOWP, IEEE, True, EVEN_D, EVEN_DV, KS_DOT, BLOCK_S)
+    if KS_DOT:
+        ks = tl.sum(ks, 1)  # column 0 holds the sums, the others zeros
     if ATOMIC:  # into the zeroed (NSEQ, HKV, D, DV) state
         if start < end:
             slot = pid_bh.to(tl.int64)
@@ -600,6 +613,12 @@ KERNELS = {"state": "_state_kernel", "apply": "_apply_kernel", "grad_q": "_grad_
            "memory_step": "_memory_step_kernel"}
 
 
+# How the state kernel sums phi(k) over rows: True, as a second (D x 16) tensor-core dot beside the
+# state's (no cross-thread work in the loop); False, a tl.sum across threads every step. Which is
+# faster is for benchmarks/linear_sweep.py on a GPU to say (it times both).
+STATE_KS_BY_DOT = True
+
+
 def backward_supported(D: int, Dv: int) -> bool:
     """Whether the Triton backward runs (whole D x Dv tiles on chip); above, a torch fallback."""
     return _next_pow2(D) * _next_pow2(Dv) <= 128 * 128
@@ -724,7 +743,7 @@ def linear_attention_state_triton(k, v, feature_map="elu1", cu_seqlens=None):
                 [k, v, cu, pkv, pks, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                  S, nseq, Hkv, D, Dv, n_e, chunk],
                 dict(FM=_FM[feature_map], VARLEN=cu_seqlens is not None, LOWP=lowp, IEEE=ieee, ATOMIC=atomic,
-                     **even_flags(D, Dv, cfgs[0])),
+                     KS_DOT=STATE_KS_BY_DOT, **even_flags(D, Dv, cfgs[0])),
                 cfgs, key=["D", "DV", "FM", "VARLEN", "ATOMIC"], reset_to_zero=["PKV", "PKS"])
     if atomic:
         kv_sum, k_sum = pkv, pks

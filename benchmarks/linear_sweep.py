@@ -2,8 +2,8 @@
 where the forward's time goes, not part of the suite (its numbers do not go to RESULTS.md).
 
 For each shape it times, with autotuning off: the state kernel (reads k, v) and the apply kernel
-(reads q, writes o) alone at every configuration their launchers may choose, the state kernel's
-two ways of summing phi(k) (``STATE_KS_BY_DOT``), the whole op as shipped (autotuned), and a device
+(reads q, writes o) alone at every configuration their launchers may choose, both ways each can
+reduce (``STATE_KS_BY_DOT``, ``APPLY_DEN_BY_DOT``), the whole op as shipped (autotuned), and a device
 copy of the same bytes (the bandwidth floor). Each variant's output is compared with the default
 variant's (a miscompiled configuration shows as a large difference); GB/s count the minimum
 traffic (each input read once, the output written once).
@@ -81,10 +81,16 @@ def sweep(shape, out: list):
                            state_fn, half, ref_state)
     finally:
         lt.STATE_KS_BY_DOT = default_ks
-    for cfg in lt.launch_configs("apply", shape.D, shape.D, q.dtype):
-        with _forced("apply", cfg):
-            record(f"apply {cfg['BLOCK_M']} w{cfg['num_warps']} s{cfg['num_stages']}",
-                   lambda: lt.linear_attention_apply_triton(q, *state), half, ref)
+    default_den = lt.APPLY_DEN_BY_DOT
+    try:
+        for den_dot in (True, False):
+            lt.APPLY_DEN_BY_DOT = den_dot
+            for cfg in lt.launch_configs("apply", shape.D, shape.D, q.dtype):
+                with _forced("apply", cfg):
+                    record(f"apply den_dot={int(den_dot)} {cfg['BLOCK_M']} w{cfg['num_warps']} s{cfg['num_stages']}",
+                           lambda: lt.linear_attention_apply_triton(q, *state), half, ref)
+    finally:
+        lt.APPLY_DEN_BY_DOT = default_den
     out.extend(rows)
 
 

@@ -47,6 +47,8 @@ def _flags(kernel: str, dtype, D: int, Dv: int, cfg: dict) -> dict:
         flags["NORMALIZE"] = True
     if kernel in ("apply", "grad_q"):
         flags["HAS_SCALE"] = False
+    if kernel == "apply":
+        flags["DEN_DOT"] = tr.APPLY_DEN_BY_DOT
     return flags
 
 

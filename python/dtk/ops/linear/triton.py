@@ -14,8 +14,9 @@ q, k, v and writes o once: 0.38 ms at 4.27 TB/s):
    slot and a torch sum reduces them (deterministic).
 2. ``_apply_kernel``: grid (sequences x heads x Dv blocks, chunks). Each program loads its fp32
    state once, scales it by 1/N and rounds it to the input dtype once, then streams its chunk of
-   queries: one tensor-core dot per query block, the denominator ``phi(q).z`` in fp32 and one
-   reciprocal per row.
+   queries: one tensor-core dot per query block, the denominators ``phi(q).z`` from a second small
+   dot (z split into hi + lo 16-bit parts, ~fp32 accuracy for the rounded phi(q) the numerator
+   uses; ``APPLY_DEN_BY_DOT``) and one reciprocal per row.
 
 The outputs are rounded to the input dtype, whose rounding (2^-8 for bf16) dominates the error of
 the single-dot products (2^-9 relative on each term, averaged over D), so splitting operands into
@@ -229,7 +230,7 @@ def _state_kernel(K, V, CU, PKV, PKS,
 def _apply_step(qb, ob, s0, end, sqs, sos, offs_d, offs_e, md, me, kv, z, scale, eps,
                 FM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr, LOWP: tl.constexpr,
                 IEEE: tl.constexpr, MASK_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+                DEN_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     offs_m = s0 + tl.arange(0, BLOCK_M)
     mm = offs_m < end
     q = _ld(qb + offs_m[:, None] * sqs + offs_d[None, :], mm, md, MASK_M, not EVEN_D)
@@ -239,11 +240,16 @@ def _apply_step(qb, ob, s0, end, sqs, sos, offs_d, offs_e, md, me, kv, z, scale,
     fq = _phi(x, FM)  # padded feature columns meet zero rows of the state and zero z
     out = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     if LOWP:
-        out = _mm(fq.to(q.dtype), kv, out, LOWP, IEEE)
+        fq_op = fq.to(q.dtype)
     else:
-        out = _mm(fq, kv, out, LOWP, IEEE)
+        fq_op = fq
+    out = _mm(fq_op, kv, out, LOWP, IEEE)
     if NORMALIZE:
-        rden = 1.0 / (tl.sum(fq * z[None, :], 1) + eps)
+        if DEN_DOT:  # z is a (BLOCK_D, 16) matrix here (see _apply_kernel): phi(q).z as a small dot
+            den = tl.sum(_mm(fq_op, z, tl.zeros((BLOCK_M, 16), tl.float32), LOWP, IEEE), 1)
+        else:        # a cross-thread reduction per row
+            den = tl.sum(fq * z[None, :], 1)
+        rden = 1.0 / (den + eps)
         out = out * rden[:, None]
     _st(ob + offs_m[:, None] * sos + offs_e[None, :], out.to(ob.dtype.element_ty), mm, me, MASK_M, not EVEN_DV)
 
@@ -254,7 +260,7 @@ def _apply_kernel(Q, KV, KS, CNT, O, CU,
                   S, H, HKV, D, DV, NE, CHUNK, scale, eps,
                   FM: tl.constexpr, VARLEN: tl.constexpr, NORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
                   LOWP: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                  DEN_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid = tl.program_id(0)
     pid_e = pid % NE
     pid_bh = pid // NE
@@ -278,14 +284,24 @@ def _apply_kernel(Q, KV, KS, CNT, O, CU,
             z = z * inv_n
         if LOWP:
             kv = kv.to(Q.dtype.element_ty)  # rounded once per program
+        if DEN_DOT:
+            # z as the columns of a (BLOCK_D, 16) dot operand: for 16-bit operands z = hi + lo (two
+            # columns, ~16 mantissa bits), else z itself; the other columns are zero
+            col = tl.arange(0, 16)[None, :]
+            if LOWP:
+                z_hi = z.to(Q.dtype.element_ty)
+                z_lo = (z - z_hi.to(tl.float32)).to(Q.dtype.element_ty)
+                z = tl.where(col == 0, z_hi[:, None], tl.where(col == 1, z_lo[:, None], 0.0)).to(Q.dtype.element_ty)
+            else:
+                z = tl.where(col == 0, z[:, None], 0.0)
         n_full = (end - start) // BLOCK_M
         for i in range(0, n_full):
             _apply_step(qb, ob, start + i * BLOCK_M, end, sqs, sos, offs_d, offs_e, md, me, kv, z, scale, eps,
-                        FM, NORMALIZE, HAS_SCALE, LOWP, IEEE, False, EVEN_D, EVEN_DV, BLOCK_M, BLOCK_DV)
+                        FM, NORMALIZE, HAS_SCALE, LOWP, IEEE, False, EVEN_D, EVEN_DV, DEN_DOT, BLOCK_M, BLOCK_DV)
         tail = start + n_full * BLOCK_M
         if tail < end:
             _apply_step(qb, ob, tail, end, sqs, sos, offs_d, offs_e, md, me, kv, z, scale, eps,
-                        FM, NORMALIZE, HAS_SCALE, LOWP, IEEE, True, EVEN_D, EVEN_DV, BLOCK_M, BLOCK_DV)
+                        FM, NORMALIZE, HAS_SCALE, LOWP, IEEE, True, EVEN_D, EVEN_DV, DEN_DOT, BLOCK_M, BLOCK_DV)
 
 # --------------------------------------------------------------------------------------------- backward
 
@@ -617,6 +633,9 @@ KERNELS = {"state": "_state_kernel", "apply": "_apply_kernel", "grad_q": "_grad_
 # state's (no cross-thread work in the loop); False, a tl.sum across threads every step. Which is
 # faster is for benchmarks/linear_sweep.py on a GPU to say (it times both).
 STATE_KS_BY_DOT = True
+# Likewise the apply kernel's denominators phi(q).z: a small dot (z split hi + lo for 16-bit
+# operands) or a per-row reduction across threads.
+APPLY_DEN_BY_DOT = True
 
 
 def backward_supported(D: int, Dv: int) -> bool:
@@ -777,7 +796,8 @@ def linear_attention_apply_triton(q, kv_sum, k_sum, count, feature_map="elu1", n
                  out.stride(0), out.stride(1), out.stride(2), S, H, Hkv, D, Dv, n_e, chunk,
                  1.0 if scale is None else float(scale), float(eps)],
                 dict(FM=_FM[feature_map], VARLEN=cu_seqlens is not None, NORMALIZE=bool(normalize),
-                     HAS_SCALE=scale is not None, LOWP=lowp, IEEE=ieee, **even_flags(D, Dv, cfgs[0])),
+                     HAS_SCALE=scale is not None, LOWP=lowp, IEEE=ieee, DEN_DOT=APPLY_DEN_BY_DOT,
+                     **even_flags(D, Dv, cfgs[0])),
                 cfgs, key=["D", "DV", "FM", "VARLEN", "NORMALIZE"])
     return out
 

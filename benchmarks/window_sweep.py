@@ -13,9 +13,6 @@ raw attention speed, separate from plan waste and mask cost.
 """
 from __future__ import annotations
 
-import argparse
-import fnmatch
-import json
 import math
 import sys
 
@@ -26,7 +23,9 @@ from dtk.ops.window.plan import build_plan, engine_pairs
 from dtk.ops.window.spec import pair_count
 from dtk.ops.window.triton import launch_configs, window_attention_triton
 
+from . import sweep_cli
 from .cases.window import GPU_SHAPES, WindowShape
+from .sweep_cli import timed_row
 
 SHAPES = [WindowShape("dense-control-64x128", 1, 24, 128, (64, 128), window=(64, 128))] + [
     s for s in GPU_SHAPES if s.name in ("na2d-256-w64-tile8x16", "freeswim-1080p-tile21x3x2", "freeswim-1080p-tile7x2x8",
@@ -34,10 +33,10 @@ SHAPES = [WindowShape("dense-control-64x128", 1, 24, 128, (64, 128), window=(64,
 BLOCKS = [(128, 64), (128, 128), (64, 64), (128, 32)]
 
 
-def _tensors(shape: WindowShape, dtype=torch.bfloat16):
+def _tensors(shape: WindowShape, device="cuda", dtype=torch.bfloat16):
     spec = shape.spec()
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(shape.B, spec.seq_len, shape.H, shape.D, device="cuda", dtype=dtype, generator=g)
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(shape.B, spec.seq_len, shape.H, shape.D, device=device, dtype=dtype, generator=g)
                for _ in range(3))
     return spec, q, k, v
 
@@ -54,28 +53,14 @@ def _sdpa_rows(q, k, v, backend):
     return fn
 
 
-def sweep(shape: WindowShape, out: list):
-    from triton.testing import do_bench
-
-    spec, q, k, v = _tensors(shape)
+def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
+    spec, q, k, v = _tensors(shape, device, dtype)
     scale = 1.0 / math.sqrt(shape.D)
     flops = 4.0 * shape.B * shape.H * shape.D * pair_count(spec)
     rows = []
 
     def record(name, fn, ref=None):
-        try:
-            o = fn()
-            o = o[0] if isinstance(o, tuple) else o
-            err = float((o.float() - ref.float()).abs().max()) if ref is not None else 0.0
-            ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
-        except Exception as e:  # a variant the card cannot launch: reported, the sweep goes on
-            rows.append(dict(shape=shape.name, variant=name, error=f"{type(e).__name__}: {str(e)[:120]}"))
-            print(f"{shape.name:34s} {name:28s} failed: {rows[-1]['error']}", flush=True)
-            return None
-        rows.append(dict(shape=shape.name, variant=name, ms=ms, tflops=flops / ms / 1e9, max_diff_vs_default=err))
-        print(f"{shape.name:34s} {name:28s} {ms:9.3f} ms {flops / ms / 1e9:7.1f} eff TFLOP/s  diff {err:.2e}",
-              flush=True)
-        return o
+        return timed_row(rows, shape.name, name, fn, ref, lambda ms: ("tflops", flops / ms / 1e9, "eff TFLOP/s"))
 
     bd = max(16, 1 << (shape.D - 1).bit_length())
     ref = record("default", lambda: window_attention_triton(q, k, v, spec, scale, launch=launch_configs(bd)[0]))
@@ -93,25 +78,7 @@ def sweep(shape: WindowShape, out: list):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", action="append", help="shape name or glob (repeatable); default all")
-    ap.add_argument("--json", help="write the rows here")
-    args = ap.parse_args(argv)
-    unmatched = [p for p in args.shape or [] if not any(fnmatch.fnmatch(s.name, p) for s in SHAPES)]
-    if unmatched:
-        ap.error(f"--shape {', '.join(unmatched)} matches none of: {', '.join(s.name for s in SHAPES)}")
-    if not torch.cuda.is_available():
-        print("window_sweep needs a CUDA GPU", file=sys.stderr)
-        return 2
-    shapes = [s for s in SHAPES if not args.shape or any(fnmatch.fnmatch(s.name, p) for p in args.shape)]
-    rows: list = []
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    for s in shapes:
-        sweep(s, rows)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
-    return 0
+    return sweep_cli.main(argv, __doc__, "window_sweep", SHAPES, sweep)
 
 
 if __name__ == "__main__":

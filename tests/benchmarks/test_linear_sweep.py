@@ -22,3 +22,23 @@ def test_needs_a_gpu(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert linear_sweep.main([]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_sweep_runs_every_variant_checked(monkeypatch):
+    """The sweep on CPU tensors (Triton interpreter; the timer replaced): every variant of both
+    kernels runs and matches the default, and the flags are restored."""
+    import torch
+
+    from benchmarks import sweep_cli
+    from benchmarks.cases.linear import LinearShape
+    monkeypatch.setattr(sweep_cli, "bench", lambda fn: 1.0)
+    rows = []
+    before = (lt.STATE_KS_BY_DOT, lt.APPLY_DEN_BY_DOT)
+    linear_sweep.sweep(LinearShape("tiny", 1, 200, 2, 16), rows, device="cpu", dtype=torch.float32)
+    assert (lt.STATE_KS_BY_DOT, lt.APPLY_DEN_BY_DOT) == before
+    assert all("error" not in r for r in rows), [r for r in rows if "error" in r]
+    for kernel, flag in (("state", "STATE_KS_BY_DOT"), ("apply", "APPLY_DEN_BY_DOT")):
+        n = len(lt.launch_configs(kernel, 16, 16, torch.float32))
+        for on in (0, 1):
+            mine = [r for r in rows if r["variant"].startswith(f"{kernel} {flag}={on} ")]
+            assert len(mine) == n and all(r["max_diff_vs_default"] < 1e-4 and r["gbs"] > 0 for r in mine)

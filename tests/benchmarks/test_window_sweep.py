@@ -23,3 +23,19 @@ def test_unknown_shape_is_an_error_naming_it(capsys):
     with pytest.raises(SystemExit):
         window_sweep.main(["--shape", "no-such-shape*"])
     assert "no-such-shape*" in capsys.readouterr().err
+
+
+def test_sweep_runs_every_variant_checked(monkeypatch):
+    """The sweep on CPU tensors (Triton interpreter; the timer replaced): every block shape and
+    launch configuration runs and matches the default variant."""
+    import torch
+
+    from benchmarks import sweep_cli
+    from benchmarks.cases.window import WindowShape
+    monkeypatch.setattr(sweep_cli, "bench", lambda fn: 1.0)
+    rows = []
+    window_sweep.sweep(WindowShape("tiny", 1, 2, 16, (8, 12), window=(3, 5)), rows, device="cpu", dtype=torch.float32)
+    timed = [r for r in rows if "ms" in r]
+    assert all("error" not in r for r in rows), [r for r in rows if "error" in r]
+    assert len([r for r in rows if "plan_eff" in r]) == len(window_sweep.BLOCKS)
+    assert len(timed) > len(window_sweep.BLOCKS) and all(r["max_diff_vs_default"] < 1e-4 for r in timed)

@@ -107,3 +107,29 @@ def test_limiting_axes_only_drops_axes_the_window_spans_whole():
             free = all(torch.equal(m.select(3 + a, 0), m.select(3 + a, i)) for i in range(spec.grid[a]))
             if not bits & (1 << a):
                 assert free, (grid, window, radius, border, a)
+
+
+@pytest.mark.parametrize("grid,tile", [((9, 11), (4, 4)), ((4, 6, 7), None), ((37,), None), ((3, 300, 5), (1, 8, 2))])
+def test_coord_table_unpacks_to_the_grid_coordinates(grid, tile):
+    from dtk.ops.window.plan import coord_table
+    from dtk.ops.window.spec import grid_coords
+    spec = make_spec(grid, (3,) * len(grid), tile=tile)
+    ct = coord_table(spec, torch.device("cpu"))
+    c = ct.table.long()
+    got = (c >> ct.shift0, (c >> ct.shift1) & ct.mask1, c & ct.mask2)
+    for a, want in enumerate(grid_coords(spec)):
+        assert torch.equal(got[a], want), a
+    # coordinates needing more than 31 bits: no table (the kernels divide positions instead)
+    assert coord_table(make_spec((3000, 3000, 3000), (3, 3, 3)), torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("case", [
+    dict(grid=(9, 11), window=None, radius=3, border="clip", num_prefix=5, tile=(4, 4), num_extra=3),
+    dict(grid=(4, 6, 7), window=(-1, 3, 5), radius=None, border="inward", num_prefix=0, tile=(2, 2, 4), num_extra=0),
+])
+def test_triton_without_coord_table(case, monkeypatch):
+    """Grids whose coordinates do not fit the packed table take the division path: same results."""
+    import dtk.ops.window.triton as wt
+    monkeypatch.setattr(wt, "coord_table", lambda spec, device: None)
+    base = dict(heads=(2, 1), D=16, B=1, transposed=False, scale=None)
+    run_case({**base, **case}, DTYPES[0], block=16)

@@ -103,3 +103,12 @@ def test_key_plan_is_the_plan_transposed(geo):
         for partial in (0, 1):
             got += [(kb, qb, bool(partial)) for qb in kp.queries[off[2 * kb + partial]:off[2 * kb + partial + 1]].tolist()]
     assert len(got) == len(set(got)) and set(got) == expected
+
+
+def test_backward_without_coord_table(monkeypatch):
+    """The dk/dv walk's division path (grids too large for the packed coordinate table)."""
+    import dtk.ops.window.triton as wt
+    monkeypatch.setattr(wt, "coord_table", lambda spec, device: None)
+    case = dict(grid=(9, 11), window=None, radius=3, border="clip", num_prefix=5, tile=(4, 4), num_extra=3,
+                heads=(2, 1), D=16, B=1, transposed=False, scale=None)
+    run_case(case, DTYPES[0], block=16)

@@ -5,7 +5,7 @@ from ...triton_aot import compile_all, job
 
 PTRS = {n: "*bf16" for n in ("Q", "K", "V", "EK", "EV", "O", "DO", "DK", "DV")}
 PTRS.update({"LSE": "*fp32", "LSE2": "*fp32", "DELTA": "*fp32", "QB": "*i32", "ENT": "*i32", "CNT": "*i32",
-             "ORDER": "*i32", "TQ": "*i32", "TOFF": "*i32", "qk_scale": "fp32", "dq_scale": "fp32", "dk_scale": "fp32",
+             "ORDER": "*i32", "TQ": "*i32", "TOFF": "*i32", "CT": "*i32", "qk_scale": "fp32", "dq_scale": "fp32", "dk_scale": "fp32",
              "INWARD": "i1"})
 
 
@@ -18,7 +18,8 @@ def test_window_kernel_compiles_with_every_launch_config():
     configs = [(arch, is_box, bd, bn, w, st) for arch in (90, 80) for is_box in (True, False)
                for bd, bn in ((64, 64), (128, 64), (256, 64), (128, 128)) for w, st in launch_configs(bd, bn)]
     jobs = [job("dtk.ops.window.triton:_window_fwd", arch, PTRS,
-                dict(IS_BOX=is_box, BLOCK_M=128, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd != 256, AXES=7, BWD=False), num_warps=w, num_stages=st)
+                dict(IS_BOX=is_box, BLOCK_M=128, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd != 256, AXES=7, COORDS=True,
+                     BWD=False), num_warps=w, num_stages=st)
             for arch, is_box, bd, bn, w, st in configs]
     results = compile_all(jobs)
     print("\n".join(f"{cfg}: {res}" for cfg, res in zip(configs, results)))
@@ -43,7 +44,7 @@ def test_backward_kernels_compile():
     jobs = []
     for arch, is_box, bd in configs:
         (wq, sq), (wk, sk) = backward_launch_configs(bd)
-        c = dict(IS_BOX=is_box, BLOCK_M=64, BLOCK_N=64, BLOCK_D=bd, EVEN_D=bd != 256, AXES=7)
+        c = dict(IS_BOX=is_box, BLOCK_M=64, BLOCK_N=64, BLOCK_D=bd, EVEN_D=bd != 256, AXES=7, COORDS=True)
         jobs.append(job("dtk.ops.window.triton:_window_fwd", arch, PTRS, dict(c, BWD=True), num_warps=wq, num_stages=sq))
         jobs.append(job("dtk.ops.window.triton:_window_bwd_dkdv", arch, PTRS, c, num_warps=wk, num_stages=sk))
     results = compile_all(jobs)

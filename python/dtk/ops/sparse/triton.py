@@ -31,14 +31,14 @@ MAX_SEGMENTS = 4
 @triton.jit
 def _step_bias(q, do, acc, m_i, l_i, k, v, qk_mask, bias, qk_scale, BWD: tl.constexpr):
     """_step with a per-row additive bias (log2 units) and an element mask."""
-    qk = tl.dot(q, tl.trans(k)) * qk_scale + bias[:, None]
-    qk = tl.where(qk_mask, qk, float("-inf"))
+    s = tl.dot(q, tl.trans(k)) + (bias / qk_scale)[:, None]   # raw units: scaled in the exponent
+    s = tl.where(qk_mask, s, float("-inf"))
     if BWD:
-        p = tl.math.exp2(qk - m_i[:, None])
+        p = tl.math.exp2(s * qk_scale - m_i[:, None])
         ds = p * (tl.dot(do, tl.trans(v)) - l_i[:, None])
         acc += tl.dot(ds.to(k.dtype), k)
     else:
-        acc, m_i, l_i = _online_update(qk, acc, m_i, l_i, v)
+        acc, m_i, l_i = _online_update(s, qk_scale, acc, m_i, l_i, v)
     return acc, m_i, l_i
 
 

@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import torch
 
-from .spec import WindowSpec, box_range, circle_center, make_spec
+from .spec import WindowSpec, box_range, circle_center, grid_coords, make_spec
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,29 @@ class WindowPlan:
     max_entries: int
     block_q: int
     block_k: int
+
+
+@dataclass(frozen=True)
+class CoordTable:
+    table: torch.Tensor      # (num_grid,) int32: grid token t (layout order) at (x0 << shift0) | (x1 << shift1) | x2
+    shift0: int
+    shift1: int
+    mask1: int
+    mask2: int
+
+
+@lru_cache(maxsize=16)
+def coord_table(spec: WindowSpec, device: torch.device):
+    """The grid coordinates of every grid token in layout order, packed into one int32 per token
+    (the kernels read a block's key coordinates with one load instead of dividing its positions by
+    the block's extents); None when the three coordinates need more than 31 bits."""
+    bits = [max(1, (n - 1).bit_length()) for n in spec.grid]
+    if sum(bits) > 31:
+        return None
+    x0, x1, x2 = grid_coords(spec, torch.device("cpu"))
+    packed = (x0 << (bits[1] + bits[2])) | (x1 << bits[2]) | x2
+    return CoordTable(packed.to(device=device, dtype=torch.int32), bits[1] + bits[2], bits[2],
+                      (1 << bits[1]) - 1, (1 << bits[2]) - 1)
 
 
 def _balanced(n, cap):

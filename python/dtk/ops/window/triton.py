@@ -1,6 +1,8 @@
 """Triton engine for window attention: one program per (query block, batch x head) walks the
-plan's key blocks with an online softmax; element masks are evaluated only on partial blocks.
-Prefix (global) queries and keys and the extra keys are dense ranges around the plan.
+plan's key blocks with an online softmax; element masks are evaluated only on partial blocks,
+from grid coordinates read from a packed per-token table (plan.coord_table). Scores stay raw until
+the exponent, where one FMA applies the scale (log2 units). Prefix (global) queries and keys and
+the extra keys are dense ranges around the plan.
 
 Backward (FlashAttention-2 style, from the forward's lse): the same query-side walk computes dq
 (`_window_fwd` with BWD=True), and `_window_bwd_dkdv` walks the transposed plan (per key block,
@@ -13,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..._debug import new_output, triton_autotune, window_blocks_override
-from .plan import block_fill, build_key_plan, build_plan
+from .plan import block_fill, build_key_plan, build_plan, coord_table
 from .spec import WindowSpec
 
 LOG2E = 1.4426950408889634
@@ -21,11 +23,11 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _softmax_step(q, acc, m_i, l_i, k, v, qk_mask, MASKED: tl.constexpr, qk_scale):
-    """One online-softmax update with a key block k (BN, BD) / v (BN, BD); scores in log2 units."""
-    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    """One online-softmax update with a key block k (BN, BD) / v (BN, BD)."""
+    s = tl.dot(q, tl.trans(k))
     if MASKED:
-        qk = tl.where(qk_mask, qk, float("-inf"))
-    return _online_update(qk, acc, m_i, l_i, v)
+        s = tl.where(qk_mask, s, float("-inf"))
+    return _online_update(s, qk_scale, acc, m_i, l_i, v)
 
 
 @triton.jit
@@ -34,10 +36,10 @@ def _step(q, do, acc, m_i, l_i, k, v, qk_mask, MASKED: tl.constexpr, qk_scale, B
     dq step, where m_i holds the rows' lse (log2 units; +inf for rows without keys, so P = 0),
     l_i their delta = rowsum(dO * out) - dlse, and acc += dS K with dS = P * (dO V^T - delta)."""
     if BWD:
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k))
         if MASKED:
-            qk = tl.where(qk_mask, qk, float("-inf"))
-        p = tl.math.exp2(qk - m_i[:, None])
+            s = tl.where(qk_mask, s, float("-inf"))
+        p = tl.math.exp2(s * qk_scale - m_i[:, None])   # one FMA per score
         ds = p * (tl.dot(do, tl.trans(v)) - l_i[:, None])
         acc += tl.dot(ds.to(k.dtype), k)
     else:
@@ -46,11 +48,13 @@ def _step(q, do, acc, m_i, l_i, k, v, qk_mask, MASKED: tl.constexpr, qk_scale, B
 
 
 @triton.jit
-def _online_update(qk, acc, m_i, l_i, v):
-    """Folds a block of log2-unit scores qk (BM, BN) and its values v into (acc, m_i, l_i)."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+def _online_update(s, qk_scale, acc, m_i, l_i, v):
+    """Folds a block of raw scores s (BM, BN; -inf where masked) and its values v into (acc, m_i,
+    l_i), m_i in log2 units. qk_scale (> 0: the scale times log2 e) is applied inside the exponent,
+    one FMA per score (max(s) * qk_scale is the scaled max because qk_scale > 0)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing allowed yet
-    p = tl.math.exp2(qk - m_safe[:, None])
+    p = tl.math.exp2(s * qk_scale - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -164,6 +168,15 @@ def _coords(i, o0, o1, o2, e1, e2):
 
 
 @triton.jit
+def _table_coords(CT, idx, ok, SH0, SH1, M1, M2):
+    """Grid coordinates of grid tokens idx (layout order) from the packed coordinate table
+    (plan.coord_table): one load and three shifts / masks per token, where _coords' quotients
+    take ~10 instructions (per key column of every partial block)."""
+    c = tl.load(CT + idx, mask=ok, other=0)
+    return c >> SH0, (c >> SH1) & M1, c & M2
+
+
+@triton.jit
 def _in_range(y, lo, span):
     """lo <= y <= lo + span (broadcast), as one unsigned compare (y - lo < 0 wraps)."""
     return (y - lo).to(tl.uint32, bitcast=True) <= span.to(tl.uint32, bitcast=True)
@@ -219,7 +232,7 @@ def _window_allowed(allowed, y0, y1, y2, lo0, lo1, lo2, hi0, hi1, hi2, R, IS_BOX
 # Triton specialises int arguments on == 1 and divisibility by 16: the grid geometry is kept out of
 # that so that a new grid (resolution) reuses the compiled kernel. Strides stay specialised (their
 # divisibility gives vectorised loads); a grid can still compile anew where it changes one's.
-GEOMETRY_ARGS = ["S", "P", "N0", "N1", "N2", "W0", "W1", "W2", "R", "PAD0", "PAD1"]
+GEOMETRY_ARGS = ["S", "P", "N0", "N1", "N2", "W0", "W1", "W2", "R", "PAD0", "PAD1", "CSH0", "CSH1", "CM1", "CM2"]
 
 
 @triton.jit(do_not_specialize=GEOMETRY_ARGS + ["E", "L", "N_PQB", "NQB"])
@@ -228,11 +241,11 @@ def _window_fwd(
     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh,
     sekb, seks, sekh, sevb, sevs, sevh, sob, sos, soh,
     B, H, GROUP, S, P, E, L, N_PQB, NQB, D,
-    N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1,
+    N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1, CT, CSH0, CSH1, CM1, CM2,
     qk_scale,
     DO, LSE2, DELTA, sdob, sdos, sdoh, dq_scale,
     IS_BOX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, AXES: tl.constexpr, BWD: tl.constexpr = False,
+    EVEN_D: tl.constexpr, AXES: tl.constexpr, COORDS: tl.constexpr, BWD: tl.constexpr = False,
 ):
     # The forward, or with BWD the dq pass of the backward (same walk over the keys; O is dq, DO
     # the output gradient, LSE2 / DELTA the rows' lse (log2 units) and delta, see _step).
@@ -302,7 +315,10 @@ def _window_fwd(
         rows = (tl.load(e) + offs_n).to(tl.int64)
         k = _load_rows(k_ptr, rows, sks, offs_d, n_ok, d_mask, True, EVEN_D)
         v = _load_rows(v_ptr, rows, svs, offs_d, n_ok, d_mask, True, EVEN_D)
-        y0, y1, y2 = _coords(offs_n, tl.load(e + 1), tl.load(e + 2), tl.load(e + 3), ke1, ke2)
+        if COORDS:
+            y0, y1, y2 = _table_coords(CT, tl.load(e) - P + offs_n, n_ok, CSH0, CSH1, CM1, CM2)
+        else:
+            y0, y1, y2 = _coords(offs_n, tl.load(e + 1), tl.load(e + 2), tl.load(e + 3), ke1, ke2)
         allowed = _window_allowed(n_ok[None, :], y0[None, :], y1[None, :], y2[None, :], lo0[:, None], lo1[:, None],
                                   lo2[:, None], hi0[:, None], hi1[:, None], hi2[:, None], R, IS_BOX, AXES)
         acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, allowed, True, qk_scale, BWD)
@@ -319,10 +335,10 @@ def _window_bwd_dkdv(
     Q, K, V, DO, LSE2, DELTA, DK, DV, QB, TQ, TOFF,
     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh, sdkb, sdks, sdkh, sdvb, sdvs, sdvh,
     B, H, GROUP, S, P, NDB, DENSE_LEN, DENSE_QLO, DENSE_QHI, NKB, D,
-    N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1,
+    N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1, CT, CSH0, CSH1, CM1, CM2,
     qk_scale, dk_scale,
     IS_BOX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, AXES: tl.constexpr,
+    EVEN_D: tl.constexpr, AXES: tl.constexpr, COORDS: tl.constexpr,
 ):
     """dk, dv of one key block for one (batch, kv head), summed over the GQA group's q heads.
     Programs [0, NDB * B * Hkv) take dense key blocks (keys [0, DENSE_LEN) of K, seen by the
@@ -382,7 +398,10 @@ def _window_bwd_dkdv(
             q_start, qo0, qo1, qo2, qe0, qe1, qe2 = _block_desc(QB, tl.load(TQ + j).to(tl.int64))
             rows = q_start + offs_m
             q_ok = offs_m < qe0 * qe1 * qe2
-            x0, x1, x2 = _coords(offs_m, qo0, qo1, qo2, qe1, qe2)
+            if COORDS:
+                x0, x1, x2 = _table_coords(CT, q_start - P + offs_m, q_ok, CSH0, CSH1, CM1, CM2)
+            else:
+                x0, x1, x2 = _coords(offs_m, qo0, qo1, qo2, qe1, qe2)
             lo0, lo1, lo2, hi0, hi1, hi2 = _query_windows(x0, x1, x2, N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1,
                                                           IS_BOX)
             allowed = _window_allowed(k_ok[:, None], y0[:, None], y1[:, None], y2[:, None], lo0[None, :],
@@ -412,10 +431,10 @@ def _dkdv_step(dk, dv, k, v, q_ptr, q_rows, sqs, do_ptr, do_rows, sdos, lse2_ptr
     do = _load_rows(do_ptr, do_rows.to(tl.int64), sdos, offs_d, q_ok, d_mask, True, EVEN_D)
     lse2 = tl.load(lse2_ptr + stat_rows, mask=q_ok, other=float("inf"))
     delta = tl.load(delta_ptr + stat_rows, mask=q_ok, other=0.0)
-    qkT = tl.dot(k, qT) * qk_scale + bias
+    sT = tl.dot(k, qT)
     if MASKED:
-        qkT = tl.where(mask, qkT, float("-inf"))
-    pT = tl.math.exp2(qkT - lse2[None, :])
+        sT = tl.where(mask, sT, float("-inf"))
+    pT = tl.math.exp2(sT * qk_scale + (bias - lse2)[None, :])   # one FMA per score
     dv += tl.dot(pT.to(do.dtype), do)
     dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
     dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
@@ -503,11 +522,15 @@ def _limiting_axes(spec: WindowSpec) -> int:
     return bits
 
 
-def _geometry_args(spec: WindowSpec):
+def _geometry_args(spec: WindowSpec, device: torch.device):
     """The kernels' window geometry arguments: N0..2, W0..2 (1 for circles), R (1 for boxes),
-    INWARD, PAD0, PAD1."""
+    INWARD, PAD0, PAD1, then the packed coordinate table CT with its shifts CSH0, CSH1 and masks
+    CM1, CM2 (a dummy when the grid's coordinates do not fit 31 bits), and the COORDS constexpr."""
+    ct = coord_table(spec, device)
+    table = (ct.table, ct.shift0, ct.shift1, ct.mask1, ct.mask2) if ct else (torch.empty(1, dtype=torch.int32,
+                                                                                        device=device), 0, 0, 0, 0)
     return (*spec.grid, *(spec.window or (1, 1, 1)), spec.radius or 1, spec.border == "inward", spec.padded(0),
-            spec.padded(1))
+            spec.padded(1), *table), ct is not None
 
 
 def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=None, extra_v=None, block=None,
@@ -535,16 +558,17 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     kernel = _window_fwd_tuned if tuned else _window_fwd
     warps, stages = launch or launch_configs(block_d, block_k)[0]
     config = {} if tuned else dict(num_warps=warps if block_q >= 64 or launch else 4, num_stages=stages)
+    geometry, coords = _geometry_args(spec, q.device)
     kernel[grid](
         q, k, v, ek, ev, out, lse, plan.q_blocks, plan.entries, plan.kv_count, plan.order,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), ek.stride(0), ek.stride(1), ek.stride(2),
         ev.stride(0), ev.stride(1), ev.stride(2), out.stride(0), out.stride(1), out.stride(2),
         B, H, H // Hkv, S, P, E, plan.max_entries, n_pqb, plan.num_blocks, D,
-        *_geometry_args(spec), scale * LOG2E,
+        *geometry, scale * LOG2E,
         q, lse, lse, 0, 0, 0, 1.0,  # the backward's inputs (DO, LSE2, DELTA): unused here
         IS_BOX=spec.window is not None, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, EVEN_D=block_d == D,
-        AXES=_limiting_axes(spec),
+        AXES=_limiting_axes(spec), COORDS=coords,
         **config,
     )
     return out, lse
@@ -592,8 +616,9 @@ def window_attention_backward_triton(grad_out, grad_lse, q, k, v, out, lse, spec
     P = spec.num_prefix
     E = 0 if extra_k is None else extra_k.shape[1]
     block_d = max(16, triton.next_power_of_2(D))
-    geometry = _geometry_args(spec)
-    consts = dict(IS_BOX=spec.window is not None, BLOCK_D=block_d, EVEN_D=block_d == D, AXES=_limiting_axes(spec))
+    geometry, coords = _geometry_args(spec, q.device)
+    consts = dict(IS_BOX=spec.window is not None, BLOCK_D=block_d, EVEN_D=block_d == D, AXES=_limiting_axes(spec),
+                  COORDS=coords)
     dq_launch, dkdv_launch = backward_launch_configs(block_d) if q.device.type == "cuda" else ((4, 1), (4, 1))
 
     lse2, delta = backward_row_stats(out, grad_out, lse, grad_lse)

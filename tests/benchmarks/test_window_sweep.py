@@ -6,7 +6,7 @@ from dtk.ops.window.plan import build_plan
 
 def test_sweep_shapes():
     names = [s.name for s in window_sweep.SHAPES]
-    assert names[0].startswith("dense-control") and len(names) == 6, names
+    assert names[0].startswith("dense-control") and len(names) == 7, names
     assert "flux4096-r16-clip-p512-tile8x16" in names   # the e2e target's layer
 
 

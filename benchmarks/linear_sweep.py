@@ -3,10 +3,11 @@ where the forward's time goes, not part of the suite (its numbers do not go to R
 
 For each shape it times, with autotuning off: the state kernel (reads k, v) and the apply kernel
 (reads q, writes o) alone at every configuration their launchers may choose, both ways each can
-reduce (``STATE_KS_BY_DOT``, ``APPLY_DEN_BY_DOT``), the whole op as shipped (autotuned), and a device
-copy of the same bytes (the bandwidth floor). Each variant's output is compared with the default
-variant's (a miscompiled configuration shows as a large difference); GB/s count the minimum
-traffic (each input read once, the output written once).
+reduce (``STATE_KS_BY_DOT``, ``APPLY_DEN_BY_DOT``), the whole op as shipped (autotuned) at 2, 4
+and 8 programs per SM (``PROGRAMS_PER_SM``), and a device copy of the same bytes (the bandwidth
+floor). Each variant's output is compared with the default variant's (a miscompiled configuration
+shows as a large difference); GB/s count the minimum traffic (each input read once, the output
+written once).
 
     python -m benchmarks.linear_sweep                       # every shape below
     python -m benchmarks.linear_sweep --shape flux4k-* --json lsweep.json
@@ -72,6 +73,15 @@ def sweep(shape, out: list, device="cuda", dtype=torch.bfloat16):
                                f" s{cfg['num_stages']}", fn, half, ref)
         finally:
             setattr(lt, flag, default)
+    # how finely the sequence is split (the state kernel's atomics against parallelism)
+    default_split = lt.PROGRAMS_PER_SM
+    try:
+        for per_sm in (2, 4, 8):
+            lt.PROGRAMS_PER_SM = per_sm
+            record(f"op as shipped, PROGRAMS_PER_SM={per_sm}", lambda: lt.linear_attention_triton(q, k, v), 2 * half,
+                   out_ref)
+    finally:
+        lt.PROGRAMS_PER_SM = default_split
     out.extend(rows)
 
 

@@ -633,6 +633,9 @@ KERNELS = {"state": "_state_kernel", "apply": "_apply_kernel", "grad_q": "_grad_
 # state's (no cross-thread work in the loop); False, a tl.sum across threads every step. Which is
 # faster is for benchmarks/linear_sweep.py on a GPU to say (it times both).
 STATE_KS_BY_DOT = True
+# Programs per SM the streaming kernels split a sequence into (more: more parallelism, and for the
+# state kernel more fp32 atomics per result; benchmarks/linear_sweep.py times 2, 4 and 8).
+PROGRAMS_PER_SM = 4
 # Likewise the apply kernel's denominators phi(q).z: a small dot (z split hi + lo for 16-bit
 # operands) or a per-row reduction across threads.
 APPLY_DEN_BY_DOT = True
@@ -728,12 +731,12 @@ def _seqs(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
 
 def _chunking(n_seq_len: int, parallel: int, device):
     """(number of chunks, chunk length) splitting a sequence so that parallel x chunks programs
-    fill the GPU (~4 per SM). GPU chunks are multiples of 128 rows (every block size divides them)
+    fill the GPU (PROGRAMS_PER_SM per SM). GPU chunks are multiples of 128 rows (every block size divides them)
     and at least 512 rows; in the interpreter 32-row multiples, so that full blocks and tails,
     several chunks and the atomic reduction are all exercised by small tests."""
     n = max(int(n_seq_len), 1)
     if device.type == "cuda":
-        align, target, min_chunk = 128, 4 * _num_sms(device), 512
+        align, target, min_chunk = 128, PROGRAMS_PER_SM * _num_sms(device), 512
     else:
         align, target, min_chunk = 32, 8, 32
     n_chunks = max(1, min(triton.cdiv(target, max(parallel, 1)), triton.cdiv(n, min_chunk)))

@@ -66,7 +66,9 @@ tail -n 3 "$OUT/build.log" && rm -f "$OUT/build.log"   # kept only when the buil
 echo "build done at ${SECONDS} s"
 export PYTHONPATH="$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-# tests, never blocking the benchmarks: first the GPU-marked tests (all of them, <= 150 s), then the
+# tests, never blocking the benchmarks: first the GPU-marked tests (all of them, <= 150 s; 8 workers:
+# compiling Triton kernels is what takes the time, and the machine has 16 cores; stop 11 with 4 workers
+# ran ~175 of ~190 in 150 s), then the
 # rest with -x while time allows (CI runs those on CPUs anyway)
 # RUN_TESTS=0 skips them (a second run on the same warm machine, e.g. BENCH_OPS=e2e only)
 T_TESTS=$(( $(left) / 3 < 150 ? $(left) / 3 : 150 ))
@@ -80,7 +82,7 @@ if [ "$T_TESTS" -gt 0 ]; then
   # names each failed test with its traceback as it fails
   rm -f /tmp/dtk-test-failures.log
   DTK_TEST_FAILURES=/tmp/dtk-test-failures.log DTK_TRITON_AUTOTUNE=0 timeout -s INT -k 20 "$T_TESTS" \
-    "$PY" -m pytest tests -q -rfE -m "gpu or triton_engine" -n 4 -p no:cacheprovider --durations=15 \
+    "$PY" -m pytest tests -q -rfE -m "gpu or triton_engine" -n "${TEST_WORKERS:-8}" -p no:cacheprovider --durations=15 \
     2>&1 | tee "$OUT/tests.log" || rc_tests=$?
   echo "GPU tests rc=$rc_tests at ${SECONDS} s" | tee -a "$OUT/tests.log"
   if [ -s /tmp/dtk-test-failures.log ]; then

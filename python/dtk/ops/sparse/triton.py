@@ -21,9 +21,9 @@ import triton
 import triton.language as tl
 
 from ..._debug import new_output
-from ..window.triton import (LOG2E, _dense_range, _dkdv_step, _finish, _head_indices, _load_rows, _online_update,
-                             _row_state, _step, _write_rows, backward_block, backward_launch_configs,
-                             backward_row_stats, default_blocks, launch_configs)
+from ..window.triton import (LOG2E, _dense_range, _dkdv_step, _finish, _head_indices, _kv_head_indices, _load_rows,
+                             _online_update, _row_state, _step, _tile_offsets, _write_rows, backward_block,
+                             backward_launch_configs, backward_row_stats, default_blocks, launch_configs)
 
 MAX_SEGMENTS = 4
 
@@ -92,10 +92,7 @@ def _mkv_fwd(
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b, h, kvh = _head_indices(bh, H, GROUP)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
+    offs_m, offs_n, offs_d, d_mask = _tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
     m_idx = pid.to(tl.int64) * BLOCK_M + offs_m
     m_ok = m_idx < NQ
     rows_q, q_ok = _gather_rows(QI + b * sqib, m_idx, NQ, SQ, HAS_QI)  # the kernel gathers its query rows
@@ -239,14 +236,8 @@ def _mkv_bwd_dkdv(
     one (batch, kv head), over every query row (q_index-gathered) of the group's q heads. Rows go
     to position n of DK / DV: the compact buffers with kv_index, the gradients themselves without."""
     pid = tl.program_id(0)
-    bkv = tl.program_id(1)
-    Hkv = H // GROUP
-    b = (bkv // Hkv).to(tl.int64)
-    kvh = (bkv % Hkv).to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
+    b, kvh = _kv_head_indices(tl.program_id(1), H, GROUP)
+    offs_m, offs_n, offs_d, d_mask = _tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
     n = pid.to(tl.int64) * BLOCK_N + offs_n
     rows_k, k_ok = _gather_rows(KI + b * skib, n, M, L, HAS_IDX)
     k = _load_rows(K + b * skb + kvh * skh, rows_k, sks, offs_d, k_ok, d_mask, True, False)
@@ -360,10 +351,7 @@ def _seg_fwd(
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b, h, kvh = _head_indices(bh, H, GROUP)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
+    offs_m, offs_n, offs_d, d_mask = _tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
     rows = pid.to(tl.int64) * BLOCK_M + offs_m
     q_ok = rows < S
     br = tl.zeros([BLOCK_M], dtype=tl.int32)        # branch of each query row
@@ -411,10 +399,7 @@ def _seg_bwd_dkdv(
     query rows of every branch a with group_mask[a, kb] (bias group_bias[a, kb]), all q heads of
     the GQA group. Programs past the last block (the grid is a bound) do nothing."""
     pid = tl.program_id(0)
-    bkv = tl.program_id(1)
-    Hkv = H // GROUP
-    b = (bkv // Hkv).to(tl.int64)
-    kvh = (bkv % Hkv).to(tl.int64)
+    b, kvh = _kv_head_indices(tl.program_id(1), H, GROUP)
     # this program's branch kb and first key: walk the branches' block counts
     kb = tl.full([], 0, tl.int32) + G      # loop-carried: int32 tensors from the start
     k_start = tl.full([], 0, tl.int32)
@@ -429,10 +414,7 @@ def _seg_bwd_dkdv(
         k_start = tl.where(here, lo + (pid - first) * BLOCK_N, k_start)
         k_end = tl.where(here, hi, k_end)
         first += nb
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
+    offs_m, offs_n, offs_d, d_mask = _tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
     rows_k = (k_start + offs_n).to(tl.int64)
     k_ok = rows_k < k_end
     k = _load_rows(K + b * skb + kvh * skh, rows_k, sks, offs_d, k_ok, d_mask, True, False)

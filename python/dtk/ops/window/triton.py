@@ -154,6 +154,20 @@ def _head_indices(bh, H, GROUP):
 
 
 @triton.jit
+def _tile_offsets(D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A program's row, key and head-dim offsets, and which head-dim columns exist (d < D)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    return tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), offs_d, offs_d < D
+
+
+@triton.jit
+def _kv_head_indices(bkv, H, GROUP):
+    """(batch, kv head) as int64 of a flat batch x kv-head program index."""
+    Hkv = H // GROUP
+    return (bkv // Hkv).to(tl.int64), (bkv % Hkv).to(tl.int64)
+
+
+@triton.jit
 def _coords(i, o0, o1, o2, e1, e2):
     """Grid coordinates of positions i (0 <= i < 2^20) of a row-major box of extents (., e1, e2)
     at origin (o0, o1, o2). Quotients through a float reciprocal: (i + 0.5) / e is at least 0.5/e
@@ -258,10 +272,7 @@ def _window_fwd(
     pid = tl.where(t < n_pre, t // (B * H), N_PQB + (t - n_pre) % NQB)
     bh = tl.where(t < n_pre, t % (B * H), (t - n_pre) // NQB)
     b, h, kvh = _head_indices(bh, H, GROUP)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
+    offs_m, offs_n, offs_d, d_mask = _tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
     k_ptr = K + b * skb + kvh * skh
     v_ptr = V + b * svb + kvh * svh
 
@@ -352,13 +363,8 @@ def _window_bwd_dkdv(
     n_dense = NDB * B * Hkv
     is_dense = t < n_dense
     pid = tl.where(is_dense, t // (B * Hkv), (t - n_dense) % tl.maximum(NKB, 1))
-    bkv = tl.where(is_dense, t % (B * Hkv), (t - n_dense) // tl.maximum(NKB, 1))
-    b = (bkv // Hkv).to(tl.int64)
-    kvh = (bkv % Hkv).to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
+    b, kvh = _kv_head_indices(tl.where(is_dense, t % (B * Hkv), (t - n_dense) // tl.maximum(NKB, 1)), H, GROUP)
+    offs_m, offs_n, offs_d, d_mask = _tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
 
     kb = tl.where(is_dense, 0, pid).to(tl.int64)
     k_start, ko0, ko1, ko2, ke0, ke1, ke2 = _block_desc(QB, kb)

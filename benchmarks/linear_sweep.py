@@ -1,13 +1,14 @@
 """Launch-configuration sweep of the linear-attention forward on a GPU: a tuning aid that tells
 where the forward's time goes, not part of the suite (its numbers do not go to RESULTS.md).
 
-For each shape it times, with autotuning off: the state kernel (reads k, v) and the apply kernel
-(reads q, writes o) alone at every configuration their launchers may choose, both ways each can
-reduce (``STATE_KS_BY_DOT``, ``APPLY_DEN_BY_DOT``), the whole op as shipped (autotuned) at 2, 4
+For each linear-attention shape it times, with autotuning off: the state kernel (reads k, v) and
+the apply kernel (reads q, writes o) alone at every configuration their launchers may choose, both
+ways each can reduce (``STATE_KS_BY_DOT``, ``APPLY_DEN_BY_DOT``), the whole op as shipped (autotuned) at 2, 4
 and 8 programs per SM (``PROGRAMS_PER_SM``), and a device copy of the same bytes (the bandwidth
 floor). Each variant's output is compared with the default variant's (a miscompiled configuration
 shows as a large difference); GB/s count the minimum traffic (each input read once, the output
-written once).
+written once). For MEMO's clip step it times the default launch against ``MEMO_STEP_VARIANTS``
+(several clips per program).
 
     python -m benchmarks.linear_sweep                       # every shape below
     python -m benchmarks.linear_sweep --shape flux4k-* --json lsweep.json
@@ -25,7 +26,7 @@ from . import sweep_cli
 from .cases.linear import GPU_SHAPES
 from .sweep_cli import timed_row
 
-SHAPES = [s for s in GPU_SHAPES if s.name in ("flux4k-S66048-H24-d128", "sd15-4096-256x256-d80")]
+SHAPES = [s for s in GPU_SHAPES if s.name in ("flux4k-S66048-H24-d128", "sd15-4096-256x256-d80", "memo-32768x16-d40")]
 
 
 @contextmanager
@@ -39,7 +40,37 @@ def _forced(kernel, cfg):
         lt.launch_configs = real
 
 
+def sweep_memo(shape, out: list, device="cuda", dtype=torch.bfloat16):
+    """MEMO's clip step (output + memory update in one kernel): the default launch against
+    MEMO_STEP_VARIANTS (several clips per program, loads prefetched a clip ahead)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(shape.B, shape.S, shape.H, shape.D, device=device, dtype=dtype, generator=g)
+               for _ in range(3))
+    mkv = torch.rand(shape.B, shape.H, shape.D, shape.D, device=device, generator=g)
+    mz = torch.rand(shape.B, shape.H, shape.D, device=device, generator=g)
+    nbytes = 4 * q.numel() * q.element_size() + 2 * (mkv.numel() + mz.numel()) * 4   # q k v o, memory in + out
+    rows = []
+
+    def record(name, fn, ref=None):
+        return timed_row(rows, shape.name, name, fn, ref, lambda ms: ("gbs", nbytes / ms / 1e6, "GB/s"))
+
+    def step():
+        out, nkv, nz = lt.memory_linear_attention_step_triton(q, k, v, mkv, mz, 0.9)
+        return torch.cat([out.float().flatten(), nkv.flatten(), nz.flatten()])
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    record("copy (same bytes)", lambda: dst.copy_(src))
+    ref = record("memory_step default", step)
+    base = lt.launch_configs("memory_step", shape.D, shape.D, dtype, frames=shape.S)[0]
+    for clips, warps, stages in lt.MEMO_STEP_VARIANTS:
+        with _forced("memory_step", dict(base, CLIPS=clips, num_warps=warps, num_stages=stages)):
+            record(f"memory_step clips={clips} w{warps} s{stages}", step, ref)
+    out.extend(rows)
+
+
 def sweep(shape, out: list, device="cuda", dtype=torch.bfloat16):
+    if shape.kind == "memo":
+        return sweep_memo(shape, out, device, dtype)
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(shape.B, shape.S, shape.H, shape.D, device=device, dtype=dtype, generator=g)
                for _ in range(3))

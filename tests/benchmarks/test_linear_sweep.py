@@ -5,7 +5,8 @@ from dtk.ops.linear import triton as lt
 
 
 def test_sweep_shapes():
-    assert [s.name for s in linear_sweep.SHAPES] == ["flux4k-S66048-H24-d128", "sd15-4096-256x256-d80"]
+    assert [s.name for s in linear_sweep.SHAPES] == ["flux4k-S66048-H24-d128", "sd15-4096-256x256-d80",
+                                                     "memo-32768x16-d40"]
 
 
 def test_forced_config_is_restored():
@@ -43,3 +44,16 @@ def test_sweep_runs_every_variant_checked(monkeypatch):
         for on in (0, 1):
             mine = [r for r in rows if r["variant"].startswith(f"{kernel} {flag}={on} ")]
             assert len(mine) == n and all(r["max_diff_vs_default"] < 1e-4 and r["gbs"] > 0 for r in mine)
+
+
+def test_memo_sweep_runs_every_variant_checked(monkeypatch):
+    import torch
+
+    from benchmarks import sweep_cli
+    from benchmarks.cases.linear import LinearShape
+    monkeypatch.setattr(sweep_cli, "bench", lambda fn: 1.0)
+    rows = []
+    linear_sweep.sweep(LinearShape("memo-tiny", 5, 16, 2, 24, kind="memo"), rows, device="cpu", dtype=torch.float32)
+    assert all("error" not in r for r in rows), [r for r in rows if "error" in r]
+    variants = [r for r in rows if r["variant"].startswith("memory_step clips=")]
+    assert len(variants) == len(lt.MEMO_STEP_VARIANTS) and all(r["max_diff_vs_default"] == 0 for r in variants)

@@ -167,6 +167,21 @@ def test_memory_step(dtype, with_memory, S, D, Dv):
     assert kv.dtype == z.dtype == torch.float32
 
 
+@pytest.mark.parametrize("clips", [2, 4])
+def test_memory_step_several_clips_per_program(clips, monkeypatch):
+    """CLIPS > 1 (a linear_sweep variant): B*H = 7 clips, not a multiple, so the last program
+    redoes the last clip; the results are bitwise the one-clip-per-program launch's."""
+    B, H, S, D = 7, 1, 16, 24
+    q, k, v = (bshd(B, S, H, D, torch.float32) for _ in range(3))
+    mem = (torch.rand(B, H, D, D), torch.rand(B, H, D))
+    want = tr.memory_linear_attention_step_triton(q, k, v, *mem, 0.9)
+    real = tr.launch_configs
+    monkeypatch.setattr(tr, "launch_configs", lambda *a, **kw: [dict(c, CLIPS=clips) for c in real(*a, **kw)])
+    got = tr.memory_linear_attention_step_triton(q, k, v, *mem, 0.9)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 def test_backward_large_head_dim_fallback():
     q, k, v = bshd(1, 20, 2, 160, torch.float32), bshd(1, 30, 1, 160, torch.float32), bshd(1, 30, 1, 160, torch.float32)
     g = bshd(1, 20, 2, 160, torch.float32)

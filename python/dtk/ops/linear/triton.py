@@ -588,24 +588,29 @@ def _memory_update_kernel(K, V, MKV, MZ, NKV, NZ,
 @triton.jit
 def _memory_step_kernel(Q, K, V, MKV, MZ, O, NKV, NZ,
                         sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
-                        S, H, D, DV, decay, qscale, log2_decay, decay_n,
+                        S, H, D, DV, NBH, decay, qscale, log2_decay, decay_n,
                         HAS_MEM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_DV: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr):
+                        BLOCK_DV: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr, CLIPS: tl.constexpr):
     # _memory_kernel and _memory_update_kernel in one program: k, v and the memory tile read once.
     # The output first: the other order kept more tiles live (ptxas, bf16 sm_90, 4 warps: 178 vs 151
     # registers at D = 40, 136 B of spills vs none at D = 128).
-    b, h, offs_s, offs_d, offs_e, ms, md, me, fk, v = _memo_clip(
-        K, V, tl.program_id(0), tl.program_id(1), skb, sks, skh, svb, svs, svh, S, H, D, DV, BLOCK_S, BLOCK_D, BLOCK_DV,
-        LOWP)
-    st = (b * H + h) * D
-    mkv, mz = _memo_memory(MKV, MZ, st, offs_d, offs_e, md, me, DV, HAS_MEM)
-    _memo_out(Q, O, b, h, offs_s, offs_d, offs_e, ms, md, me, fk, v, mkv, mz, sqb, sqs, sqh, sob, sos, soh,
-              decay, qscale, HAS_MEM, BLOCK_S, BLOCK_D, BLOCK_DV, LOWP, IEEE)
-    kv, z = _memo_update_sums(offs_s, ms, fk, v, S, log2_decay, LOWP)
-    if HAS_MEM:
-        kv += decay_n * mkv
-        z += decay_n * mz
-    _memo_store_memory(NKV, NZ, st, offs_d, offs_e, md, me, kv, z, DV)
+    # CLIPS (sequence, head) clips per program, in a loop whose loads num_stages > 1 can prefetch: a
+    # clip is a few KB, so one per program leaves every program waiting on its loads. Programs past
+    # the last clip redo it (the same values written twice) rather than branch.
+    for i in range(CLIPS):
+        pid_bh = tl.minimum(tl.program_id(0) * CLIPS + i, NBH - 1)
+        b, h, offs_s, offs_d, offs_e, ms, md, me, fk, v = _memo_clip(
+            K, V, pid_bh, tl.program_id(1), skb, sks, skh, svb, svs, svh, S, H, D, DV, BLOCK_S, BLOCK_D, BLOCK_DV,
+            LOWP)
+        st = (b * H + h) * D
+        mkv, mz = _memo_memory(MKV, MZ, st, offs_d, offs_e, md, me, DV, HAS_MEM)
+        _memo_out(Q, O, b, h, offs_s, offs_d, offs_e, ms, md, me, fk, v, mkv, mz, sqb, sqs, sqh, sob, sos, soh,
+                  decay, qscale, HAS_MEM, BLOCK_S, BLOCK_D, BLOCK_DV, LOWP, IEEE)
+        kv, z = _memo_update_sums(offs_s, ms, fk, v, S, log2_decay, LOWP)
+        if HAS_MEM:
+            kv += decay_n * mkv
+            z += decay_n * mz
+        _memo_store_memory(NKV, NZ, st, offs_d, offs_e, md, me, kv, z, DV)
 
 
 # --------------------------------------------------------------------------------------------- launch configurations
@@ -641,6 +646,13 @@ PROGRAMS_PER_SM = 4
 APPLY_DEN_BY_DOT = True
 
 
+# (clips per program, num_warps, num_stages) of the MEMO step kernel that linear_sweep times
+# against the default (1, 8, 1) at MEMO's D = 40: several clips per program, with loads prefetched
+# a clip ahead (sm_90 ptxas at D <= 64: 181-249 registers, no spills; from D = 80 the 4-warp ones
+# spill, and 2 warps lose wgmma).
+MEMO_STEP_VARIANTS = [(4, 4, 2), (8, 4, 2), (16, 4, 3), (4, 8, 2), (16, 8, 3)]
+
+
 def backward_supported(D: int, Dv: int) -> bool:
     """Whether the Triton backward runs (whole D x Dv tiles on chip); above, a torch fallback."""
     return _next_pow2(D) * _next_pow2(Dv) <= 128 * 128
@@ -656,8 +668,11 @@ def launch_configs(kernel: str, D: int, Dv: int, dtype: torch.dtype = torch.bflo
     if kernel in ("memory", "memory_update", "memory_step"):
         # The step holds both kernels' fp32 tiles: 8 warps share them (4 warps: 151 registers at D = 40,
         # 255 at D = 128; 8: 119 and 174, no spills; a narrower BLOCK_DV would re-read q and k).
-        return [dict(BLOCK_S=_next_pow2(frames), BLOCK_D=BLOCK_D, BLOCK_DV=min(_next_pow2(Dv), 64),
-                     num_warps=8 if kernel == "memory_step" else 4, num_stages=1)]
+        cfg = dict(BLOCK_S=_next_pow2(frames), BLOCK_D=BLOCK_D, BLOCK_DV=min(_next_pow2(Dv), 64),
+                   num_warps=8 if kernel == "memory_step" else 4, num_stages=1)
+        if kernel == "memory_step":
+            cfg["CLIPS"] = 1   # clips per program (benchmarks/linear_sweep.py times MEMO_STEP_VARIANTS)
+        return [cfg]
     if kernel in ("state", "apply"):
         BLOCK_DV = min(_next_pow2(Dv), 64 if BLOCK_D > 128 else 128)
     elif kernel in ("grad_q", "grad_kv"):
@@ -914,10 +929,10 @@ def memory_linear_attention_step_triton(q, k, v, mem_kv=None, mem_z=None, decay=
     if B * H > 0:
         if S == 0:  # no frames: the memory unchanged (decay^0), out is empty
             return (out, mkv.clone(), mz.clone()) if has_mem else (out, nkv.zero_(), nz.zero_())
-        _memory_step_kernel[(B * H, triton.cdiv(Dv, cfg["BLOCK_DV"]))](
+        _memory_step_kernel[(triton.cdiv(B * H, cfg["CLIPS"]), triton.cdiv(Dv, cfg["BLOCK_DV"]))](
             q, k, v, mkv, mz, out, nkv, nz, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
             k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            S, H, D, Dv, float(decay), D ** -0.5, *_decay_args(decay, S), HAS_MEM=has_mem,
+            S, H, D, Dv, B * H, float(decay), D ** -0.5, *_decay_args(decay, S), HAS_MEM=has_mem,
             **dict(zip(("LOWP", "IEEE"), _flags(q.dtype))), **cfg)
     return out, nkv, nz
 

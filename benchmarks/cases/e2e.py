@@ -152,11 +152,17 @@ def _first_call(state, fn, info):
     return Prepared(fn, info)
 
 
-def _prep_dense(state):
+def _unadapted(state):
+    """The shape's model with any earlier row's adapter removed (or the setup's skip reason)."""
     if "skip" in state:
         raise Skip(state["skip"])
     import dtk.adapters
     dtk.adapters.remove(state["model"])
+    return state["model"]
+
+
+def _prep_dense(state):
+    _unadapted(state)
     return _first_call(state, _forward(state), {"build_s": state["build_s"]})
 
 
@@ -164,10 +170,7 @@ def _prep_dense_cudnn(state):
     """The unadapted model with SDPA held to its cuDNN backend (diffusers' default attention calls
     torch SDPA, whose own choice at these shapes is another backend): the issue's 'dense cuDNN'."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    if "skip" in state:
-        raise Skip(state["skip"])
-    import dtk.adapters
-    dtk.adapters.remove(state["model"])
+    _unadapted(state)
     inner = _forward(state)
 
     def fn():
@@ -178,11 +181,7 @@ def _prep_dense_cudnn(state):
 
 def _make_prep_dtk(kwargs):
     def prep(state):
-        if "skip" in state:
-            raise Skip(state["skip"])
-        import dtk.adapters
-        model, shape = state["model"], state["shape"]
-        dtk.adapters.remove(model)
+        model, shape = _unadapted(state), state["shape"]
         if shape.model == "flux":
             from dtk.adapters.flux import apply_local_attention
             apply_local_attention(model, **kwargs)

@@ -730,6 +730,12 @@ def _flags(dtype: torch.dtype):
     return lowp, not lowp
 
 
+def _flag_args(dtype: torch.dtype) -> dict:
+    """_flags as the kernels' LOWP / IEEE constexpr arguments."""
+    lowp, ieee = _flags(dtype)
+    return dict(LOWP=lowp, IEEE=ieee)
+
+
 def _new_output(shape, like, dtype=None):
     from ..._debug import new_output
     return new_output(shape, like=like, dtype=dtype)
@@ -910,7 +916,7 @@ def memory_linear_attention_triton(q, k, v, mem_kv=None, mem_z=None, decay=0.9):
         _memory_kernel[(B * H, triton.cdiv(Dv, cfg["BLOCK_DV"]))](
             q, k, v, mkv, mz, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            S, H, D, Dv, float(decay), D ** -0.5, HAS_MEM=has_mem, **dict(zip(("LOWP", "IEEE"), _flags(q.dtype))),
+            S, H, D, Dv, float(decay), D ** -0.5, HAS_MEM=has_mem, **_flag_args(q.dtype),
             **cfg)
     return out
 
@@ -933,7 +939,7 @@ def memory_linear_attention_step_triton(q, k, v, mem_kv=None, mem_z=None, decay=
             q, k, v, mkv, mz, out, nkv, nz, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
             k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             S, H, D, Dv, B * H, float(decay), D ** -0.5, *_decay_args(decay, S), HAS_MEM=has_mem,
-            **dict(zip(("LOWP", "IEEE"), _flags(q.dtype))), **cfg)
+            **_flag_args(q.dtype), **cfg)
     return out, nkv, nz
 
 
@@ -950,6 +956,6 @@ def memory_linear_attention_update_triton(k, v, mem_kv=None, mem_z=None, decay=0
             return (mkv.clone(), mz.clone()) if has_mem else (nkv.zero_(), nz.zero_())
         _memory_update_kernel[(B * H, triton.cdiv(Dv, cfg["BLOCK_DV"]))](
             k, v, mkv, mz, nkv, nz, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            S, H, D, Dv, *_decay_args(decay, S), HAS_MEM=has_mem, **dict(zip(("LOWP", "IEEE"), _flags(k.dtype))),
+            S, H, D, Dv, *_decay_args(decay, S), HAS_MEM=has_mem, **_flag_args(k.dtype),
             **cfg)
     return nkv, nz

@@ -43,6 +43,22 @@ def test_forward(dtype, D, Dv, H, Hkv):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ks_dot,den_dot", [(False, False), (True, False), (False, True)])
+def test_forward_reduction_variants(dtype, ks_dot, den_dot, monkeypatch):
+    """The other ways the state and apply kernels reduce (STATE_KS_BY_DOT, APPLY_DEN_BY_DOT: what
+    linear_sweep times against the defaults) against the float64 reference; the state sums too."""
+    monkeypatch.setattr(tr, "STATE_KS_BY_DOT", ks_dot)
+    monkeypatch.setattr(tr, "APPLY_DEN_BY_DOT", den_dot)
+    q, k, v = bshd(2, 97, 2, 40, dtype), bshd(2, 130, 1, 40, dtype), bshd(2, 130, 1, 24, dtype)
+    out = tr.linear_attention_triton(q, k, v, "elu1", True, 1e-4, None)
+    ref64 = linear_attention_reference(q.double(), k.double(), v.double())
+    assert_matches_reference(out, ref64, linear_attention_reference(q, k, v), atol=_atol(dtype))
+    kv, ksum, _ = tr.linear_attention_state_triton(k, v)
+    rkv, rks, _ = linear_attention_state_reference(k.double(), v.double())
+    assert max_err(kv, rkv) <= 1e-3 * rkv.abs().max().item() and max_err(ksum, rks) <= 1e-3 * rks.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_varlen_and_states(dtype):
     cu = torch.tensor([0, 7, 7, 100, 130], dtype=torch.int32)
     q, k, v = (bshd(1, 130, 2, 64, dtype) for _ in range(3))

@@ -2,8 +2,10 @@
 where the engine's time goes, not part of the suite (its numbers do not go to RESULTS.md).
 
 For each shape it times the Triton engine at every (query block, key block) x (num_warps,
-num_stages) candidate with autotuning off, checks each variant's output against the default
-variant's (a miscompiled configuration shows as a large difference), and prints effective TFLOP/s.
+num_stages) candidate with autotuning off (for box windows also the default with the partial
+blocks' scores tested one by one instead of masked by tensor-core dots: MASK_BY_DOT), checks each
+variant's output against the default variant's (a miscompiled configuration shows as a large
+difference), and prints effective TFLOP/s.
 The `dense-control` shape has a window covering the whole grid, so every plan entry is a full
 block without any mask: its rate against SDPA (cuDNN, flash) on the same tensors is the engine's
 raw attention speed, separate from plan waste and mask cost.
@@ -19,6 +21,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from dtk.ops.window import triton as wt
 from dtk.ops.window.plan import build_plan, engine_pairs
 from dtk.ops.window.spec import pair_count
 from dtk.ops.window.triton import launch_configs, window_attention_triton
@@ -68,6 +71,13 @@ def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
 
     bd = max(16, 1 << (shape.D - 1).bit_length())
     ref = record("default", lambda: window_attention_triton(q, k, v, spec, scale, launch=launch_configs(bd)[0]))
+    if spec.window is not None:   # boxes: the partial blocks' masks by tensor-core dots against per-score tests
+        try:
+            wt.MASK_BY_DOT = False
+            record("default, MASK_BY_DOT=0", lambda: window_attention_triton(q, k, v, spec, scale,
+                                                                            launch=launch_configs(bd)[0]), ref)
+        finally:
+            wt.MASK_BY_DOT = True
     for bq, bk in BLOCKS:
         eff = pair_count(spec) / engine_pairs(build_plan(spec, bq, bk, q.device), spec)
         print(f"{shape.name:34s} blocks {bq}x{bk}: plan efficiency {eff:.3f} (the mask's pairs / computed pairs)")

@@ -14,7 +14,7 @@ def test_dense_control_plan_has_only_full_blocks():
     spec = window_sweep.SHAPES[0].spec()
     plan = build_plan(spec, 128, 64, "cpu")
     c = plan.kv_count
-    assert (c[:, 0] == c[:, 2]).all() and (c[:, 0] == spec.num_grid // 64).all()
+    assert (c[:, 0] == c[:, 4]).all() and (c[:, 0] == spec.num_grid // 64).all()
 
 
 def test_unknown_shape_is_an_error_naming_it(capsys):
@@ -39,3 +39,6 @@ def test_sweep_runs_every_variant_checked(monkeypatch):
     assert all("error" not in r for r in rows), [r for r in rows if "error" in r]
     assert len([r for r in rows if "plan_eff" in r]) == len(window_sweep.BLOCKS)
     assert len(timed) > len(window_sweep.BLOCKS) and all(r["max_diff_vs_default"] < 1e-4 for r in timed)
+    assert any(r["variant"] == "default, MASK_BY_DOT=0" for r in timed)   # a box: both mask paths timed
+    from dtk.ops.window import triton as wt
+    assert wt.MASK_BY_DOT is True, "the sweep must restore the default"

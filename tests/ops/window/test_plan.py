@@ -34,12 +34,18 @@ def check_plan(spec, block_q, block_k=None):
         d = plan.q_blocks[i].tolist()
         rows = rows_of(d[0], d[1:4], d[4:7], block_q)
         seen[rows] += 1
-        c0, c1, c2 = plan.kv_count[i].tolist()
-        for j in range(c2):
+        c = plan.kv_count[i].tolist()
+        assert c == sorted(c)
+        for j in range(c[4]):
             e = plan.entries[i, j].tolist()
-            assert e[7] == (j < c1), "full entries must come first"
+            assert e[7] == (j < c[2]), "full entries must come first"
             cols = rows_of(e[0], e[1:4], e[4:7], block_k)
-            assert (len(cols) == block_k) == (j < c0) or j >= c1, "full entries: block_k long ones first"
+            assert (len(cols) == block_k) == (j < c[0]) or j >= c[2], "full entries: block_k long ones first"
+            of_key_shape = tuple(e[4:7]) == plan.key_shape
+            if c[0] <= j < c[2]:   # full but short: those of the plan's key shape first
+                assert of_key_shape == (j < c[1]), (j, e, plan.key_shape)
+            if j >= c[2]:          # partial: likewise
+                assert of_key_shape == (j < c[3]), (j, e, plan.key_shape)
             sub = mask[rows][:, cols]
             assert sub.any(), "entry with no allowed pair"
             if e[7]:
@@ -91,7 +97,7 @@ def test_engine_pairs_counts_the_work_of_whole_blocks():
     assert engine_pairs(plan, dense) == pair_count(dense) == 128 * 128
     spec = make_spec((9, 10), window=(3, 5), num_prefix=5, tile=(4, 4))
     plan = build_plan(spec, 16, 16, torch.device("cpu"))
-    n = plan.kv_count[:, 2].long().sum().item()
+    n = plan.kv_count[:, 4].long().sum().item()
     brute = 16 * (n * 16 + plan.num_blocks * 16) + 1 * 16 * 96       # 95 tokens: keys padded to 96
     assert engine_pairs(plan, spec) == brute and pair_count(spec) < brute
 

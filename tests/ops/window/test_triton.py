@@ -133,3 +133,40 @@ def test_triton_without_coord_table(case, monkeypatch):
     monkeypatch.setattr(wt, "coord_table", lambda spec, device: None)
     base = dict(heads=(2, 1), D=16, B=1, transposed=False, scale=None)
     run_case({**base, **case}, DTYPES[0], block=16)
+
+
+MASK_DOT_CASES = [
+    # 2D, key shape (1, 4, 4) fills the 16-key blocks; edge tiles (9 x 11) give other-shaped blocks
+    dict(grid=(9, 11), window=(3, 5), radius=None, border="inward", num_prefix=3, tile=(4, 4), num_extra=0),
+    dict(grid=(9, 11), window=(4, 3), radius=None, border="clip", num_prefix=0, tile=(4, 4), num_extra=2),
+    # FreeSwim-like: the time axis in every window, a (4, 3, 1) or (4, 2, 1) key shape holds 12 or 8
+    # of 16 keys (DEAD); the wider window makes full blocks of that shape too
+    dict(grid=(4, 6, 7), window=(-1, 3, 5), radius=None, border="inward", num_prefix=0, tile=(4, 3, 1), num_extra=0),
+    dict(grid=(4, 6, 7), window=(-1, 5, 5), radius=None, border="inward", num_prefix=0, tile=(4, 2, 1), num_extra=0,
+         full_short=True),
+    # 1D, key shape (1, 1, 16)
+    dict(grid=(37,), window=(6,), radius=None, border="clip", num_prefix=17, tile=None, num_extra=0),
+]
+
+
+@pytest.mark.parametrize("by_dot", [True, False])
+@pytest.mark.parametrize("case", MASK_DOT_CASES)
+def test_triton_box_mask_by_dot_or_per_score(case, by_dot, monkeypatch):
+    """Box windows' partial blocks of the plan's key shape: the mask added by tensor-core dots
+    (MASK_BY_DOT; these cases take that path) and tested per score give the reference's output,
+    with large scores too (scale 4: the masked scores' offset must stay far below them)."""
+    import dtk.ops.window.triton as wt
+    from dtk.ops.window.plan import build_plan
+    monkeypatch.setattr(wt, "MASK_BY_DOT", by_dot)
+    spec = make_spec(case["grid"], case["window"], case["radius"], case["border"], case["num_prefix"], case["tile"])
+    plan = build_plan(spec, 16, 16, torch.device(DEVICE))
+    flags = wt._mask_args(spec, plan, 4.0 * wt.LOG2E, torch.device(DEVICE))[1]
+    assert flags["MASK_DOT"] == by_dot, flags
+    assert (plan.kv_count[:, 3] > plan.kv_count[:, 2]).any(), "no partial block of the key shape"
+    if math.prod(plan.key_shape) < 16:   # columns past the key shape's keys: the DEAD group
+        assert flags["DEAD"] >= 0 or not by_dot, flags
+    if case.get("full_short"):           # full blocks of that shape (one mask dot for the DEAD columns)
+        assert (plan.kv_count[:, 1] > plan.kv_count[:, 0]).any(), "no full block of the short key shape"
+    case = {k: v for k, v in case.items() if k != "full_short"}
+    for scale in (None, 4.0):
+        run_case({**case, "heads": (4, 2), "D": 16, "B": 2, "transposed": True, "scale": scale}, DTYPES[0], block=16)

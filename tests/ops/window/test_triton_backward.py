@@ -94,7 +94,7 @@ def test_key_plan_is_the_plan_transposed(geo):
     starts = plan.q_blocks[:, 0].tolist()
     expected = set()
     for qb in range(plan.num_blocks):
-        c1, c2 = plan.kv_count[qb, 1].item(), plan.kv_count[qb, 2].item()
+        c1, c2 = plan.kv_count[qb, 2].item(), plan.kv_count[qb, 4].item()
         for j in range(c2):
             expected.add((starts.index(plan.entries[qb, j, 0].item()), qb, j >= c1))
     got = []

@@ -6,10 +6,15 @@ from ...triton_aot import compile_all, job
 PTRS = {n: "*bf16" for n in ("Q", "K", "V", "EK", "EV", "O", "DO", "DK", "DV")}
 PTRS.update({"LSE": "*fp32", "LSE2": "*fp32", "DELTA": "*fp32", "QB": "*i32", "ENT": "*i32", "CNT": "*i32",
              "ORDER": "*i32", "TQ": "*i32", "TOFF": "*i32", "CT": "*i32", "qk_scale": "fp32", "dq_scale": "fp32", "dk_scale": "fp32",
+             "mask_big": "fp32", "mask_floor": "fp32",
              "INWARD": "i1"})
 
 
 SHARED_LIMIT = {80: 166912, 90: 232448}   # bytes per block (sm_80 / sm_90)
+# the partial-block variants with the most code: boxes with the mask dots and a DEAD group (every
+# loop compiled), circles testing every score of a short key shape
+MASK_FLAGS = {True: dict(MASK_DOT=True, DEAD=2, MASK_F32=False, KEY_SHORT=True),
+              False: dict(MASK_DOT=False, DEAD=-1, MASK_F32=False, KEY_SHORT=True)}
 
 
 def test_window_kernel_compiles_with_every_launch_config():
@@ -19,7 +24,7 @@ def test_window_kernel_compiles_with_every_launch_config():
                for bd, bn in ((64, 64), (128, 64), (256, 64), (128, 128)) for w, st in launch_configs(bd, bn)]
     jobs = [job("dtk.ops.window.triton:_window_fwd", arch, PTRS,
                 dict(IS_BOX=is_box, BLOCK_M=128, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd != 256, AXES=7, COORDS=True,
-                     BWD=False), num_warps=w, num_stages=st)
+                     BWD=False, **MASK_FLAGS[is_box]), num_warps=w, num_stages=st)
             for arch, is_box, bd, bn, w, st in configs]
     results = compile_all(jobs)
     print("\n".join(f"{cfg}: {res}" for cfg, res in zip(configs, results)))
@@ -45,7 +50,8 @@ def test_backward_kernels_compile():
     for arch, is_box, bd in configs:
         (wq, sq), (wk, sk) = backward_launch_configs(bd)
         c = dict(IS_BOX=is_box, BLOCK_M=64, BLOCK_N=64, BLOCK_D=bd, EVEN_D=bd != 256, AXES=7, COORDS=True)
-        jobs.append(job("dtk.ops.window.triton:_window_fwd", arch, PTRS, dict(c, BWD=True), num_warps=wq, num_stages=sq))
+        jobs.append(job("dtk.ops.window.triton:_window_fwd", arch, PTRS, dict(c, BWD=True, **MASK_FLAGS[is_box]),
+                        num_warps=wq, num_stages=sq))
         jobs.append(job("dtk.ops.window.triton:_window_bwd_dkdv", arch, PTRS, c, num_warps=wk, num_stages=sk))
     results = compile_all(jobs)
     for i, cfg in enumerate(configs):

@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from ..._debug import new_output
-from ..window.triton import (LOG2E, _dense_range, _dkdv_step, _finish, _head_indices, _kv_head_indices, _load_rows,
-                             _online_update, _row_state, _step, _tile_offsets, _write_rows, backward_block,
+from ..window.triton import (LOG2E, _dense_range, _dkdv_step, _finish, _fold, _head_indices, _kv_head_indices,
+                             _load_rows, _row_state, _step, _tile_offsets, _write_rows, backward_block,
                              backward_launch_configs, backward_row_stats, default_blocks, launch_configs)
 
 MAX_SEGMENTS = 4
@@ -33,13 +33,7 @@ def _step_bias(q, do, acc, m_i, l_i, k, v, qk_mask, bias, qk_scale, BWD: tl.cons
     """_step with a per-row additive bias (log2 units) and an element mask."""
     s = tl.dot(q, tl.trans(k)) + (bias / qk_scale)[:, None]   # raw units: scaled in the exponent
     s = tl.where(qk_mask, s, float("-inf"))
-    if BWD:
-        p = tl.math.exp2(s * qk_scale - m_i[:, None])
-        ds = p * (tl.dot(do, tl.trans(v)) - l_i[:, None])
-        acc += tl.dot(ds.to(k.dtype), k)
-    else:
-        acc, m_i, l_i = _online_update(s, qk_scale, acc, m_i, l_i, v)
-    return acc, m_i, l_i
+    return _fold(s, do, acc, m_i, l_i, k, v, qk_scale, 0.0, False, BWD)
 
 
 @triton.jit

@@ -9,10 +9,14 @@ device, in O(#blocks x #entries) work, without a host sync and without any S x S
 only builds a new plan, never a new kernel.
 
 Layouts: q_blocks[n, 7] = (start, origin0..2, extent0..2);
-entries[n, L, 8] = (start, origin0..2, extent0..2, full); kv_count[n] = (c0, c1, c2): entries
-[0, c0) are full and exactly block_k long (no mask at all), [c0, c1) full but shorter (only the
-block's length masks columns), [c1, c2) partial (element mask), the rest padding. Key blocks may be
-smaller than query blocks (finer key blocks waste fewer keys at the window's edges).
+entries[n, L, 8] = (start, origin0..2, extent0..2, full); kv_count[n] = (c0, c1, c2, c3, c4): entries
+[0, c0) are full and exactly block_k long (no mask at all), [c0, c2) full but shorter (only the
+block's length masks columns), [c2, c4) partial (element mask), the rest padding. Entries of the
+plan's `key_shape` (the extents of an interior tile's key blocks) come first in both groups: the
+full ones [c0, c1) when that shape is shorter than block_k, the partial ones [c2, c3). Their keys'
+offsets from the block origin are the same for all of them, so the kernel computes those once per
+program instead of per block. Key blocks may be smaller than query blocks (finer key blocks
+waste fewer keys at the window's edges).
 """
 from __future__ import annotations
 
@@ -30,12 +34,14 @@ from .spec import WindowSpec, box_range, circle_center, grid_coords, make_spec
 class WindowPlan:
     q_blocks: torch.Tensor   # (n, 7) int32
     entries: torch.Tensor    # (n, L, 8) int32
-    kv_count: torch.Tensor   # (n, 3) int32: ends of the full-size, full-short and partial entries
+    kv_count: torch.Tensor   # (n, 5) int32: ends of the entry ranks (full-size, full-short key_shape,
+                             # other full-short, partial key_shape, other partial)
     order: torch.Tensor      # (n,) int32: q blocks by decreasing work (programs take them in this order)
     num_blocks: int
     max_entries: int
     block_q: int
     block_k: int
+    key_shape: tuple         # extents of the key blocks of interior layout tiles
 
 
 @dataclass(frozen=True)
@@ -280,21 +286,25 @@ def build_plan(spec: WindowSpec, block_q: int, block_k: int, device: torch.devic
         ok = ok & (dmin2 < r * r)
         full = full & (dmax2 < r * r)
     short = kext[0] * kext[1] * kext[2] < block_k
+    key_shape = tuple(_sub_shape(*U, block_k))      # the key blocks of interior layout tiles
+    odd = (kext[0] != key_shape[0]) | (kext[1] != key_shape[1]) | (kext[2] != key_shape[2])
 
     shape = ok.shape
     ent = torch.stack([x.expand(shape) for x in (kstart, *korig, *kext, full.to(i64))], -1)
     ent = ent.reshape(num_blocks, n_ct * n_cs, 8)
-    # rank: 0 full and block_k long, 1 full but short, 2 partial, 3 padding
-    rank = torch.where(ok, torch.where(full, short.to(torch.int8), 2), 3).to(torch.int8)
+    # rank: 0 full and block_k long, 1 full, short, of key_shape, 2 other full short, 3 partial of
+    # key_shape, 4 other partial, 5 padding
+    odd8 = odd.to(torch.int8)
+    rank = torch.where(ok, torch.where(full, torch.where(short, 1 + odd8, 0), 3 + odd8), 5).to(torch.int8)
     rank = rank.expand(shape).reshape(num_blocks, n_ct * n_cs)
     pos = torch.argsort(rank, dim=1, stable=True)
     ent = torch.gather(ent, 1, pos[..., None].expand(-1, -1, 8))
-    count = torch.stack([(rank == 0).sum(1), (rank <= 1).sum(1), (rank <= 2).sum(1)], 1)
-    work = count[:, 2] * 2 - count[:, 0]                        # masked blocks cost more
+    count = torch.stack([(rank <= r).sum(1) for r in range(5)], 1)
+    work = count[:, 4] * 2 - count[:, 0]                        # masked blocks cost more
     order = torch.argsort(work, descending=True, stable=True)
     return WindowPlan(qb.to(torch.int32).contiguous(), ent.to(torch.int32).contiguous(),
                       count.to(torch.int32).contiguous(), order.to(torch.int32), num_blocks, n_ct * n_cs,
-                      block_q, block_k)
+                      block_q, block_k, key_shape)
 
 
 @dataclass(frozen=True)
@@ -318,7 +328,7 @@ def build_key_plan(spec: WindowSpec, block: int, device: torch.device) -> KeyPla
     kb = torch.searchsorted(starts, plan.entries[:, :, 0].contiguous()).long()   # blocks are in memory order
     slot = torch.arange(L, device=device)[None, :]
     count = plan.kv_count.long()
-    group = torch.where(slot < count[:, 2:3], 2 * kb + (slot >= count[:, 1:2]).long(), 2 * n).reshape(-1)
+    group = torch.where(slot < count[:, 4:5], 2 * kb + (slot >= count[:, 2:3]).long(), 2 * n).reshape(-1)
     order = torch.argsort(group, stable=True)
     queries = torch.arange(n, device=device, dtype=torch.int32).repeat_interleave(L)[order]
     offsets = torch.cumsum(torch.bincount(group, minlength=2 * n + 1), 0)
@@ -334,5 +344,5 @@ def engine_pairs(plan: WindowPlan, spec: WindowSpec, num_extra: int = 0) -> int:
     bq, bk = plan.block_q, plan.block_k
     P, S = spec.num_prefix, spec.seq_len
     pad = lambda n: -(-n // bk) * bk  # noqa: E731   key ranges are walked in whole blocks
-    per_block = plan.kv_count[:, 2].long().sum().item() * bk + plan.num_blocks * (pad(P) + pad(num_extra))
+    per_block = plan.kv_count[:, 4].long().sum().item() * bk + plan.num_blocks * (pad(P) + pad(num_extra))
     return bq * per_block + -(-P // bq) * bq * pad(S)

@@ -22,38 +22,44 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _softmax_step(q, acc, m_i, l_i, k, v, qk_mask, MASKED: tl.constexpr, qk_scale):
-    """One online-softmax update with a key block k (BN, BD) / v (BN, BD)."""
+def _step(q, do, acc, m_i, l_i, k, v, qk_mask, MASKED: tl.constexpr, qk_scale, BWD: tl.constexpr):
+    """A key block k (BN, BD) / v (BN, BD) folded into a query block's state (_fold), its scores
+    set to -inf where qk_mask is False (MASKED)."""
     s = tl.dot(q, tl.trans(k))
     if MASKED:
         s = tl.where(qk_mask, s, float("-inf"))
-    return _online_update(s, qk_scale, acc, m_i, l_i, v)
+    return _fold(s, do, acc, m_i, l_i, k, v, qk_scale, 0.0, False, BWD)
 
 
 @triton.jit
-def _step(q, do, acc, m_i, l_i, k, v, qk_mask, MASKED: tl.constexpr, qk_scale, BWD: tl.constexpr):
-    """A key block folded into a query block's state: the forward's online softmax, or (BWD) the
-    dq step, where m_i holds the rows' lse (log2 units; +inf for rows without keys, so P = 0),
-    l_i their delta = rowsum(dO * out) - dlse, and acc += dS K with dS = P * (dO V^T - delta)."""
+def _fold(s, do, acc, m_i, l_i, k, v, qk_scale, floor, FLOORED: tl.constexpr, BWD: tl.constexpr):
+    """Raw scores s of a key block folded into a query block's state: the forward's online
+    softmax (_online_update), or (BWD) the dq step, where m_i holds the rows' lse (log2 units;
+    +inf for rows without keys, so P = 0) and l_i their delta = rowsum(dO * out) - dlse, and
+    acc += dS K with dS = P * (dO V^T - delta). FLOORED: see _online_update."""
     if BWD:
-        s = tl.dot(q, tl.trans(k))
-        if MASKED:
-            s = tl.where(qk_mask, s, float("-inf"))
         p = tl.math.exp2(s * qk_scale - m_i[:, None])   # one FMA per score
         ds = p * (tl.dot(do, tl.trans(v)) - l_i[:, None])
         acc += tl.dot(ds.to(k.dtype), k)
     else:
-        acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, qk_mask, MASKED, qk_scale)
+        acc, m_i, l_i = _online_update(s, qk_scale, acc, m_i, l_i, v, floor, FLOORED)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _online_update(s, qk_scale, acc, m_i, l_i, v):
+def _online_update(s, qk_scale, acc, m_i, l_i, v, floor, FLOORED: tl.constexpr):
     """Folds a block of raw scores s (BM, BN; -inf where masked) and its values v into (acc, m_i,
     l_i), m_i in log2 units. qk_scale (> 0: the scale times log2 e) is applied inside the exponent,
-    one FMA per score (max(s) * qk_scale is the scaled max because qk_scale > 0)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing allowed yet
+    one FMA per score (max(s) * qk_scale is the scaled max because qk_scale > 0). FLOORED: masked
+    scores are a huge finite negative instead of -inf (the mask-by-dot blocks), and the running
+    max never drops below `floor` (far above them, far below any real score), so they get P = 0
+    even in a row that has seen no allowed key yet."""
+    if FLOORED:
+        m_new = tl.maximum(tl.maximum(m_i, tl.max(s, 1) * qk_scale), floor)
+        m_safe = m_new
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing allowed yet
     p = tl.math.exp2(s * qk_scale - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -84,9 +90,9 @@ def _dense_range(q, do, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, lo, hi, qk_scale,
     for start in range(full_end, hi, BLOCK_N):
         n = start + offs_n
         n_ok = n < hi
-        rows = n.to(tl.int64)
-        k = _load_rows(k_ptr, rows, sk, offs_d, n_ok, d_mask, True, False)
-        v = _load_rows(v_ptr, rows, sv, offs_d, n_ok, d_mask, True, False)
+        rows = tl.minimum(n, hi - 1).to(tl.int64)   # rows past the range: the last row, masked scores
+        k = _load_rows(k_ptr, rows, sk, offs_d, None, d_mask, False, False)
+        v = _load_rows(v_ptr, rows, sv, offs_d, None, d_mask, False, False)
         acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale, BWD)
     return acc, m_i, l_i
 
@@ -243,23 +249,118 @@ def _window_allowed(allowed, y0, y1, y2, lo0, lo1, lo2, hi0, hi1, hi2, R, IS_BOX
     return allowed
 
 
+@triton.jit
+def _local_offsets(j, E1, E2):
+    """Offsets (l0, l1, l2) from the origin of a row-major (., E1, E2) block of its positions j,
+    packed as l0 << 20 | l1 << 10 | l2 (E1, E2 <= 1024)."""
+    l0, l1, l2 = _coords(j, 0, 0, 0, E1, E2)
+    return (l0 << 20) | (l1 << 10) | l2
+
+
+@triton.jit
+def _local_allowed(lp, ke0, r0, r1, r2, sp0, sp1, sp2, R, IS_BOX: tl.constexpr, AXES: tl.constexpr,
+                   SHORT: tl.constexpr):
+    """Element mask of a key block whose columns have the packed offsets lp (_local_offsets) from
+    its origin: per query row the window's lower bounds r (boxes, with spans sp = hi - lo) or
+    circle centres r, both relative to that origin, tested on the axes in AXES; with SHORT also
+    whether a column is one of the block's keys (axis-0 offset below the block's extent ke0).
+    Every test is a difference that is negative where it fails; their OR is tested once (sign
+    bit), so the element mask is one compare where a chain of boolean ANDs costs several."""
+    l0 = (lp >> 20)[None, :]
+    l1 = ((lp >> 10) & 1023)[None, :]
+    l2 = (lp & 1023)[None, :]
+    if IS_BOX:
+        x = l2 - l2   # zeros: the OR's identity (folded)
+        if AXES & 1:
+            x = x | (l0 - r0[:, None]) | ((r0 + sp0)[:, None] - l0)
+        if AXES & 2:
+            x = x | (l1 - r1[:, None]) | ((r1 + sp1)[:, None] - l1)
+        if AXES & 4:
+            x = x | (l2 - r2[:, None]) | ((r2 + sp2)[:, None] - l2)
+    else:
+        d2 = l2 - r2[:, None]
+        d2 = d2 * d2
+        if AXES & 2:
+            d1 = l1 - r1[:, None]
+            d2 += d1 * d1
+        if AXES & 1:
+            d0 = l0 - r0[:, None]
+            d2 += d0 * d0
+        x = (R * R - 1) - d2
+    if SHORT:
+        x = x | (ke0 - 1 - l0)
+    return x >= 0
+
+
+@triton.jit
+def _onehot(l, alive, DEAD: tl.constexpr, F32: tl.constexpr):
+    """(16, BN) operand of the mask dots for one axis: row p of column j is 1 where key j's offset
+    l on this axis is p; for the columns that are not keys of the key shape (alive False) the
+    row is 15 in the DEAD group and none elsewhere."""
+    p = tl.arange(0, 16)[:, None]
+    hot = alive[None, :] & (l[None, :] == p)
+    if DEAD:
+        hot = hot | (~alive[None, :] & (p == 15))
+    return _mask_operand(hot, F32)
+
+
+@triton.jit
+def _mask_operand(x, F32: tl.constexpr):
+    """A mask dot's operand: fp32 in the interpreter (its bf16 dots are unreliable), else bf16."""
+    if F32:
+        return x.to(tl.float32)
+    else:
+        return x.to(tl.bfloat16)
+
+
+@triton.jit
+def _dead_mask_dot(s, oh0, oh1, oh2, big, DEAD: tl.constexpr, F32: tl.constexpr, BLOCK_M: tl.constexpr):
+    """s with -big added to the columns that are not keys of the key shape (row 15 of the DEAD
+    group's one-hot operand): a full block of that shape shorter than BLOCK_N."""
+    x = _mask_operand(tl.where(tl.arange(0, 16)[None, :] == 15, -big, tl.zeros([BLOCK_M, 16], tl.float32)), F32)
+    if DEAD == 0:
+        s = tl.dot(x, oh0, s)
+    elif DEAD == 1:
+        s = tl.dot(x, oh1, s)
+    else:
+        s = tl.dot(x, oh2, s)
+    return s
+
+
+@triton.jit
+def _box_mask_dot(s, onehot, r, u, big, LIMITS: tl.constexpr, DEAD: tl.constexpr, F32: tl.constexpr):
+    """s + X @ onehot for one axis of a box window: X[i, p] = -big unless the query row i's window
+    spans offset p on this axis (r_i <= p <= u_i; every p where the axis does not LIMIT it), and
+    -big at p = 15 in the DEAD group (the columns that are not keys of the block). Allowed scores
+    get exactly 0 added; the others at least `big` less (see _online_update's FLOORED)."""
+    p = tl.arange(0, 16)[None, :]
+    if LIMITS:
+        ok = ((p - r[:, None]) | (u[:, None] - p)) >= 0
+    else:
+        ok = (r[:, None] - r[:, None] + p) >= 0
+    if DEAD:
+        ok = ok & (p != 15)
+    return tl.dot(_mask_operand(tl.where(ok, 0.0, -big), F32), onehot, s)
+
+
 # Triton specialises int arguments on == 1 and divisibility by 16: the grid geometry is kept out of
 # that so that a new grid (resolution) reuses the compiled kernel. Strides stay specialised (their
 # divisibility gives vectorised loads); a grid can still compile anew where it changes one's.
 GEOMETRY_ARGS = ["S", "P", "N0", "N1", "N2", "W0", "W1", "W2", "R", "PAD0", "PAD1", "CSH0", "CSH1", "CM1", "CM2"]
 
 
-@triton.jit(do_not_specialize=GEOMETRY_ARGS + ["E", "L", "N_PQB", "NQB"])
+@triton.jit(do_not_specialize=GEOMETRY_ARGS + ["E", "L", "N_PQB", "NQB", "KE0", "KE1", "KE2"])
 def _window_fwd(
     Q, K, V, EK, EV, O, LSE, QB, ENT, CNT, ORDER,
     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh,
     sekb, seks, sekh, sevb, sevs, sevh, sob, sos, soh,
-    B, H, GROUP, S, P, E, L, N_PQB, NQB, D,
+    B, H, GROUP, S, P, E, L, N_PQB, NQB, D, KE0, KE1, KE2, mask_big, mask_floor,
     N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1, CT, CSH0, CSH1, CM1, CM2,
     qk_scale,
     DO, LSE2, DELTA, sdob, sdos, sdoh, dq_scale,
     IS_BOX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, AXES: tl.constexpr, COORDS: tl.constexpr, BWD: tl.constexpr = False,
+    EVEN_D: tl.constexpr, AXES: tl.constexpr, COORDS: tl.constexpr, KEY_SHORT: tl.constexpr,
+    MASK_DOT: tl.constexpr, DEAD: tl.constexpr, MASK_F32: tl.constexpr, BWD: tl.constexpr = False,
 ):
     # The forward, or with BWD the dq pass of the backward (same walk over the keys; O is dq, DO
     # the output gradient, LSE2 / DELTA the rows' lse (log2 units) and delta, see _step).
@@ -302,30 +403,75 @@ def _window_fwd(
     x0, x1, x2 = _coords(offs_m, qo0, qo1, qo2, qe1, qe2)
     lo0, lo1, lo2, hi0, hi1, hi2 = _query_windows(x0, x1, x2, N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1, IS_BOX)
     ent_ptr = ENT + qb * L * 8
-    c0 = tl.where(is_prefix, 0, tl.load(CNT + qb * 3))
-    c1 = tl.where(is_prefix, 0, tl.load(CNT + qb * 3 + 1))
-    c2 = tl.where(is_prefix, 0, tl.load(CNT + qb * 3 + 2))
+    cnt = CNT + qb * 5
+    c0 = tl.where(is_prefix, 0, tl.load(cnt))
+    c1 = tl.where(is_prefix, 0, tl.load(cnt + 1))
+    c2 = tl.where(is_prefix, 0, tl.load(cnt + 2))
+    c3 = tl.where(is_prefix, 0, tl.load(cnt + 3))
+    c4 = tl.where(is_prefix, 0, tl.load(cnt + 4))
+    # Key rows past a block's keys are read from memory clamped to the last row (no load masks: the
+    # scores of those columns are masked instead).
+    last = S - 1
     for j in range(0, c0):  # full key blocks of BLOCK_N keys: no mask at all
         e = ent_ptr + j * 8
         rows = (tl.load(e) + offs_n).to(tl.int64)
         k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
         v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
         acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, None, False, qk_scale, BWD)
-    for j in range(c0, c1):  # full but shorter key blocks: mask the missing columns only
+    # Blocks of the plan's key shape (KE0, KE1, KE2): a key's offsets from its block's origin depend
+    # only on its column, so they are computed once (packed), and the columns past the shape's keys
+    # (when it holds fewer than BLOCK_N) are the same in every such block. Boxes with MASK_DOT add
+    # masks to the scores on the tensor cores (_box_mask_dot); the others test the scores.
+    lp = _local_offsets(offs_n, KE1, KE2)
+    if MASK_DOT:
+        alive = (lp >> 20) < KE0
+        oh0 = _onehot(lp >> 20, alive, DEAD == 0, MASK_F32)
+        oh1 = _onehot((lp >> 10) & 1023, alive, DEAD == 1, MASK_F32)
+        oh2 = _onehot(lp & 1023, alive, DEAD == 2, MASK_F32)
+    for j in range(c0, c1):  # full blocks of the key shape, shorter than BLOCK_N: mask its missing keys
+        e = ent_ptr + j * 8
+        rows = tl.minimum(tl.load(e) + offs_n, last).to(tl.int64)
+        k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
+        v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
+        if MASK_DOT:
+            s = _dead_mask_dot(tl.dot(q, tl.trans(k)), oh0, oh1, oh2, mask_big, DEAD, MASK_F32, BLOCK_M)
+            acc, m_i, l_i = _fold(s, do, acc, m_i, l_i, k, v, qk_scale, mask_floor, True, BWD)
+        else:
+            acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, ((lp >> 20) < KE0)[None, :], True, qk_scale, BWD)
+    for j in range(c1, c2):  # the other full but shorter key blocks: mask the missing columns only
         e = ent_ptr + j * 8
         n_ok = offs_n < tl.load(e + 4) * tl.load(e + 5) * tl.load(e + 6)
-        rows = (tl.load(e) + offs_n).to(tl.int64)
-        k = _load_rows(k_ptr, rows, sks, offs_d, n_ok, d_mask, True, EVEN_D)
-        v = _load_rows(v_ptr, rows, svs, offs_d, n_ok, d_mask, True, EVEN_D)
+        rows = tl.minimum(tl.load(e) + offs_n, last).to(tl.int64)
+        k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
+        v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
         acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale, BWD)
-    for j in range(c1, c2):  # partial key blocks: element mask from coordinates
+    sp0, sp1, sp2 = hi0 - lo0, hi1 - lo1, hi2 - lo2
+    for j in range(c2, c3):  # partial blocks of the key shape: the window tested relative to its origin
+        e = ent_ptr + j * 8
+        rows = tl.minimum(tl.load(e) + offs_n, last).to(tl.int64)
+        k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
+        v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
+        r0, r1, r2 = lo0 - tl.load(e + 1), lo1 - tl.load(e + 2), lo2 - tl.load(e + 3)
+        if MASK_DOT:
+            s = tl.dot(q, tl.trans(k))
+            if AXES & 1 or DEAD == 0:
+                s = _box_mask_dot(s, oh0, r0, r0 + sp0, mask_big, AXES & 1, DEAD == 0, MASK_F32)
+            if AXES & 2 or DEAD == 1:
+                s = _box_mask_dot(s, oh1, r1, r1 + sp1, mask_big, AXES & 2, DEAD == 1, MASK_F32)
+            if AXES & 4 or DEAD == 2:
+                s = _box_mask_dot(s, oh2, r2, r2 + sp2, mask_big, AXES & 4, DEAD == 2, MASK_F32)
+            acc, m_i, l_i = _fold(s, do, acc, m_i, l_i, k, v, qk_scale, mask_floor, True, BWD)
+        else:
+            allowed = _local_allowed(lp, KE0, r0, r1, r2, sp0, sp1, sp2, R, IS_BOX, AXES, KEY_SHORT)
+            acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, allowed, True, qk_scale, BWD)
+    for j in range(c3, c4):  # the other partial key blocks (edge tiles): element mask from coordinates
         e = ent_ptr + j * 8
         ke1 = tl.load(e + 5)
         ke2 = tl.load(e + 6)
         n_ok = offs_n < tl.load(e + 4) * ke1 * ke2
-        rows = (tl.load(e) + offs_n).to(tl.int64)
-        k = _load_rows(k_ptr, rows, sks, offs_d, n_ok, d_mask, True, EVEN_D)
-        v = _load_rows(v_ptr, rows, svs, offs_d, n_ok, d_mask, True, EVEN_D)
+        rows = tl.minimum(tl.load(e) + offs_n, last).to(tl.int64)
+        k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
+        v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
         if COORDS:
             y0, y1, y2 = _table_coords(CT, tl.load(e) - P + offs_n, n_ok, CSH0, CSH1, CM1, CM2)
         else:
@@ -528,6 +674,38 @@ def _limiting_axes(spec: WindowSpec) -> int:
     return bits
 
 
+# Whether box windows add their partial blocks' masks to the scores with small tensor-core dots
+# (_box_mask_dot) where the key shape allows it, instead of testing every score (_local_allowed);
+# benchmarks/window_sweep.py times both.
+MASK_BY_DOT = True
+
+
+def _mask_args(spec: WindowSpec, plan, qk_scale: float, device: torch.device):
+    """The kernels' (mask_big, mask_floor) arguments and MASK_DOT / DEAD / MASK_F32 / KEY_SHORT
+    constexprs for the blocks of the plan's key shape. The mask dots take box windows whose key
+    shape spans at most 16 offsets on every limiting axis; a key shape shorter than the key block
+    needs a spare offset (15) on some axis for the columns that are not keys (DEAD). The dots run
+    in bf16 on a GPU (0, 1 and powers of two are exact), in fp32 in the interpreter (MASK_F32).
+    mask_big * qk_scale = 2^24: masked scores end ~2^24 below the row's real maximum and 2^23
+    below the floor."""
+    import math
+    axes = _limiting_axes(spec)
+    ext = plan.key_shape
+    short = ext[0] * ext[1] * ext[2] < plan.block_k
+    ok = (MASK_BY_DOT and spec.window is not None and axes != 0
+          and all(ext[a] <= 16 for a in range(3) if axes >> a & 1)
+          and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8))
+    dead = -1
+    if ok and short:
+        spare = [a for a in range(3) if ext[a] <= 15]
+        limiting = [a for a in spare if axes >> a & 1]
+        dead = (limiting or spare or [-1])[-1]
+        ok = dead >= 0
+    big = 2.0 ** min(100, max(1, math.ceil(math.log2(2.0 ** 24 / qk_scale))))
+    return (big, -0.5 * big * qk_scale), dict(MASK_DOT=ok, DEAD=dead if ok else -1, MASK_F32=device.type != "cuda",
+                                              KEY_SHORT=short)
+
+
 def _geometry_args(spec: WindowSpec, device: torch.device):
     """The kernels' window geometry arguments: N0..2, W0..2 (1 for circles), R (1 for boxes),
     INWARD, PAD0, PAD1, then the packed coordinate table CT with its shifts CSH0, CSH1 and masks
@@ -565,16 +743,17 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     warps, stages = launch or launch_configs(block_d, block_k)[0]
     config = {} if tuned else dict(num_warps=warps if block_q >= 64 or launch else 4, num_stages=stages)
     geometry, coords = _geometry_args(spec, q.device)
+    mask_vals, mask_flags = _mask_args(spec, plan, scale * LOG2E, q.device)
     kernel[grid](
         q, k, v, ek, ev, out, lse, plan.q_blocks, plan.entries, plan.kv_count, plan.order,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), ek.stride(0), ek.stride(1), ek.stride(2),
         ev.stride(0), ev.stride(1), ev.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        B, H, H // Hkv, S, P, E, plan.max_entries, n_pqb, plan.num_blocks, D,
+        B, H, H // Hkv, S, P, E, plan.max_entries, n_pqb, plan.num_blocks, D, *plan.key_shape, *mask_vals,
         *geometry, scale * LOG2E,
         q, lse, lse, 0, 0, 0, 1.0,  # the backward's inputs (DO, LSE2, DELTA): unused here
         IS_BOX=spec.window is not None, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, EVEN_D=block_d == D,
-        AXES=_limiting_axes(spec), COORDS=coords,
+        AXES=_limiting_axes(spec), COORDS=coords, **mask_flags,
         **config,
     )
     return out, lse
@@ -632,14 +811,17 @@ def window_attention_backward_triton(grad_out, grad_lse, q, k, v, out, lse, spec
     dq = new_output((B, S, H, D), like=q)
     ek, ev = (k, v) if extra_k is None else (extra_k, extra_v)
     n_pqb = triton.cdiv(P, block)
+    mask_vals, mask_flags = _mask_args(spec, plan, scale * LOG2E, q.device)
     _window_fwd[((n_pqb + plan.num_blocks) * B * H,)](
         q, k, v, ek, ev, dq, lse, plan.q_blocks, plan.entries, plan.kv_count, plan.order,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), ek.stride(0), ek.stride(1), ek.stride(2),
         ev.stride(0), ev.stride(1), ev.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
-        B, H, H // Hkv, S, P, E, plan.max_entries, n_pqb, plan.num_blocks, D, *geometry, scale * LOG2E,
+        B, H, H // Hkv, S, P, E, plan.max_entries, n_pqb, plan.num_blocks, D, *plan.key_shape, *mask_vals,
+        *geometry, scale * LOG2E,
         grad_out, lse2, delta, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), scale,
-        BLOCK_M=block, BLOCK_N=block, BWD=True, **consts, num_warps=dq_launch[0], num_stages=dq_launch[1])
+        BLOCK_M=block, BLOCK_N=block, BWD=True, **mask_flags, **consts, num_warps=dq_launch[0],
+        num_stages=dq_launch[1])
 
     dk, dv = new_output(k.shape, like=k), new_output(v.shape, like=v)
     dek = new_output((B, E, Hkv, D), like=k)

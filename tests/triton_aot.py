@@ -11,7 +11,9 @@ except those the kernel declares ``do_not_specialize`` (the runtime never marks 
 
 Hopper builds are also passed through ptxas -v, which reports what the PTX alone does not: whether
 the wgmma pipeline is serialised (warning C7515: wgmma instructions wait for each other, a large
-slowdown that nothing else shows without a GPU), register count and spills."""
+slowdown that nothing else shows without a GPU), register count and spills; and their SASS
+(Triton's bundled cuobjdump) tells whether any spill load or store sits inside a loop, where it
+would cost on every iteration (a few spilled bytes outside the loops cost nothing)."""
 import inspect
 import json
 import os
@@ -29,8 +31,9 @@ def job(kernel: str, arch: int, types: dict, constexprs: dict, default="i32", **
 def compile_all(jobs) -> list:
     """Compiles every job in one subprocess; returns per job {"wgmma": count of wgmma
     instructions in the PTX, "cp_async": count of cp.async, "shared": bytes of shared memory,
-    "serialized": ptxas serialises the wgmma pipeline (C7515), "registers", "spill_bytes"} (the
-    last three from ptxas -v on sm_90a; None on other archs). Raises with the compiler's error."""
+    "serialized": ptxas serialises the wgmma pipeline (C7515), "registers", "spill_bytes",
+    "loop_spills": spill loads / stores inside loops} (the last four on sm_90a only; None on other
+    archs). Raises with the compiler's error."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, __file__], input=json.dumps(jobs), capture_output=True, text=True,
                           env=env, timeout=1800)
@@ -60,10 +63,33 @@ def _compile(j):
         raise RuntimeError(f"{j}: {e}") from e
     ptx = k.asm["ptx"]
     res = dict(wgmma=ptx.count("wgmma.mma_async"), cp_async=ptx.count("cp.async"), shared=k.metadata.shared,
-               serialized=None, registers=None, spill_bytes=None)
+               serialized=None, registers=None, spill_bytes=None, loop_spills=None)
     if j["arch"] == 90:
-        res.update(_ptxas_report(ptx))
+        res.update(_ptxas_report(ptx), loop_spills=_loop_spills(k.asm["cubin"]))
     return res
+
+
+def _loop_spills(cubin: bytes) -> int:
+    """Spill loads and stores (LDL / STL) inside loops (between a backward branch and its target)
+    of a cubin's SASS."""
+    import re
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    ins = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,6})\*/\s+([^;]*);", sass)]
+    inside = set()
+    for i, (addr, op) in enumerate(ins):
+        target = re.search(r"BRA\b.*?0x([0-9a-f]+)", op)
+        if target and int(target.group(1), 16) <= addr:
+            inside.update(j for j in range(i + 1) if ins[j][0] >= int(target.group(1), 16))
+    return sum(1 for j in inside if re.search(r"\b(LDL|STL)\b", ins[j][1]))
 
 
 def _ptxas_report(ptx: str) -> dict:

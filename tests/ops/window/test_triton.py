@@ -170,3 +170,37 @@ def test_triton_box_mask_by_dot_or_per_score(case, by_dot, monkeypatch):
     case = {k: v for k, v in case.items() if k != "full_short"}
     for scale in (None, 4.0):
         run_case({**case, "heads": (4, 2), "D": 16, "B": 2, "transposed": True, "scale": scale}, DTYPES[0], block=16)
+
+
+@pytest.mark.parametrize("case", [
+    dict(grid=(9, 11), window=None, radius=3, border="clip", num_prefix=2, tile=(3, 5), num_extra=0),
+    dict(grid=(3, 6, 7), window=None, radius=2, border="inward", num_prefix=0, tile=(3, 2, 2), num_extra=0),
+    dict(grid=(9, 11), window=(4, 3), radius=None, border="inward", num_prefix=0, tile=(3, 5), num_extra=0),
+])
+def test_triton_short_key_shape_scores_tested(case, monkeypatch):
+    """Partial blocks of a key shape shorter than the key block, masks tested per score (circles,
+    and boxes with MASK_BY_DOT off): the columns past the shape's keys are excluded (circles: by
+    the per-column term of the distance test)."""
+    import dtk.ops.window.triton as wt
+    from dtk.ops.window.plan import build_plan
+    monkeypatch.setattr(wt, "MASK_BY_DOT", False)
+    spec = make_spec(case["grid"], case["window"], case["radius"], case["border"], case["num_prefix"], case["tile"])
+    plan = build_plan(spec, 16, 16, torch.device(DEVICE))
+    assert math.prod(plan.key_shape) < 16 and (plan.kv_count[:, 3] > plan.kv_count[:, 2]).any()
+    run_case({**case, "heads": (2, 1), "D": 16, "B": 1, "transposed": False, "scale": None}, DTYPES[0], block=16)
+
+
+@pytest.mark.parametrize("case", MASK_DOT_CASES[1:3] + [
+    dict(grid=(9, 11), window=None, radius=3, border="clip", num_prefix=2, tile=(3, 5), num_extra=1)])
+def test_triton_without_key_shape_loops(case, monkeypatch):
+    """Wide key blocks tested per score skip the key-shape loops (LOCAL off: their blocks go through
+    the general full-short and partial loops): same results."""
+    import dtk.ops.window.triton as wt
+    real = wt._mask_args
+
+    def general(*args):
+        vals, flags = real(*args)
+        return vals, dict(flags, MASK_DOT=False, DEAD=-1, LOCAL=False)
+    monkeypatch.setattr(wt, "_mask_args", general)
+    case = {k: v for k, v in case.items() if k != "full_short"}
+    run_case({**case, "heads": (2, 1), "D": 16, "B": 1, "transposed": False, "scale": None}, DTYPES[0], block=16)

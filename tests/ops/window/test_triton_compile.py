@@ -13,8 +13,8 @@ PTRS.update({"LSE": "*fp32", "LSE2": "*fp32", "DELTA": "*fp32", "QB": "*i32", "E
 SHARED_LIMIT = {80: 166912, 90: 232448}   # bytes per block (sm_80 / sm_90)
 # the partial-block variants with the most code: boxes with the mask dots and a DEAD group (every
 # loop compiled), circles testing every score of a short key shape
-MASK_FLAGS = {True: dict(MASK_DOT=True, DEAD=2, MASK_F32=False, KEY_SHORT=True),
-              False: dict(MASK_DOT=False, DEAD=-1, MASK_F32=False, KEY_SHORT=True)}
+MASK_FLAGS = {True: dict(MASK_DOT=True, DEAD=2, MASK_F32=False, KEY_SHORT=True, LOCAL=True),
+              False: dict(MASK_DOT=False, DEAD=-1, MASK_F32=False, KEY_SHORT=True, LOCAL=True)}
 
 
 def test_window_kernel_compiles_with_every_launch_config():
@@ -24,7 +24,7 @@ def test_window_kernel_compiles_with_every_launch_config():
                for bd, bn in ((64, 64), (128, 64), (256, 64), (128, 128)) for w, st in launch_configs(bd, bn)]
     jobs = [job("dtk.ops.window.triton:_window_fwd", arch, PTRS,
                 dict(IS_BOX=is_box, BLOCK_M=128, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd != 256, AXES=7, COORDS=True,
-                     BWD=False, **MASK_FLAGS[is_box]), num_warps=w, num_stages=st)
+                     BWD=False, **dict(MASK_FLAGS[is_box], LOCAL=is_box or bn <= 64)), num_warps=w, num_stages=st)
             for arch, is_box, bd, bn, w, st in configs]
     results = compile_all(jobs)
     print("\n".join(f"{cfg}: {res}" for cfg, res in zip(configs, results)))
@@ -37,8 +37,10 @@ def test_window_kernel_compiles_with_every_launch_config():
             assert res["wgmma"] > 0, "the Hopper build should use wgmma"
         if arch == 90:   # ptxas would make every wgmma wait for the previous one (C7515)
             assert not res["serialized"], (cfg, "wgmma pipeline serialised", res)
-            if (w, st) == launch_configs(bd, bn)[0] and bd <= 128 and bn == 64:
-                assert res["spill_bytes"] == 0, (cfg, "the default config spills registers", res)
+            if (w, st) == launch_configs(bd, bn)[0] and bd <= 128:
+                # spills outside the loops run once per program (Triton 3.8: ~100 bytes at 128 x 128 boxes)
+                assert res["loop_spills"] == 0, (cfg, "the default config spills registers in a loop", res)
+                assert res["spill_bytes"] <= 512, (cfg, "the default config spills registers", res)
 
 
 def test_backward_kernels_compile():

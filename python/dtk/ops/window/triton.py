@@ -264,32 +264,42 @@ def _local_allowed(lp, ke0, r0, r1, r2, sp0, sp1, sp2, R, IS_BOX: tl.constexpr, 
     its origin: per query row the window's lower bounds r (boxes, with spans sp = hi - lo) or
     circle centres r, both relative to that origin, tested on the axes in AXES; with SHORT also
     whether a column is one of the block's keys (axis-0 offset below the block's extent ke0).
-    Every test is a difference that is negative where it fails; their OR is tested once (sign
-    bit), so the element mask is one compare where a chain of boolean ANDs costs several."""
-    l0 = (lp >> 20)[None, :]
-    l1 = ((lp >> 10) & 1023)[None, :]
-    l2 = (lp & 1023)[None, :]
+    Boxes: every test is a difference that is negative where it fails, their OR tested once (sign
+    bit). Circles: |l - r|^2 < R^2 as sum(l^2) - 2 sum(l r) < R^2 - sum(r^2), the first term per
+    column (+2^30 on columns that are not keys), the last per row: one multiply-add per axis and
+    one compare per score."""
+    l0 = lp >> 20
+    l1 = (lp >> 10) & 1023
+    l2 = lp & 1023
     if IS_BOX:
-        x = l2 - l2   # zeros: the OR's identity (folded)
+        x = (l2 - l2)[None, :]   # zeros: the OR's identity (folded)
         if AXES & 1:
-            x = x | (l0 - r0[:, None]) | ((r0 + sp0)[:, None] - l0)
+            x = x | (l0[None, :] - r0[:, None]) | ((r0 + sp0)[:, None] - l0[None, :])
         if AXES & 2:
-            x = x | (l1 - r1[:, None]) | ((r1 + sp1)[:, None] - l1)
+            x = x | (l1[None, :] - r1[:, None]) | ((r1 + sp1)[:, None] - l1[None, :])
         if AXES & 4:
-            x = x | (l2 - r2[:, None]) | ((r2 + sp2)[:, None] - l2)
+            x = x | (l2[None, :] - r2[:, None]) | ((r2 + sp2)[:, None] - l2[None, :])
+        if SHORT:
+            x = x | (ke0 - 1 - l0)[None, :]
+        allowed = x >= 0
     else:
-        d2 = l2 - r2[:, None]
-        d2 = d2 * d2
+        a = l2 * l2
+        t_row = R * R - r2 * r2
         if AXES & 2:
-            d1 = l1 - r1[:, None]
-            d2 += d1 * d1
+            a += l1 * l1
+            t_row -= r1 * r1
         if AXES & 1:
-            d0 = l0 - r0[:, None]
-            d2 += d0 * d0
-        x = (R * R - 1) - d2
-    if SHORT:
-        x = x | (ke0 - 1 - l0)
-    return x >= 0
+            a += l0 * l0
+            t_row -= r0 * r0
+        if SHORT:
+            a = tl.where(l0 < ke0, a, a + (1 << 30))
+        t = a[None, :] + l2[None, :] * (-2 * r2)[:, None]
+        if AXES & 2:
+            t += l1[None, :] * (-2 * r1)[:, None]
+        if AXES & 1:
+            t += l0[None, :] * (-2 * r0)[:, None]
+        allowed = t < t_row[:, None]
+    return allowed
 
 
 @triton.jit
@@ -360,7 +370,8 @@ def _window_fwd(
     DO, LSE2, DELTA, sdob, sdos, sdoh, dq_scale,
     IS_BOX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, AXES: tl.constexpr, COORDS: tl.constexpr, KEY_SHORT: tl.constexpr,
-    MASK_DOT: tl.constexpr, DEAD: tl.constexpr, MASK_F32: tl.constexpr, BWD: tl.constexpr = False,
+    MASK_DOT: tl.constexpr, DEAD: tl.constexpr, MASK_F32: tl.constexpr, LOCAL: tl.constexpr,
+    BWD: tl.constexpr = False,
 ):
     # The forward, or with BWD the dq pass of the backward (same walk over the keys; O is dq, DO
     # the output gradient, LSE2 / DELTA the rows' lse (log2 units) and delta, see _step).
@@ -421,50 +432,58 @@ def _window_fwd(
     # Blocks of the plan's key shape (KE0, KE1, KE2): a key's offsets from its block's origin depend
     # only on its column, so they are computed once (packed), and the columns past the shape's keys
     # (when it holds fewer than BLOCK_N) are the same in every such block. Boxes with MASK_DOT add
-    # masks to the scores on the tensor cores (_box_mask_dot); the others test the scores.
-    lp = _local_offsets(offs_n, KE1, KE2)
-    if MASK_DOT:
-        alive = (lp >> 20) < KE0
-        oh0 = _onehot(lp >> 20, alive, DEAD == 0, MASK_F32)
-        oh1 = _onehot((lp >> 10) & 1023, alive, DEAD == 1, MASK_F32)
-        oh2 = _onehot(lp & 1023, alive, DEAD == 2, MASK_F32)
-    for j in range(c0, c1):  # full blocks of the key shape, shorter than BLOCK_N: mask its missing keys
-        e = ent_ptr + j * 8
-        rows = tl.minimum(tl.load(e) + offs_n, last).to(tl.int64)
-        k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
-        v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
+    # masks to the scores on the tensor cores (_box_mask_dot); the others test the scores. Without
+    # LOCAL (wide key blocks tested per score: their per-column offsets would spill registers) these
+    # blocks take the general loops below.
+    short_lo = c0
+    odd_lo = c2
+    if LOCAL:
+        lp = _local_offsets(offs_n, KE1, KE2)
         if MASK_DOT:
-            s = _dead_mask_dot(tl.dot(q, tl.trans(k)), oh0, oh1, oh2, mask_big, DEAD, MASK_F32, BLOCK_M)
-            acc, m_i, l_i = _fold(s, do, acc, m_i, l_i, k, v, qk_scale, mask_floor, True, BWD)
-        else:
-            acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, ((lp >> 20) < KE0)[None, :], True, qk_scale, BWD)
-    for j in range(c1, c2):  # the other full but shorter key blocks: mask the missing columns only
+            alive = (lp >> 20) < KE0
+            oh0 = _onehot(lp >> 20, alive, DEAD == 0, MASK_F32)
+            oh1 = _onehot((lp >> 10) & 1023, alive, DEAD == 1, MASK_F32)
+            oh2 = _onehot(lp & 1023, alive, DEAD == 2, MASK_F32)
+        for j in range(c0, c1):  # full blocks of the key shape, shorter than BLOCK_N: mask its missing keys
+            e = ent_ptr + j * 8
+            rows = tl.minimum(tl.load(e) + offs_n, last).to(tl.int64)
+            k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
+            v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
+            if MASK_DOT:
+                s = _dead_mask_dot(tl.dot(q, tl.trans(k)), oh0, oh1, oh2, mask_big, DEAD, MASK_F32, BLOCK_M)
+                acc, m_i, l_i = _fold(s, do, acc, m_i, l_i, k, v, qk_scale, mask_floor, True, BWD)
+            else:
+                acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, ((lp >> 20) < KE0)[None, :], True, qk_scale, BWD)
+        short_lo = c1
+    for j in range(short_lo, c2):  # the other full but shorter key blocks: mask the missing columns only
         e = ent_ptr + j * 8
         n_ok = offs_n < tl.load(e + 4) * tl.load(e + 5) * tl.load(e + 6)
         rows = tl.minimum(tl.load(e) + offs_n, last).to(tl.int64)
         k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
         v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
         acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale, BWD)
-    sp0, sp1, sp2 = hi0 - lo0, hi1 - lo1, hi2 - lo2
-    for j in range(c2, c3):  # partial blocks of the key shape: the window tested relative to its origin
-        e = ent_ptr + j * 8
-        rows = tl.minimum(tl.load(e) + offs_n, last).to(tl.int64)
-        k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
-        v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
-        r0, r1, r2 = lo0 - tl.load(e + 1), lo1 - tl.load(e + 2), lo2 - tl.load(e + 3)
-        if MASK_DOT:
-            s = tl.dot(q, tl.trans(k))
-            if AXES & 1 or DEAD == 0:
-                s = _box_mask_dot(s, oh0, r0, r0 + sp0, mask_big, AXES & 1, DEAD == 0, MASK_F32)
-            if AXES & 2 or DEAD == 1:
-                s = _box_mask_dot(s, oh1, r1, r1 + sp1, mask_big, AXES & 2, DEAD == 1, MASK_F32)
-            if AXES & 4 or DEAD == 2:
-                s = _box_mask_dot(s, oh2, r2, r2 + sp2, mask_big, AXES & 4, DEAD == 2, MASK_F32)
-            acc, m_i, l_i = _fold(s, do, acc, m_i, l_i, k, v, qk_scale, mask_floor, True, BWD)
-        else:
-            allowed = _local_allowed(lp, KE0, r0, r1, r2, sp0, sp1, sp2, R, IS_BOX, AXES, KEY_SHORT)
-            acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, allowed, True, qk_scale, BWD)
-    for j in range(c3, c4):  # the other partial key blocks (edge tiles): element mask from coordinates
+    if LOCAL:
+        sp0, sp1, sp2 = hi0 - lo0, hi1 - lo1, hi2 - lo2
+        for j in range(c2, c3):  # partial blocks of the key shape: the window tested relative to its origin
+            e = ent_ptr + j * 8
+            rows = tl.minimum(tl.load(e) + offs_n, last).to(tl.int64)
+            k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
+            v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
+            r0, r1, r2 = lo0 - tl.load(e + 1), lo1 - tl.load(e + 2), lo2 - tl.load(e + 3)
+            if MASK_DOT:
+                s = tl.dot(q, tl.trans(k))
+                if AXES & 1 or DEAD == 0:
+                    s = _box_mask_dot(s, oh0, r0, r0 + sp0, mask_big, AXES & 1, DEAD == 0, MASK_F32)
+                if AXES & 2 or DEAD == 1:
+                    s = _box_mask_dot(s, oh1, r1, r1 + sp1, mask_big, AXES & 2, DEAD == 1, MASK_F32)
+                if AXES & 4 or DEAD == 2:
+                    s = _box_mask_dot(s, oh2, r2, r2 + sp2, mask_big, AXES & 4, DEAD == 2, MASK_F32)
+                acc, m_i, l_i = _fold(s, do, acc, m_i, l_i, k, v, qk_scale, mask_floor, True, BWD)
+            else:
+                allowed = _local_allowed(lp, KE0, r0, r1, r2, sp0, sp1, sp2, R, IS_BOX, AXES, KEY_SHORT)
+                acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, allowed, True, qk_scale, BWD)
+        odd_lo = c3
+    for j in range(odd_lo, c4):  # the other partial key blocks (edge tiles): element mask from coordinates
         e = ent_ptr + j * 8
         ke1 = tl.load(e + 5)
         ke2 = tl.load(e + 6)
@@ -687,7 +706,7 @@ def _mask_args(spec: WindowSpec, plan, qk_scale: float, device: torch.device):
     needs a spare offset (15) on some axis for the columns that are not keys (DEAD). The dots run
     in bf16 on a GPU (0, 1 and powers of two are exact), in fp32 in the interpreter (MASK_F32).
     mask_big * qk_scale = 2^24: masked scores end ~2^24 below the row's real maximum and 2^23
-    below the floor."""
+    below the floor. LOCAL: the key-shape loops at all (key blocks of at most 64, or mask dots)."""
     import math
     axes = _limiting_axes(spec)
     ext = plan.key_shape
@@ -703,7 +722,7 @@ def _mask_args(spec: WindowSpec, plan, qk_scale: float, device: torch.device):
         ok = dead >= 0
     big = 2.0 ** min(100, max(1, math.ceil(math.log2(2.0 ** 24 / qk_scale))))
     return (big, -0.5 * big * qk_scale), dict(MASK_DOT=ok, DEAD=dead if ok else -1, MASK_F32=device.type != "cuda",
-                                              KEY_SHORT=short)
+                                              KEY_SHORT=short, LOCAL=ok or plan.block_k <= 64)
 
 
 def _geometry_args(spec: WindowSpec, device: torch.device):

@@ -64,3 +64,17 @@ def test_backward_kernels_compile():
                 assert not res["serialized"], (name, cfg, "wgmma pipeline serialised", res)
                 if cfg[2] == 64:
                     assert res["spill_bytes"] == 0, (name, cfg, "spills at d = 64", res)
+
+
+def test_fp16_inputs_with_bf16_mask_dots_compile():
+    """fp16 q/k/v: the scores' dot in fp16 and the box mask dots (bf16 on a GPU) accumulate into one
+    fp32 tile, in the forward and the dq pass, on Ampere and Hopper."""
+    ptrs = {**PTRS, **{n: "*fp16" for n in ("Q", "K", "V", "EK", "EV", "O", "DO")}}
+    jobs = [job("dtk.ops.window.triton:_window_fwd", arch, ptrs,
+                dict(IS_BOX=True, BLOCK_M=128 if not bwd else 64, BLOCK_N=64, BLOCK_D=128, EVEN_D=True, AXES=6,
+                     COORDS=True, BWD=bwd, **MASK_FLAGS[True]), num_warps=8, num_stages=2)
+            for arch in (90, 80) for bwd in (False, True)]
+    for j, res in zip(jobs, compile_all(jobs)):
+        assert res["shared"] <= SHARED_LIMIT[j["arch"]], (j, res)
+        if j["arch"] == 90:
+            assert res["wgmma"] > 0 and not res["serialized"] and res["loop_spills"] == 0, res

@@ -72,12 +72,13 @@ def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
     bd = max(16, 1 << (shape.D - 1).bit_length())
     ref = record("default", lambda: window_attention_triton(q, k, v, spec, scale, launch=launch_configs(bd)[0]))
     if spec.window is not None:   # boxes: the partial blocks' masks by tensor-core dots against per-score tests
+        by_dot = wt.MASK_BY_DOT
         try:
             wt.MASK_BY_DOT = False
             record("default, MASK_BY_DOT=0", lambda: window_attention_triton(q, k, v, spec, scale,
                                                                             launch=launch_configs(bd)[0]), ref)
         finally:
-            wt.MASK_BY_DOT = True
+            wt.MASK_BY_DOT = by_dot
     for bq, bk in BLOCKS:
         eff = pair_count(spec) / engine_pairs(build_plan(spec, bq, bk, q.device), spec)
         print(f"{shape.name:34s} blocks {bq}x{bk}: plan efficiency {eff:.3f} (the mask's pairs / computed pairs)")

@@ -75,21 +75,27 @@ def _loop_spills(cubin: bytes) -> int:
     import re
     import tempfile
 
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_bundled_tool("cuobjdump"), "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
     ins = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,6})\*/\s+([^;]*);", sass)]
+    index = {addr: i for i, (addr, _) in enumerate(ins)}
     inside = set()
     for i, (addr, op) in enumerate(ins):
         target = re.search(r"BRA\b.*?0x([0-9a-f]+)", op)
         if target and int(target.group(1), 16) <= addr:
-            inside.update(j for j in range(i + 1) if ins[j][0] >= int(target.group(1), 16))
+            inside.update(range(index.get(int(target.group(1), 16), 0), i + 1))
     return sum(1 for j in inside if re.search(r"\b(LDL|STL)\b", ins[j][1]))
+
+
+def _bundled_tool(name: str) -> str:
+    """Path of a CUDA tool (ptxas, cuobjdump) that Triton bundles."""
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
 def _ptxas_report(ptx: str) -> dict:
@@ -102,7 +108,7 @@ def _ptxas_report(ptx: str) -> dict:
     try:
         ptxas = triton.knobs.nvidia.ptxas.path
     except AttributeError:   # no knobs: the ptxas Triton bundles
-        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        ptxas = _bundled_tool("ptxas")
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:

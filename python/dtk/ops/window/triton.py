@@ -1,14 +1,17 @@
 """Triton engine for window attention: one program per (query block, batch x head) walks the
-plan's key blocks with an online softmax; element masks are evaluated only on partial blocks,
-from grid coordinates read from a packed per-token table (plan.coord_table). Scores stay raw until
-the exponent, where one FMA applies the scale (log2 units). Prefix (global) queries and keys and
-the extra keys are dense ranges around the plan.
+plan's key blocks with an online softmax; element masks are evaluated only on partial blocks. The
+blocks of the plan's key shape (interior tiles) take their keys' offsets from the block origin,
+computed once per program, and box windows add their masks on the tensor cores (_box_mask_dot);
+the other blocks (edge tiles) read grid coordinates from a packed per-token table
+(plan.coord_table). Scores stay raw until the exponent, where one FMA applies the scale (log2
+units). Prefix (global) queries and keys and the extra keys are dense ranges around the plan.
 
 Backward (FlashAttention-2 style, from the forward's lse): the same query-side walk computes dq
 (`_window_fwd` with BWD=True), and `_window_bwd_dkdv` walks the transposed plan (per key block,
 the query blocks that see it) for dk and dv, looping over the GQA group's q heads."""
 from __future__ import annotations
 
+import math
 
 import torch
 import triton
@@ -258,6 +261,12 @@ def _local_offsets(j, E1, E2):
 
 
 @triton.jit
+def _unpack_offsets(lp):
+    """(l0, l1, l2) of _local_offsets' packed offsets."""
+    return lp >> 20, (lp >> 10) & 1023, lp & 1023
+
+
+@triton.jit
 def _local_allowed(lp, ke0, r0, r1, r2, sp0, sp1, sp2, R, IS_BOX: tl.constexpr, AXES: tl.constexpr,
                    SHORT: tl.constexpr):
     """Element mask of a key block whose columns have the packed offsets lp (_local_offsets) from
@@ -268,9 +277,7 @@ def _local_allowed(lp, ke0, r0, r1, r2, sp0, sp1, sp2, R, IS_BOX: tl.constexpr, 
     bit). Circles: |l - r|^2 < R^2 as sum(l^2) - 2 sum(l r) < R^2 - sum(r^2), the first term per
     column (+2^30 on columns that are not keys), the last per row: one multiply-add per axis and
     one compare per score."""
-    l0 = lp >> 20
-    l1 = (lp >> 10) & 1023
-    l2 = lp & 1023
+    l0, l1, l2 = _unpack_offsets(lp)
     if IS_BOX:
         x = (l2 - l2)[None, :]   # zeros: the OR's identity (folded)
         if AXES & 1:
@@ -346,7 +353,7 @@ def _box_mask_dot(s, onehot, r, u, big, LIMITS: tl.constexpr, DEAD: tl.constexpr
     p = tl.arange(0, 16)[None, :]
     if LIMITS:
         ok = ((p - r[:, None]) | (u[:, None] - p)) >= 0
-    else:
+    else:   # every offset (only the DEAD one below): all true, broadcast over the rows (folded)
         ok = (r[:, None] - r[:, None] + p) >= 0
     if DEAD:
         ok = ok & (p != 15)
@@ -440,10 +447,11 @@ def _window_fwd(
     if LOCAL:
         lp = _local_offsets(offs_n, KE1, KE2)
         if MASK_DOT:
-            alive = (lp >> 20) < KE0
-            oh0 = _onehot(lp >> 20, alive, DEAD == 0, MASK_F32)
-            oh1 = _onehot((lp >> 10) & 1023, alive, DEAD == 1, MASK_F32)
-            oh2 = _onehot(lp & 1023, alive, DEAD == 2, MASK_F32)
+            l0, l1, l2 = _unpack_offsets(lp)
+            alive = l0 < KE0
+            oh0 = _onehot(l0, alive, DEAD == 0, MASK_F32)
+            oh1 = _onehot(l1, alive, DEAD == 1, MASK_F32)
+            oh2 = _onehot(l2, alive, DEAD == 2, MASK_F32)
         for j in range(c0, c1):  # full blocks of the key shape, shorter than BLOCK_N: mask its missing keys
             e = ent_ptr + j * 8
             rows = tl.minimum(tl.load(e) + offs_n, last).to(tl.int64)
@@ -707,7 +715,6 @@ def _mask_args(spec: WindowSpec, plan, qk_scale: float, device: torch.device):
     in bf16 on a GPU (0, 1 and powers of two are exact), in fp32 in the interpreter (MASK_F32).
     mask_big * qk_scale = 2^24: masked scores end ~2^24 below the row's real maximum and 2^23
     below the floor. LOCAL: the key-shape loops at all (key blocks of at most 64, or mask dots)."""
-    import math
     axes = _limiting_axes(spec)
     ext = plan.key_shape
     short = ext[0] * ext[1] * ext[2] < plan.block_k

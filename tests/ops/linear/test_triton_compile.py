@@ -28,6 +28,9 @@ def _types(kernel: str, dtype) -> dict:
         "apply": dict(Q=x, KV=f, KS=f, O=x),
         "grad_q": dict(Q=x, G=x, KV=f, KS=f, DQ=x, PGS=f, PGZ=f),
         "grad_kv": dict(K=x, V=x, GS=f, GZ=f, DK=x, DV_=x),
+        "grad_rows": dict(Q=x, G=x, SL=x, KS=f, W=f),
+        "grad_s_wide": dict(Q=x, G=x, W=f, PGS=f, PGZ=f),
+        "grad_feature": dict(X=x, Y=x, T=x, C=f, W=f, O=x),
         "memory": dict(Q=x, K=x, V=x, MKV=f, MZ=f, O=x),
         "memory_update": dict(K=x, V=x, MKV=f, MZ=f, NKV=f, NZ=f),
         "memory_step": dict(Q=x, K=x, V=x, MKV=f, MZ=f, O=x, NKV=f, NZ=f),
@@ -43,10 +46,12 @@ def _flags(kernel: str, dtype, D: int, Dv: int, cfg: dict) -> dict:
     if kernel == "state":
         flags["ATOMIC"] = True
         flags["KS_DOT"] = tr.STATE_KS_BY_DOT
-    if kernel in ("apply", "grad_q", "grad_kv"):
+    if kernel in ("apply", "grad_q", "grad_kv", "grad_s_wide"):
         flags["NORMALIZE"] = True
-    if kernel in ("apply", "grad_q"):
+    if kernel in ("apply", "grad_q", "grad_rows", "grad_s_wide", "grad_feature"):
         flags["HAS_SCALE"] = False
+    if kernel == "grad_feature":   # the dq launch (per-row weights); dk's is ADD_C
+        flags.update(ROW_W=True, ADD_C=False)
     if kernel == "apply":
         flags["DEN_DOT"] = tr.APPLY_DEN_BY_DOT
     return flags
@@ -99,9 +104,9 @@ def test_linear_kernels_compile_and_fit(arch, dtype):
     no_pipe = [line for line, (k, _, D, cfg), r in zip(report, cases, results)
                if not k.startswith("memory") and r["cp_async"] == 0]
     assert not no_pipe, "loads not pipelined:\n" + "\n".join(no_pipe)
-    # The head dims the op accepts all launch somewhere (grad kernels: a torch fallback above 128).
+    # Every head dim launches each kernel of its path (the backward: whole tiles or wide kernels).
     for kernel in tr.KERNELS:
         for D in (HEAD_DIMS if dtype == torch.bfloat16 else FP32_HEAD_DIMS):
-            if kernel.startswith("grad") and not tr.backward_supported(D, D):
+            if kernel.startswith("grad") and (kernel in ("grad_q", "grad_kv")) != tr.backward_whole_tiles(D, D):
                 continue
             assert any(k == kernel and d == D for k, _, d, _ in cases), (kernel, D)

@@ -53,9 +53,10 @@ def test_varlen_and_shards(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", [True, False])
-def test_backward(dtype, norm):
-    q, k, v = bshd(2, 1000, 8, 64, dtype, "cuda"), bshd(2, 1500, 4, 64, dtype, "cuda"), bshd(2, 1500, 4, 64, dtype, "cuda")
-    g = bshd(2, 1000, 8, 64, dtype, "cuda")
+@pytest.mark.parametrize("D", [64, 160])   # 160: the wide kernels (state in Dv blocks)
+def test_backward(dtype, norm, D):
+    q, k, v = bshd(2, 1000, 8, D, dtype, "cuda"), bshd(2, 1500, 4, D, dtype, "cuda"), bshd(2, 1500, 4, D, dtype, "cuda")
+    g = bshd(2, 1000, 8, D, dtype, "cuda")
     ts = [t.clone().requires_grad_() for t in (q, k, v)]
     dtk.linear_attention(*ts, normalize=norm).backward(g)
     r64 = [t.double().requires_grad_() for t in (q, k, v)]
@@ -169,3 +170,12 @@ def test_float64_is_cpu_only():
         dtk.memory_linear_attention(q, q, q, update_with=False)
     with pytest.raises(TypeError, match="memory_linear_attention_step: float64 is CPU-only"):
         dtk.memory_linear_attention(q, q, q)   # the default update: the fused op
+
+
+def test_head_dim_above_gpu_limit_is_rejected():
+    q = bshd(1, 64, 2, 264, torch.bfloat16, "cuda")
+    v = bshd(1, 64, 2, 64, torch.bfloat16, "cuda")
+    with pytest.raises(ValueError, match="head dims up to 256, got q head dim 264"):
+        dtk.linear_attention(q, q, v)
+    with pytest.raises(ValueError, match="head dims up to 256, got v head dim 300"):
+        dtk.linear_attention(v, v, bshd(1, 64, 2, 300, torch.bfloat16, "cuda"))

@@ -159,6 +159,18 @@ def _triton(op: str, *tensors):
     return tr
 
 
+# Head dims the GPU kernels take: their tiles span the padded head dim (a power of two), and
+# 256 is the largest whose tiles the compile tests fit in registers and shared memory.
+GPU_MAX_HEAD_DIM = 256
+
+
+def _gpu_head_dims(op: str, **dims):
+    for name, d in dims.items():
+        if d > GPU_MAX_HEAD_DIM:
+            raise ValueError(f"dtk.{op}: the GPU kernels take head dims up to {GPU_MAX_HEAD_DIM}, got {name} head dim "
+                             f"{d} (CPU tensors take any)")
+
+
 def _check_packings(op: str, cu_seqlens, cu_seqlens_k):
     """The raw op's packings, as far as no host sync is needed: the kernels index cu_seqlens_k by
     cu_seqlens' sequences, so without cu_seqlens, or with a cu_seqlens_k of another length, they
@@ -183,39 +195,46 @@ def _register_cuda():
     @torch.library.register_kernel(_LIB + "linear_attention", "cuda")
     def _la_cuda(q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k=None):
         tr = _triton("linear_attention", q)
+        _gpu_head_dims("linear_attention", q=q.shape[-1], v=v.shape[-1])
         _check_packings("linear_attention", cu_seqlens, cu_seqlens_k)
         return tr.linear_attention_triton(q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k)
 
     @torch.library.register_kernel(_LIB + "linear_attention_backward", "cuda")
     def _la_bwd_cuda(grad_out, q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k=None):
         tr = _triton("linear_attention_backward", q)
+        _gpu_head_dims("linear_attention_backward", q=q.shape[-1], v=v.shape[-1])
         _check_packings("linear_attention_backward", cu_seqlens, cu_seqlens_k)
         return tr.linear_attention_backward_triton(grad_out, q, k, v, feature_map, normalize, eps, scale, cu_seqlens,
                                                    cu_seqlens_k)
 
     @torch.library.register_kernel(_LIB + "linear_attention_state", "cuda")
     def _state_cuda(k, v, feature_map, cu_seqlens):
+        _gpu_head_dims("linear_attention_state", k=k.shape[-1], v=v.shape[-1])
         return _triton("linear_attention_state", k).linear_attention_state_triton(k, v, feature_map, cu_seqlens)
 
     @torch.library.register_kernel(_LIB + "linear_attention_apply", "cuda")
     def _apply_cuda(q, kv_sum, k_sum, count, feature_map, normalize, eps, scale, cu_seqlens):
         tr = _triton("linear_attention_apply", q, kv_sum)
+        _gpu_head_dims("linear_attention_apply", q=q.shape[-1], kv_sum=kv_sum.shape[-1])
         return tr.linear_attention_apply_triton(q, kv_sum, k_sum, count, feature_map, normalize, eps, scale,
                                                 cu_seqlens)
 
     @torch.library.register_kernel(_LIB + "memory_linear_attention", "cuda")
     def _mem_cuda(q, k, v, mem_kv, mem_z, decay):
         tr = _triton("memory_linear_attention", q, mem_kv)
+        _gpu_head_dims("memory_linear_attention", q=q.shape[-1], v=v.shape[-1])
         return tr.memory_linear_attention_triton(q, k, v, mem_kv, mem_z, decay)
 
     @torch.library.register_kernel(_LIB + "memory_linear_attention_update", "cuda")
     def _mem_upd_cuda(k, v, mem_kv, mem_z, decay):
         tr = _triton("memory_linear_attention_update", k, mem_kv)
+        _gpu_head_dims("memory_linear_attention_update", k=k.shape[-1], v=v.shape[-1])
         return tr.memory_linear_attention_update_triton(k, v, mem_kv, mem_z, decay)
 
     @torch.library.register_kernel(_LIB + "memory_linear_attention_step", "cuda")
     def _mem_step_cuda(q, k, v, mem_kv, mem_z, decay):
         tr = _triton("memory_linear_attention_step", q, mem_kv)
+        _gpu_head_dims("memory_linear_attention_step", q=q.shape[-1], v=v.shape[-1])
         return tr.memory_linear_attention_step_triton(q, k, v, mem_kv, mem_z, decay)
 
 

@@ -30,7 +30,9 @@ and the fp32 memory once instead of twice.
 
 Backward: ``_grad_q_kernel`` (dq and the partial reductions of dS, dz over query chunks) and
 ``_grad_kv_kernel`` (dk, dv from the reduced dS, dz), both streaming a chunk of rows against a
-state tile loaded once per program.
+state tile loaded once per program. Head dims whose whole D x Dv tiles would not fit on chip
+(above 128) take the wide kernels instead (``_grad_rows_kernel``, ``_grad_s_wide_kernel``,
+``_grad_feature_kernel`` and the apply kernel for dv), which read the states in Dv blocks.
 
 Launch configurations: ``launch_configs(kernel, D, Dv, dtype, gpu)`` lists every configuration
 (block sizes, num_warps, num_stages) a launcher may use; on a GPU the streaming kernels are
@@ -462,6 +464,214 @@ def _grad_kv_kernel(K, V, GS, GZ, DK, DV_, CU,
                           gS, gSt, gz, FM, NORMALIZE, LOWP, IEEE, True, EVEN_D, EVEN_DV, BLOCK_M, BLOCK_D, BLOCK_DV)
 
 
+# Head dims whose D x Dv tiles do not fit on chip (backward_whole_tiles is False). No program
+# holds a D x Dv tile, nor more than about one rows x BLOCK_D fp32 tile (more spills registers at
+# BLOCK_D = 256), so the q side takes three passes: _grad_rows_kernel finds each row's 1/den and
+# gd, _grad_s_wide_kernel reduces dS, dz one Dv block per program, _grad_feature_kernel streams
+# dq from g and S in Dv blocks; it then streams dk from v and dS, and dv = phi(k) dS is the apply
+# kernel's product (normalize off).
+
+
+@triton.jit
+def _grad_rows_step(qb, gb, wb, s0, end, sqs, sgs, sws, sl, offs_d, md, z, scale, eps, DV, NE,
+                    FM: tl.constexpr, HAS_SCALE: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
+                    MASK_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    offs_m = s0 + tl.arange(0, BLOCK_M)
+    mm = offs_m < end
+    q = _ld(qb + offs_m[:, None] * sqs + offs_d[None, :], mm, md, MASK_M, not EVEN_D)
+    qs = q.to(tl.float32)
+    if HAS_SCALE:
+        qs = qs * scale
+    fq = _phi(qs, FM)
+    rden = 1.0 / (tl.sum(fq * z[None, :], 1) + eps)
+    if LOWP:
+        fq_op = fq.to(q.dtype)
+    else:
+        fq_op = fq
+    gdot = tl.zeros((BLOCK_M,), tl.float32)   # g . (phi(q) S)
+    for e in range(0, NE):
+        offs_e = e * BLOCK_DV + tl.arange(0, BLOCK_DV)
+        me = offs_e < DV
+        g = _ld(gb + offs_m[:, None] * sgs + offs_e[None, :], mm, me, MASK_M, not EVEN_DV)
+        s = tl.load(sl + offs_d[:, None] * DV + offs_e[None, :], mask=md[:, None] & me[None, :], other=0.0)
+        num = _mm(fq_op, s, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), LOWP, IEEE)
+        gdot += tl.sum(g.to(tl.float32) * num, 1)
+    tl.store(wb + offs_m * sws, rden, mask=mm)
+    tl.store(wb + offs_m * sws + 1, -gdot * rden * rden, mask=mm)   # gd = -(g . o) / den
+
+
+@triton.jit
+def _grad_rows_kernel(Q, G, SL, KS, W, CU,
+                      sqb, sqs, sqh, sgb, sgs, sgh, swb, sws, swh,
+                      S, H, HKV, D, DV, NE, CHUNK, scale, eps,
+                      FM: tl.constexpr, VARLEN: tl.constexpr, HAS_SCALE: tl.constexpr, LOWP: tl.constexpr,
+                      IEEE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Normalised mode: each query row's 1/den and gd into W (B, S, H, 2), for one (sequence x
+    head, query chunk); SL is the state S (already / N, operand dtype), KS z."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // (H // HKV)
+    start, end = _chunk_range(CU, b, S, CHUNK, VARLEN)
+    if start < end:
+        qb = _seq_base(Q, b, h, sqb, sqh, VARLEN)
+        gb = _seq_base(G, b, h, sgb, sgh, VARLEN)
+        wb = _seq_base(W, b, h, swb, swh, VARLEN)
+        offs_d = tl.arange(0, BLOCK_D)
+        md = offs_d < D
+        st = (b.to(tl.int64) * HKV + hk) * D
+        sl = SL + st * DV
+        z = tl.load(KS + st + offs_d, mask=md, other=0.0)
+        n_full = (end - start) // BLOCK_M
+        for i in range(0, n_full):
+            _grad_rows_step(qb, gb, wb, start + i * BLOCK_M, end, sqs, sgs, sws, sl, offs_d, md, z, scale, eps, DV, NE,
+                            FM, HAS_SCALE, LOWP, IEEE, False, EVEN_D, EVEN_DV, BLOCK_M, BLOCK_DV)
+        tail = start + n_full * BLOCK_M
+        if tail < end:
+            _grad_rows_step(qb, gb, wb, tail, end, sqs, sgs, sws, sl, offs_d, md, z, scale, eps, DV, NE,
+                            FM, HAS_SCALE, LOWP, IEEE, True, EVEN_D, EVEN_DV, BLOCK_M, BLOCK_DV)
+
+
+@triton.jit
+def _grad_s_wide_step(qb, gb, wb, s0, end, sqs, sgs, sws, offs_d, offs_e, md, me, gS, gz, scale,
+                      FM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr, LOWP: tl.constexpr,
+                      IEEE: tl.constexpr, MASK_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
+    offs_m = s0 + tl.arange(0, BLOCK_M)
+    mm = offs_m < end
+    q = _ld(qb + offs_m[:, None] * sqs + offs_d[None, :], mm, md, MASK_M, not EVEN_D)
+    g = _ld(gb + offs_m[:, None] * sgs + offs_e[None, :], mm, me, MASK_M, not EVEN_DV)
+    qs = q.to(tl.float32)
+    if HAS_SCALE:
+        qs = qs * scale
+    fq = _phi(qs, FM)
+    ga = g.to(tl.float32)
+    if NORMALIZE:  # padded rows: g = 0 and gd = 0, so they add nothing
+        ga = ga * tl.load(wb + offs_m * sws, mask=mm, other=0.0)[:, None]
+        gz += tl.sum(fq * tl.load(wb + offs_m * sws + 1, mask=mm, other=0.0)[:, None], 0)
+    if LOWP:
+        gS = _mm(tl.trans(fq.to(q.dtype)), ga.to(g.dtype), gS, LOWP, IEEE)
+    else:
+        gS = _mm(tl.trans(fq), ga, gS, LOWP, IEEE)
+    return gS, gz
+
+
+@triton.jit
+def _grad_s_wide_kernel(Q, G, W, PGS, PGZ, CU,
+                        sqb, sqs, sqh, sgb, sgs, sgh, swb, sws, swh,
+                        S, NSEQ, H, D, DV, NE, CHUNK, scale,
+                        FM: tl.constexpr, VARLEN: tl.constexpr, NORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                        LOWP: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One program per (sequence x head x Dv block, query chunk): its chunk's partial
+    dS = sum_i phi(q_i)^T (g_i / den_i) for one Dv block (D x BLOCK_DV, not yet / N) and, in the
+    first Dv block, dz = sum_i phi(q_i) gd_i (1/den, gd from W); every chunk writes its own slot."""
+    pid = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_e = pid % NE
+    pid_bh = pid // NE
+    b = pid_bh // H
+    h = pid_bh % H
+    start, end = _chunk_range(CU, b, S, CHUNK, VARLEN)
+    qb = _seq_base(Q, b, h, sqb, sqh, VARLEN)
+    gb = _seq_base(G, b, h, sgb, sgh, VARLEN)
+    wb = _seq_base(W, b, h, swb, swh, VARLEN)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = pid_e * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    md = offs_d < D
+    me = offs_e < DV
+    gS = tl.zeros((BLOCK_D, BLOCK_DV), tl.float32)
+    gz = tl.zeros((BLOCK_D,), tl.float32)
+    n_full = tl.maximum(end - start, 0) // BLOCK_M
+    for i in range(0, n_full):
+        gS, gz = _grad_s_wide_step(qb, gb, wb, start + i * BLOCK_M, end, sqs, sgs, sws, offs_d, offs_e, md, me,
+                                   gS, gz, scale, FM, NORMALIZE, HAS_SCALE, LOWP, IEEE, False, EVEN_D, EVEN_DV,
+                                   BLOCK_M)
+    tail = start + n_full * BLOCK_M
+    if tail < end:
+        gS, gz = _grad_s_wide_step(qb, gb, wb, tail, end, sqs, sgs, sws, offs_d, offs_e, md, me,
+                                   gS, gz, scale, FM, NORMALIZE, HAS_SCALE, LOWP, IEEE, True, EVEN_D, EVEN_DV,
+                                   BLOCK_M)
+    slot = pid_c.to(tl.int64) * NSEQ * H + pid_bh
+    tl.store(PGS + (slot * D + offs_d[:, None]) * DV + offs_e[None, :], gS, mask=md[:, None] & me[None, :])
+    if pid_e == 0:
+        tl.store(PGZ + slot * D + offs_d, gz, mask=md)
+
+
+@triton.jit
+def _grad_feature_step(xb, yb, ob, wb, s0, end, sxs, sys_, sos, sws, tl_, offs_d, md, c, scale, DV, NE,
+                       FM: tl.constexpr, ROW_W: tl.constexpr, ADD_C: tl.constexpr, HAS_SCALE: tl.constexpr,
+                       LOWP: tl.constexpr, IEEE: tl.constexpr, MASK_M: tl.constexpr, EVEN_D: tl.constexpr,
+                       EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_DV: tl.constexpr):
+    offs_m = s0 + tl.arange(0, BLOCK_M)
+    mm = offs_m < end
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)   # x @ T^T
+    for e in range(0, NE):
+        offs_e = e * BLOCK_DV + tl.arange(0, BLOCK_DV)
+        me = offs_e < DV
+        x = _ld(xb + offs_m[:, None] * sxs + offs_e[None, :], mm, me, MASK_M, not EVEN_DV)
+        t = tl.load(tl_ + offs_d[:, None] * DV + offs_e[None, :], mask=md[:, None] & me[None, :], other=0.0)
+        if LOWP:
+            acc = _mm(x, tl.trans(t), acc, LOWP, IEEE)
+        else:
+            acc = _mm(x.to(tl.float32), tl.trans(t), acc, LOWP, IEEE)
+    if ROW_W:   # dq: (g @ S^T) / den + gd z
+        acc = acc * tl.load(wb + offs_m * sws, mask=mm, other=0.0)[:, None]
+        acc += tl.load(wb + offs_m * sws + 1, mask=mm, other=0.0)[:, None] * c[None, :]
+    elif ADD_C:  # dk: dS v + dz
+        acc += c[None, :]
+    y = _ld(yb + offs_m[:, None] * sys_ + offs_d[None, :], mm, md, MASK_M, not EVEN_D).to(tl.float32)
+    if HAS_SCALE:
+        y = y * scale
+    acc = acc * _dphi(y, FM)
+    if HAS_SCALE:
+        acc = acc * scale
+    _st(ob + offs_m[:, None] * sos + offs_d[None, :], acc.to(ob.dtype.element_ty), mm, md, MASK_M, not EVEN_D)
+
+
+@triton.jit
+def _grad_feature_kernel(X, Y, T, C, W, O, CU,
+                         sxb, sxs, sxh, syb, sys_, syh, sob, sos, soh, swb, sws, swh,
+                         S, H, HKV, D, DV, NE, CHUNK, scale,
+                         FM: tl.constexpr, VARLEN: tl.constexpr, ROW_W: tl.constexpr, ADD_C: tl.constexpr,
+                         HAS_SCALE: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+                         EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_DV: tl.constexpr):
+    """The gradient of the feature-mapped rows y (q or k) for one (sequence x head, row chunk):
+    o_i = phi'(y_i) (a_i x_i T^T + b_i c) with x the Dv-wide rows (g or v), T the state (S or dS,
+    D x Dv in the operand dtype, read in Dv blocks), c a D-vector (z or dz); a_i, b_i from W
+    (ROW_W: 1/den and gd) or 1 (ADD_C) or a_i = 1, b_i = 0. HAS_SCALE: y is scaled before phi and
+    the result by the same factor (dq)."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // (H // HKV)
+    start, end = _chunk_range(CU, b, S, CHUNK, VARLEN)
+    if start < end:
+        xb = _seq_base(X, b, h, sxb, sxh, VARLEN)
+        yb = _seq_base(Y, b, h, syb, syh, VARLEN)
+        ob = _seq_base(O, b, h, sob, soh, VARLEN)
+        wb = _seq_base(W, b, h, swb, swh, VARLEN)
+        offs_d = tl.arange(0, BLOCK_D)
+        md = offs_d < D
+        st = (b.to(tl.int64) * HKV + hk) * D
+        tl_ = T + st * DV
+        c = tl.load(C + st + offs_d, mask=md, other=0.0)
+        n_full = (end - start) // BLOCK_M
+        for i in range(0, n_full):
+            _grad_feature_step(xb, yb, ob, wb, start + i * BLOCK_M, end, sxs, sys_, sos, sws, tl_, offs_d, md, c,
+                               scale, DV, NE, FM, ROW_W, ADD_C, HAS_SCALE, LOWP, IEEE, False, EVEN_D, EVEN_DV,
+                               BLOCK_M, BLOCK_D, BLOCK_DV)
+        tail = start + n_full * BLOCK_M
+        if tail < end:
+            _grad_feature_step(xb, yb, ob, wb, tail, end, sxs, sys_, sos, sws, tl_, offs_d, md, c,
+                               scale, DV, NE, FM, ROW_W, ADD_C, HAS_SCALE, LOWP, IEEE, True, EVEN_D, EVEN_DV,
+                               BLOCK_M, BLOCK_D, BLOCK_DV)
+
+
 # --------------------------------------------------------------------------------------------- MEMO
 
 
@@ -625,12 +835,20 @@ _GPU_ROWS = {
               256: [(64, 8, 2), (64, 8, 3)]},
     "grad_q": {128: [(64, 8, 2), (64, 4, 2)]},
     "grad_kv": {128: [(64, 8, 2), (64, 4, 3)]},
+    # head dims above backward_whole_tiles': Dv streamed in blocks (64 rows: wgmma needs 64 per
+    # warpgroup)
+    "grad_rows": {128: [(64, 8, 2), (64, 4, 3)], 256: [(64, 8, 2), (64, 8, 3)]},
+    "grad_s_wide": {128: [(64, 8, 2), (64, 4, 3)], 256: [(64, 8, 2), (32, 8, 3)]},
+    "grad_feature": {128: [(64, 8, 2), (64, 4, 3)], 256: [(64, 8, 2), (64, 8, 3)]},
 }
 # The interpreter runs one fixed, small configuration.
-_INTERP_ROWS = {"state": 64, "apply": 64, "grad_q": 32, "grad_kv": 32}
-_ROW_NAME = {"state": "BLOCK_S", "apply": "BLOCK_M", "grad_q": "BLOCK_M", "grad_kv": "BLOCK_M"}
+_INTERP_ROWS = {"state": 64, "apply": 64, "grad_q": 32, "grad_kv": 32, "grad_rows": 32, "grad_s_wide": 32,
+                "grad_feature": 32}
+_ROW_NAME = {"state": "BLOCK_S", "apply": "BLOCK_M", "grad_q": "BLOCK_M", "grad_kv": "BLOCK_M",
+             "grad_rows": "BLOCK_M", "grad_s_wide": "BLOCK_M", "grad_feature": "BLOCK_M"}
 KERNELS = {"state": "_state_kernel", "apply": "_apply_kernel", "grad_q": "_grad_q_kernel",
-           "grad_kv": "_grad_kv_kernel", "memory": "_memory_kernel", "memory_update": "_memory_update_kernel",
+           "grad_kv": "_grad_kv_kernel", "grad_rows": "_grad_rows_kernel", "grad_s_wide": "_grad_s_wide_kernel",
+           "grad_feature": "_grad_feature_kernel", "memory": "_memory_kernel", "memory_update": "_memory_update_kernel",
            "memory_step": "_memory_step_kernel"}
 
 
@@ -653,9 +871,10 @@ APPLY_DEN_BY_DOT = True
 MEMO_STEP_VARIANTS = [(4, 4, 2), (8, 4, 2), (16, 4, 3), (4, 8, 2), (16, 8, 3)]
 
 
-def backward_supported(D: int, Dv: int) -> bool:
-    """Whether the Triton backward runs (whole D x Dv tiles on chip); above, a torch fallback."""
-    return _next_pow2(D) * _next_pow2(Dv) <= 128 * 128
+def backward_whole_tiles(D: int, Dv: int) -> bool:
+    """Whether the backward holds whole D x Dv tiles on chip (grad_q, grad_kv: q and g read once);
+    above, the state streams in Dv blocks (grad_rows, grad_s_wide, grad_feature, and apply for dv)."""
+    return _next_pow2(D) <= 128 and _next_pow2(Dv) <= 128
 
 
 def launch_configs(kernel: str, D: int, Dv: int, dtype: torch.dtype = torch.bfloat16, gpu: bool = True,
@@ -676,9 +895,13 @@ def launch_configs(kernel: str, D: int, Dv: int, dtype: torch.dtype = torch.bflo
     if kernel in ("state", "apply"):
         BLOCK_DV = min(_next_pow2(Dv), 64 if BLOCK_D > 128 else 128)
     elif kernel in ("grad_q", "grad_kv"):
-        if not backward_supported(D, Dv):
+        if not backward_whole_tiles(D, Dv):
             return []
         BLOCK_DV = _next_pow2(Dv)
+    elif kernel in ("grad_rows", "grad_s_wide", "grad_feature"):
+        if backward_whole_tiles(D, Dv):
+            return []
+        BLOCK_DV = min(_next_pow2(Dv), 64 if BLOCK_D > 128 else 128)
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
     rows = _ROW_NAME[kernel]
@@ -840,8 +1063,8 @@ def linear_attention_backward_triton(grad_out, q, k, v, feature_map="elu1", norm
     B, Sq, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     cu_seqlens_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
-    if not backward_supported(D, Dv):  # whole D x Dv tiles would not fit on chip
-        return _backward_torch(g, q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k)
+    if not backward_whole_tiles(D, Dv):
+        return _backward_wide(g, q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k)
     # grad_q streams q's rows (cu_seqlens), grad_kv k's rows (cu_seqlens_k); both index the same
     # sequences, so the state and the reduced dS, dz are per sequence on either side.
     kv_sum, k_sum, count = linear_attention_state_triton(k, v, feature_map, cu_seqlens_k)
@@ -881,15 +1104,73 @@ def linear_attention_backward_triton(grad_out, q, k, v, feature_map="elu1", norm
     return dq, dk, dv
 
 
-def _backward_torch(g, q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k):
-    """fp32 PyTorch backward (recomputes the forward under autograd), used for head dims above 128."""
-    from .reference import linear_attention_reference
-    with torch.enable_grad():
-        ts = [t.detach().float().requires_grad_() for t in (q, k, v)]
-        out = linear_attention_reference(*ts, feature_map=feature_map, normalize=normalize, eps=eps, scale=scale,
-                                         cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k)
-        grads = torch.autograd.grad(out, ts, g.float())
-    return tuple(gr.to(t.dtype) for gr, t in zip(grads, (q, k, v)))
+def _backward_wide(g, q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k):
+    """The backward for head dims above backward_whole_tiles': each row's 1/den, gd, the q-side
+    reduction of dS, dz, then dq, dk (_grad_feature_kernel) and dv (the apply kernel), with the
+    D x Dv states read in Dv blocks."""
+    B, Sq, H, D = q.shape
+    Hkv, Dv = k.shape[2], v.shape[3]
+    kv_sum, k_sum, count = linear_attention_state_triton(k, v, feature_map, cu_seqlens_k)
+    nseq, max_len, cu = _seqs(q, cu_seqlens)
+    lowp, ieee = _flags(q.dtype)
+    op_dtype = q.dtype if lowp else torch.float32
+    gpu = q.device.type == "cuda"
+    fm = _FM[feature_map]
+    varlen = cu_seqlens is not None
+    # S = kv_sum / N and z = k_sum / N (normalised), S rounded once to the dot operand dtype
+    inv_n = 1.0 / count.clamp(min=1).to(torch.float32) if normalize else torch.ones_like(count, dtype=torch.float32)
+    sl = (kv_sum * inv_n[:, None, None, None]).to(op_dtype).contiguous()
+    z = (k_sum * inv_n[:, None, None]).contiguous()
+    flags = dict(FM=fm, VARLEN=varlen, LOWP=lowp, IEEE=ieee)
+    scale_f = 1.0 if scale is None else float(scale)
+    key = ["D", "DV", "FM", "VARLEN"]
+
+    w = torch.empty(B, Sq, H, 2, dtype=torch.float32, device=q.device)   # per row: 1 / den, gd
+    if normalize and nseq * H > 0 and max_len > 0:
+        cr = launch_configs("grad_rows", D, Dv, q.dtype, gpu)
+        n_chunks, chunk = _chunking(max_len, nseq * H, q.device)
+        _launch("grad_rows", _grad_rows_kernel, (nseq * H, n_chunks),
+                [q, g, sl, z, w, cu, *q.stride()[:3], *g.stride()[:3], *w.stride()[:3],
+                 Sq, H, Hkv, D, Dv, triton.cdiv(Dv, cr[0]["BLOCK_DV"]), chunk, scale_f, float(eps)],
+                dict(flags, HAS_SCALE=scale is not None, **even_flags(D, Dv, cr[0])), cr, key)
+    cs = launch_configs("grad_s_wide", D, Dv, q.dtype, gpu)
+    n_e = triton.cdiv(Dv, cs[0]["BLOCK_DV"])
+    n_chunks, chunk = _chunking(max_len, nseq * H * n_e, q.device)
+    pgs = torch.empty(n_chunks, nseq, H, D, Dv, dtype=torch.float32, device=q.device)
+    pgz = torch.empty(n_chunks, nseq, H, D, dtype=torch.float32, device=q.device)
+    if nseq * H > 0:
+        _launch("grad_s_wide", _grad_s_wide_kernel, (nseq * H * n_e, n_chunks),
+                [q, g, w, pgs, pgz, cu, *q.stride()[:3], *g.stride()[:3], *w.stride()[:3],
+                 Sq, nseq, H, D, Dv, n_e, chunk, scale_f],
+                dict(flags, NORMALIZE=bool(normalize), HAS_SCALE=scale is not None, **even_flags(D, Dv, cs[0])),
+                cs, key + ["NORMALIZE"])
+    groups = H // max(Hkv, 1)
+    gs = pgs.sum(0).view(nseq, Hkv, groups, D, Dv).sum(2) * inv_n[:, None, None, None]
+    gz = (pgz.sum(0).view(nseq, Hkv, groups, D).sum(2) * inv_n[:, None, None]).contiguous()
+
+    cf = launch_configs("grad_feature", D, Dv, q.dtype, gpu)
+    n_e = triton.cdiv(Dv, cf[0]["BLOCK_DV"])
+    feature = dict(flags, **even_flags(D, Dv, cf[0]))
+    dq = _new_output(q.shape, like=q)
+    n_chunks, chunk = _chunking(max_len, nseq * H, q.device)
+    if nseq * H > 0 and max_len > 0:
+        _launch("grad_feature", _grad_feature_kernel, (nseq * H, n_chunks),
+                [g, q, sl, z, w, dq, cu, *g.stride()[:3], *q.stride()[:3], *dq.stride()[:3], *w.stride()[:3],
+                 Sq, H, Hkv, D, Dv, n_e, chunk, scale_f],
+                dict(feature, ROW_W=bool(normalize), ADD_C=False, HAS_SCALE=scale is not None),
+                cf, key + ["ROW_W", "ADD_C", "HAS_SCALE"])
+    dk = _new_output(k.shape, like=k)
+    _, max_len_k, cu_k = _seqs(k, cu_seqlens_k)
+    n_chunks_k, chunk_k = _chunking(max_len_k, nseq * Hkv, k.device)
+    if nseq * Hkv > 0 and max_len_k > 0:
+        _launch("grad_feature", _grad_feature_kernel, (nseq * Hkv, n_chunks_k),
+                [v, k, gs.to(op_dtype).contiguous(), gz, k, dk, cu_k, *v.stride()[:3], *k.stride()[:3],
+                 *dk.stride()[:3], 0, 0, 0, k.shape[1], Hkv, Hkv, D, Dv, n_e, chunk_k, 1.0],
+                dict(feature, ROW_W=False, ADD_C=bool(normalize), HAS_SCALE=False),
+                cf, key + ["ROW_W", "ADD_C", "HAS_SCALE"])
+    # dv_j = dS^T phi(k_j): the apply kernel's product, with dS as the state
+    dv = linear_attention_apply_triton(k, gs, gz, count, feature_map, False, eps, None, cu_seqlens_k)
+    return dq, dk, dv
 
 
 def _memo_args(mem_kv, mem_z, placeholder):

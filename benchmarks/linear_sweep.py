@@ -4,8 +4,9 @@ where the forward's time goes, not part of the suite (its numbers do not go to R
 For each linear-attention shape it times, with autotuning off: the state kernel (reads k, v) and
 the apply kernel (reads q, writes o) alone at every configuration their launchers may choose, both
 ways each can reduce (``STATE_KS_BY_DOT``, ``APPLY_DEN_BY_DOT``), the whole op as shipped (autotuned) at 2, 4
-and 8 programs per SM (``PROGRAMS_PER_SM``), and a device copy of the same bytes (the bandwidth
-floor). Each variant's output is compared with the default variant's (a miscompiled configuration
+and 8 programs per SM (``PROGRAMS_PER_SM``), the backward with whole-tile kernels against the wide
+ones (``backward_whole_tiles``), and a device copy of the same bytes (the bandwidth floor). Each
+variant's output is compared with the default variant's (a miscompiled configuration
 shows as a large difference); GB/s count the minimum traffic (each input read once, the output
 written once). For MEMO's clip step it times the default launch against ``MEMO_STEP_VARIANTS``
 (several clips per program).
@@ -113,6 +114,21 @@ def sweep(shape, out: list, device="cuda", dtype=torch.bfloat16):
                    out_ref)
     finally:
         lt.PROGRAMS_PER_SM = default_split
+    # the backward: whole D x Dv tiles (one q-side pass; at D = 128 its sm_90a build spills inside
+    # the loop) against the wide kernels (three q-side passes, Dv blocks, no spills), when both serve
+    if lt.backward_whole_tiles(shape.D, shape.D):
+        g = torch.randn_like(q)
+
+        def backward():
+            return torch.cat([x.flatten() for x in lt.linear_attention_backward_triton(g, q, k, v)])
+        # traffic: q k v g read, dq dk dv written, once each
+        ref = record("backward whole tiles", backward, 4 * half)
+        whole = lt.backward_whole_tiles
+        lt.backward_whole_tiles = lambda D, Dv: False
+        try:
+            record("backward wide kernels", backward, 4 * half, ref)
+        finally:
+            lt.backward_whole_tiles = whole
     out.extend(rows)
 
 

@@ -38,6 +38,9 @@ def test_sweep_runs_every_variant_checked(monkeypatch):
     linear_sweep.sweep(LinearShape("tiny", 1, 200, 2, 16), rows, device="cpu", dtype=torch.float32)
     assert (lt.STATE_KS_BY_DOT, lt.APPLY_DEN_BY_DOT, lt.PROGRAMS_PER_SM) == before
     assert len([r for r in rows if "PROGRAMS_PER_SM" in r["variant"]]) == 3
+    wide = [r for r in rows if r["variant"] == "backward wide kernels"]
+    assert len(wide) == 1 and wide[0]["max_diff_vs_default"] < 1e-4
+    assert lt.backward_whole_tiles(16, 16)   # restored
     assert all("error" not in r for r in rows), [r for r in rows if "error" in r]
     for kernel, flag in (("state", "STATE_KS_BY_DOT"), ("apply", "APPLY_DEN_BY_DOT")):
         n = len(lt.launch_configs(kernel, 16, 16, torch.float32))

@@ -313,6 +313,8 @@ def _grad_q_step(qb, gb, db, s0, end, sqs, sgs, sds, offs_d, offs_e, md, me, kv,
                  FM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr, LOWP: tl.constexpr,
                  IEEE: tl.constexpr, MASK_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    # Few fp32 rows x D tiles live at once (with the D x Dv dS accumulator they spilled at D = 128):
+    # phi(q) in fp32 only until 1/den, phi'(q) recomputed from q at the end, dz as a small dot.
     offs_m = s0 + tl.arange(0, BLOCK_M)
     mm = offs_m < end
     q = _ld(qb + offs_m[:, None] * sqs + offs_d[None, :], mm, md, MASK_M, not EVEN_D)
@@ -321,14 +323,14 @@ def _grad_q_step(qb, gb, db, s0, end, sqs, sgs, sds, offs_d, offs_e, md, me, kv,
     if HAS_SCALE:
         qs = qs * scale
     fq = _phi(qs, FM)  # padded rows have g = 0, so they add nothing below
-    g32 = g.to(tl.float32)
     if LOWP:
         fq_op = fq.to(q.dtype)
     else:
         fq_op = fq
+    g32 = g.to(tl.float32)
     if NORMALIZE:
-        num = _mm(fq_op, kv, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), LOWP, IEEE)
         rden = 1.0 / (tl.sum(fq * z[None, :], 1) + eps)
+        num = _mm(fq_op, kv, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), LOWP, IEEE)
         ga = g32 * rden[:, None]
         gd = -tl.sum(g32 * num, 1) * rden * rden  # -(g . o) / den
     else:
@@ -340,8 +342,20 @@ def _grad_q_step(qb, gb, db, s0, end, sqs, sgs, sds, offs_d, offs_e, md, me, kv,
     gfq = _mm(ga_op, kvt, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), LOWP, IEEE)
     if NORMALIZE:
         gfq += gd[:, None] * z[None, :]
-        gz += tl.sum(fq * gd[:, None], 0)
-    dq = gfq * _dphi(qs, FM)
+        # dz += phi(q)^T gd as a (D x 16) dot sharing dS's operand: gd in column 0 (16-bit
+        # operands: hi in column 0, lo in column 1, ~fp32 accuracy)
+        col = tl.arange(0, 16)[None, :]
+        if LOWP:
+            gd_hi = gd.to(g.dtype)
+            gd_lo = (gd - gd_hi.to(tl.float32)).to(g.dtype)
+            gdm = tl.where(col == 0, gd_hi[:, None], tl.where(col == 1, gd_lo[:, None], 0.0)).to(g.dtype)
+        else:
+            gdm = tl.where(col == 0, gd[:, None], 0.0)
+        gz = _mm(tl.trans(fq_op), gdm, gz, LOWP, IEEE)
+    x = q.to(tl.float32)
+    if HAS_SCALE:
+        x = x * scale
+    dq = gfq * _dphi(x, FM)
     if HAS_SCALE:
         dq = dq * scale
     _st(db + offs_m[:, None] * sds + offs_d[None, :], dq.to(db.dtype.element_ty), mm, md, MASK_M, not EVEN_D)
@@ -384,7 +398,7 @@ def _grad_q_kernel(Q, G, KV, KS, CNT, DQ, PGS, PGZ, CU,
         kv = kv.to(Q.dtype.element_ty)
     kvt = tl.trans(kv)
     gS = tl.zeros((BLOCK_D, BLOCK_DV), tl.float32)
-    gz = tl.zeros((BLOCK_D,), tl.float32)
+    gz = tl.zeros((BLOCK_D, 16), tl.float32)   # dz in column sums (see _grad_q_step)
     for i in range(0, n_full):
         gS, gz = _grad_q_step(qb, gb, db, start + i * BLOCK_M, end, sqs, sgs, sds, offs_d, offs_e, md, me, kv, kvt,
                               z, gS, gz, scale, eps, FM, NORMALIZE, HAS_SCALE, LOWP, IEEE, False, EVEN_D, EVEN_DV,
@@ -395,6 +409,7 @@ def _grad_q_kernel(Q, G, KV, KS, CNT, DQ, PGS, PGZ, CU,
                               z, gS, gz, scale, eps, FM, NORMALIZE, HAS_SCALE, LOWP, IEEE, True, EVEN_D, EVEN_DV,
                               BLOCK_M, BLOCK_D, BLOCK_DV)
     slot = pid_c.to(tl.int64) * NSEQ * H + pid_bh
+    gz = tl.sum(gz, 1)
     if NORMALIZE:
         gS = gS * inv_n
         gz = gz * inv_n

@@ -384,3 +384,12 @@ def test_cu_seqlens_k_bad_inputs_name_it():
     # different totals without cu_seqlens_k: the shared packing cannot fit, the message says what to pass
     _raises("pass cu_seqlens_k", lambda: la(q, k, v, cu_seqlens=cu))
     _raises("pass cu_seqlens_k", lambda: op(q, k, v, "elu1", True, 1e-4, None, cu))
+
+
+def test_gpu_entry_check_names_the_oversized_head_dim():
+    """The check every CUDA kernel of the family runs first (its GPU test: test_triton_gpu.py)."""
+    from dtk.ops.linear._register import GPU_MAX_HEAD_DIM, _triton
+    q = torch.zeros(1, 2, 1, 8)
+    assert _triton("linear_attention", q, q=GPU_MAX_HEAD_DIM, v=GPU_MAX_HEAD_DIM) is not None
+    with pytest.raises(ValueError, match=r"dtk.linear_attention: .*head dims up to 256, got v head dim 257"):
+        _triton("linear_attention", q, q=64, v=257)

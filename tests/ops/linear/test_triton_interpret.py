@@ -26,6 +26,13 @@ def _atol(dtype):
     return 1e-4 if dtype == torch.float32 else 2e-3
 
 
+def _check_grads(got, rs, dtype):
+    """Each of got (dq, dk, dv) against the float64 autograd gradient of rs."""
+    for name, a, r in zip("qkv", got, rs):
+        tol = (1e-4 if dtype == torch.float32 else 4e-3) * (1 + r.grad.abs().max().item())
+        assert max_err(a, r.grad) < tol, name
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D,Dv,H,Hkv", [(40, 40, 2, 1), (64, 32, 2, 2), (80, 80, 4, 2), (160, 24, 1, 1)])
 def test_forward(dtype, D, Dv, H, Hkv):
@@ -87,9 +94,7 @@ def test_backward(dtype, norm):
     dq, dk, dv = tr.linear_attention_backward_triton(g, q, k, v, "elu1", norm, 1e-4, 0.5)
     rs = [t.double().requires_grad_() for t in (q, k, v)]
     linear_attention_reference(*rs, normalize=norm, scale=0.5).backward(g.double())
-    for name, a, r in zip("qkv", (dq, dk, dv), rs):
-        tol = (1e-4 if dtype == torch.float32 else 4e-3) * (1 + r.grad.abs().max().item())
-        assert max_err(a, r.grad) < tol, name
+    _check_grads((dq, dk, dv), rs, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -101,9 +106,7 @@ def test_backward_packed_sequences(dtype):
     dq, dk, dv = tr.linear_attention_backward_triton(g, q, k, v, "elu1", True, 1e-4, 0.5, cu_seqlens=cu)
     rs = [t.double().requires_grad_() for t in (q, k, v)]
     linear_attention_reference(*rs, scale=0.5, cu_seqlens=cu).backward(g.double())
-    for name, a, r in zip("qkv", (dq, dk, dv), rs):
-        tol = (1e-4 if dtype == torch.float32 else 4e-3) * (1 + r.grad.abs().max().item())
-        assert max_err(a, r.grad) < tol, name
+    _check_grads((dq, dk, dv), rs, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -145,9 +148,7 @@ def test_backward_cu_seqlens_k(dtype, norm):
     dq, dk, dv = tr.linear_attention_backward_triton(g, q, k, v, "elu1", norm, 1e-4, 0.5, cu, cu_k)
     rs = [t.double().requires_grad_() for t in (q, k, v)]
     linear_attention_reference(*rs, normalize=norm, scale=0.5, cu_seqlens=cu, cu_seqlens_k=cu_k).backward(g.double())
-    for name, a, r in zip("qkv", (dq, dk, dv), rs):
-        tol = (1e-4 if dtype == torch.float32 else 4e-3) * (1 + r.grad.abs().max().item())
-        assert max_err(a, r.grad) < tol, name
+    _check_grads((dq, dk, dv), rs, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -196,12 +197,6 @@ def test_memory_step_several_clips_per_program(clips, monkeypatch):
     got = tr.memory_linear_attention_step_triton(q, k, v, *mem, 0.9)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
-
-
-def _check_grads(got, rs, dtype):
-    for name, a, r in zip("qkv", got, rs):
-        tol = (1e-4 if dtype == torch.float32 else 4e-3) * (1 + r.grad.abs().max().item())
-        assert max_err(a, r.grad) < tol, name
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -148,27 +148,25 @@ torch.library.register_autograd(_LIB + "memory_linear_attention_step", _mem_step
 
 # ------------------------------------------------------------------------------------ CUDA (Triton)
 
-def _triton(op: str, *tensors):
-    """The Triton module, after rejecting float64 (its kernels accumulate in float32, so float64
-    inputs would silently lose precision and get float32 states, unlike the fakes' float64)."""
-    for t in tensors:
-        if t is not None and t.dtype == torch.float64:
-            raise TypeError(f"dtk.{op}: float64 is CPU-only (the GPU kernels accumulate in float32); use float16, "
-                            "bfloat16 or float32 on CUDA")
-    from . import triton as tr
-    return tr
-
-
 # Head dims the GPU kernels take: their tiles span the padded head dim (a power of two), and
 # 256 is the largest whose tiles the compile tests fit in registers and shared memory.
 GPU_MAX_HEAD_DIM = 256
 
 
-def _gpu_head_dims(op: str, **dims):
-    for name, d in dims.items():
+def _triton(op: str, *tensors, **head_dims):
+    """The Triton module, after rejecting float64 (its kernels accumulate in float32, so float64
+    inputs would silently lose precision and get float32 states, unlike the fakes' float64) and
+    head dims (`head_dims`: argument name -> head dim) above GPU_MAX_HEAD_DIM."""
+    for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            raise TypeError(f"dtk.{op}: float64 is CPU-only (the GPU kernels accumulate in float32); use float16, "
+                            "bfloat16 or float32 on CUDA")
+    for name, d in head_dims.items():
         if d > GPU_MAX_HEAD_DIM:
             raise ValueError(f"dtk.{op}: the GPU kernels take head dims up to {GPU_MAX_HEAD_DIM}, got {name} head dim "
                              f"{d} (CPU tensors take any)")
+    from . import triton as tr
+    return tr
 
 
 def _check_packings(op: str, cu_seqlens, cu_seqlens_k):
@@ -194,47 +192,41 @@ def _register_cuda():
 
     @torch.library.register_kernel(_LIB + "linear_attention", "cuda")
     def _la_cuda(q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k=None):
-        tr = _triton("linear_attention", q)
-        _gpu_head_dims("linear_attention", q=q.shape[-1], v=v.shape[-1])
+        tr = _triton("linear_attention", q, q=q.shape[-1], v=v.shape[-1])
         _check_packings("linear_attention", cu_seqlens, cu_seqlens_k)
         return tr.linear_attention_triton(q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k)
 
     @torch.library.register_kernel(_LIB + "linear_attention_backward", "cuda")
     def _la_bwd_cuda(grad_out, q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k=None):
-        tr = _triton("linear_attention_backward", q)
-        _gpu_head_dims("linear_attention_backward", q=q.shape[-1], v=v.shape[-1])
+        tr = _triton("linear_attention_backward", q, q=q.shape[-1], v=v.shape[-1])
         _check_packings("linear_attention_backward", cu_seqlens, cu_seqlens_k)
         return tr.linear_attention_backward_triton(grad_out, q, k, v, feature_map, normalize, eps, scale, cu_seqlens,
                                                    cu_seqlens_k)
 
     @torch.library.register_kernel(_LIB + "linear_attention_state", "cuda")
     def _state_cuda(k, v, feature_map, cu_seqlens):
-        _gpu_head_dims("linear_attention_state", k=k.shape[-1], v=v.shape[-1])
-        return _triton("linear_attention_state", k).linear_attention_state_triton(k, v, feature_map, cu_seqlens)
+        tr = _triton("linear_attention_state", k, k=k.shape[-1], v=v.shape[-1])
+        return tr.linear_attention_state_triton(k, v, feature_map, cu_seqlens)
 
     @torch.library.register_kernel(_LIB + "linear_attention_apply", "cuda")
     def _apply_cuda(q, kv_sum, k_sum, count, feature_map, normalize, eps, scale, cu_seqlens):
-        tr = _triton("linear_attention_apply", q, kv_sum)
-        _gpu_head_dims("linear_attention_apply", q=q.shape[-1], kv_sum=kv_sum.shape[-1])
+        tr = _triton("linear_attention_apply", q, kv_sum, q=q.shape[-1], kv_sum=kv_sum.shape[-1])
         return tr.linear_attention_apply_triton(q, kv_sum, k_sum, count, feature_map, normalize, eps, scale,
                                                 cu_seqlens)
 
     @torch.library.register_kernel(_LIB + "memory_linear_attention", "cuda")
     def _mem_cuda(q, k, v, mem_kv, mem_z, decay):
-        tr = _triton("memory_linear_attention", q, mem_kv)
-        _gpu_head_dims("memory_linear_attention", q=q.shape[-1], v=v.shape[-1])
+        tr = _triton("memory_linear_attention", q, mem_kv, q=q.shape[-1], v=v.shape[-1])
         return tr.memory_linear_attention_triton(q, k, v, mem_kv, mem_z, decay)
 
     @torch.library.register_kernel(_LIB + "memory_linear_attention_update", "cuda")
     def _mem_upd_cuda(k, v, mem_kv, mem_z, decay):
-        tr = _triton("memory_linear_attention_update", k, mem_kv)
-        _gpu_head_dims("memory_linear_attention_update", k=k.shape[-1], v=v.shape[-1])
+        tr = _triton("memory_linear_attention_update", k, mem_kv, k=k.shape[-1], v=v.shape[-1])
         return tr.memory_linear_attention_update_triton(k, v, mem_kv, mem_z, decay)
 
     @torch.library.register_kernel(_LIB + "memory_linear_attention_step", "cuda")
     def _mem_step_cuda(q, k, v, mem_kv, mem_z, decay):
-        tr = _triton("memory_linear_attention_step", q, mem_kv)
-        _gpu_head_dims("memory_linear_attention_step", q=q.shape[-1], v=v.shape[-1])
+        tr = _triton("memory_linear_attention_step", q, mem_kv, q=q.shape[-1], v=v.shape[-1])
         return tr.memory_linear_attention_step_triton(q, k, v, mem_kv, mem_z, decay)
 
 

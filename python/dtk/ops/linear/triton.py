@@ -97,6 +97,20 @@ def _mm(a, b, acc, LOWP: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _dot_columns(x, dtype, LOWP: tl.constexpr):
+    """An fp32 vector x as the columns of a (len(x), 16) dot operand whose row sums are x: for
+    16-bit operands (LOWP) x = hi + lo in columns 0 and 1 (~16 mantissa bits), else x in column 0;
+    the other columns are zero."""
+    col = tl.arange(0, 16)[None, :]
+    if LOWP:
+        hi = x.to(dtype)
+        lo = (x - hi.to(tl.float32)).to(dtype)
+        return tl.where(col == 0, hi[:, None], tl.where(col == 1, lo[:, None], 0.0)).to(dtype)
+    else:
+        return tl.where(col == 0, x[:, None], 0.0)
+
+
+@triton.jit
 def _ld(ptrs, rmask, cmask, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
     """2-D load with only the masks that can be false (other = 0)."""
     if MASK_R:
@@ -286,16 +300,8 @@ def _apply_kernel(Q, KV, KS, CNT, O, CU,
             z = z * inv_n
         if LOWP:
             kv = kv.to(Q.dtype.element_ty)  # rounded once per program
-        if DEN_DOT:
-            # z as the columns of a (BLOCK_D, 16) dot operand: for 16-bit operands z = hi + lo (two
-            # columns, ~16 mantissa bits), else z itself; the other columns are zero
-            col = tl.arange(0, 16)[None, :]
-            if LOWP:
-                z_hi = z.to(Q.dtype.element_ty)
-                z_lo = (z - z_hi.to(tl.float32)).to(Q.dtype.element_ty)
-                z = tl.where(col == 0, z_hi[:, None], tl.where(col == 1, z_lo[:, None], 0.0)).to(Q.dtype.element_ty)
-            else:
-                z = tl.where(col == 0, z[:, None], 0.0)
+        if DEN_DOT:  # z as a (BLOCK_D, 16) dot operand
+            z = _dot_columns(z, Q.dtype.element_ty, LOWP)
         n_full = (end - start) // BLOCK_M
         for i in range(0, n_full):
             _apply_step(qb, ob, start + i * BLOCK_M, end, sqs, sos, offs_d, offs_e, md, me, kv, z, scale, eps,
@@ -342,16 +348,8 @@ def _grad_q_step(qb, gb, db, s0, end, sqs, sgs, sds, offs_d, offs_e, md, me, kv,
     gfq = _mm(ga_op, kvt, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), LOWP, IEEE)
     if NORMALIZE:
         gfq += gd[:, None] * z[None, :]
-        # dz += phi(q)^T gd as a (D x 16) dot sharing dS's operand: gd in column 0 (16-bit
-        # operands: hi in column 0, lo in column 1, ~fp32 accuracy)
-        col = tl.arange(0, 16)[None, :]
-        if LOWP:
-            gd_hi = gd.to(g.dtype)
-            gd_lo = (gd - gd_hi.to(tl.float32)).to(g.dtype)
-            gdm = tl.where(col == 0, gd_hi[:, None], tl.where(col == 1, gd_lo[:, None], 0.0)).to(g.dtype)
-        else:
-            gdm = tl.where(col == 0, gd[:, None], 0.0)
-        gz = _mm(tl.trans(fq_op), gdm, gz, LOWP, IEEE)
+        # dz += phi(q)^T gd as a (D x 16) dot sharing dS's operand
+        gz = _mm(tl.trans(fq_op), _dot_columns(gd, g.dtype, LOWP), gz, LOWP, IEEE)
     x = q.to(tl.float32)
     if HAS_SCALE:
         x = x * scale
@@ -1179,7 +1177,7 @@ def _backward_wide(g, q, k, v, feature_map, normalize, eps, scale, cu_seqlens, c
     n_chunks_k, chunk_k = _chunking(max_len_k, nseq * Hkv, k.device)
     if nseq * Hkv > 0 and max_len_k > 0:
         _launch("grad_feature", _grad_feature_kernel, (nseq * Hkv, n_chunks_k),
-                [v, k, gs.to(op_dtype).contiguous(), gz, k, dk, cu_k, *v.stride()[:3], *k.stride()[:3],
+                [v, k, gs.to(op_dtype).contiguous(), gz, k, dk, cu_k, *v.stride()[:3], *k.stride()[:3],   # (W: unread)
                  *dk.stride()[:3], 0, 0, 0, k.shape[1], Hkv, Hkv, D, Dv, n_e, chunk_k, 1.0],
                 dict(feature, ROW_W=False, ADD_C=bool(normalize), HAS_SCALE=False),
                 cf, key + ["ROW_W", "ADD_C", "HAS_SCALE"])

@@ -3,6 +3,7 @@
     python -m benchmarks.results_md bench.json                         # to stdout
     python -m benchmarks.results_md bench.json -o benchmarks/RESULTS.md
     python -m benchmarks.results_md ops.json e2e.json -o benchmarks/RESULTS.md   # runs in turn
+    python -m benchmarks.results_md ops.json --log sweeps.log -o ...    # plus a sweep's text output
 """
 from __future__ import annotations
 
@@ -46,18 +47,24 @@ def render(data: Dict) -> str:
     return render_runs([data])
 
 
-def render_runs(runs: List[Dict], sources: Optional[List[str]] = None) -> str:
+def render_runs(runs: List[Dict], sources: Optional[List[str]] = None, logs: Optional[List[str]] = None) -> str:
     """The page for one or more runs (e.g. the op families and the end-to-end models, measured by
     two commands), each with its own card / versions / command / floors header; `sources`: the
-    JSON files they were read from, named at the end."""
+    JSON files they were read from, named at the end; `logs`: text outputs of the launch-config
+    sweeps (benchmarks.window_sweep / linear_sweep, whose first line names card and versions),
+    shown verbatim after the runs."""
     out: List[str] = [HEADER, "", "# dtk benchmark results", ""]
     for i, data in enumerate(runs):
         if len(runs) > 1:
             ops = ", ".join(dict.fromkeys(r["op"] for r in data.get("rows", [])))
             out += [f"# Run {i + 1} of {len(runs)}: {ops}", ""]
         out += _render_run(data)
+    for path in logs or []:
+        with open(path) as f:
+            out += [f"# Launch-config sweep: `{os.path.relpath(path)}`", "", "```", f.read().rstrip("\n"), "```", ""]
     if sources:
-        out += ["", "Generated from " + ", ".join(f"`{os.path.relpath(j)}`" for j in sources) + ".", ""]
+        out += ["", "Generated from " + ", ".join(f"`{os.path.relpath(j)}`" for j in sources + (logs or [])) + ".",
+                ""]
     return "\n".join(out)
 
 
@@ -121,6 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("json", nargs="*", help="python -m benchmarks --json files (runs, in this order)")
     p.add_argument("--placeholder", metavar="REASON", help="write the 'no result yet' page instead")
     p.add_argument("-o", "--output", help="write here (e.g. benchmarks/RESULTS.md) instead of stdout")
+    p.add_argument("--log", action="append", default=[], metavar="TXT",
+                   help="a launch-config sweep's text output to include verbatim (repeatable)")
     p.add_argument("--plot", metavar="PNG", help="also draw the runs' plot (as `python -m benchmarks --plot`)")
     a = p.parse_args(argv)
     if a.placeholder:
@@ -128,7 +137,7 @@ def main(argv=None) -> int:
     elif a.json:
         from .cli import load_json, plot
         runs = [load_json(j) for j in a.json]
-        text = render_runs(runs, sources=a.json)
+        text = render_runs(runs, sources=a.json, logs=a.log)
         if a.plot:   # one figure: the rows of every run
             plot(dict(runs[0], rows=[r for d in runs for r in d.get("rows", [])]), a.plot)
     else:

@@ -54,14 +54,20 @@ at::ScalarType acc_type(const Tensor& t) {
 
 using dtk::new_output;  // NaN-filled under DTK_DEBUG_NAN_FILL=1 (common/debug.h)
 
-void check_float(const Tensor& t, const char* op, const char* name) {
+// `device`: the CPU for the CPU kernels; the first input's device for the MEMO backward kernels,
+// which serve any device (the dispatcher also sends them mixed CPU / CUDA arguments).
+void check_float(const Tensor& t, const char* op, const char* name, at::Device device = at::kCPU) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
               t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU for this kernel, got ", t.device());
+  if (device.is_cpu()) {
+    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU for this kernel, got ", t.device());
+  } else {
+    TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, " with the other inputs, got ", t.device());
+  }
 }
 
-void check_bshd(const Tensor& t, const char* op, const char* name) {
-  check_float(t, op, name);
+void check_bshd(const Tensor& t, const char* op, const char* name, at::Device device = at::kCPU) {
+  check_float(t, op, name, device);
   TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be (B, S, H, D), got shape ", t.sizes());
 }
 
@@ -177,10 +183,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_dense(const Tensor& g, const Tensor&
 }
 
 void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& cu,
-               const std::optional<Tensor>& cu_k, const char* op) {
-  check_bshd(q, op, "q");
-  check_bshd(k, op, "k");
-  check_bshd(v, op, "v");
+               const std::optional<Tensor>& cu_k, const char* op, at::Device device = at::kCPU) {
+  check_bshd(q, op, "q", device);
+  check_bshd(k, op, "k", device);
+  check_bshd(v, op, "v", device);
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
               ": q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
   TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), op, ": q, k and v must have the same batch size");
@@ -330,9 +336,11 @@ Tensor linear_attention_apply_cpu(const Tensor& q, const Tensor& kv_sum, const T
 }
 
 void check_memory(const std::optional<Tensor>& mem_kv, const std::optional<Tensor>& mem_z, int64_t B, int64_t H,
-                  int64_t D, int64_t Dv, const char* op) {
+                  int64_t D, int64_t Dv, const char* op, at::Device device = at::kCPU) {
   TORCH_CHECK(mem_kv.has_value() == mem_z.has_value(), op, ": mem_kv and mem_z must be given together");
   if (!mem_kv) return;
+  check_float(*mem_kv, op, "mem_kv", device);
+  check_float(*mem_z, op, "mem_z", device);
   TORCH_CHECK(mem_kv->dim() == 4 && mem_kv->size(0) == B && mem_kv->size(1) == H && mem_kv->size(2) == D &&
                   mem_kv->size(3) == Dv,
               op, ": mem_kv must be (B, H, D, Dv) = (", B, ", ", H, ", ", D, ", ", Dv, "), got ", mem_kv->sizes());
@@ -342,11 +350,11 @@ void check_memory(const std::optional<Tensor>& mem_kv, const std::optional<Tenso
 
 // q, k, v (B, S, H, D) of one clip (same frames and heads) and its optional memory.
 void check_memo(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mem_kv,
-                const std::optional<Tensor>& mem_z, const char* op) {
-  check_qkv(q, k, v, std::nullopt, std::nullopt, op);
+                const std::optional<Tensor>& mem_z, const char* op, at::Device device = at::kCPU) {
+  check_qkv(q, k, v, std::nullopt, std::nullopt, op, device);
   TORCH_CHECK(k.size(2) == q.size(2), op, ": q, k and v must have the same number of heads");
   TORCH_CHECK(k.size(1) == q.size(1), op, ": q and k must have the same number of frames");
-  check_memory(mem_kv, mem_z, q.size(0), q.size(2), q.size(3), v.size(3), op);
+  check_memory(mem_kv, mem_z, q.size(0), q.size(2), q.size(3), v.size(3), op, device);
 }
 
 Tensor memory_linear_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -423,8 +431,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> memory_linear_attention_backw
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mem_kv,
     const std::optional<Tensor>& mem_z, double decay) {
   constexpr const char* op = "dtk.memory_linear_attention_backward";
-  check_memo(q, k, v, mem_kv, mem_z, op);
-  check_bshd(grad_out, op, "grad_out");
+  check_memo(q, k, v, mem_kv, mem_z, op, q.device());
+  check_bshd(grad_out, op, "grad_out", q.device());
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), v.size(3)}), op,
               ": grad_out must be the output's shape (B, S, H, Dv), got ", grad_out.sizes());
   const int64_t D = q.size(3);
@@ -467,18 +475,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> memory_linear_attention_update_backwa
     const std::optional<Tensor>& grad_kv, const std::optional<Tensor>& grad_z, const Tensor& k, const Tensor& v,
     const std::optional<Tensor>& mem_kv, const std::optional<Tensor>& mem_z, double decay) {
   constexpr const char* op = "dtk.memory_linear_attention_update_backward";
-  check_bshd(k, op, "k");
-  check_bshd(v, op, "v");
+  check_bshd(k, op, "k", k.device());
+  check_bshd(v, op, "v", k.device());
   TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2), op,
               ": v must match k in batch, frames and heads, got v ", v.sizes(), " and k ", k.sizes());
   const int64_t B = k.size(0), n = k.size(1), H = k.size(2), D = k.size(3), Dv = v.size(3);
-  check_memory(mem_kv, mem_z, B, H, D, Dv, op);
+  check_memory(mem_kv, mem_z, B, H, D, Dv, op, k.device());
   const auto acc = acc_type(k);
   if (grad_kv) {
+    check_float(*grad_kv, op, "grad_kv", k.device());
     TORCH_CHECK(grad_kv->sizes() == at::IntArrayRef({B, H, D, Dv}), op, ": grad_kv must be (B, H, D, Dv) = (", B,
                 ", ", H, ", ", D, ", ", Dv, "), got ", grad_kv->sizes());
   }
   if (grad_z) {
+    check_float(*grad_z, op, "grad_z", k.device());
     TORCH_CHECK(grad_z->sizes() == at::IntArrayRef({B, H, D}), op, ": grad_z must be (B, H, D) = (", B, ", ", H,
                 ", ", D, "), got ", grad_z->sizes());
   }

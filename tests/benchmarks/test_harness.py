@@ -213,6 +213,13 @@ def test_results_md_generation(tmp_path):
     two = out.read_text()
     assert two.count("# Run ") == 2 and two.count("- card: **") == 2 and "--op e2e" in two
     assert two.count("| s1 | dtk | 1.000 |") == 2
+    # a launch-config sweep's text output, verbatim after the runs and named with the sources
+    log = tmp_path / "sweeps.log"
+    log.write_text("NVIDIA H200  torch 2.11.0\nna2d  default  13.6 ms\n")
+    assert results_md.main([str(p), "--log", str(log), "-o", str(out)]) == 0
+    page = out.read_text()
+    assert "# Launch-config sweep:" in page and "na2d  default  13.6 ms" in page
+    assert page.index("| s1 | dtk |") < page.index("na2d  default") and "sweeps.log`." in page
 
 
 # ---------------------------------------------------------------------------------------------

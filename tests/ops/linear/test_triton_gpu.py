@@ -138,24 +138,52 @@ def test_memory_step(dtype, D, with_memory):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_memory_backward_gpu(dtype):
-    """MEMO gradients (the any-device ATen kernels) on CUDA tensors equal float64 autograd on the CPU."""
+@pytest.mark.parametrize("update", [False, True])
+def test_memory_backward_gpu(dtype, update):
+    """MEMO gradients (the any-device ATen kernels) on CUDA tensors equal float64 autograd on the
+    CPU: the output alone, and (update) the fused step, whose loss also reads the new memory."""
     B, S, H, D = 512, 16, 2, 40
     q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     kv = torch.rand(B, H, D, D, device="cuda", requires_grad=True)
     z = (torch.rand(B, H, D, device="cuda") + 0.1).requires_grad_()
-    g = torch.randn(B, S, H, D, device="cuda")
+    g, gkv, gz = torch.randn(B, S, H, D, device="cuda"), torch.randn(B, H, D, D, device="cuda"), torch.randn(
+        B, H, D, device="cuda")
 
-    def loss(att, q, k, v, kv, z):
-        return (att(q, k, v, kv, z) * g.to(q.dtype)).sum()
+    def op(q, k, v, kv, z):
+        out, state = dtk.memory_linear_attention(q, k, v, (kv, z), decay=0.9, update_with=update)
+        return out, state if update else None
 
-    got = torch.autograd.grad(loss(lambda *t: dtk.memory_linear_attention(*t[:3], t[3:], update_with=False)[0],
-                                   q, k, v, kv, z), (q, k, v, kv, z))
+    def ref(q, k, v, kv, z):
+        return (memory_linear_attention_reference(q, k, v, kv, z, decay=0.9),
+                memory_update_reference(k, v, kv, z, decay=0.9) if update else None)
+
+    def loss(att, *leaves):
+        out, state = att(*leaves)
+        total = (out * g.to(out.device, out.dtype)).sum()
+        if state is not None:
+            total = total + (state[0] * gkv.to(state[0].device, state[0].dtype)).sum() + (
+                state[1] * gz.to(state[1].device, state[1].dtype)).sum()
+        return total
+
+    got = torch.autograd.grad(loss(op, q, k, v, kv, z), (q, k, v, kv, z))
     leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v, kv, z)]
-    g = g.cpu().double()
-    want = torch.autograd.grad(loss(memory_linear_attention_reference, *leaves), leaves)
+    want = torch.autograd.grad(loss(ref, *leaves), leaves)
     for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
         assert max_err(a.cpu(), b) <= 3e-2 * max(1.0, b.abs().max().item())
+
+
+def test_memory_backward_mixed_devices():
+    """The any-device MEMO backward kernels name the argument on another device than the rest
+    (the dispatcher sends mixed CPU / CUDA arguments to them)."""
+    q = torch.randn(2, 4, 2, 8, device="cuda")
+    kv, z = torch.rand(2, 2, 8, 8), torch.rand(2, 2, 8)
+    with pytest.raises(RuntimeError, match="memory_linear_attention_backward: mem_kv must be on cuda"):
+        torch.ops.dtk.memory_linear_attention_backward(q, q, q, q, kv, z, 0.5)
+    with pytest.raises(RuntimeError, match="memory_linear_attention_backward: grad_out must be on cuda"):
+        torch.ops.dtk.memory_linear_attention_backward(q.cpu(), q, q, q, None, None, 0.5)
+    with pytest.raises(RuntimeError, match="memory_linear_attention_update_backward: grad_kv must be on cuda"):
+        torch.ops.dtk.memory_linear_attention_update_backward(kv, None, q, q, None, None, 0.5)
 
 
 def test_float64_is_cpu_only():

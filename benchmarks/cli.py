@@ -195,6 +195,8 @@ class Runner:
                     cpu_target_s=self.cpu_target_s)
         row["status"] = "ok"
         self._fill_time(row, t["ms"], t.get("timer"), t.get("reps"))
+        if t.get("host_ms") is not None:
+            row["info"]["host_ms"] = round(t["host_ms"], 3)
         if key is not None:
             self.reuse[key] = dict(row)
 

@@ -1,10 +1,11 @@
 """Launch-configuration sweep of the linear-attention forward on a GPU: a tuning aid that tells
-where the forward's time goes, not part of the suite (its numbers do not go to RESULTS.md).
+where the forward's time goes, not part of the suite (`results_md --log` adds its text output to
+RESULTS.md).
 
 For each linear-attention shape it times, with autotuning off: the state kernel (reads k, v) and
 the apply kernel (reads q, writes o) alone at every configuration their launchers may choose, both
-ways each can reduce (``STATE_KS_BY_DOT``, ``APPLY_DEN_BY_DOT``), the whole op as shipped (autotuned) at 2, 4
-and 8 programs per SM (``PROGRAMS_PER_SM``), the backward with whole-tile kernels against the wide
+ways each can reduce (``STATE_KS_BY_DOT``, ``APPLY_DEN_BY_DOT``), the whole op as shipped (autotuned) at 1, 2
+and 4 programs per SM (``PROGRAMS_PER_SM``), the backward with whole-tile kernels against the wide
 ones (``backward_whole_tiles``), and a device copy of the same bytes (the bandwidth floor). Each
 variant's output is compared with the default variant's (a miscompiled configuration
 shows as a large difference); GB/s count the minimum traffic (each input read once, the output
@@ -108,7 +109,7 @@ def sweep(shape, out: list, device="cuda", dtype=torch.bfloat16):
     # how finely the sequence is split (the state kernel's atomics against parallelism)
     default_split = lt.PROGRAMS_PER_SM
     try:
-        for per_sm in (2, 4, 8):
+        for per_sm in (1, 2, 4):
             lt.PROGRAMS_PER_SM = per_sm
             record(f"op as shipped, PROGRAMS_PER_SM={per_sm}", lambda: lt.linear_attention_triton(q, k, v), 2 * half,
                    out_ref)

@@ -70,7 +70,19 @@ def time_gpu(fn: Callable, *, slow: bool = False, slow_reps: int = 3, warmup_ms:
         return r
     from triton.testing import do_bench
     ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-    return dict(ms=float(ms), timer="do_bench-median")
+    return dict(ms=float(ms), timer="do_bench-median", host_ms=host_time(fn))
+
+
+def host_time(fn: Callable, reps: int = 5) -> float:
+    """CPU time (ms) one call takes to enqueue its work, without waiting for the GPU: where it is
+    close to the measured time, the row is bound by launch overhead, not by its kernels."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host = (time.perf_counter() - t) * 1e3 / reps
+    torch.cuda.synchronize()
+    return host
 
 
 def time_fn(fn: Callable, device: str, *, slow: bool = False, slow_reps: int = 3, cpu_target_s: float = 0.3) -> Dict:

@@ -1,5 +1,6 @@
 """Block-size and launch-configuration sweep of the window engine on a GPU: a tuning aid that tells
-where the engine's time goes, not part of the suite (its numbers do not go to RESULTS.md).
+where the engine's time goes, not part of the suite (`results_md --log` adds its text output to
+RESULTS.md).
 
 For each shape it times the Triton engine at every (query block, key block) x (num_warps,
 num_stages) candidate with autotuning off (for box windows also the default with the partial

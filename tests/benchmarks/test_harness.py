@@ -192,6 +192,19 @@ def test_compare_output():
     assert "no row timed" in cli.compare(_fake_data(), dict(_fake_data(), rows=[]))
 
 
+def test_host_time_counts_enqueue_time_only(monkeypatch):
+    """host_time: the CPU time per call of a few calls between two device syncs (the syncs are
+    not counted), the launch-overhead figure of each GPU row's notes."""
+    import time as _time
+    from benchmarks import timing
+    syncs, calls = [], []
+    monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda: (syncs.append(1), _time.sleep(0.05)))
+    ms = timing.host_time(lambda: (calls.append(1), _time.sleep(0.002)), reps=4)
+    assert len(calls) == 4 and len(syncs) == 2
+    assert 2.0 <= ms < 40.0
+    assert "host_ms=0.25" in results_md.row_notes(dict(status="ok", info=dict(host_ms=0.25)))
+
+
 def test_results_md_generation(tmp_path):
     data = _fake_data()
     text = results_md.render(data)

@@ -110,7 +110,8 @@ def plan_efficiency(spec, blocks):
 
 def test_block_fill_and_key_block_choice():
     """128-key blocks where the layout tiles fill them clearly better than 64-key blocks (a
-    (21, 3, 2) tile is one 126-token block, or three 42-token ones), else 64 (finer edges)."""
+    (21, 3, 2) tile is one 126-token block, or three 42-token ones) or box windows' tiles hold
+    whole 128-key blocks, else 64 (finer edges)."""
     from dtk.ops.window.plan import block_fill
     from dtk.ops.window.triton import default_blocks
     cuda = torch.device("cuda")   # only the block rule, nothing runs on it
@@ -121,7 +122,12 @@ def test_block_fill_and_key_block_choice():
     assert block_fill(swim, 128) == pytest.approx(21 * 68 * 120 / (128 * 23 * 60))
     assert default_blocks(cuda, 128, swim) == (128, 128)
     assert default_blocks(cuda, 256, swim) == (128, 64)       # 128-key blocks at d = 256 exceed shared memory
-    assert default_blocks(cuda, 128, make_spec((256, 256), (64, 64), tile=(8, 16))) == (128, 64)
+    # box windows in tiles of whole 128-key blocks: the same plan at either key block, 128 is faster
+    na2d = make_spec((256, 256), (64, 64), tile=(8, 16))
+    assert default_blocks(cuda, 128, na2d) == (128, 128)
+    assert plan_efficiency(na2d, (128, 128)) == pytest.approx(plan_efficiency(na2d, (128, 64)))
+    assert default_blocks(cuda, 128, make_spec((256, 256), (64, 64))) == (128, 64)            # row-major
+    assert default_blocks(cuda, 128, make_spec((256, 256), radius=16, border="clip", tile=(8, 16))) == (128, 64)
     assert default_blocks(cuda, 128) == (128, 64)
     assert default_blocks(torch.device("cpu"), 128, swim) == (16, 16)
     assert plan_efficiency(swim, (128, 128)) > plan_efficiency(swim, (128, 64)) + 0.2

@@ -869,9 +869,12 @@ KERNELS = {"state": "_state_kernel", "apply": "_apply_kernel", "grad_q": "_grad_
 # state's (no cross-thread work in the loop); False, a tl.sum across threads every step. Which is
 # faster is for benchmarks/linear_sweep.py on a GPU to say (it times both).
 STATE_KS_BY_DOT = True
-# Programs per SM the streaming kernels split a sequence into (more: more parallelism, and for the
-# state kernel more fp32 atomics per result; benchmarks/linear_sweep.py times 2, 4 and 8).
-PROGRAMS_PER_SM = 4
+# Programs per SM the streaming kernels split a sequence into: more give more parallelism, but the
+# state kernel adds one more fp32 state per program with atomics and the apply kernel reads one
+# more (FLUX-4K, D = 128: 64 KiB each, 4% of the forward's traffic at 4 per SM). H200,
+# benchmarks/linear_sweep.py at 4027701: the forward takes 0.504 / 0.519 / 0.531 ms at 2 / 4 / 8
+# (benchmarks/RESULTS.md); the sweep now times 1, 2 and 4.
+PROGRAMS_PER_SM = 2
 # Likewise the apply kernel's denominators phi(q).z: a small dot (z split hi + lo for 16-bit
 # operands) or a per-row reduction across threads.
 APPLY_DEN_BY_DOT = True
@@ -1013,8 +1016,10 @@ def linear_attention_state_triton(k, v, feature_map="elu1", cu_seqlens=None):
     # Several chunks: fp32 atomics into a zeroed state, unless deterministic algorithms are requested.
     atomic = n_chunks > 1 and not torch.are_deterministic_algorithms_enabled()
     f32 = dict(dtype=torch.float32, device=k.device)
-    if atomic:
-        pkv, pks = torch.zeros(nseq, Hkv, D, Dv, **f32), torch.zeros(nseq, Hkv, D, **f32)
+    if atomic:  # both sums in one zeroed buffer: one memset launch
+        zeros = torch.zeros(nseq * Hkv * D * (Dv + 1), **f32)
+        pkv = zeros[:nseq * Hkv * D * Dv].view(nseq, Hkv, D, Dv)
+        pks = zeros[nseq * Hkv * D * Dv:].view(nseq, Hkv, D)
     else:
         pkv, pks = torch.empty(n_chunks, nseq, Hkv, D, Dv, **f32), torch.empty(n_chunks, nseq, Hkv, D, **f32)
     if nseq * Hkv > 0:

@@ -671,16 +671,22 @@ _window_fwd_tuned = triton.autotune(
 
 
 def default_blocks(device: torch.device, D: int, spec: WindowSpec | None = None):
-    """(query block, key block) sizes: small ones in the interpreter; on a GPU 128 x 64, or 128 x 128
-    where the layout tiles fill 128-key blocks clearly better than 64-key ones (FreeSwim's
-    (21, 3, 2) tiles: plan efficiency 0.58 -> 0.88) and D <= 128 (the larger blocks fit shared
-    memory). DTK_WINDOW_BLOCKS="bq,bk" overrides it, for block-size sweeps."""
+    """(query block, key block) sizes: small ones in the interpreter; on a GPU, for D <= 128 (the
+    larger blocks fit shared memory), 128 x 128 where the layout tiles fill 128-key blocks clearly
+    better than 64-key ones (FreeSwim's (21, 3, 2) tiles: plan efficiency 0.58 -> 0.88), or where
+    a box window's tiles hold whole 128-key blocks (the plan is the same at either key block; H200,
+    2D box 64 x 64 on 256^2 in (8, 16) tiles: 11.4 ms at 128 x 128 against 13.6 ms at 128 x 64,
+    benchmarks/RESULTS.md); else 128 x 64. DTK_WINDOW_BLOCKS="bq,bk" overrides it, for block-size
+    sweeps."""
     if device.type != "cuda":
         return 16, 16
     override = window_blocks_override()
     if override:
         return override
-    wide = spec is not None and D <= 128 and block_fill(spec, 128) > block_fill(spec, 64) + 0.05
+    if spec is None or D > 128:
+        return 128, 64
+    whole_tiles = spec.window is not None and spec.tiled and math.prod(spec.tile) % 128 == 0
+    wide = whole_tiles or block_fill(spec, 128) > block_fill(spec, 64) + 0.05
     return 128, 128 if wide else 64
 
 

@@ -309,3 +309,14 @@ def test_target_bounds_from_exact_work():
     data = dict(rows=[dict(op="window", impl="sdpa-cudnn", shape="freeswim-1080p-x", ms=300.0),
                       dict(op="window", impl="flex", shape="clear8k-x", ms=5.0)])
     assert B._dense_ms(data, "freeswim-1080p") == 300.0 and B._dense_ms(data, "clear8k") is None
+
+
+def test_host_profile_of_a_cpu_case(capsys):
+    """benchmarks.host_profile: the dtk row's host ms per call and the profile naming its call
+    path (here down to the op's entry point)."""
+    from benchmarks import host_profile
+    assert host_profile.main(["--cpu", "--op", "linear", "--shape", "linfusion-S1024-H4-d64", "--calls", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "linfusion-S1024-H4-d64 dtk:" in out and "ms host per call" in out and "linear_attention" in out
+    with pytest.raises(SystemExit):
+        host_profile.main(["--cpu", "--shape", "no-such-shape"])

@@ -4,7 +4,8 @@ RESULTS.md).
 
 For each shape it times the Triton engine at every (query block, key block) x (num_warps,
 num_stages) candidate with autotuning off (for box windows also the default with the partial
-blocks' scores tested one by one instead of masked by tensor-core dots: MASK_BY_DOT), checks each
+blocks' scores tested one by one instead of masked by tensor-core dots: MASK_BY_DOT; with a
+prefix, the default with the prefix rows in the Triton kernel: PREFIX_BY_DENSE), checks each
 variant's output against the default variant's (a miscompiled configuration shows as a large
 difference), and prints effective TFLOP/s.
 The `dense-control` shape has a window covering the whole grid, so every plan entry is a full
@@ -80,6 +81,14 @@ def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
                                                                             launch=launch_configs(bd)[0]), ref)
         finally:
             wt.MASK_BY_DOT = by_dot
+    if spec.num_prefix:   # the prefix rows by the dense kernel on a side stream, or by Triton's own programs
+        by_dense = wt.PREFIX_BY_DENSE
+        try:
+            wt.PREFIX_BY_DENSE = False
+            record("default, PREFIX_BY_DENSE=0", lambda: window_attention_triton(q, k, v, spec, scale,
+                                                                               launch=launch_configs(bd)[0]), ref)
+        finally:
+            wt.PREFIX_BY_DENSE = by_dense
     for bq, bk in BLOCKS:
         eff = pair_count(spec) / engine_pairs(build_plan(spec, bq, bk, q.device), spec)
         print(f"{shape.name:34s} blocks {bq}x{bk}: plan efficiency {eff:.3f} (the mask's pairs / computed pairs)")

@@ -192,10 +192,12 @@ def _prep_dtk(state):
     info = first_call(fn, state["device"], "window_attention")
     if state["device"].startswith("cuda"):   # the Triton engine's plan: the share of its work the mask needs
         from dtk.ops.window.plan import build_plan, engine_pairs
-        from dtk.ops.window.triton import default_blocks
+        from dtk.ops.window.triton import choose_blocks
 
         spec = state["spec"]
-        plan = build_plan(spec, *default_blocks(q.device, sh.D, spec), q.device)
+        blocks = choose_blocks(q, k, v, spec, state["scale"])   # what the first call chose (cached)
+        plan = build_plan(spec, *blocks, q.device)
+        info["blocks"] = "x".join(map(str, blocks))
         info["plan_eff"] = round(pair_count(spec) / engine_pairs(plan, spec), 3)
     return Prepared(fn, info)
 

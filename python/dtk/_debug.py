@@ -22,8 +22,9 @@ def new_output(shape, *, like: torch.Tensor, dtype=None) -> torch.Tensor:
 
 
 def triton_autotune() -> bool:
-    """DTK_TRITON_AUTOTUNE=0: GPU kernels use their default launch configuration instead of
-    benchmarking the candidates on first use (tests set it to keep compile time down)."""
+    """DTK_TRITON_AUTOTUNE=0: GPU kernels use their default launch configuration (and the window
+    engine its rule's block sizes) instead of benchmarking the candidates on first use (tests set
+    it to keep compile time down)."""
     return os.environ.get("DTK_TRITON_AUTOTUNE", "1") != "0"
 
 

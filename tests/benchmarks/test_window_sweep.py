@@ -42,3 +42,20 @@ def test_sweep_runs_every_variant_checked(monkeypatch):
     assert any(r["variant"] == "default, MASK_BY_DOT=0" for r in timed)   # a box: both mask paths timed
     from dtk.ops.window import triton as wt
     assert wt.MASK_BY_DOT is True, "the sweep must restore the default"
+
+
+def test_sweep_times_the_prefix_both_ways(monkeypatch):
+    """With a prefix the sweep also times the prefix rows in the Triton kernel (PREFIX_BY_DENSE=0),
+    same output, and restores the default."""
+    import torch
+
+    from benchmarks import sweep_cli
+    from benchmarks.cases.window import WindowShape
+    from dtk.ops.window import triton as wt
+    monkeypatch.setattr(sweep_cli, "bench", lambda fn: 1.0)
+    monkeypatch.setattr(window_sweep, "BLOCKS", [(16, 16)])
+    rows = []
+    window_sweep.sweep(WindowShape("tiny-prefix", 1, 2, 16, (6, 8), radius=2, border="clip", num_prefix=5), rows,
+                       device="cpu", dtype=torch.float32)
+    (row,) = [r for r in rows if r["variant"] == "default, PREFIX_BY_DENSE=0"]
+    assert row["max_diff_vs_default"] < 1e-4 and wt.PREFIX_BY_DENSE is True

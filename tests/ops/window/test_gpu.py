@@ -156,3 +156,30 @@ def test_gpu_compile_backward():
     compiled = torch.autograd.grad(torch.compile(step, fullgraph=True)(q, k, v), (q, k, v))
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("blocks", ["128,64", "128,128", "64,64"])
+@pytest.mark.parametrize("case", [
+    dict(grid=(48, 64), window=(17, 17), radius=None, border="inward", num_prefix=0, tile=(8, 16), num_extra=0),
+    dict(grid=(40, 56), window=None, radius=8, border="clip", num_prefix=64, tile=(8, 16), num_extra=24),
+])
+def test_gpu_every_block_candidate(blocks, case, monkeypatch):
+    """Each block size the engine's block autotuning may pick gives the reference's result."""
+    monkeypatch.setenv("DTK_WINDOW_BLOCKS", blocks)
+    check(dict(case, heads=(4, 2), D=128, B=1, transposed=False, scale=None), torch.bfloat16)
+
+
+def test_gpu_block_autotuning_keeps_a_candidate(monkeypatch):
+    """With autotuning on, the first call times block_candidates on its own tensors and keeps the
+    fastest for the problem; the result is the reference's."""
+    from dtk.ops.window import triton as wt
+    from dtk.ops.window.spec import make_spec
+    monkeypatch.setenv("DTK_TRITON_AUTOTUNE", "1")
+    monkeypatch.delenv("DTK_WINDOW_BLOCKS", raising=False)
+    case = dict(grid=(32, 48), window=(9, 13), radius=None, border="inward", num_prefix=0, tile=(8, 16),
+                num_extra=0, heads=(2, 2), D=64, B=1, transposed=False, scale=None)
+    before = set(wt._TUNED_BLOCKS)
+    check(case, torch.float16)
+    new = [key for key in wt._TUNED_BLOCKS if key not in before]
+    assert len(new) == 1 and new[0][0] == make_spec((32, 48), (9, 13), tile=(8, 16))
+    assert wt._TUNED_BLOCKS[new[0]] in wt.block_candidates(64, new[0][0])

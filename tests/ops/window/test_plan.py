@@ -182,3 +182,16 @@ def test_suggested_tiles_give_valid_plans(seed):
             assert len(tile) == len(c["grid"]) and all(1 <= u <= n for u, n in zip(tile, c["grid"]))
             assert block // 2 < math.prod(tile) <= block
         check_plan(make_spec(c["grid"], c["window"], c["radius"], c["border"], c["num_prefix"], tile), block)
+
+
+def test_block_candidates_and_cpu_choice():
+    """The block sizes the GPU block autotuning times: the rule's first, no duplicates, no 128-key
+    blocks above D = 128; off the GPU the rule's choice without timing anything."""
+    from dtk.ops.window.triton import block_candidates, choose_blocks, default_blocks
+    swim = make_spec((21, 68, 120), (-1, 31, 53), tile=(21, 3, 2))
+    clear = make_spec((64, 64), radius=16, border="clip", num_prefix=8, tile=(8, 16))
+    assert block_candidates(128, swim) == [(128, 128), (128, 64), (64, 64)]
+    assert block_candidates(128, clear) == [(128, 64), (128, 128), (64, 64)]
+    assert block_candidates(256, clear) == [(128, 64), (64, 64)]
+    q = torch.zeros(1, clear.seq_len, 2, 64)
+    assert choose_blocks(q, q, q, clear, 0.125) == default_blocks(q.device, 64, clear) == (16, 16)

@@ -57,7 +57,12 @@ def test_triton_head_dims(D):
     # a FLUX-like text prefix (512 + a partial block): many prefix query blocks and key blocks
     dict(grid=(6, 10), window=None, radius=3, border="clip", num_prefix=520, tile=(2, 4), num_extra=4),
 ])
-def test_triton_named(case):
+@pytest.mark.parametrize("prefix_by_dense", [True, False])
+def test_triton_named(case, prefix_by_dense, monkeypatch):
+    """prefix_by_dense: the prefix rows as one dense attention call (cuDNN on a side stream on a
+    GPU, torch's flash attention on the CPU), or the Triton kernel's own prefix programs."""
+    from dtk.ops.window import triton as wt
+    monkeypatch.setattr(wt, "PREFIX_BY_DENSE", prefix_by_dense)
     run_case(dict(case, heads=(2, 2), D=16, B=2, transposed=False, scale=None), DTYPES[0], block=16)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..._debug import new_output
+from .._dense import dense_supported, dense_with_lse
 from .merge import MAX_PARTS, merge_partials
 
 MAX_SEGMENTS = MAX_PARTS   # one merge pass
@@ -31,24 +32,13 @@ def supported(q, ks, kv_index) -> bool:
 
 
 def _shapes_ok(q, k) -> bool:
-    H, D = q.shape[2], q.shape[3]
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 128
-            and k.shape[2] == H)
+    return q.is_cuda and dense_supported(q, k)
 
 
 def segment_supported(q, k, cu_seqlens, group_mask, group_bias) -> bool:
     """Whether this engine serves a segment_attention call: MHA fp16/bf16 CUDA tensors with a head
     dim cuDNN takes, and the branch layout on the host."""
     return _shapes_ok(q, k) and all(t is None or t.device.type == "cpu" for t in (cu_seqlens, group_mask, group_bias))
-
-
-def _dense_with_lse(q, k, v, scale):
-    """Dense attention of (B, H, n, D) views: (out (B, H, n, D), lse (B, H, n) float32, natural log)."""
-    if q.is_cuda:
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
-    else:
-        res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
-    return res[0], res[1].reshape(q.shape[:3]).float()
 
 
 def multi_kv_attention_cudnn(q, ks, vs, q_index, scale, out=None):
@@ -64,7 +54,7 @@ def multi_kv_attention_cudnn(q, ks, vs, q_index, scale, out=None):
         qg = torch.gather(q, 1, rows[:, :, None, None].expand(B, n, H, D))
     if n == 0:
         return res, lse
-    parts = [_dense_with_lse(qg.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
+    parts = [dense_with_lse(qg.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
              for k, v in zip(ks, vs) if k.shape[1] > 0]
     if not parts:   # no key at all: a zero block of cuDNN work is not a call to make
         parts = [(qg.new_zeros(B, H, n, D), qg.new_full((B, H, n), float("-inf"), dtype=torch.float32))]
@@ -104,7 +94,7 @@ def segment_attention_cudnn(q, k, v, cu_seqlens, group_mask, group_bias, scale):
             continue
         parts, lses = [], []
         for k0, k1, c in runs:
-            o, l = _dense_with_lse(qa, k[:, k0:k1].transpose(1, 2), v[:, k0:k1].transpose(1, 2), scale)
+            o, l = dense_with_lse(qa, k[:, k0:k1].transpose(1, 2), v[:, k0:k1].transpose(1, 2), scale)
             parts.append(o)
             lses.append(l + c if c else l)
         merge_partials(parts, lses, rows_out, rows_lse)

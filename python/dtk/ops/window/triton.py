@@ -16,8 +16,10 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ..._debug import new_output, triton_autotune, window_blocks_override
+from .._dense import dense_supported, dense_with_lse
 from .plan import block_fill, build_key_plan, build_plan, coord_table
 from .spec import WindowSpec
 
@@ -690,6 +692,55 @@ def default_blocks(device: torch.device, D: int, spec: WindowSpec | None = None)
     return 128, 128 if wide else 64
 
 
+def block_candidates(D: int, spec: WindowSpec) -> list:
+    """The (query block, key block) sizes `choose_blocks` times on a GPU: the rule's choice
+    (default_blocks) first, then 128 x 64, 128 x 128 (D <= 128: shared memory) and 64 x 64."""
+    rule = default_blocks(torch.device("cuda"), D, spec)
+    others = [(128, 64), (128, 128), (64, 64)] if D <= 128 else [(128, 64), (64, 64)]
+    return list(dict.fromkeys([rule] + others))
+
+
+# (spec, q shape, kv heads, extra keys, dtype, device) -> the blocks choose_blocks measured fastest
+_TUNED_BLOCKS: dict = {}
+
+
+def choose_blocks(q, k, v, spec: WindowSpec, scale: float, extra_k=None, extra_v=None):
+    """The engine's (query block, key block) for this problem. On a GPU with autotuning on (the
+    default; DTK_TRITON_AUTOTUNE=0 and DTK_WINDOW_BLOCKS skip it), each of block_candidates runs
+    on the call's own tensors the first time the problem is seen (compiles, then three timed
+    runs) and the fastest is kept for the process: the plan depends on the blocks, so the launch
+    autotuner, which tunes warps and stages per block size, cannot choose them. Elsewhere, and
+    while a CUDA graph is being captured, the rule (default_blocks)."""
+    D = q.shape[3]
+    if (q.device.type != "cuda" or not triton_autotune() or window_blocks_override()
+            or torch.cuda.is_current_stream_capturing()):
+        return default_blocks(q.device, D, spec)
+    key = (spec, tuple(q.shape), k.shape[2], 0 if extra_k is None else extra_k.shape[1], q.dtype, q.device)
+    best = _TUNED_BLOCKS.get(key)
+    if best is None:
+        times = {}
+        for blocks in block_candidates(D, spec):
+            def run():
+                return window_attention_triton(q, k, v, spec, scale, extra_k, extra_v, block=blocks)
+            try:
+                run()
+            except OutOfResources:   # a card with less shared memory
+                continue
+            times[blocks] = _median_ms(run, reps=3)
+        best = _TUNED_BLOCKS[key] = min(times, key=times.get) if times else default_blocks(q.device, D, spec)
+    return best
+
+
+def _median_ms(fn, reps: int) -> float:
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for a, b in events:
+        a.record()
+        fn()
+        b.record()
+    events[-1][1].synchronize()
+    return sorted(a.elapsed_time(b) for a, b in events)[reps // 2]
+
+
 def _limiting_axes(spec: WindowSpec) -> int:
     """Bit mask of the axes on which the window can exclude a key (bit 2 always set for circles,
     whose kernel tests the last axis unconditionally). A box axis is free when every query's range
@@ -749,17 +800,47 @@ def _geometry_args(spec: WindowSpec, device: torch.device):
             spec.padded(1), *table), ct is not None
 
 
+# The prefix (text) query rows attend to every sequence key: plain dense attention, which the
+# dense kernel (cuDNN) runs at its full rate, against the Triton engine's ~60% of it (H200,
+# dense-control in benchmarks/window_sweep.py). It runs on a side stream, started before the
+# Triton kernel so the two overlap; False: the Triton kernel's own prefix programs (the sweep
+# times both).
+PREFIX_BY_DENSE = True
+_SIDE_STREAMS: dict = {}
+
+
+def _start_prefix_dense(q, k, v, out, lse, P: int, scale: float):
+    """Rows [0, P) of (out, lse) as one dense attention call over every sequence key (not the
+    extra keys, which only grid queries see). On a GPU it is queued on a side stream after the
+    work already on the current one (so it overlaps what is launched next), unless a CUDA graph
+    is being captured; returns the stream the caller joins once its own launches are queued."""
+    def run():
+        o, l = dense_with_lse(q[:, :P].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
+        out[:, :P].copy_(o.transpose(1, 2))
+        lse[:, :, :P].copy_(l)
+    if not q.is_cuda or torch.cuda.is_current_stream_capturing():
+        run()
+        return None
+    side = _SIDE_STREAMS.get(q.device)
+    if side is None:
+        side = _SIDE_STREAMS[q.device] = torch.cuda.Stream(q.device)
+    side.wait_stream(torch.cuda.current_stream(q.device))
+    with torch.cuda.stream(side):
+        run()
+    return side
+
+
 def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=None, extra_v=None, block=None,
                             launch=None):
     """Runs the Triton engine (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). `block`
-    is (block_q, block_k) or one int for both; default `default_blocks`. `launch` = (num_warps,
+    is (block_q, block_k) or one int for both; default `choose_blocks`. `launch` = (num_warps,
     num_stages) fixes the launch configuration (no autotuning; benchmarks/window_sweep.py)."""
     if launch is not None and not (len(launch) == 2 and all(isinstance(x, int) and x >= 1 for x in launch)):
         raise ValueError(f"launch must be (num_warps, num_stages), two ints >= 1, got {launch!r}")
     B, S, H, D = q.shape
     Hkv = k.shape[2]
     if block is None:
-        block = default_blocks(q.device, D, spec)
+        block = default_blocks(q.device, D, spec) if launch else choose_blocks(q, k, v, spec, scale, extra_k, extra_v)
     block_q, block_k = (block, block) if isinstance(block, int) else block
     plan = build_plan(spec, block_q, block_k, q.device)
     out = new_output((B, S, H, D), like=q)
@@ -767,7 +848,12 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     E = 0 if extra_k is None else extra_k.shape[1]
     ek, ev = (k, v) if extra_k is None else (extra_k, extra_v)
     P = spec.num_prefix
-    n_pqb = (P + block_q - 1) // block_q
+    side = None
+    if P and PREFIX_BY_DENSE and dense_supported(q, k):
+        side = _start_prefix_dense(q, k, v, out, lse, P, scale)
+        n_pqb = 0   # the Triton kernel runs the grid query blocks only
+    else:
+        n_pqb = (P + block_q - 1) // block_q
     block_d = max(16, triton.next_power_of_2(D))
     grid = ((n_pqb + plan.num_blocks) * B * H,)
     tuned = q.device.type == "cuda" and triton_autotune() and launch is None
@@ -788,6 +874,8 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
         AXES=_limiting_axes(spec), COORDS=coords, **mask_flags,
         **config,
     )
+    if side is not None:
+        torch.cuda.current_stream(q.device).wait_stream(side)
     return out, lse
 
 

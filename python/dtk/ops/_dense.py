@@ -1,6 +1,7 @@
 """Dense attention with its log-sum-exp on the fastest torch kernel, for the parts of sparse and
 window problems that are plain dense attention (DESIGN §5: cuDNN is the fastest dense kernel on
-Hopper). On the CPU torch's flash attention stands in, so the code around it is tested there."""
+Hopper), and the side streams that let several such calls, or one beside a Triton kernel, share
+the GPU. On the CPU torch's flash attention stands in, so the code around it is tested there."""
 from __future__ import annotations
 
 import torch
@@ -24,3 +25,50 @@ def dense_with_lse(q, k, v, scale):
     else:
         res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
     return res[0], res[1].reshape(q.shape[:3]).float()
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def side_streams(device: torch.device, n: int) -> list:
+    """n side streams of `device`, made once and reused (dtk's only streams besides the caller's)."""
+    pool = _SIDE_STREAMS.setdefault(device, [])
+    while len(pool) < n:
+        pool.append(torch.cuda.Stream(device))
+    return pool[:n]
+
+
+def concurrent_ok(t: torch.Tensor) -> bool:
+    """Whether work on t's device may go to side streams: a GPU tensor, outside CUDA graph capture
+    (where the caller's stream alone is used)."""
+    return t.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+# Streams the dense calls of one op spread over (the caller's and 3 side streams): enough for the
+# partial waves of a few calls to fill each other.
+MAX_STREAMS = 4
+
+
+def dense_with_lse_concurrent(calls, scale):
+    """dense_with_lse of each (q, k, v) of `calls`. On a GPU the calls go round-robin to the
+    caller's stream and up to MAX_STREAMS - 1 side streams, so each fills the last, partial wave of
+    the others' thread blocks (one call's q rows x heads are rarely a multiple of the SM count);
+    the results are ready on the caller's stream."""
+    if len(calls) < 2 or not concurrent_ok(calls[0][0]):
+        return [dense_with_lse(q, k, v, scale) for q, k, v in calls]
+    device = calls[0][0].device
+    cur = torch.cuda.current_stream(device)
+    streams = [cur] + side_streams(device, min(len(calls), MAX_STREAMS) - 1)
+    for side in streams[1:]:
+        side.wait_stream(cur)
+    results = []
+    for i, (q, k, v) in enumerate(calls):
+        with torch.cuda.stream(streams[i % len(streams)]):
+            results.append(dense_with_lse(q, k, v, scale))
+    for side in streams[1:]:
+        cur.wait_stream(side)
+    for i, (o, lse) in enumerate(results):
+        if i % len(streams):   # made on a side stream, read on the caller's
+            o.record_stream(cur)
+            lse.record_stream(cur)
+    return results

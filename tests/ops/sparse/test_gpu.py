@@ -208,3 +208,37 @@ def test_segment_backward_gpu(dtype):
     rlo = _grads(ref, [q, k, v], g, gl)
     for i, (a, b, c) in enumerate(zip(got, r64, rlo)):
         assert_matches_reference(a, b, c, atol=2e-3, name=f"grad {i}")
+
+
+def test_dense_calls_on_side_streams_and_in_cuda_graphs():
+    """The cuDNN engine's calls of one op run on side streams at once; the result is the same as
+    one call after another, and under CUDA graph capture (the caller's stream alone) a replay
+    with new inputs gives the eager result."""
+    from dtk.ops import _dense
+
+    B, S, H, D = 1, 700, 4, 128
+    q = _r(B, S, H, D, dtype=torch.bfloat16)
+    lens = [128, 900, 900, 333]
+    ks = [_r(B, L, H, D, dtype=torch.bfloat16) for L in lens]
+    vs = [_r(B, L, H, D, dtype=torch.bfloat16) for L in lens]
+    calls = [(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) for k, v in zip(ks, vs)]
+    together = _dense.dense_with_lse_concurrent(calls, 0.1)
+    one_by_one = [_dense.dense_with_lse(*c, 0.1) for c in calls]
+    for (o1, l1), (o2, l2) in zip(together, one_by_one):
+        assert torch.equal(o1, o2) and torch.equal(l1, l2)
+
+    eager = dtk.multi_kv_attention(q, ks, vs)
+    static_q = q.clone()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):   # warm up (cuDNN plans, Triton compiles) outside the capture
+        dtk.multi_kv_attention(static_q, ks, vs)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = dtk.multi_kv_attention(static_q, ks, vs)
+    static_q.copy_(q)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager)

@@ -183,3 +183,34 @@ def test_gpu_block_autotuning_keeps_a_candidate(monkeypatch):
     new = [key for key in wt._TUNED_BLOCKS if key not in before]
     assert len(new) == 1 and new[0][0] == make_spec((32, 48), (9, 13), tile=(8, 16))
     assert wt._TUNED_BLOCKS[new[0]] in wt.block_candidates(64, new[0][0])
+
+
+def test_gpu_prefix_rows_by_cudnn_on_a_side_stream(monkeypatch):
+    """The prefix (text) rows by one cuDNN call on a side stream beside the Triton kernel: the
+    reference's result, the same as the Triton kernel's own prefix programs up to rounding, and
+    inside a CUDA graph (no side stream) a replay gives the eager result."""
+    from dtk.ops.window import triton as wt
+
+    case = dict(grid=(24, 32), window=None, radius=5, border="clip", num_prefix=200, tile=(8, 16), num_extra=0,
+                heads=(4, 4), D=128, B=1, transposed=False, scale=None)
+    check(case, torch.bfloat16)
+    q, k, v, _, _ = make_inputs(case, torch.bfloat16, "cuda")
+    args = dict(radius=5, border="clip", num_prefix=200, tile=(8, 16))
+    by_dense = dtk.window_attention(q, k, v, (24, 32), **args)
+    monkeypatch.setattr(wt, "PREFIX_BY_DENSE", False)
+    by_triton = dtk.window_attention(q, k, v, (24, 32), **args)
+    assert (by_dense.float() - by_triton.float()).abs().max() < 2e-2
+    monkeypatch.setattr(wt, "PREFIX_BY_DENSE", True)
+    static_q = q.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        dtk.window_attention(static_q, k, v, (24, 32), **args)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = dtk.window_attention(static_q, k, v, (24, 32), **args)
+    static_q.copy_(q)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, by_dense)

@@ -4,6 +4,7 @@ kernel on Hopper, DESIGN §5) with its log-sum-exp, and one exact lse-merge pass
 multi_kv_attention, dense segments (no kv_index): one cuDNN call per K/V segment, merged and
 written in place: compact rows, or scattered into `out`'s q_index rows. Sparse queries are
 gathered once (a small copy: the edited rows only). The K/V segments are never concatenated.
+The calls of one op run on side streams at once, so each fills the others' partial last wave.
 
 segment_attention, when the branch layout is on the host (cu_seqlens, group_mask, group_bias as
 CPU tensors: read without a device sync): per query branch, one cuDNN call per run of adjacent
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..._debug import new_output
-from .._dense import dense_supported, dense_with_lse
+from .._dense import dense_supported, dense_with_lse_concurrent
 from .merge import MAX_PARTS, merge_partials
 
 MAX_SEGMENTS = MAX_PARTS   # one merge pass
@@ -54,8 +55,8 @@ def multi_kv_attention_cudnn(q, ks, vs, q_index, scale, out=None):
         qg = torch.gather(q, 1, rows[:, :, None, None].expand(B, n, H, D))
     if n == 0:
         return res, lse
-    parts = [dense_with_lse(qg.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
-             for k, v in zip(ks, vs) if k.shape[1] > 0]
+    parts = dense_with_lse_concurrent([(qg.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+                                       for k, v in zip(ks, vs) if k.shape[1] > 0], scale)
     if not parts:   # no key at all: a zero block of cuDNN work is not a call to make
         parts = [(qg.new_zeros(B, H, n, D), qg.new_full((B, H, n), float("-inf"), dtype=torch.float32))]
     os_, ls = zip(*parts)
@@ -73,6 +74,7 @@ def segment_attention_cudnn(q, k, v, cu_seqlens, group_mask, group_bias, scale):
     mask = group_mask.tolist()
     bias = group_bias.double().tolist() if group_bias is not None else None
     G = len(cu) - 1
+    branches, calls = [], []   # per branch (rows, its first call, its runs' biases); every dense call
     for a in range(G):
         q0, q1 = cu[a], cu[a + 1]
         if q0 == q1:
@@ -87,15 +89,17 @@ def segment_attention_cudnn(q, k, v, cu_seqlens, group_mask, group_bias, scale):
                 runs[-1][1] = cu[b + 1]
             else:
                 runs.append([cu[b], cu[b + 1], c])
+        branches.append(((q0, q1), len(calls), [c for _, _, c in runs]))
+        calls += [(qa, k[:, k0:k1].transpose(1, 2), v[:, k0:k1].transpose(1, 2)) for k0, k1, _ in runs]
+    # every branch's calls at once (side streams on a GPU), then one merge per branch
+    results = dense_with_lse_concurrent(calls, scale)
+    for (q0, q1), first, biases in branches:
         rows_out, rows_lse = out[:, q0:q1], lse[:, :, q0:q1]
-        if not runs:
+        if not biases:
             rows_out.zero_()
             rows_lse.fill_(float("-inf"))
             continue
-        parts, lses = [], []
-        for k0, k1, c in runs:
-            o, l = dense_with_lse(qa, k[:, k0:k1].transpose(1, 2), v[:, k0:k1].transpose(1, 2), scale)
-            parts.append(o)
-            lses.append(l + c if c else l)
-        merge_partials(parts, lses, rows_out, rows_lse)
+        mine = results[first:first + len(biases)]
+        merge_partials([o for o, _ in mine], [l + c if c else l for (_, l), c in zip(mine, biases)],
+                       rows_out, rows_lse)
     return out, lse

@@ -19,7 +19,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ..._debug import new_output, triton_autotune, window_blocks_override
-from .._dense import dense_supported, dense_with_lse
+from .._dense import concurrent_ok, dense_supported, dense_with_lse, side_streams
 from .plan import block_fill, build_key_plan, build_plan, coord_table
 from .spec import WindowSpec
 
@@ -709,14 +709,15 @@ def choose_blocks(q, k, v, spec: WindowSpec, scale: float, extra_k=None, extra_v
     default; DTK_TRITON_AUTOTUNE=0 and DTK_WINDOW_BLOCKS skip it), each of block_candidates runs
     on the call's own tensors the first time the problem is seen (compiles, then three timed
     runs) and the fastest is kept for the process: the plan depends on the blocks, so the launch
-    autotuner, which tunes warps and stages per block size, cannot choose them. Elsewhere, and
-    while a CUDA graph is being captured, the rule (default_blocks)."""
+    autotuner, which tunes warps and stages per block size, cannot choose them. Elsewhere, and for
+    a problem first seen while a CUDA graph is being captured, the rule (default_blocks)."""
     D = q.shape[3]
-    if (q.device.type != "cuda" or not triton_autotune() or window_blocks_override()
-            or torch.cuda.is_current_stream_capturing()):
+    if q.device.type != "cuda" or not triton_autotune() or window_blocks_override():
         return default_blocks(q.device, D, spec)
     key = (spec, tuple(q.shape), k.shape[2], 0 if extra_k is None else extra_k.shape[1], q.dtype, q.device)
     best = _TUNED_BLOCKS.get(key)
+    if best is None and torch.cuda.is_current_stream_capturing():   # nothing can be timed while capturing
+        return default_blocks(q.device, D, spec)
     if best is None:
         times = {}
         for blocks in block_candidates(D, spec):
@@ -806,7 +807,6 @@ def _geometry_args(spec: WindowSpec, device: torch.device):
 # Triton kernel so the two overlap; False: the Triton kernel's own prefix programs (the sweep
 # times both).
 PREFIX_BY_DENSE = True
-_SIDE_STREAMS: dict = {}
 
 
 def _start_prefix_dense(q, k, v, out, lse, P: int, scale: float):
@@ -818,12 +818,10 @@ def _start_prefix_dense(q, k, v, out, lse, P: int, scale: float):
         o, l = dense_with_lse(q[:, :P].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
         out[:, :P].copy_(o.transpose(1, 2))
         lse[:, :, :P].copy_(l)
-    if not q.is_cuda or torch.cuda.is_current_stream_capturing():
+    if not concurrent_ok(q):
         run()
         return None
-    side = _SIDE_STREAMS.get(q.device)
-    if side is None:
-        side = _SIDE_STREAMS[q.device] = torch.cuda.Stream(q.device)
+    (side,) = side_streams(q.device, 1)
     side.wait_stream(torch.cuda.current_stream(q.device))
     with torch.cuda.stream(side):
         run()

@@ -51,7 +51,7 @@ def multi_kv_attention_cudnn(q, ks, vs, q_index, scale, out=None):
     res = out if out is not None else new_output((B, n, H, D), like=q)
     qg = q
     if q_index is not None:
-        rows = torch.where((q_index >= 0) & (q_index < S), q_index, 0).long()   # padding: row 0, discarded
+        rows = q_index.long().clamp_(0, S - 1)   # padding (-1) and the like read some row, discarded by the merge
         qg = torch.gather(q, 1, rows[:, :, None, None].expand(B, n, H, D))
     if n == 0:
         return res, lse

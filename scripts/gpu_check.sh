@@ -116,6 +116,15 @@ if [ "$LSWEEP_S" -gt 0 ]; then
   timeout "$LSWEEP_S" "$PY" -m benchmarks.linear_sweep 2>&1 | tee -a "$OUT/bench.log" || echo "linear sweep cut or failed at ${SECONDS} s"
 fi
 
+# optional host-overhead profile (benchmarks/host_profile.py; its tables go to bench.log), e.g.
+# HOSTPROF_ARGS="--op linear --shape sd15-512-64x64-d40" (unset, the default, skips it)
+if [ -n "${HOSTPROF_ARGS:-}" ]; then
+  echo "== host profile (timeout 60 s)"
+  # shellcheck disable=SC2086
+  timeout 60 "$PY" -m benchmarks.host_profile ${HOSTPROF_ARGS} 2>&1 | tee -a "$OUT/bench.log" | grep "ms host per call" \
+    || echo "host profile cut or failed at ${SECONDS} s"
+fi
+
 # benchmarks: anchors stop at the budget; dtk rows always run; JSON is rewritten after every case.
 # WHEEL_S seconds are kept for the CPU-only wheel check at the end (0 skips it).
 WHEEL_S="${WHEEL_S:-150}"

@@ -54,6 +54,7 @@ def _flags(kernel: str, dtype, D: int, Dv: int, cfg: dict) -> dict:
         flags.update(ROW_W=True, ADD_C=False)
     if kernel == "apply":
         flags["DEN_DOT"] = tr.APPLY_DEN_BY_DOT
+        flags["HAS_CNT"] = False   # the fused forward's launch (the apply op's passes its counts)
     return flags
 
 

@@ -273,8 +273,9 @@ def _apply_step(qb, ob, s0, end, sqs, sos, offs_d, offs_e, md, me, kv, z, scale,
 @triton.jit
 def _apply_kernel(Q, KV, KS, CNT, O, CU,
                   sqb, sqs, sqh, sob, sos, soh,
-                  S, H, HKV, D, DV, NE, CHUNK, scale, eps,
+                  S, H, HKV, D, DV, NE, CHUNK, NK, scale, eps,
                   FM: tl.constexpr, VARLEN: tl.constexpr, NORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  HAS_CNT: tl.constexpr,
                   LOWP: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                   DEN_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid = tl.program_id(0)
@@ -295,7 +296,10 @@ def _apply_kernel(Q, KV, KS, CNT, O, CU,
         kv = tl.load(KV + (st + offs_d[:, None]) * DV + offs_e[None, :], mask=md[:, None] & me[None, :], other=0.0)
         z = tl.load(KS + st + offs_d, mask=md, other=0.0)
         if NORMALIZE:  # S = kv_sum / N, z = k_sum / N
-            inv_n = 1.0 / tl.maximum(tl.load(CNT + b), 1).to(tl.float32)
+            if HAS_CNT:  # the state's key counts; else every sequence has NK keys
+                inv_n = 1.0 / tl.maximum(tl.load(CNT + b), 1).to(tl.float32)
+            else:
+                inv_n = 1.0 / tl.maximum(NK, 1).to(tl.float32)
             kv = kv * inv_n
             z = z * inv_n
         if LOWP:
@@ -1004,7 +1008,9 @@ def _chunking(n_seq_len: int, parallel: int, device):
     return triton.cdiv(n, chunk), chunk
 
 
-def linear_attention_state_triton(k, v, feature_map="elu1", cu_seqlens=None):
+def linear_attention_state_triton(k, v, feature_map="elu1", cu_seqlens=None, count_tensor=True):
+    """(kv_sum, k_sum, count); count_tensor=False (the fused forward): without cu_seqlens, count
+    is the int S (no fill kernel)."""
     k, v = _lastdim(k), _lastdim(v)
     B, S, Hkv, D = k.shape
     Dv = v.shape[-1]
@@ -1035,7 +1041,7 @@ def linear_attention_state_triton(k, v, feature_map="elu1", cu_seqlens=None):
         kv_sum = pkv[0] if n_chunks == 1 else pkv.sum(0)
         k_sum = pks[0] if n_chunks == 1 else pks.sum(0)
     if cu_seqlens is None:
-        count = torch.full((B,), S, dtype=torch.int64, device=k.device)
+        count = torch.full((B,), S, dtype=torch.int64, device=k.device) if count_tensor else S
     else:
         count = (cu[1:] - cu[:-1]).to(torch.int64)
     return kv_sum, k_sum, count
@@ -1048,7 +1054,8 @@ def linear_attention_apply_triton(q, kv_sum, k_sum, count, feature_map="elu1", n
     Hkv, Dv = kv_sum.shape[1], kv_sum.shape[3]
     kv_sum = kv_sum.to(torch.float32).contiguous()
     k_sum = k_sum.to(torch.float32).contiguous()
-    count = count.contiguous()
+    has_cnt = not isinstance(count, int)   # an int: every sequence has that many keys
+    count = count.contiguous() if has_cnt else count
     nseq, max_len, cu = _seqs(q, cu_seqlens)
     lowp, ieee = _flags(q.dtype)
     out = _new_output((B, S, H, Dv), q)
@@ -1057,11 +1064,11 @@ def linear_attention_apply_triton(q, kv_sum, k_sum, count, feature_map="elu1", n
     n_chunks, chunk = _chunking(max_len, nseq * H * n_e, q.device)
     if nseq * H > 0 and max_len > 0:
         _launch("apply", _apply_kernel, (nseq * H * n_e, n_chunks),
-                [q, kv_sum, k_sum, count, out, cu, q.stride(0), q.stride(1), q.stride(2),
+                [q, kv_sum, k_sum, count if has_cnt else kv_sum, out, cu, q.stride(0), q.stride(1), q.stride(2),
                  out.stride(0), out.stride(1), out.stride(2), S, H, Hkv, D, Dv, n_e, chunk,
-                 1.0 if scale is None else float(scale), float(eps)],
+                 0 if has_cnt else count, 1.0 if scale is None else float(scale), float(eps)],
                 dict(FM=_FM[feature_map], VARLEN=cu_seqlens is not None, NORMALIZE=bool(normalize),
-                     HAS_SCALE=scale is not None, LOWP=lowp, IEEE=ieee, DEN_DOT=APPLY_DEN_BY_DOT,
+                     HAS_SCALE=scale is not None, HAS_CNT=has_cnt, LOWP=lowp, IEEE=ieee, DEN_DOT=APPLY_DEN_BY_DOT,
                      **even_flags(D, Dv, cfgs[0])),
                 cfgs, key=["D", "DV", "FM", "VARLEN", "NORMALIZE"])
     return out
@@ -1071,7 +1078,7 @@ def linear_attention_triton(q, k, v, feature_map="elu1", normalize=True, eps=1e-
                             cu_seqlens_k=None):
     """cu_seqlens packs q (and the output), cu_seqlens_k (default: cu_seqlens) packs k and v."""
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
-    kv_sum, k_sum, count = linear_attention_state_triton(k, v, feature_map, cu_k)
+    kv_sum, k_sum, count = linear_attention_state_triton(k, v, feature_map, cu_k, count_tensor=False)
     return linear_attention_apply_triton(q, kv_sum, k_sum, count, feature_map, normalize, eps, scale, cu_seqlens)
 
 

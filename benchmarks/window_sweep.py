@@ -72,23 +72,20 @@ def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
         return timed_row(rows, shape.name, name, fn, ref, lambda ms: ("tflops", flops / ms / 1e9, "eff TFLOP/s"))
 
     bd = max(16, 1 << (shape.D - 1).bit_length())
-    ref = record("default", lambda: window_attention_triton(q, k, v, spec, scale, launch=launch_configs(bd)[0]))
-    if spec.window is not None:   # boxes: the partial blocks' masks by tensor-core dots against per-score tests
-        by_dot = wt.MASK_BY_DOT
+    def default():
+        return window_attention_triton(q, k, v, spec, scale, launch=launch_configs(bd)[0])
+    ref = record("default", default)
+    # the default with one engine switch off: boxes' partial-block masks by tensor-core dots (else
+    # per-score tests); a prefix's rows by the dense kernel on a side stream (else Triton's own)
+    for flag, applies in (("MASK_BY_DOT", spec.window is not None), ("PREFIX_BY_DENSE", spec.num_prefix > 0)):
+        if not applies:
+            continue
+        on = getattr(wt, flag)
         try:
-            wt.MASK_BY_DOT = False
-            record("default, MASK_BY_DOT=0", lambda: window_attention_triton(q, k, v, spec, scale,
-                                                                            launch=launch_configs(bd)[0]), ref)
+            setattr(wt, flag, False)
+            record(f"default, {flag}=0", default, ref)
         finally:
-            wt.MASK_BY_DOT = by_dot
-    if spec.num_prefix:   # the prefix rows by the dense kernel on a side stream, or by Triton's own programs
-        by_dense = wt.PREFIX_BY_DENSE
-        try:
-            wt.PREFIX_BY_DENSE = False
-            record("default, PREFIX_BY_DENSE=0", lambda: window_attention_triton(q, k, v, spec, scale,
-                                                                               launch=launch_configs(bd)[0]), ref)
-        finally:
-            wt.PREFIX_BY_DENSE = by_dense
+            setattr(wt, flag, on)
     for bq, bk in BLOCKS:
         eff = pair_count(spec) / engine_pairs(build_plan(spec, bq, bk, q.device), spec)
         print(f"{shape.name:34s} blocks {bq}x{bk}: plan efficiency {eff:.3f} (the mask's pairs / computed pairs)")

@@ -12,6 +12,7 @@ the query blocks that see it) for dk and dv, looping over the GQA group's q head
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import triton
@@ -807,6 +808,7 @@ def _geometry_args(spec: WindowSpec, device: torch.device):
 # Triton kernel so the two overlap; False: the Triton kernel's own prefix programs (the sweep
 # times both).
 PREFIX_BY_DENSE = True
+_DENSE_FAILED: list = []   # the first dense-kernel error, after which Triton runs every prefix
 
 
 def _start_prefix_dense(q, k, v, out, lse, P: int, scale: float):
@@ -846,12 +848,15 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     E = 0 if extra_k is None else extra_k.shape[1]
     ek, ev = (k, v) if extra_k is None else (extra_k, extra_v)
     P = spec.num_prefix
-    side = None
-    if P and PREFIX_BY_DENSE and dense_supported(q, k):
-        side = _start_prefix_dense(q, k, v, out, lse, P, scale)
-        n_pqb = 0   # the Triton kernel runs the grid query blocks only
-    else:
-        n_pqb = (P + block_q - 1) // block_q
+    side, n_pqb = None, (P + block_q - 1) // block_q
+    if P and PREFIX_BY_DENSE and not _DENSE_FAILED and dense_supported(q, k):
+        try:
+            side = _start_prefix_dense(q, k, v, out, lse, P, scale)
+            n_pqb = 0   # the Triton kernel runs the grid query blocks only
+        except RuntimeError as e:   # a build or card without this attention: say so once, use Triton
+            _DENSE_FAILED.append(e)
+            warnings.warn(f"dtk window_attention: dense attention of the prefix rows failed "
+                          f"({str(e).splitlines()[0][:200]}); the Triton engine runs them from now on")
     block_d = max(16, triton.next_power_of_2(D))
     grid = ((n_pqb + plan.num_blocks) * B * H,)
     tuned = q.device.type == "cuda" and triton_autotune() and launch is None

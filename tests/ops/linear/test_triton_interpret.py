@@ -254,3 +254,27 @@ def test_state_deterministic_mode():
     for got in (fast, det[0]):
         assert max_err(got[0], ref[0]) < 1e-4 * (1 + ref[0].abs().max().item())
         assert max_err(got[1], ref[1]) < 1e-4 * (1 + ref[1].abs().max().item())
+
+
+@pytest.mark.parametrize("D", [40, 160])   # whole-tile and wide backward
+@pytest.mark.parametrize("separate_k", [False, True])
+def test_packed_lengths_read_once_per_packing(D, separate_k, monkeypatch):
+    """A packed call reads each packing's longest sequence to the host once (a device sync), in the
+    forward and in the backward, however many kernels use it."""
+    reads = []
+    real = tr._seqs
+
+    def counting(x, cu_seqlens, max_len=None):
+        if cu_seqlens is not None and max_len is None:
+            reads.append(1)
+        return real(x, cu_seqlens, max_len)
+    monkeypatch.setattr(tr, "_seqs", counting)
+    cu = torch.tensor([0, 5, 40], dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 30], dtype=torch.int32) if separate_k else None
+    q = bshd(1, 40, 2, D, torch.float32)
+    k, v = (bshd(1, 30 if separate_k else 40, 2, D, torch.float32) for _ in range(2))
+    tr.linear_attention_triton(q, k, v, "elu1", True, 1e-4, None, cu, cu_k)
+    assert len(reads) == 1 + separate_k
+    reads.clear()
+    tr.linear_attention_backward_triton(torch.randn_like(q), q, k, v, "elu1", True, 1e-4, None, cu, cu_k)
+    assert len(reads) == 1 + separate_k

@@ -984,12 +984,14 @@ def _new_output(shape, like, dtype=None):
     return new_output(shape, like=like, dtype=dtype)
 
 
-def _seqs(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
-    """(number of sequences, max length, cu pointer tensor or a dummy)."""
+def _seqs(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor], max_len: Optional[int] = None):
+    """(number of sequences, max length, cu pointer tensor or a dummy). A packed call's max length
+    is read to the host (a device sync) unless the caller already did (max_len)."""
     if cu_seqlens is None:
         return x.shape[0], x.shape[1], x  # dummy pointer, never read
     cu = cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()
-    max_len = int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0
+    if max_len is None:
+        max_len = int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0
     return cu.numel() - 1, max_len, cu
 
 
@@ -1008,13 +1010,13 @@ def _chunking(n_seq_len: int, parallel: int, device):
     return triton.cdiv(n, chunk), chunk
 
 
-def linear_attention_state_triton(k, v, feature_map="elu1", cu_seqlens=None, count_tensor=True):
+def linear_attention_state_triton(k, v, feature_map="elu1", cu_seqlens=None, count_tensor=True, max_len=None):
     """(kv_sum, k_sum, count); count_tensor=False (the fused forward): without cu_seqlens, count
-    is the int S (no fill kernel)."""
+    is the int S (no fill kernel). max_len: cu_seqlens' longest sequence, when already known."""
     k, v = _lastdim(k), _lastdim(v)
     B, S, Hkv, D = k.shape
     Dv = v.shape[-1]
-    nseq, max_len, cu = _seqs(k, cu_seqlens)
+    nseq, max_len, cu = _seqs(k, cu_seqlens, max_len)
     lowp, ieee = _flags(k.dtype)
     cfgs = launch_configs("state", D, Dv, k.dtype, k.device.type == "cuda")
     n_e = triton.cdiv(Dv, cfgs[0]["BLOCK_DV"])
@@ -1048,7 +1050,7 @@ def linear_attention_state_triton(k, v, feature_map="elu1", cu_seqlens=None, cou
 
 
 def linear_attention_apply_triton(q, kv_sum, k_sum, count, feature_map="elu1", normalize=True, eps=1e-4,
-                                  scale=None, cu_seqlens=None):
+                                  scale=None, cu_seqlens=None, max_len=None):
     q = _lastdim(q)
     B, S, H, D = q.shape
     Hkv, Dv = kv_sum.shape[1], kv_sum.shape[3]
@@ -1056,7 +1058,7 @@ def linear_attention_apply_triton(q, kv_sum, k_sum, count, feature_map="elu1", n
     k_sum = k_sum.to(torch.float32).contiguous()
     has_cnt = not isinstance(count, int)   # an int: every sequence has that many keys
     count = count.contiguous() if has_cnt else count
-    nseq, max_len, cu = _seqs(q, cu_seqlens)
+    nseq, max_len, cu = _seqs(q, cu_seqlens, max_len)
     lowp, ieee = _flags(q.dtype)
     out = _new_output((B, S, H, Dv), q)
     cfgs = launch_configs("apply", D, Dv, q.dtype, q.device.type == "cuda")
@@ -1077,9 +1079,21 @@ def linear_attention_apply_triton(q, kv_sum, k_sum, count, feature_map="elu1", n
 def linear_attention_triton(q, k, v, feature_map="elu1", normalize=True, eps=1e-4, scale=None, cu_seqlens=None,
                             cu_seqlens_k=None):
     """cu_seqlens packs q (and the output), cu_seqlens_k (default: cu_seqlens) packs k and v."""
+    max_len, max_len_k = _max_lens(q, k, cu_seqlens, cu_seqlens_k)
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
-    kv_sum, k_sum, count = linear_attention_state_triton(k, v, feature_map, cu_k, count_tensor=False)
-    return linear_attention_apply_triton(q, kv_sum, k_sum, count, feature_map, normalize, eps, scale, cu_seqlens)
+    kv_sum, k_sum, count = linear_attention_state_triton(k, v, feature_map, cu_k, count_tensor=False,
+                                                         max_len=max_len_k)
+    return linear_attention_apply_triton(q, kv_sum, k_sum, count, feature_map, normalize, eps, scale, cu_seqlens,
+                                         max_len=max_len)
+
+
+def _max_lens(q, k, cu_seqlens, cu_seqlens_k):
+    """The longest packed sequence of q and of k (None without cu_seqlens): one device sync for a
+    shared packing, two for separate ones, however many kernels then use them."""
+    if cu_seqlens is None:
+        return None, None
+    max_len = _seqs(q, cu_seqlens)[1]
+    return max_len, max_len if cu_seqlens_k is None else _seqs(k, cu_seqlens_k)[1]
 
 
 def linear_attention_backward_triton(grad_out, q, k, v, feature_map="elu1", normalize=True, eps=1e-4, scale=None,
@@ -1087,13 +1101,14 @@ def linear_attention_backward_triton(grad_out, q, k, v, feature_map="elu1", norm
     q, k, v, g = _lastdim(q), _lastdim(k), _lastdim(v), _lastdim(grad_out)
     B, Sq, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
+    lens = _max_lens(q, k, cu_seqlens, cu_seqlens_k)
     cu_seqlens_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     if not backward_whole_tiles(D, Dv):
-        return _backward_wide(g, q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k)
+        return _backward_wide(g, q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k, lens)
     # grad_q streams q's rows (cu_seqlens), grad_kv k's rows (cu_seqlens_k); both index the same
     # sequences, so the state and the reduced dS, dz are per sequence on either side.
-    kv_sum, k_sum, count = linear_attention_state_triton(k, v, feature_map, cu_seqlens_k)
-    nseq, max_len, cu = _seqs(q, cu_seqlens)
+    kv_sum, k_sum, count = linear_attention_state_triton(k, v, feature_map, cu_seqlens_k, max_len=lens[1])
+    nseq, max_len, cu = _seqs(q, cu_seqlens, lens[0])
     lowp, ieee = _flags(q.dtype)
     gpu = q.device.type == "cuda"
     fm = _FM[feature_map]
@@ -1116,7 +1131,7 @@ def linear_attention_backward_triton(grad_out, q, k, v, feature_map="elu1", norm
     gz = pgz.sum(0).view(nseq, Hkv, H // max(Hkv, 1), D).sum(2).contiguous()
     dk = _new_output(k.shape, like=k)
     dv = _new_output(v.shape, like=v)
-    _, max_len_k, cu_k = _seqs(k, cu_seqlens_k)
+    _, max_len_k, cu_k = _seqs(k, cu_seqlens_k, lens[1])
     ckv = launch_configs("grad_kv", D, Dv, k.dtype, gpu)
     n_chunks_k, chunk_k = _chunking(max_len_k, nseq * Hkv, k.device)
     if nseq * Hkv > 0 and max_len_k > 0:
@@ -1129,14 +1144,14 @@ def linear_attention_backward_triton(grad_out, q, k, v, feature_map="elu1", norm
     return dq, dk, dv
 
 
-def _backward_wide(g, q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k):
+def _backward_wide(g, q, k, v, feature_map, normalize, eps, scale, cu_seqlens, cu_seqlens_k, lens):
     """The backward for head dims above backward_whole_tiles': each row's 1/den, gd, the q-side
     reduction of dS, dz, then dq, dk (_grad_feature_kernel) and dv (the apply kernel), with the
-    D x Dv states read in Dv blocks."""
+    D x Dv states read in Dv blocks. lens: _max_lens of the packings."""
     B, Sq, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
-    kv_sum, k_sum, count = linear_attention_state_triton(k, v, feature_map, cu_seqlens_k)
-    nseq, max_len, cu = _seqs(q, cu_seqlens)
+    kv_sum, k_sum, count = linear_attention_state_triton(k, v, feature_map, cu_seqlens_k, max_len=lens[1])
+    nseq, max_len, cu = _seqs(q, cu_seqlens, lens[0])
     lowp, ieee = _flags(q.dtype)
     op_dtype = q.dtype if lowp else torch.float32
     gpu = q.device.type == "cuda"
@@ -1185,7 +1200,7 @@ def _backward_wide(g, q, k, v, feature_map, normalize, eps, scale, cu_seqlens, c
                 dict(feature, ROW_W=bool(normalize), ADD_C=False, HAS_SCALE=scale is not None),
                 cf, key + ["ROW_W", "ADD_C", "HAS_SCALE"])
     dk = _new_output(k.shape, like=k)
-    _, max_len_k, cu_k = _seqs(k, cu_seqlens_k)
+    _, max_len_k, cu_k = _seqs(k, cu_seqlens_k, lens[1])
     n_chunks_k, chunk_k = _chunking(max_len_k, nseq * Hkv, k.device)
     if nseq * Hkv > 0 and max_len_k > 0:
         _launch("grad_feature", _grad_feature_kernel, (nseq * Hkv, n_chunks_k),
@@ -1194,7 +1209,7 @@ def _backward_wide(g, q, k, v, feature_map, normalize, eps, scale, cu_seqlens, c
                 dict(feature, ROW_W=False, ADD_C=bool(normalize), HAS_SCALE=False),
                 cf, key + ["ROW_W", "ADD_C", "HAS_SCALE"])
     # dv_j = dS^T phi(k_j): the apply kernel's product, with dS as the state
-    dv = linear_attention_apply_triton(k, gs, gz, count, feature_map, False, eps, None, cu_seqlens_k)
+    dv = linear_attention_apply_triton(k, gs, gz, count, feature_map, False, eps, None, cu_seqlens_k, max_len_k)
     return dq, dk, dv
 
 

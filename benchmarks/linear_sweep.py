@@ -6,7 +6,8 @@ For each linear-attention shape it times, with autotuning off: the state kernel 
 the apply kernel (reads q, writes o) alone at every configuration their launchers may choose, both
 ways each can reduce (``STATE_KS_BY_DOT``, ``APPLY_DEN_BY_DOT``), the whole op as shipped (autotuned) at 1, 2
 and 4 programs per SM (``PROGRAMS_PER_SM``), the backward with whole-tile kernels against the wide
-ones (``backward_whole_tiles``), and a device copy of the same bytes (the bandwidth floor). Each
+ones (``backward_whole_tiles``) with each backward kernel's time (torch.profiler), and a device
+copy of the same bytes (the bandwidth floor). Each
 variant's output is compared with the default variant's (a miscompiled configuration
 shows as a large difference); GB/s count the minimum traffic (each input read once, the output
 written once). For MEMO's clip step it times the default launch against ``MEMO_STEP_VARIANTS``
@@ -124,13 +125,27 @@ def sweep(shape, out: list, device="cuda", dtype=torch.bfloat16):
             return torch.cat([x.flatten() for x in lt.linear_attention_backward_triton(g, q, k, v)])
         # traffic: q k v g read, dq dk dv written, once each
         ref = record("backward whole tiles", backward, 4 * half)
+        _kernel_rows(shape.name, "backward whole tiles", backward, rows)
         whole = lt.backward_whole_tiles
         lt.backward_whole_tiles = lambda D, Dv: False
         try:
             record("backward wide kernels", backward, 4 * half, ref)
+            _kernel_rows(shape.name, "backward wide kernels", backward, rows)
         finally:
             lt.backward_whole_tiles = whole
     out.extend(rows)
+
+
+def _kernel_rows(shape: str, name: str, fn, rows: list):
+    """Each kernel of a multi-kernel variant with its share of the time (torch.profiler)."""
+    try:
+        times = sweep_cli.kernel_times(fn)
+    except Exception as e:   # a profiler the machine lacks: the variant's own row stands
+        print(f"{shape:34s} {name}: no kernel breakdown ({type(e).__name__}: {str(e)[:80]})", flush=True)
+        return
+    for kernel, ms in times:
+        rows.append(dict(shape=shape, variant=f"{name}: {kernel}", ms=ms))
+        print(f"{shape:34s} {name + ': ' + kernel[:60]:40s} {ms:9.4f} ms  (profiler)", flush=True)
 
 
 def main(argv=None):

@@ -36,6 +36,28 @@ def timed_row(rows: List[dict], shape: str, name: str, fn: Callable, ref=None,
     return o
 
 
+def kernel_times(fn: Callable, reps: int = 3) -> List[tuple]:
+    """(kernel name, ms per call) of every GPU kernel fn launches, by torch.profiler over `reps`
+    calls after a warm one, longest first: where a multi-kernel op's time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        if us is None:   # older torch
+            us = getattr(e, "cuda_time_total", 0)
+        if us > 0:
+            rows.append((e.key, us / 1e3 / reps))
+    return sorted(rows, key=lambda r: -r[1])
+
+
 def main(argv, doc: str, tool: str, shapes: list, sweep: Callable[[object, list], None]) -> int:
     """`python -m benchmarks.<tool> [--shape GLOB] [--json FILE]`: runs `sweep(shape, rows)` for
     each selected shape (GPU only), rewriting the JSON after each."""

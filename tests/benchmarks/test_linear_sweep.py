@@ -33,6 +33,7 @@ def test_sweep_runs_every_variant_checked(monkeypatch):
     from benchmarks import sweep_cli
     from benchmarks.cases.linear import LinearShape
     monkeypatch.setattr(sweep_cli, "bench", lambda fn: 1.0)
+    monkeypatch.setattr(sweep_cli, "kernel_times", lambda fn: (fn(), [("_grad_q_kernel", 0.5)])[1])
     rows = []
     before = (lt.STATE_KS_BY_DOT, lt.APPLY_DEN_BY_DOT, lt.PROGRAMS_PER_SM)
     linear_sweep.sweep(LinearShape("tiny", 1, 200, 2, 16), rows, device="cpu", dtype=torch.float32)
@@ -40,6 +41,8 @@ def test_sweep_runs_every_variant_checked(monkeypatch):
     assert len([r for r in rows if "PROGRAMS_PER_SM" in r["variant"]]) == 3
     wide = [r for r in rows if r["variant"] == "backward wide kernels"]
     assert len(wide) == 1 and wide[0]["max_diff_vs_default"] < 1e-4
+    assert [r["variant"] for r in rows if r["variant"].endswith(": _grad_q_kernel")] == [
+        "backward whole tiles: _grad_q_kernel", "backward wide kernels: _grad_q_kernel"]   # per-kernel breakdown
     assert lt.backward_whole_tiles(16, 16)   # restored
     assert all("error" not in r for r in rows), [r for r in rows if "error" in r]
     for kernel, flag in (("state", "STATE_KS_BY_DOT"), ("apply", "APPLY_DEN_BY_DOT")):

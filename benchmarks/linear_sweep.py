@@ -5,7 +5,8 @@ RESULTS.md).
 For each linear-attention shape it times, with autotuning off: the state kernel (reads k, v) and
 the apply kernel (reads q, writes o) alone at every configuration their launchers may choose, both
 ways each can reduce (``STATE_KS_BY_DOT``, ``APPLY_DEN_BY_DOT``), the whole op as shipped (autotuned) at 1, 2
-and 4 programs per SM (``PROGRAMS_PER_SM``), the backward with whole-tile kernels against the wide
+and 4 programs per SM (``PROGRAMS_PER_SM``), each with the chunks' sums combined by atomics or by
+slots and a torch sum (``STATE_ATOMIC``), the backward with whole-tile kernels against the wide
 ones (``backward_whole_tiles``) with each backward kernel's time (torch.profiler), and a device
 copy of the same bytes (the bandwidth floor). Each
 variant's output is compared with the default variant's (a miscompiled configuration
@@ -107,15 +108,18 @@ def sweep(shape, out: list, device="cuda", dtype=torch.bfloat16):
                                f" s{cfg['num_stages']}", fn, half, ref)
         finally:
             setattr(lt, flag, default)
-    # how finely the sequence is split (the state kernel's atomics against parallelism)
-    default_split = lt.PROGRAMS_PER_SM
+    # how finely the sequence is split (the state kernel's atomics against parallelism), and how
+    # the chunks' sums combine (atomics, or slots and a torch sum)
+    default_split, atomic = lt.PROGRAMS_PER_SM, lt.STATE_ATOMIC
     try:
         for per_sm in (1, 2, 4):
             lt.PROGRAMS_PER_SM = per_sm
-            record(f"op as shipped, PROGRAMS_PER_SM={per_sm}", lambda: lt.linear_attention_triton(q, k, v), 2 * half,
-                   out_ref)
+            for combine in (True, False):
+                lt.STATE_ATOMIC = combine
+                record(f"op as shipped, PROGRAMS_PER_SM={per_sm}, STATE_ATOMIC={int(combine)}",
+                       lambda: lt.linear_attention_triton(q, k, v), 2 * half, out_ref)
     finally:
-        lt.PROGRAMS_PER_SM = default_split
+        lt.PROGRAMS_PER_SM, lt.STATE_ATOMIC = default_split, atomic
     # the backward: whole D x Dv tiles (one q-side pass; at D = 128 its sm_90a build spills inside
     # the loop) against the wide kernels (three q-side passes, Dv blocks, no spills), when both serve
     if lt.backward_whole_tiles(shape.D, shape.D):

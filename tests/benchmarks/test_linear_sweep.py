@@ -35,10 +35,11 @@ def test_sweep_runs_every_variant_checked(monkeypatch):
     monkeypatch.setattr(sweep_cli, "bench", lambda fn: 1.0)
     monkeypatch.setattr(sweep_cli, "kernel_times", lambda fn: (fn(), [("_grad_q_kernel", 0.5)])[1])
     rows = []
-    before = (lt.STATE_KS_BY_DOT, lt.APPLY_DEN_BY_DOT, lt.PROGRAMS_PER_SM)
+    before = (lt.STATE_KS_BY_DOT, lt.APPLY_DEN_BY_DOT, lt.PROGRAMS_PER_SM, lt.STATE_ATOMIC)
     linear_sweep.sweep(LinearShape("tiny", 1, 200, 2, 16), rows, device="cpu", dtype=torch.float32)
-    assert (lt.STATE_KS_BY_DOT, lt.APPLY_DEN_BY_DOT, lt.PROGRAMS_PER_SM) == before
-    assert len([r for r in rows if "PROGRAMS_PER_SM" in r["variant"]]) == 3
+    assert (lt.STATE_KS_BY_DOT, lt.APPLY_DEN_BY_DOT, lt.PROGRAMS_PER_SM, lt.STATE_ATOMIC) == before
+    split = [r for r in rows if "PROGRAMS_PER_SM" in r["variant"]]
+    assert len(split) == 6 and all(r["max_diff_vs_default"] < 1e-4 for r in split)
     wide = [r for r in rows if r["variant"] == "backward wide kernels"]
     assert len(wide) == 1 and wide[0]["max_diff_vs_default"] < 1e-4
     assert [r["variant"] for r in rows if r["variant"].endswith(": _grad_q_kernel")] == [

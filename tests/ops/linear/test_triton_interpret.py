@@ -240,7 +240,8 @@ def test_backward_wide_equals_whole_tiles(monkeypatch):
 
 def test_state_deterministic_mode():
     """Several chunks: fp32 atomics by default, per-chunk partials + a sum under
-    torch.use_deterministic_algorithms (bitwise reproducible); both equal the reference."""
+    torch.use_deterministic_algorithms or with STATE_ATOMIC off (bitwise reproducible); both
+    equal the reference."""
     k, v = bshd(2, 300, 2, 64, torch.float32), bshd(2, 300, 2, 48, torch.float32)
     assert tr._chunking(300, 2 * 2, k.device)[0] > 1
     fast = tr.linear_attention_state_triton(k, v)
@@ -251,6 +252,12 @@ def test_state_deterministic_mode():
         torch.use_deterministic_algorithms(False)
     assert torch.equal(det[0][0], det[1][0]) and torch.equal(det[0][1], det[1][1])
     ref = linear_attention_state_reference(k.double(), v.double())
+    tr.STATE_ATOMIC = False   # the slots and a sum by choice, as in deterministic mode
+    try:
+        slots = tr.linear_attention_state_triton(k, v)
+    finally:
+        tr.STATE_ATOMIC = True
+    assert torch.equal(slots[0], det[0][0]) and torch.equal(slots[1], det[0][1])
     for got in (fast, det[0]):
         assert max_err(got[0], ref[0]) < 1e-4 * (1 + ref[0].abs().max().item())
         assert max_err(got[1], ref[1]) < 1e-4 * (1 + ref[1].abs().max().item())

@@ -882,6 +882,11 @@ PROGRAMS_PER_SM = 2
 # Likewise the apply kernel's denominators phi(q).z: a small dot (z split hi + lo for 16-bit
 # operands) or a per-row reduction across threads.
 APPLY_DEN_BY_DOT = True
+# How the state kernel's programs (several chunks per sequence) combine their sums: fp32 atomics
+# into a zeroed state (a memset first; every program's adds land at once, at the end), or each
+# program's own slot, summed by one torch reduction after (no memset, deterministic; always so
+# under torch.use_deterministic_algorithms). benchmarks/linear_sweep.py times both.
+STATE_ATOMIC = True
 
 
 # (clips per program, num_warps, num_stages) of the MEMO step kernel that linear_sweep times
@@ -1021,8 +1026,9 @@ def linear_attention_state_triton(k, v, feature_map="elu1", cu_seqlens=None, cou
     cfgs = launch_configs("state", D, Dv, k.dtype, k.device.type == "cuda")
     n_e = triton.cdiv(Dv, cfgs[0]["BLOCK_DV"])
     n_chunks, chunk = _chunking(max_len, nseq * Hkv * n_e, k.device)
-    # Several chunks: fp32 atomics into a zeroed state, unless deterministic algorithms are requested.
-    atomic = n_chunks > 1 and not torch.are_deterministic_algorithms_enabled()
+    # Several chunks: fp32 atomics into a zeroed state (STATE_ATOMIC), unless deterministic
+    # algorithms are requested.
+    atomic = n_chunks > 1 and STATE_ATOMIC and not torch.are_deterministic_algorithms_enabled()
     f32 = dict(dtype=torch.float32, device=k.device)
     if atomic:  # both sums in one zeroed buffer: one memset launch
         zeros = torch.zeros(nseq * Hkv * D * (Dv + 1), **f32)

@@ -10,7 +10,8 @@ variant's output against the default variant's (a miscompiled configuration show
 difference), and prints effective TFLOP/s.
 The `dense-control` shape has a window covering the whole grid, so every plan entry is a full
 block without any mask: its rate against SDPA (cuDNN, flash) on the same tensors is the engine's
-raw attention speed, separate from plan waste and mask cost.
+raw attention speed, separate from plan waste and mask cost; against FlexAttention without a mask
+(Triton), what a Triton kernel reaches on the card.
 
     python -m benchmarks.window_sweep                       # every shape below
     python -m benchmarks.window_sweep --shape na2d-* --json sweep.json
@@ -62,6 +63,14 @@ def _sdpa_rows(q, k, v, backend):
     return fn
 
 
+def _flex_dense(q, k, v):
+    from .cases.window import _flex_fn
+
+    flex = _flex_fn()
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    return lambda: flex(qt, kt, vt).transpose(1, 2)
+
+
 def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
     spec, q, k, v = _tensors(shape, device, dtype)
     scale = 1.0 / math.sqrt(shape.D)
@@ -96,6 +105,9 @@ def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
     if spec.window is not None and all(w >= n for w, n in zip(spec.window, spec.grid)):
         for backend in ("cudnn", "flash"):
             record(f"sdpa-{backend}", _sdpa_rows(q, k, v, backend), ref)
+        # FlexAttention without a mask: a well-tuned Triton attention kernel on the same tensors,
+        # so the engine's raw rate can be told apart from Triton's own ceiling on this card
+        record("flex (dense, Triton)", _flex_dense(q, k, v), ref)
     out.extend(rows)
 
 

@@ -59,3 +59,22 @@ def test_sweep_times_the_prefix_both_ways(monkeypatch):
                        device="cpu", dtype=torch.float32)
     (row,) = [r for r in rows if r["variant"] == "default, PREFIX_BY_DENSE=0"]
     assert row["max_diff_vs_default"] < 1e-4 and wt.PREFIX_BY_DENSE is True
+
+
+def test_dense_control_adds_the_triton_ceiling_row(monkeypatch):
+    """A window covering the grid adds FlexAttention without a mask (here replaced by torch's
+    SDPA, as no compiler runs on the CPU in tests): same output as the engine, in BSHD."""
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks import sweep_cli
+    from benchmarks.cases import window as cw
+    from benchmarks.cases.window import WindowShape
+    monkeypatch.setattr(sweep_cli, "bench", lambda fn: 1.0)
+    monkeypatch.setattr(cw, "_flex_fn", lambda: F.scaled_dot_product_attention)
+    monkeypatch.setattr(window_sweep, "BLOCKS", [(16, 16)])
+    rows = []
+    window_sweep.sweep(WindowShape("tiny-dense", 1, 2, 16, (4, 8), window=(4, 8)), rows, device="cpu",
+                       dtype=torch.float32)
+    (row,) = [r for r in rows if r["variant"] == "flex (dense, Triton)"]
+    assert row["max_diff_vs_default"] < 1e-4

@@ -109,11 +109,13 @@ if [ "$SWEEP_S" -gt 0 ]; then
 fi
 
 # optional launch-config sweep of the linear-attention forward (benchmarks/linear_sweep.py; its
-# table goes to bench.log), LSWEEP_S seconds (0, the default, skips it)
+# table goes to bench.log), LSWEEP_S seconds (0, the default, skips it); LSWEEP_ARGS e.g. "--shape flux4k-*"
 LSWEEP_S="${LSWEEP_S:-0}"
 if [ "$LSWEEP_S" -gt 0 ]; then
   echo "== linear sweep (timeout ${LSWEEP_S} s)"
-  timeout "$LSWEEP_S" "$PY" -m benchmarks.linear_sweep 2>&1 | tee -a "$OUT/bench.log" || echo "linear sweep cut or failed at ${SECONDS} s"
+  # shellcheck disable=SC2086
+  timeout "$LSWEEP_S" "$PY" -m benchmarks.linear_sweep ${LSWEEP_ARGS:-} 2>&1 | tee -a "$OUT/bench.log" \
+    || echo "linear sweep cut or failed at ${SECONDS} s"
 fi
 
 # optional host-overhead profile (benchmarks/host_profile.py; its tables go to bench.log), e.g.

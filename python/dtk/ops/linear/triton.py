@@ -155,6 +155,17 @@ def _chunk_range(CU, b, S, CHUNK, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _program_rows(CU, S, NH, NE, CHUNK, VARLEN: tl.constexpr):
+    """A streaming program's (sequence, head, Dv block, first row, end row): grid axis 0 is
+    sequences x NH heads x NE Dv blocks (Dv block fastest), axis 1 the row chunk (_chunk_range)."""
+    pid = tl.program_id(0)
+    pid_bh = pid // NE
+    b = pid_bh // NH
+    start, end = _chunk_range(CU, b, S, CHUNK, VARLEN)
+    return b, pid_bh % NH, pid % NE, start, end
+
+
+@triton.jit
 def _seq_base(P, b, h, sb, sh, VARLEN: tl.constexpr):
     """P at sequence b, head h. Packed sequences (VARLEN) all live in batch row 0: their rows are
     addressed by _chunk_range's absolute positions."""
@@ -200,15 +211,11 @@ def _state_kernel(K, V, CU, PKV, PKS,
                   FM: tl.constexpr, VARLEN: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
                   ATOMIC: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, KS_DOT: tl.constexpr,
                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid = tl.program_id(0)
     pid_c = tl.program_id(1)
-    pid_e = pid % NE
-    pid_bh = pid // NE
-    b = pid_bh // HKV
-    h = pid_bh % HKV
+    b, h, pid_e, start, end = _program_rows(CU, S, HKV, NE, CHUNK, VARLEN)
+    pid_bh = b * HKV + h
     kb = _seq_base(K, b, h, skb, skh, VARLEN)
     vb = _seq_base(V, b, h, svb, svh, VARLEN)
-    start, end = _chunk_range(CU, b, S, CHUNK, VARLEN)
     n_full = (tl.maximum(end - start, 0) // BLOCK_S).to(tl.int32)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = pid_e * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -278,13 +285,8 @@ def _apply_kernel(Q, KV, KS, CNT, O, CU,
                   HAS_CNT: tl.constexpr,
                   LOWP: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                   DEN_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid = tl.program_id(0)
-    pid_e = pid % NE
-    pid_bh = pid // NE
-    b = pid_bh // H
-    h = pid_bh % H
+    b, h, pid_e, start, end = _program_rows(CU, S, H, NE, CHUNK, VARLEN)
     hk = h // (H // HKV)
-    start, end = _chunk_range(CU, b, S, CHUNK, VARLEN)
     if start < end:
         qb = _seq_base(Q, b, h, sqb, sqh, VARLEN)
         ob = _seq_base(O, b, h, sob, soh, VARLEN)
@@ -374,15 +376,13 @@ def _grad_q_kernel(Q, G, KV, KS, CNT, DQ, PGS, PGZ, CU,
                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One program per (sequence x head, query chunk): dq for its rows, and its partial
     dS = sum_i phi(q_i)^T ga_i (D x Dv) and dz = sum_i phi(q_i) gd_i (already divided by N)."""
-    pid_bh = tl.program_id(0)
     pid_c = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b, h, _, start, end = _program_rows(CU, S, H, 1, CHUNK, VARLEN)
+    pid_bh = b * H + h
     hk = h // (H // HKV)
     qb = _seq_base(Q, b, h, sqb, sqh, VARLEN)
     gb = _seq_base(G, b, h, sgb, sgh, VARLEN)
     db = _seq_base(DQ, b, h, sdb, sdh, VARLEN)
-    start, end = _chunk_range(CU, b, S, CHUNK, VARLEN)
     n_full = tl.maximum(end - start, 0) // BLOCK_M
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_DV)
@@ -452,10 +452,7 @@ def _grad_kv_kernel(K, V, GS, GZ, DK, DV_, CU,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dk_j = phi'(k_j) (dS v_j + dz), dv_j = dS^T phi(k_j) with dS, dz reduced over the group;
     one program per (sequence x kv head, key chunk), dS loaded once."""
-    pid_bh = tl.program_id(0)
-    b = pid_bh // HKV
-    h = pid_bh % HKV
-    start, end = _chunk_range(CU, b, S, CHUNK, VARLEN)
+    b, h, _, start, end = _program_rows(CU, S, HKV, 1, CHUNK, VARLEN)
     if start < end:
         kb = _seq_base(K, b, h, skb, skh, VARLEN)
         vb = _seq_base(V, b, h, svb, svh, VARLEN)
@@ -527,11 +524,8 @@ def _grad_rows_kernel(Q, G, SL, KS, W, CU,
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Normalised mode: each query row's 1/den and gd into W (B, S, H, 2), for one (sequence x
     head, query chunk); SL is the state S (already / N, operand dtype), KS z."""
-    pid_bh = tl.program_id(0)
-    b = pid_bh // H
-    h = pid_bh % H
+    b, h, _, start, end = _program_rows(CU, S, H, 1, CHUNK, VARLEN)
     hk = h // (H // HKV)
-    start, end = _chunk_range(CU, b, S, CHUNK, VARLEN)
     if start < end:
         qb = _seq_base(Q, b, h, sqb, sqh, VARLEN)
         gb = _seq_base(G, b, h, sgb, sgh, VARLEN)
@@ -585,13 +579,9 @@ def _grad_s_wide_kernel(Q, G, W, PGS, PGZ, CU,
     """One program per (sequence x head x Dv block, query chunk): its chunk's partial
     dS = sum_i phi(q_i)^T (g_i / den_i) for one Dv block (D x BLOCK_DV, not yet / N) and, in the
     first Dv block, dz = sum_i phi(q_i) gd_i (1/den, gd from W); every chunk writes its own slot."""
-    pid = tl.program_id(0)
     pid_c = tl.program_id(1)
-    pid_e = pid % NE
-    pid_bh = pid // NE
-    b = pid_bh // H
-    h = pid_bh % H
-    start, end = _chunk_range(CU, b, S, CHUNK, VARLEN)
+    b, h, pid_e, start, end = _program_rows(CU, S, H, NE, CHUNK, VARLEN)
+    pid_bh = b * H + h
     qb = _seq_base(Q, b, h, sqb, sqh, VARLEN)
     gb = _seq_base(G, b, h, sgb, sgh, VARLEN)
     wb = _seq_base(W, b, h, swb, swh, VARLEN)
@@ -662,11 +652,8 @@ def _grad_feature_kernel(X, Y, T, C, W, O, CU,
     D x Dv in the operand dtype, read in Dv blocks), c a D-vector (z or dz); a_i, b_i from W
     (ROW_W: 1/den and gd) or 1 (ADD_C) or a_i = 1, b_i = 0. HAS_SCALE: y is scaled before phi and
     the result by the same factor (dq)."""
-    pid_bh = tl.program_id(0)
-    b = pid_bh // H
-    h = pid_bh % H
+    b, h, _, start, end = _program_rows(CU, S, H, 1, CHUNK, VARLEN)
     hk = h // (H // HKV)
-    start, end = _chunk_range(CU, b, S, CHUNK, VARLEN)
     if start < end:
         xb = _seq_base(X, b, h, sxb, sxh, VARLEN)
         yb = _seq_base(Y, b, h, syb, syh, VARLEN)

@@ -11,7 +11,8 @@ difference), and prints effective TFLOP/s.
 The `dense-control` shape has a window covering the whole grid, so every plan entry is a full
 block without any mask: its rate against SDPA (cuDNN, flash) on the same tensors is the engine's
 raw attention speed, separate from plan waste and mask cost; against FlexAttention without a mask
-(Triton), what a Triton kernel reaches on the card.
+and benchmarks/ws_probe.py (TMA loads, with and without Hopper warp specialization), what Triton
+kernels reach on the card.
 
     python -m benchmarks.window_sweep                       # every shape below
     python -m benchmarks.window_sweep --shape na2d-* --json sweep.json
@@ -29,7 +30,7 @@ from dtk.ops.window.plan import build_plan, engine_pairs
 from dtk.ops.window.spec import pair_count
 from dtk.ops.window.triton import launch_configs, window_attention_triton
 
-from . import sweep_cli
+from . import sweep_cli, ws_probe
 from .cases.window import GPU_SHAPES, WindowShape
 from .sweep_cli import timed_row
 
@@ -61,6 +62,19 @@ def _sdpa_rows(q, k, v, backend):
         with sdpa_kernel(be):
             return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
     return fn
+
+
+def _lazy(make):
+    """A callable that builds the real one (`make()`) on its first call: a build error is then the
+    variant's error row (timed_row), not the sweep's end, and the build is never timed."""
+    fn = None
+
+    def run():
+        nonlocal fn
+        if fn is None:
+            fn = make()
+        return fn()
+    return run
 
 
 def _flex_dense(q, k, v):
@@ -108,6 +122,10 @@ def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
         # FlexAttention without a mask: a well-tuned Triton attention kernel on the same tensors,
         # so the engine's raw rate can be told apart from Triton's own ceiling on this card
         record("flex (dense, Triton)", _flex_dense(q, k, v), ref)
+        # plain Triton attention with TMA loads, without and with Hopper warp specialization
+        for name, ws, bm, bn, warps, stages in ws_probe.VARIANTS:
+            record(f"probe: {name} (dense, Triton, {bm}x{bn} w{warps} s{stages})",
+                   _lazy(lambda: ws_probe.probe_fn(q, k, v, scale, ws, bm, bn, warps, stages)), ref)
     out.extend(rows)
 
 

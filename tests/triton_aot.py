@@ -31,6 +31,8 @@ def job(kernel: str, arch: int, types: dict, constexprs: dict, default="i32", **
 def compile_all(jobs) -> list:
     """Compiles every job in one subprocess; returns per job {"wgmma": count of wgmma
     instructions in the PTX, "cp_async": count of cp.async, "shared": bytes of shared memory,
+    "warps": the warps a program runs (more than num_warps when Triton warp-specializes a loop),
+    "warp_specialized": whether it did (ttg.warp_specialize in the TTGIR),
     "serialized": ptxas serialises the wgmma pipeline (C7515), "registers", "spill_bytes",
     "loop_spills": spill loads / stores inside loops} (the last four on sm_90a only; None on other
     archs). Raises with the compiler's error."""
@@ -63,6 +65,7 @@ def _compile(j):
         raise RuntimeError(f"{j}: {e}") from e
     ptx = k.asm["ptx"]
     res = dict(wgmma=ptx.count("wgmma.mma_async"), cp_async=ptx.count("cp.async"), shared=k.metadata.shared,
+               warps=k.metadata.num_warps, warp_specialized="ttg.warp_specialize" in k.asm["ttgir"],
                serialized=None, registers=None, spill_bytes=None, loop_spills=None)
     if j["arch"] == 90:
         res.update(_ptxas_report(ptx), loop_spills=_loop_spills(k.asm["cubin"]))
@@ -122,4 +125,5 @@ def _ptxas_report(ptx: str) -> dict:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo root: benchmarks.*
     print(json.dumps([_compile(j) for j in json.loads(sys.stdin.read())]))

@@ -123,9 +123,9 @@ def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
         # so the engine's raw rate can be told apart from Triton's own ceiling on this card
         record("flex (dense, Triton)", _flex_dense(q, k, v), ref)
         # plain Triton attention with TMA loads, without and with Hopper warp specialization
-        for name, ws, bm, bn, warps, stages in ws_probe.VARIANTS:
+        for name, ws, indexed, bm, bn, warps, stages in ws_probe.VARIANTS:
             record(f"probe: {name} (dense, Triton, {bm}x{bn} w{warps} s{stages})",
-                   _lazy(lambda: ws_probe.probe_fn(q, k, v, scale, ws, bm, bn, warps, stages)), ref)
+                   _lazy(lambda: ws_probe.probe_fn(q, k, v, scale, ws, indexed, bm, bn, warps, stages)), ref)
     out.extend(rows)
 
 

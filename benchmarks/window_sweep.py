@@ -121,7 +121,7 @@ def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
             record(f"sdpa-{backend}", _sdpa_rows(q, k, v, backend), ref)
         # FlexAttention without a mask: a well-tuned Triton attention kernel on the same tensors,
         # so the engine's raw rate can be told apart from Triton's own ceiling on this card
-        record("flex (dense, Triton)", _flex_dense(q, k, v), ref)
+        record("flex (dense, Triton)", _lazy(lambda: _flex_dense(q, k, v)), ref)
         # plain Triton attention with TMA loads, without and with Hopper warp specialization
         for name, ws, indexed, bm, bn, warps, stages in ws_probe.VARIANTS:
             record(f"probe: {name} (dense, Triton, {bm}x{bn} w{warps} s{stages})",

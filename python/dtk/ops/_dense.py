@@ -4,6 +4,8 @@ Hopper), and the side streams that let several such calls, or one beside a Trito
 the GPU. On the CPU torch's flash attention stands in, so the code around it is tested there."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -27,15 +29,39 @@ def dense_with_lse(q, k, v, scale):
     return res[0], res[1].reshape(q.shape[:3]).float()
 
 
+# The dense kernel's first error (a build or card without cuDNN attention): from then on the
+# sparse and the window ops alike take their Triton paths instead.
+DENSE_FAILED: list = []
+
+
+def dense_failed(where: str, err: Exception) -> None:
+    """Records the dense kernel's failure (see DENSE_FAILED) and says so, naming the op (`where`)."""
+    DENSE_FAILED.append(err)
+    warnings.warn(f"{where}: dense attention (cuDNN) failed ({str(err).splitlines()[0][:200]}); "
+                  "using the Triton engine from now on")
+
+
 _SIDE_STREAMS: dict = {}
 
 
-def side_streams(device: torch.device, n: int) -> list:
-    """n side streams of `device`, made once and reused (dtk's only streams besides the caller's)."""
+def fork_streams(device: torch.device, n: int) -> list:
+    """n side streams of `device` (made once and reused: dtk's only streams besides the caller's),
+    each queued after the work already on the current stream; join_streams ends the fork."""
     pool = _SIDE_STREAMS.setdefault(device, [])
     while len(pool) < n:
         pool.append(torch.cuda.Stream(device))
+    cur = torch.cuda.current_stream(device)
+    for side in pool[:n]:
+        side.wait_stream(cur)
     return pool[:n]
+
+
+def join_streams(streams: list) -> None:
+    """The current stream waits for the work queued on `streams` (fork_streams' side streams)."""
+    if streams:
+        cur = torch.cuda.current_stream(streams[0].device)
+        for side in streams:
+            cur.wait_stream(side)
 
 
 def concurrent_ok(t: torch.Tensor) -> bool:
@@ -58,15 +84,13 @@ def dense_with_lse_concurrent(calls, scale):
         return [dense_with_lse(q, k, v, scale) for q, k, v in calls]
     device = calls[0][0].device
     cur = torch.cuda.current_stream(device)
-    streams = [cur] + side_streams(device, min(len(calls), MAX_STREAMS) - 1)
-    for side in streams[1:]:
-        side.wait_stream(cur)
+    sides = fork_streams(device, min(len(calls), MAX_STREAMS) - 1)
+    streams = [cur] + sides
     results = []
     for i, (q, k, v) in enumerate(calls):
         with torch.cuda.stream(streams[i % len(streams)]):
             results.append(dense_with_lse(q, k, v, scale))
-    for side in streams[1:]:
-        cur.wait_stream(side)
+    join_streams(sides)
     for i, (o, lse) in enumerate(results):
         if i % len(streams):   # made on a side stream, read on the caller's
             o.record_stream(cur)

@@ -117,7 +117,8 @@ def test_mask_ops_on_gpu():
 def test_multi_kv_dense_segments_cudnn_and_triton_engines(dtype, monkeypatch):
     """Dense MHA segments go to the cuDNN engine (per-segment cuDNN + lse merge); it and the Triton
     engine both match the reference, lse included (natural log), compact and scattered."""
-    from dtk.ops.sparse import _register, cudnn
+    from dtk.ops import _dense
+    from dtk.ops.sparse import cudnn
 
     B, S, H, D = 2, 1000, 4, 128
     q = _r(B, S, H, D, dtype=dtype, tr=True)
@@ -144,7 +145,7 @@ def test_multi_kv_dense_segments_cudnn_and_triton_engines(dtype, monkeypatch):
         rs64, _ = mkv_ref(q.double(), _d(ks), _d(vs), q_index=qi, out=before.double())
         rslo, _ = mkv_ref(q, ks, vs, q_index=qi, out=before)
         assert_matches_reference(out, rs64, rslo, atol=2e-3)
-    assert not _register._CUDNN_FAILED
+    assert not _dense.DENSE_FAILED
 
 
 def _grads(fn, tensors, g, gl):

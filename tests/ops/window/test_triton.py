@@ -69,19 +69,20 @@ def test_triton_named(case, prefix_by_dense, monkeypatch):
 def test_triton_prefix_falls_back_when_the_dense_kernel_fails(monkeypatch):
     """A dense-kernel error on the prefix rows (a build or card without it) is said once and the
     Triton kernel's own prefix programs run then and from then on."""
+    from dtk.ops import _dense
     from dtk.ops.window import triton as wt
 
     def broken(*args, **kwargs):
         raise RuntimeError("no dense attention here")
     monkeypatch.setattr(wt, "dense_with_lse", broken)
-    monkeypatch.setattr(wt, "_DENSE_FAILED", [])
+    monkeypatch.setattr(_dense, "DENSE_FAILED", [])
     case = dict(grid=(9, 11), window=None, radius=3, border="clip", num_prefix=5, tile=(4, 4), num_extra=3,
                 heads=(2, 2), D=16, B=1, transposed=False, scale=None)
     with pytest.warns(UserWarning, match="no dense attention here"):
         run_case(case, DTYPES[0], block=16)
-    assert len(wt._DENSE_FAILED) == 1
+    assert len(_dense.DENSE_FAILED) == 1
     run_case(case, DTYPES[0], block=16)   # no second attempt, no second warning
-    assert len(wt._DENSE_FAILED) == 1
+    assert len(_dense.DENSE_FAILED) == 1
 
 
 def test_triton_gpu_blocks_on_freeswim_tiles():

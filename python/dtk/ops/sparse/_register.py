@@ -9,6 +9,7 @@ import importlib.util
 import torch
 
 from ..._debug import check_indices
+from .. import _dense
 from .._checks import check_bshd as _check_bshd, check_gpu as _check_gpu, check_grads, check_kv_like_q, check_scale as _check_scale
 
 _LIB = "dtk::"
@@ -267,9 +268,6 @@ def _register_cuda():
                                                  scale, out, lse)
 
 
-_CUDNN_FAILED = []   # the first cuDNN error, after which the Triton engine serves every call
-
-
 def _use_cudnn(op: str, ok: bool, requirement: str) -> bool:
     """Whether the cuDNN engine runs this call (DTK_SPARSE_ENGINE; auto: where it applies)."""
     from ..._debug import sparse_engine
@@ -277,12 +275,12 @@ def _use_cudnn(op: str, ok: bool, requirement: str) -> bool:
     engine = sparse_engine()
     if engine == "cudnn" and not ok:
         raise ValueError(f"DTK_SPARSE_ENGINE=cudnn, but the cuDNN engine of {op} serves only {requirement}")
-    return ok and (engine == "cudnn" or (engine == "auto" and not _CUDNN_FAILED))
+    return ok and (engine == "cudnn" or (engine == "auto" and not _dense.DENSE_FAILED))
 
 
 def _cudnn_or_triton(run_cudnn, run_triton):
     """run_cudnn(); on a cuDNN error (a build or card without this attention) say so once and use
-    the Triton engine from then on (DTK_SPARSE_ENGINE=cudnn re-raises)."""
+    the Triton engine from then on (_dense.DENSE_FAILED; DTK_SPARSE_ENGINE=cudnn re-raises)."""
     from ..._debug import sparse_engine
 
     try:
@@ -290,10 +288,7 @@ def _cudnn_or_triton(run_cudnn, run_triton):
     except RuntimeError as e:
         if sparse_engine() == "cudnn":
             raise
-        import warnings
-        _CUDNN_FAILED.append(e)
-        warnings.warn(f"dtk sparse ops: cuDNN attention failed ({str(e).splitlines()[0][:200]}); "
-                      "using the Triton engine from now on")
+        _dense.dense_failed("dtk sparse ops", e)
         return run_triton()
 
 

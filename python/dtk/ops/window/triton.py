@@ -12,7 +12,6 @@ the query blocks that see it) for dk and dv, looping over the GQA group's q head
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import triton
@@ -20,7 +19,8 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ..._debug import new_output, triton_autotune, window_blocks_override
-from .._dense import concurrent_ok, dense_supported, dense_with_lse, side_streams
+from .. import _dense
+from .._dense import concurrent_ok, dense_failed, dense_supported, dense_with_lse, fork_streams, join_streams
 from .plan import block_fill, build_key_plan, build_plan, coord_table
 from .spec import WindowSpec
 
@@ -808,7 +808,6 @@ def _geometry_args(spec: WindowSpec, device: torch.device):
 # Triton kernel so the two overlap; False: the Triton kernel's own prefix programs (the sweep
 # times both).
 PREFIX_BY_DENSE = True
-_DENSE_FAILED: list = []   # the first dense-kernel error, after which Triton runs every prefix
 
 
 def _start_prefix_dense(q, k, v, out, lse, P: int, scale: float):
@@ -823,8 +822,7 @@ def _start_prefix_dense(q, k, v, out, lse, P: int, scale: float):
     if not concurrent_ok(q):
         run()
         return None
-    (side,) = side_streams(q.device, 1)
-    side.wait_stream(torch.cuda.current_stream(q.device))
+    (side,) = fork_streams(q.device, 1)
     with torch.cuda.stream(side):
         run()
     return side
@@ -849,14 +847,12 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     ek, ev = (k, v) if extra_k is None else (extra_k, extra_v)
     P = spec.num_prefix
     side, n_pqb = None, (P + block_q - 1) // block_q
-    if P and PREFIX_BY_DENSE and not _DENSE_FAILED and dense_supported(q, k):
+    if P and PREFIX_BY_DENSE and not _dense.DENSE_FAILED and dense_supported(q, k):
         try:
             side = _start_prefix_dense(q, k, v, out, lse, P, scale)
             n_pqb = 0   # the Triton kernel runs the grid query blocks only
-        except RuntimeError as e:   # a build or card without this attention: say so once, use Triton
-            _DENSE_FAILED.append(e)
-            warnings.warn(f"dtk window_attention: dense attention of the prefix rows failed "
-                          f"({str(e).splitlines()[0][:200]}); the Triton engine runs them from now on")
+        except RuntimeError as e:   # a build or card without this attention: the Triton prefix programs
+            dense_failed("dtk window_attention (prefix rows)", e)
     block_d = max(16, triton.next_power_of_2(D))
     grid = ((n_pqb + plan.num_blocks) * B * H,)
     tuned = q.device.type == "cuda" and triton_autotune() and launch is None
@@ -878,7 +874,7 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
         **config,
     )
     if side is not None:
-        torch.cuda.current_stream(q.device).wait_stream(side)
+        join_streams([side])
     return out, lse
 
 

@@ -5,7 +5,8 @@ RESULTS.md).
 For each shape it times the Triton engine at every (query block, key block) x (num_warps,
 num_stages) candidate with autotuning off (for box windows also the default with the partial
 blocks' scores tested one by one instead of masked by tensor-core dots: MASK_BY_DOT; with a
-prefix, the default with the prefix rows in the Triton kernel: PREFIX_BY_DENSE), checks each
+prefix, the default with the prefix rows in the Triton kernel: PREFIX_BY_DENSE; on Hopper, K and V
+blocks by TMA copies or pointer loads, whichever the default is not: TMA_LOADS), checks each
 variant's output against the default variant's (a miscompiled configuration shows as a large
 difference), and prints effective TFLOP/s.
 The `dense-control` shape has a window covering the whole grid, so every plan entry is a full
@@ -98,17 +99,20 @@ def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
     def default():
         return window_attention_triton(q, k, v, spec, scale, launch=launch_configs(bd)[0])
     ref = record("default", default)
-    # the default with one engine switch off: boxes' partial-block masks by tensor-core dots (else
-    # per-score tests); a prefix's rows by the dense kernel on a side stream (else Triton's own)
-    for flag, applies in (("MASK_BY_DOT", spec.window is not None), ("PREFIX_BY_DENSE", spec.num_prefix > 0)):
+    # the default with one engine switch flipped: boxes' partial-block masks by tensor-core dots
+    # (else per-score tests); a prefix's rows by the dense kernel on a side stream (else Triton's
+    # own); K / V blocks by TMA copies (else pointer loads; Hopper on)
+    hopper = q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] >= 9
+    for flag, applies in (("MASK_BY_DOT", spec.window is not None), ("PREFIX_BY_DENSE", spec.num_prefix > 0),
+                          ("TMA_LOADS", hopper)):
         if not applies:
             continue
-        on = getattr(wt, flag)
+        was = getattr(wt, flag)
         try:
-            setattr(wt, flag, False)
-            record(f"default, {flag}=0", default, ref)
+            setattr(wt, flag, not was)
+            record(f"default, {flag}={int(not was)}", default, ref)
         finally:
-            setattr(wt, flag, on)
+            setattr(wt, flag, was)
     for bq, bk in BLOCKS:
         eff = pair_count(spec) / engine_pairs(build_plan(spec, bq, bk, q.device), spec)
         print(f"{shape.name:34s} blocks {bq}x{bk}: plan efficiency {eff:.3f} (the mask's pairs / computed pairs)")

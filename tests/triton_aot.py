@@ -30,7 +30,8 @@ def job(kernel: str, arch: int, types: dict, constexprs: dict, default="i32", **
 
 def compile_all(jobs) -> list:
     """Compiles every job in one subprocess; returns per job {"wgmma": count of wgmma
-    instructions in the PTX, "cp_async": count of cp.async, "shared": bytes of shared memory,
+    instructions in the PTX, "cp_async": count of cp.async (TMA copies included), "tma": count of
+    tensor-memory-accelerator copies (cp.async.bulk.tensor), "shared": bytes of shared memory,
     "warps": the warps a program runs (more than num_warps when Triton warp-specializes a loop),
     "warp_specialized": whether it did (ttg.warp_specialize in the TTGIR),
     "serialized": ptxas serialises the wgmma pipeline (C7515), "registers", "spill_bytes",
@@ -52,7 +53,10 @@ def _compile(j):
 
     mod, name = j["kernel"].split(":")
     kernel = getattr(importlib.import_module(mod), name)
-    const = j["constexprs"]
+    # constexpr parameters the job leaves out take their defaults (as a launch that omits them)
+    defaults = {p.name: p.default for p in inspect.signature(kernel.fn).parameters.values()
+                if p.default is not inspect.Parameter.empty and "constexpr" in str(p.annotation)}
+    const = {**defaults, **j["constexprs"]}
     params = list(inspect.signature(kernel.fn).parameters)
     sig = {n: "constexpr" if n in const else j["types"].get(n, j["default"]) for n in params}
     unspecialised = {p.name for p in getattr(kernel, "params", []) if getattr(p, "do_not_specialize", False)}
@@ -64,7 +68,8 @@ def _compile(j):
     except Exception as e:
         raise RuntimeError(f"{j}: {e}") from e
     ptx = k.asm["ptx"]
-    res = dict(wgmma=ptx.count("wgmma.mma_async"), cp_async=ptx.count("cp.async"), shared=k.metadata.shared,
+    res = dict(wgmma=ptx.count("wgmma.mma_async"), cp_async=ptx.count("cp.async"),
+               tma=ptx.count("cp.async.bulk.tensor"), shared=k.metadata.shared,
                warps=k.metadata.num_warps, warp_specialized="ttg.warp_specialize" in k.asm["ttgir"],
                serialized=None, registers=None, spill_bytes=None, loop_spills=None)
     if j["arch"] == 90:

@@ -2,6 +2,8 @@
 
 Implementations, all run in one process on the same tensors:
   dtk              the op (CPU tensors: C++ engine; CUDA tensors: Triton engine); checked first.
+  dtk-tma          (GPU set, Hopper) the op with K and V blocks read by TMA copies instead of
+                   pointer loads (window.triton.TMA_LOADS, off by default until measured).
   dtk+permute      (tile-order cases) the same from row-major tokens: q, k, v permuted to tile
                    order and the output back (dtk.to/from_tile_order) inside the timed call.
   sdpa-<backend>   dense SDPA (no mask: the cost of ignoring locality) for flash, cudnn,
@@ -200,6 +202,23 @@ def _prep_dtk(state):
         info["blocks"] = "x".join(map(str, blocks))
         info["plan_eff"] = round(pair_count(spec) / engine_pairs(plan, spec), 3)
     return Prepared(fn, info)
+
+
+def _prep_dtk_tma(state):
+    """dtk with the engine's K / V blocks read by TMA copies (window.triton.TMA_LOADS, off by
+    default until measured): Hopper only."""
+    from dtk.ops.window import triton as wt
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        raise Skip("TMA loads need Hopper (sm_90) or newer")
+    inner = _prep_dtk(state).fn
+
+    def fn():
+        was, wt.TMA_LOADS = wt.TMA_LOADS, True
+        try:
+            return inner()
+        finally:
+            wt.TMA_LOADS = was
+    return Prepared(fn, first_call(fn, state["device"], "window_attention (TMA loads)"))
 
 
 def _prep_dtk_permute(state):
@@ -457,6 +476,9 @@ def make_impls(shape: WindowShape, gpu: bool, slow_reps: int = 3):
     big = S > 100_000
     dense_flops = 4.0 * shape.B * shape.H * S * S * shape.D
     impls = [Impl("dtk", _prep_dtk, kind="dtk", check=True)]
+    if gpu:
+        impls.append(Impl("dtk-tma", _prep_dtk_tma, kind="dtk", check=True, devices=("cuda",),
+                          note="K / V blocks by TMA copies (window.triton.TMA_LOADS)"))
     if shape.tile:
         impls.append(Impl("dtk+permute", _prep_dtk_permute, kind="dtk", check=True, checker=_permute_check,
                           note="row-major tokens in and out: to_tile_order(q, k, v) + op + from_tile_order, all timed"))

@@ -228,3 +228,42 @@ def test_triton_without_key_shape_loops(case, monkeypatch):
     monkeypatch.setattr(wt, "_mask_args", general)
     case = {k: v for k, v in case.items() if k != "full_short"}
     run_case({**case, "heads": (2, 1), "D": 16, "B": 1, "transposed": False, "scale": None}, DTYPES[0], block=16)
+
+
+@pytest.mark.parametrize("case", MASK_DOT_CASES + [
+    dict(grid=(9, 11), window=None, radius=3, border="clip", num_prefix=5, tile=(3, 5), num_extra=3, D=40),
+    dict(grid=(3, 6, 7), window=None, radius=2, border="inward", num_prefix=0, tile=(3, 2, 2), num_extra=0),
+    dict(grid=(2, 3), window=None, radius=4, border="inward", num_prefix=0, tile=None, num_extra=0),  # empty rows
+])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_triton_tma_loads(case, transposed, monkeypatch):
+    """K and V blocks by tensor-descriptor (TMA) loads: rows past the sequence and head-dim columns
+    past D arrive as zeros instead of clamped or masked loads; same results in every loop (full,
+    short, partial and edge blocks, prefix keys), for BSHD and SDPA-layout (transposed) inputs."""
+    import dtk.ops.window.triton as wt
+    monkeypatch.setattr(wt, "TMA_LOADS", True)
+    monkeypatch.setattr(wt, "PREFIX_BY_DENSE", False)   # the prefix rows in the kernel too
+    used = []
+    real = wt._kv_descriptors
+
+    def spy(*args):
+        descs = real(*args)
+        used.append(descs is not None)
+        return descs
+    monkeypatch.setattr(wt, "_kv_descriptors", spy)
+    case = {k: v for k, v in case.items() if k != "full_short"}
+    run_case({"heads": (4, 2), "D": 16, "B": 2, "scale": None, **case, "transposed": transposed}, DTYPES[0],
+             block=16)
+    assert used == [True], used
+
+
+def test_triton_tma_loads_fall_back_on_unaligned_strides(monkeypatch):
+    """A K whose row stride is not a multiple of 16 bytes cannot be a TMA descriptor: pointer loads."""
+    import dtk.ops.window.triton as wt
+    monkeypatch.setattr(wt, "TMA_LOADS", True)
+    dt = DTYPES[0]
+    k = torch.randn(1, 10, 3, 18, dtype=dt, device=DEVICE)[..., :16]   # heads 18 elements apart
+    assert wt._kv_descriptors(k, k, 16, 16) is None
+    assert wt._kv_descriptors(k.contiguous(), k.contiguous(), 16, 16) is not None
+    monkeypatch.setattr(wt, "TMA_LOADS", False)
+    assert wt._kv_descriptors(k.contiguous(), k.contiguous(), 16, 16) is None

@@ -3,7 +3,7 @@ from dtk.ops.window.triton import launch_configs
 
 from ...triton_aot import compile_all, job
 
-PTRS = {n: "*bf16" for n in ("Q", "K", "V", "EK", "EV", "O", "DO", "DK", "DV")}
+PTRS = {n: "*bf16" for n in ("Q", "K", "V", "EK", "EV", "O", "DO", "DK", "DV", "KD", "VD")}
 PTRS.update({"LSE": "*fp32", "LSE2": "*fp32", "DELTA": "*fp32", "QB": "*i32", "ENT": "*i32", "CNT": "*i32",
              "ORDER": "*i32", "TQ": "*i32", "TOFF": "*i32", "CT": "*i32", "qk_scale": "fp32", "dq_scale": "fp32", "dk_scale": "fp32",
              "mask_big": "fp32", "mask_floor": "fp32",
@@ -78,3 +78,24 @@ def test_fp16_inputs_with_bf16_mask_dots_compile():
         assert res["shared"] <= SHARED_LIMIT[j["arch"]], (j, res)
         if j["arch"] == 90:
             assert res["wgmma"] > 0 and not res["serialized"] and res["loop_spills"] == 0, res
+
+
+def test_tma_loads_compile_for_hopper():
+    """The forward with TMA_LOADS (K and V blocks by tensor-descriptor copies) at the GPU blocks
+    and the default launch configs, boxes (mask dots) and circles, on sm_90: TMA copies in the
+    PTX, within shared memory, wgmma not serialised, at most a few spilled bytes."""
+    configs = [(is_box, bn) for is_box in (True, False) for bn in (64, 128)]
+    jobs = []
+    for is_box, bn in configs:
+        w, st = launch_configs(128, bn)[0]
+        types = dict(PTRS, KD=f"tensordesc<bf16[1,1,{bn},128]>", VD=f"tensordesc<bf16[1,1,{bn},128]>")
+        jobs.append(job("dtk.ops.window.triton:_window_fwd", 90, types,
+                        dict(IS_BOX=is_box, BLOCK_M=128, BLOCK_N=bn, BLOCK_D=128, EVEN_D=True, AXES=7, COORDS=True,
+                             BWD=False, TMA=True, **dict(MASK_FLAGS[is_box], LOCAL=is_box or bn <= 64)),
+                        num_warps=w, num_stages=st))
+    for cfg, res in zip(configs, compile_all(jobs)):
+        print(cfg, res)
+        assert res["tma"] > 0, (cfg, "no TMA copy in the PTX", res)
+        assert res["shared"] <= SHARED_LIMIT[90], (cfg, res)
+        assert res["wgmma"] > 0 and not res["serialized"], (cfg, res)
+        assert res["spill_bytes"] <= 512, (cfg, "spills registers", res)

@@ -83,24 +83,38 @@ def _finish(acc, m_i, l_i):
 
 
 @triton.jit
-def _dense_range(q, do, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, lo, hi, qk_scale,
-                 offs_n, offs_d, d_mask, BLOCK_N: tl.constexpr, BWD: tl.constexpr):
-    """Attend to every key in [lo, hi) of one (batch, kv head) row pointer pair: whole blocks
-    without any mask, then the last partial block masked."""
+def _dense_range(q, do, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, lo, hi, qk_scale, offs_n, offs_d, d_mask,
+                 BLOCK_N: tl.constexpr, BWD: tl.constexpr, kd=None, vd=None, b=0, kvh=0,
+                 BLOCK_D: tl.constexpr = 16, TMA: tl.constexpr = False):
+    """Attend to every key in [lo, hi) of one (batch, kv head) row pointer pair (TMA: of the
+    descriptors kd, vd at (b, kvh)): whole blocks without any mask, then the last partial block
+    masked."""
     full_end = lo + (tl.maximum(hi - lo, 0) // BLOCK_N) * BLOCK_N
     for start in range(lo, full_end, BLOCK_N):
         rows = (start + offs_n).to(tl.int64)
-        k = _load_rows(k_ptr, rows, sk, offs_d, None, d_mask, False, False)
-        v = _load_rows(v_ptr, rows, sv, offs_d, None, d_mask, False, False)
+        k = _key_rows(kd, b, kvh, start, k_ptr, rows, sk, offs_d, d_mask, False, BLOCK_N, BLOCK_D, TMA)
+        v = _key_rows(vd, b, kvh, start, v_ptr, rows, sv, offs_d, d_mask, False, BLOCK_N, BLOCK_D, TMA)
         acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, None, False, qk_scale, BWD)
     for start in range(full_end, hi, BLOCK_N):
         n = start + offs_n
         n_ok = n < hi
         rows = tl.minimum(n, hi - 1).to(tl.int64)   # rows past the range: the last row, masked scores
-        k = _load_rows(k_ptr, rows, sk, offs_d, None, d_mask, False, False)
-        v = _load_rows(v_ptr, rows, sv, offs_d, None, d_mask, False, False)
+        k = _key_rows(kd, b, kvh, start, k_ptr, rows, sk, offs_d, d_mask, False, BLOCK_N, BLOCK_D, TMA)
+        v = _key_rows(vd, b, kvh, start, v_ptr, rows, sv, offs_d, d_mask, False, BLOCK_N, BLOCK_D, TMA)
         acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale, BWD)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _key_rows(desc, b, kvh, start, ptr, rows, stride, offs_d, d_mask, EVEN_D: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """A key block's K or V rows: with TMA one tensor-memory-accelerator copy of rows
+    [start, start + BLOCK_N) of (b, kvh) from the (B, H_kv, S, D) descriptor (rows past S and
+    head-dim columns past D arrive as zeros), else pointer loads of `rows` (int64)."""
+    if TMA:
+        return desc.load([b.to(tl.int32), kvh.to(tl.int32), start, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        return _load_rows(ptr, rows, stride, offs_d, None, d_mask, False, EVEN_D)
 
 
 @triton.jit
@@ -377,14 +391,16 @@ def _window_fwd(
     B, H, GROUP, S, P, E, L, N_PQB, NQB, D, KE0, KE1, KE2, mask_big, mask_floor,
     N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1, CT, CSH0, CSH1, CM1, CM2,
     qk_scale,
-    DO, LSE2, DELTA, sdob, sdos, sdoh, dq_scale,
+    DO, LSE2, DELTA, sdob, sdos, sdoh, dq_scale, KD, VD,
     IS_BOX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, AXES: tl.constexpr, COORDS: tl.constexpr, KEY_SHORT: tl.constexpr,
     MASK_DOT: tl.constexpr, DEAD: tl.constexpr, MASK_F32: tl.constexpr, LOCAL: tl.constexpr,
-    BWD: tl.constexpr = False,
+    BWD: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     # The forward, or with BWD the dq pass of the backward (same walk over the keys; O is dq, DO
-    # the output gradient, LSE2 / DELTA the rows' lse (log2 units) and delta, see _step).
+    # the output gradient, LSE2 / DELTA the rows' lse (log2 units) and delta, see _step). TMA: the
+    # sequence's K and V blocks arrive by tensor-memory-accelerator copies from the (B, H_kv, S, D)
+    # descriptors KD, VD (Hopper; the extra keys keep pointer loads), else by pointer loads.
     # 1D grid. First the prefix query blocks (each attends to every key: the heaviest programs)
     # of every head, so none starts late and leaves a tail; then, head by head, the grid query
     # blocks with the query block fastest, so the programs running together share their keys in
@@ -419,7 +435,7 @@ def _window_fwd(
     # branch around the loops made ptxas serialise the wgmma pipeline (C7515) and doubled the
     # shared memory (each branch kept its own buffers).
     acc, m_i, l_i = _dense_range(q, do, acc, m_i, l_i, k_ptr, v_ptr, sks, svs, 0, tl.where(is_prefix, S, P),
-                                 qk_scale, offs_n, offs_d, d_mask, BLOCK_N, BWD)
+                                 qk_scale, offs_n, offs_d, d_mask, BLOCK_N, BWD, KD, VD, b, kvh, BLOCK_D, TMA)
     # Per-query window geometry, computed once: box bounds or circle centres per axis.
     x0, x1, x2 = _coords(offs_m, qo0, qo1, qo2, qe1, qe2)
     lo0, lo1, lo2, hi0, hi1, hi2 = _query_windows(x0, x1, x2, N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1, IS_BOX)
@@ -435,9 +451,10 @@ def _window_fwd(
     last = S - 1
     for j in range(0, c0):  # full key blocks of BLOCK_N keys: no mask at all
         e = ent_ptr + j * 8
-        rows = (tl.load(e) + offs_n).to(tl.int64)
-        k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
-        v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
+        start = tl.load(e)
+        rows = (start + offs_n).to(tl.int64)
+        k = _key_rows(KD, b, kvh, start, k_ptr, rows, sks, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
+        v = _key_rows(VD, b, kvh, start, v_ptr, rows, svs, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
         acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, None, False, qk_scale, BWD)
     # Blocks of the plan's key shape (KE0, KE1, KE2): a key's offsets from its block's origin depend
     # only on its column, so they are computed once (packed), and the columns past the shape's keys
@@ -457,9 +474,10 @@ def _window_fwd(
             oh2 = _onehot(l2, alive, DEAD == 2, MASK_F32)
         for j in range(c0, c1):  # full blocks of the key shape, shorter than BLOCK_N: mask its missing keys
             e = ent_ptr + j * 8
-            rows = tl.minimum(tl.load(e) + offs_n, last).to(tl.int64)
-            k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
-            v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
+            start = tl.load(e)
+            rows = tl.minimum(start + offs_n, last).to(tl.int64)
+            k = _key_rows(KD, b, kvh, start, k_ptr, rows, sks, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
+            v = _key_rows(VD, b, kvh, start, v_ptr, rows, svs, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
             if MASK_DOT:
                 s = _dead_mask_dot(tl.dot(q, tl.trans(k)), oh0, oh1, oh2, mask_big, DEAD, MASK_F32, BLOCK_M)
                 acc, m_i, l_i = _fold(s, do, acc, m_i, l_i, k, v, qk_scale, mask_floor, True, BWD)
@@ -469,17 +487,19 @@ def _window_fwd(
     for j in range(short_lo, c2):  # the other full but shorter key blocks: mask the missing columns only
         e = ent_ptr + j * 8
         n_ok = offs_n < tl.load(e + 4) * tl.load(e + 5) * tl.load(e + 6)
-        rows = tl.minimum(tl.load(e) + offs_n, last).to(tl.int64)
-        k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
-        v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
+        start = tl.load(e)
+        rows = tl.minimum(start + offs_n, last).to(tl.int64)
+        k = _key_rows(KD, b, kvh, start, k_ptr, rows, sks, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
+        v = _key_rows(VD, b, kvh, start, v_ptr, rows, svs, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
         acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale, BWD)
     if LOCAL:
         sp0, sp1, sp2 = hi0 - lo0, hi1 - lo1, hi2 - lo2
         for j in range(c2, c3):  # partial blocks of the key shape: the window tested relative to its origin
             e = ent_ptr + j * 8
-            rows = tl.minimum(tl.load(e) + offs_n, last).to(tl.int64)
-            k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
-            v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
+            start = tl.load(e)
+            rows = tl.minimum(start + offs_n, last).to(tl.int64)
+            k = _key_rows(KD, b, kvh, start, k_ptr, rows, sks, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
+            v = _key_rows(VD, b, kvh, start, v_ptr, rows, svs, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
             r0, r1, r2 = lo0 - tl.load(e + 1), lo1 - tl.load(e + 2), lo2 - tl.load(e + 3)
             if MASK_DOT:
                 s = tl.dot(q, tl.trans(k))
@@ -499,11 +519,12 @@ def _window_fwd(
         ke1 = tl.load(e + 5)
         ke2 = tl.load(e + 6)
         n_ok = offs_n < tl.load(e + 4) * ke1 * ke2
-        rows = tl.minimum(tl.load(e) + offs_n, last).to(tl.int64)
-        k = _load_rows(k_ptr, rows, sks, offs_d, None, d_mask, False, EVEN_D)
-        v = _load_rows(v_ptr, rows, svs, offs_d, None, d_mask, False, EVEN_D)
+        start = tl.load(e)
+        rows = tl.minimum(start + offs_n, last).to(tl.int64)
+        k = _key_rows(KD, b, kvh, start, k_ptr, rows, sks, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
+        v = _key_rows(VD, b, kvh, start, v_ptr, rows, svs, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
         if COORDS:
-            y0, y1, y2 = _table_coords(CT, tl.load(e) - P + offs_n, n_ok, CSH0, CSH1, CM1, CM2)
+            y0, y1, y2 = _table_coords(CT, start - P + offs_n, n_ok, CSH0, CSH1, CM1, CM2)
         else:
             y0, y1, y2 = _coords(offs_n, tl.load(e + 1), tl.load(e + 2), tl.load(e + 3), ke1, ke2)
         allowed = _window_allowed(n_ok[None, :], y0[None, :], y1[None, :], y2[None, :], lo0[:, None], lo1[:, None],
@@ -668,7 +689,7 @@ def _prune(configs, nargs, **kw):
 # On a GPU the launch configuration is tuned once per head dim, key block and window kind.
 _window_fwd_tuned = triton.autotune(
     configs=[triton.Config({}, num_warps=w, num_stages=st) for w, st in launch_configs(64) + launch_configs(256)],
-    key=["D", "IS_BOX", "BLOCK_D", "BLOCK_N"],
+    key=["D", "IS_BOX", "BLOCK_D", "BLOCK_N", "TMA"],
     prune_configs_by={"early_config_prune": _prune},
 )(_window_fwd)
 
@@ -810,6 +831,31 @@ def _geometry_args(spec: WindowSpec, device: torch.device):
 PREFIX_BY_DENSE = True
 
 
+# Whether the forward reads the sequence's K and V blocks by tensor-memory-accelerator copies
+# (Hopper and later; the layout must suit TMA, see _kv_descriptors) instead of pointer loads: the
+# copies need no address registers or clamping, and are what the fastest Hopper attention kernels
+# use. Off until a GPU run measures it (benchmarks/window_sweep.py times both).
+TMA_LOADS = False
+
+
+def _kv_descriptors(k, v, block_n: int, block_d: int):
+    """(K, V) as (B, H_kv, S, D) tensor descriptors of (block_n, block_d) tiles for the TMA loads,
+    or None where they do not apply: TMA_LOADS off, a GPU before Hopper, or a layout TMA cannot
+    address (every stride but the last a multiple of 16 bytes, 16-byte-aligned data)."""
+    if not TMA_LOADS or (k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] < 9):
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    descs = []
+    for t in (k, v):
+        B, S, H, D = t.shape
+        strides = (t.stride(0), t.stride(2), t.stride(1))
+        aligned = t.data_ptr() % 16 == 0 and all(x * t.element_size() % 16 == 0 for x in strides)
+        if min(B, S, H, D) == 0 or t.stride(3) != 1 or not aligned:
+            return None
+        descs.append(TensorDescriptor(t, [B, H, S, D], [*strides, 1], [1, 1, block_n, block_d]))
+    return descs
+
+
 def _start_prefix_dense(q, k, v, out, lse, P: int, scale: float):
     """Rows [0, P) of (out, lse) as one dense attention call over every sequence key (not the
     extra keys, which only grid queries see). On a GPU it is queued on a side stream after the
@@ -861,6 +907,7 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     config = {} if tuned else dict(num_warps=warps if block_q >= 64 or launch else 4, num_stages=stages)
     geometry, coords = _geometry_args(spec, q.device)
     mask_vals, mask_flags = _mask_args(spec, plan, scale * LOG2E, q.device)
+    descs = _kv_descriptors(k, v, block_k, block_d)
     kernel[grid](
         q, k, v, ek, ev, out, lse, plan.q_blocks, plan.entries, plan.kv_count, plan.order,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -869,8 +916,9 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
         B, H, H // Hkv, S, P, E, plan.max_entries, n_pqb, plan.num_blocks, D, *plan.key_shape, *mask_vals,
         *geometry, scale * LOG2E,
         q, lse, lse, 0, 0, 0, 1.0,  # the backward's inputs (DO, LSE2, DELTA): unused here
+        *(descs or (k, v)),
         IS_BOX=spec.window is not None, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, EVEN_D=block_d == D,
-        AXES=_limiting_axes(spec), COORDS=coords, **mask_flags,
+        AXES=_limiting_axes(spec), COORDS=coords, TMA=descs is not None, **mask_flags,
         **config,
     )
     if side is not None:
@@ -938,7 +986,7 @@ def window_attention_backward_triton(grad_out, grad_lse, q, k, v, out, lse, spec
         ev.stride(0), ev.stride(1), ev.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
         B, H, H // Hkv, S, P, E, plan.max_entries, n_pqb, plan.num_blocks, D, *plan.key_shape, *mask_vals,
         *geometry, scale * LOG2E,
-        grad_out, lse2, delta, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), scale,
+        grad_out, lse2, delta, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), scale, k, v,
         BLOCK_M=block, BLOCK_N=block, BWD=True, **mask_flags, **consts, num_warps=dq_launch[0],
         num_stages=dq_launch[1])
 

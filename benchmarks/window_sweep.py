@@ -117,7 +117,7 @@ def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
         eff = pair_count(spec) / engine_pairs(build_plan(spec, bq, bk, q.device), spec)
         print(f"{shape.name:34s} blocks {bq}x{bk}: plan efficiency {eff:.3f} (the mask's pairs / computed pairs)")
         rows.append(dict(shape=shape.name, variant=f"blocks {bq}x{bk}", plan_eff=eff))
-        for warps, stages in launch_configs(bd, bk):
+        for warps, stages in wt.tuning_configs(bq, bd, bk):
             record(f"blocks {bq}x{bk} w{warps} s{stages}",
                    lambda: window_attention_triton(q, k, v, spec, scale, block=(bq, bk), launch=(warps, stages)), ref)
     if spec.window is not None and all(w >= n for w, n in zip(spec.window, spec.grid)):

@@ -267,3 +267,18 @@ def test_triton_tma_loads_fall_back_on_unaligned_strides(monkeypatch):
     assert wt._kv_descriptors(k.contiguous(), k.contiguous(), 16, 16) is not None
     monkeypatch.setattr(wt, "TMA_LOADS", False)
     assert wt._kv_descriptors(k.contiguous(), k.contiguous(), 16, 16) is None
+
+
+def test_autotuner_drops_four_warp_configs_at_128_row_blocks():
+    """The launch autotuner's candidates (tuning_configs): launch_configs', without 4 warps at
+    128-row query blocks (they spill in every loop on sm_90a) but with them at 64-row blocks."""
+    import triton
+
+    import dtk.ops.window.triton as wt
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in wt.launch_configs(128, 64)]
+    assert wt.tuning_configs(128, 128, 64) == [(8, 2), (8, 3)]
+    kept = lambda bm: [(c.num_warps, c.num_stages) for c in wt._prune(configs, {}, BLOCK_M=bm, BLOCK_D=128,  # noqa: E731
+                                                                        BLOCK_N=64)]
+    assert kept(128) == [(8, 2), (8, 3)]
+    assert kept(64) == wt.launch_configs(128, 64)
+    assert kept(128)[0] == wt.launch_configs(128, 64)[0]   # the untuned default stays a candidate

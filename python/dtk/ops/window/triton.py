@@ -680,9 +680,16 @@ def launch_configs(block_d: int, block_n: int = 64):
     return [(8, 2), (8, 3), (4, 2), (4, 3)]
 
 
+def tuning_configs(block_m: int, block_d: int, block_n: int):
+    """The (num_warps, num_stages) worth timing at these blocks: launch_configs', less the 4-warp
+    ones at 128-row query blocks (sm_90a ptxas: each spills hundreds of registers inside the
+    loops, tests/ops/window/test_triton_compile.py; each candidate costs a compile on first use)."""
+    return [c for c in launch_configs(block_d, block_n) if c[0] >= 8 or block_m < 128]
+
+
 def _prune(configs, nargs, **kw):
     arg = lambda name: kw.get(name, nargs.get(name))  # noqa: E731  (constexprs arrive as kwargs)
-    allowed = launch_configs(arg("BLOCK_D"), arg("BLOCK_N"))
+    allowed = tuning_configs(arg("BLOCK_M"), arg("BLOCK_D"), arg("BLOCK_N"))
     return [c for c in configs if (c.num_warps, c.num_stages) in allowed]
 
 

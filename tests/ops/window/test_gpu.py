@@ -214,3 +214,42 @@ def test_gpu_prefix_rows_by_cudnn_on_a_side_stream(monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_out, by_dense)
+
+
+def _hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.skipif(not _hopper(), reason="TMA loads need Hopper (sm_90) or newer")
+@pytest.mark.parametrize("blocks", ["128,64", "128,128", "64,64"])
+@pytest.mark.parametrize("case", [
+    dict(grid=(48, 64), window=(17, 17), radius=None, border="inward", num_prefix=0, tile=(8, 16), num_extra=0),
+    dict(grid=(40, 56), window=None, radius=8, border="clip", num_prefix=64, tile=(8, 16), num_extra=24),
+    dict(grid=(21, 10, 13), window=(-1, 5, 7), radius=None, border="inward", num_prefix=0, tile=(21, 3, 2), num_extra=0),
+])
+def test_gpu_tma_loads(blocks, case, monkeypatch):
+    """K / V blocks by TMA copies (TMA_LOADS) at every block size the engine may pick, both layouts:
+    the reference's result; in a CUDA graph a replay gives the eager result."""
+    from dtk.ops.window import triton as wt
+    monkeypatch.setattr(wt, "TMA_LOADS", True)
+    monkeypatch.setenv("DTK_WINDOW_BLOCKS", blocks)
+    for transposed in (False, True):
+        check(dict(case, heads=(4, 2), D=128, B=1, transposed=transposed, scale=None), torch.bfloat16)
+    c = dict(case, heads=(4, 2), D=128, B=1, transposed=False, scale=None)
+    q, k, v, ek, ev = make_inputs(c, torch.bfloat16, "cuda")
+    run = lambda x: dtk.window_attention(x, k, v, c["grid"], c["window"], extra_k=ek, extra_v=ev,  # noqa: E731
+                                         **kwargs(c))
+    eager = run(q)
+    static_q = q.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run(static_q)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run(static_q)
+    static_q.copy_(q)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager)

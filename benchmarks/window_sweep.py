@@ -6,7 +6,8 @@ For each shape it times the Triton engine at every (query block, key block) x (n
 num_stages) candidate with autotuning off (for box windows also the default with the partial
 blocks' scores tested one by one instead of masked by tensor-core dots: MASK_BY_DOT; with a
 prefix, the default with the prefix rows in the Triton kernel: PREFIX_BY_DENSE; on Hopper, K and V
-blocks by TMA copies or pointer loads, whichever the default is not: TMA_LOADS), checks each
+blocks by TMA copies or pointer loads, whichever the default is not: TMA_LOADS; and the grid queries
+by the warp-specialized single-loop engine where it applies: WS_ENGINE), checks each
 variant's output against the default variant's (a miscompiled configuration shows as a large
 difference), and prints effective TFLOP/s.
 The `dense-control` shape has a window covering the whole grid, so every plan entry is a full
@@ -113,6 +114,15 @@ def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
             record(f"default, {flag}={int(not was)}", default, ref)
         finally:
             setattr(wt, flag, was)
+    # the grid queries by the warp-specialized single-loop engine (64 x 64 blocks, its own launch)
+    if hopper and not wt.WS_ENGINE:
+        try:
+            wt.WS_ENGINE = True
+            if wt._ws_forward(q, k, v, spec, scale, None) is not None:
+                record("single-loop engine (WS_ENGINE=1, 64x64 w4 s2, warp-specialized)",
+                       lambda: window_attention_triton(q, k, v, spec, scale), ref)
+        finally:
+            wt.WS_ENGINE = False
     for bq, bk in BLOCKS:
         eff = pair_count(spec) / engine_pairs(build_plan(spec, bq, bk, q.device), spec)
         print(f"{shape.name:34s} blocks {bq}x{bk}: plan efficiency {eff:.3f} (the mask's pairs / computed pairs)")

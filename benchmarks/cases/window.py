@@ -4,6 +4,9 @@ Implementations, all run in one process on the same tensors:
   dtk              the op (CPU tensors: C++ engine; CUDA tensors: Triton engine); checked first.
   dtk-tma          (GPU set, Hopper) the op with K and V blocks read by TMA copies instead of
                    pointer loads (window.triton.TMA_LOADS, off by default until measured).
+  dtk-ws           (GPU set, Hopper) the op with the grid queries' forward by the warp-specialized
+                   single-loop engine (window.triton.WS_ENGINE, off by default until measured;
+                   skipped where it does not apply).
   dtk+permute      (tile-order cases) the same from row-major tokens: q, k, v permuted to tile
                    order and the output back (dtk.to/from_tile_order) inside the timed call.
   sdpa-<backend>   dense SDPA (no mask: the cost of ignoring locality) for flash, cudnn,
@@ -219,6 +222,31 @@ def _prep_dtk_tma(state):
         finally:
             wt.TMA_LOADS = was
     return Prepared(fn, first_call(fn, state["device"], "window_attention (TMA loads)"))
+
+
+def _prep_dtk_ws(state):
+    """dtk with the grid queries' forward by the warp-specialized single-loop engine
+    (window.triton.WS_ENGINE, off by default until measured): Hopper only; where the engine does
+    not apply (edge tiles, extra keys) the row says so and is skipped."""
+    from dtk.ops.window import triton as wt
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        raise Skip("the single-loop engine needs Hopper (sm_90) or newer")
+    was, wt.WS_ENGINE = wt.WS_ENGINE, True
+    try:
+        applies = wt._ws_forward(state["q"], state["k"], state["v"], state["spec"], state["scale"], None) is not None
+    finally:
+        wt.WS_ENGINE = was
+    if not applies:
+        raise Skip("the single-loop engine does not take this problem (edge tiles or layout): the main engine runs")
+    inner = _prep_dtk(state).fn
+
+    def fn():
+        was, wt.WS_ENGINE = wt.WS_ENGINE, True
+        try:
+            return inner()
+        finally:
+            wt.WS_ENGINE = was
+    return Prepared(fn, first_call(fn, state["device"], "window_attention (single-loop engine)"))
 
 
 def _prep_dtk_permute(state):
@@ -479,6 +507,8 @@ def make_impls(shape: WindowShape, gpu: bool, slow_reps: int = 3):
     if gpu:
         impls.append(Impl("dtk-tma", _prep_dtk_tma, kind="dtk", check=True, devices=("cuda",),
                           note="K / V blocks by TMA copies (window.triton.TMA_LOADS)"))
+        impls.append(Impl("dtk-ws", _prep_dtk_ws, kind="dtk", check=True, devices=("cuda",),
+                          note="grid queries by the warp-specialized single-loop engine (window.triton.WS_ENGINE)"))
     if shape.tile:
         impls.append(Impl("dtk+permute", _prep_dtk_permute, kind="dtk", check=True, checker=_permute_check,
                           note="row-major tokens in and out: to_tile_order(q, k, v) + op + from_tile_order, all timed"))

@@ -253,3 +253,40 @@ def test_gpu_tma_loads(blocks, case, monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_out, eager)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the single-loop engine needs Hopper (sm_90) or newer")
+@pytest.mark.parametrize("case", [
+    dict(grid=(48, 64), window=(17, 17), radius=None, border="inward", num_prefix=0, tile=(8, 16), num_extra=0),
+    dict(grid=(48, 64), window=None, radius=8, border="clip", num_prefix=64, tile=(8, 16), num_extra=0),
+    dict(grid=(48, 64), window=None, radius=16, border="clip", num_prefix=100, tile=(8, 16), num_extra=0),
+    dict(grid=(21, 9, 12), window=(-1, 5, 7), radius=None, border="inward", num_prefix=0, tile=(21, 3, 2), num_extra=0),
+])
+def test_gpu_single_loop_engine(case, monkeypatch):
+    """The warp-specialized single-loop engine (WS_ENGINE): the reference's result in both layouts
+    (d = 128 and 64), and in a CUDA graph a replay gives the eager result."""
+    from dtk.ops.window import triton as wt
+    monkeypatch.setattr(wt, "WS_ENGINE", True)
+    used = []
+    real = wt._ws_forward
+    monkeypatch.setattr(wt, "_ws_forward", lambda *a: used.append(real(*a)) or used[-1])
+    for transposed, D in ((False, 128), (True, 128), (False, 64)):
+        check(dict(case, heads=(4, 4), D=D, B=1, transposed=transposed, scale=None), torch.bfloat16)
+    assert used and all(r is not None for r in used), "the single-loop engine did not run"
+    c = dict(case, heads=(4, 4), D=128, B=1, transposed=False, scale=None)
+    q, k, v, _, _ = make_inputs(c, torch.bfloat16, "cuda")
+    run = lambda x: dtk.window_attention(x, k, v, c["grid"], c["window"], **kwargs(c))  # noqa: E731
+    eager = run(q)
+    static_q = q.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run(static_q)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run(static_q)
+    static_q.copy_(q)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager)

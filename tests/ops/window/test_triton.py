@@ -244,13 +244,13 @@ def test_triton_tma_loads(case, transposed, monkeypatch):
     monkeypatch.setattr(wt, "TMA_LOADS", True)
     monkeypatch.setattr(wt, "PREFIX_BY_DENSE", False)   # the prefix rows in the kernel too
     used = []
-    real = wt._kv_descriptors
+    real = wt._tma_descriptors
 
     def spy(*args):
         descs = real(*args)
         used.append(descs is not None)
         return descs
-    monkeypatch.setattr(wt, "_kv_descriptors", spy)
+    monkeypatch.setattr(wt, "_tma_descriptors", spy)
     case = {k: v for k, v in case.items() if k != "full_short"}
     run_case({"heads": (4, 2), "D": 16, "B": 2, "scale": None, **case, "transposed": transposed}, DTYPES[0],
              block=16)
@@ -263,10 +263,12 @@ def test_triton_tma_loads_fall_back_on_unaligned_strides(monkeypatch):
     monkeypatch.setattr(wt, "TMA_LOADS", True)
     dt = DTYPES[0]
     k = torch.randn(1, 10, 3, 18, dtype=dt, device=DEVICE)[..., :16]   # heads 18 elements apart
-    assert wt._kv_descriptors(k, k, 16, 16) is None
-    assert wt._kv_descriptors(k.contiguous(), k.contiguous(), 16, 16) is not None
+    assert wt._tma_descriptors((k, k), 16, 16) is None
+    assert wt._tma_descriptors((k.contiguous(), k.contiguous()), 16, 16) is not None
+    assert wt._tma_descriptors((k,), 16, 16, force=True) is None   # force: the flag only, never the layout
     monkeypatch.setattr(wt, "TMA_LOADS", False)
-    assert wt._kv_descriptors(k.contiguous(), k.contiguous(), 16, 16) is None
+    assert wt._tma_descriptors((k.contiguous(), k.contiguous()), 16, 16) is None
+    assert wt._tma_descriptors((k.contiguous(),), 16, 16, force=True) is not None
 
 
 def test_autotuner_drops_four_warp_configs_at_128_row_blocks():
@@ -282,3 +284,54 @@ def test_autotuner_drops_four_warp_configs_at_128_row_blocks():
     assert kept(128) == [(8, 2), (8, 3)]
     assert kept(64) == wt.launch_configs(128, 64)
     assert kept(128)[0] == wt.launch_configs(128, 64)[0]   # the untuned default stays a candidate
+
+
+WS_CASES = [
+    dict(grid=(8, 12), window=(3, 5), radius=None, border="inward", num_prefix=5, tile=(4, 4), num_extra=0),
+    dict(grid=(8, 12), window=None, radius=3, border="clip", num_prefix=20, tile=(4, 4), num_extra=0),
+    dict(grid=(8, 12), window=None, radius=2, border="inward", num_prefix=0, tile=(2, 4), num_extra=0),
+    dict(grid=(4, 6, 8), window=(-1, 3, 5), radius=None, border="inward", num_prefix=0, tile=(4, 3, 2), num_extra=0),
+    dict(grid=(48,), window=(6,), radius=None, border="clip", num_prefix=3, tile=None, num_extra=0),
+    dict(grid=(2, 3), window=None, radius=4, border="inward", num_prefix=0, tile=None, num_extra=0),  # empty rows
+]
+
+
+@pytest.mark.parametrize("case", WS_CASES)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_triton_single_loop_engine(case, transposed, monkeypatch):
+    """The single-loop engine (WS_ENGINE, triton_ws.py): prefix key blocks, full and partial blocks
+    of the key shape in one loop, the prefix rows by the dense kernel; the reference's result with
+    GQA, in both layouts, with large scores (scale 4) too."""
+    import dtk.ops.window.triton as wt
+    monkeypatch.setattr(wt, "WS_ENGINE", True)
+    used = []
+    real = wt._ws_forward
+
+    def spy(*args):
+        res = real(*args)
+        used.append(res is not None)
+        return res
+    monkeypatch.setattr(wt, "_ws_forward", spy)
+    heads = (4, 2) if not case["num_prefix"] else (2, 2)   # prefix rows by the dense kernel: no GQA
+    for scale in (None, 4.0):
+        run_case({**case, "heads": heads, "D": 16, "B": 2, "transposed": transposed, "scale": scale}, DTYPES[0],
+                 block=None)
+    assert used == [True, True], used
+
+
+@pytest.mark.parametrize("case", [
+    dict(grid=(9, 11), window=(3, 5), radius=None, border="inward", num_prefix=0, tile=(4, 4), num_extra=0),
+    dict(grid=(8, 12), window=(3, 5), radius=None, border="inward", num_prefix=0, tile=(4, 4), num_extra=2),
+    dict(grid=(8, 12), window=(3, 5), radius=None, border="inward", num_prefix=3, tile=(4, 4), num_extra=0,
+         heads=(4, 2)),
+])
+def test_triton_single_loop_engine_declines(case, monkeypatch):
+    """Edge tiles with partial blocks of another shape, extra keys, or GQA with prefix rows (the
+    dense kernel takes one K/V head per q head): the main engine runs, with the same result."""
+    import dtk.ops.window.triton as wt
+    monkeypatch.setattr(wt, "WS_ENGINE", True)
+    used = []
+    real = wt._ws_forward
+    monkeypatch.setattr(wt, "_ws_forward", lambda *a: used.append(real(*a)) or used[-1])
+    run_case({"heads": (2, 1), "D": 16, "B": 1, "transposed": False, "scale": None, **case}, DTYPES[0], block=None)
+    assert used == [None]

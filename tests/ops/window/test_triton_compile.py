@@ -99,3 +99,26 @@ def test_tma_loads_compile_for_hopper():
         assert res["shared"] <= SHARED_LIMIT[90], (cfg, res)
         assert res["wgmma"] > 0 and not res["serialized"], (cfg, res)
         assert res["spill_bytes"] <= 512, (cfg, "spills registers", res)
+
+
+def test_single_loop_engine_is_warp_specialized_on_hopper():
+    """The single-loop engine (triton_ws.py) at its GPU launch (64-row query blocks, 64-key blocks,
+    4 warps, 2 stages), boxes and circles, 2D and 3D windows, d = 64 and 128, on sm_90: Triton
+    splits the loop into producer / consumer warp groups (more warps than launched), TMA copies,
+    within shared memory, wgmma not serialised, no spills."""
+    from dtk.ops.window import triton_ws as ws
+    configs = [(is_box, axes, bd) for is_box in (True, False) for axes in (6, 7) for bd in (64, 128)]
+    jobs = []
+    bn = ws.BLOCK_K
+    for is_box, axes, bd in configs:
+        types = dict(PTRS, KD=f"tensordesc<bf16[1,1,{bn},{bd}]>", VD=f"tensordesc<bf16[1,1,{bn},{bd}]>",
+                     QD=f"tensordesc<bf16[1,1,{ws.BLOCK_Q},{bd}]>", WENT="*i32", WCNT="*i32")
+        jobs.append(job("dtk.ops.window.triton_ws:_window_fwd_ws", 90, types,
+                        dict(IS_BOX=is_box, BLOCK_M=ws.BLOCK_Q, BLOCK_N=bn, BLOCK_D=bd, AXES=axes, WS=True),
+                        num_warps=ws.NUM_WARPS, num_stages=ws.NUM_STAGES))
+    for cfg, res in zip(configs, compile_all(jobs)):
+        print(cfg, res)
+        assert res["warp_specialized"] and res["warps"] > ws.NUM_WARPS, (cfg, "loop not warp-specialized", res)
+        assert res["tma"] > 0 and res["wgmma"] > 0 and not res["serialized"], (cfg, res)
+        assert res["shared"] <= SHARED_LIMIT[90], (cfg, res)
+        assert res["spill_bytes"] == 0, (cfg, "spills registers", res)

@@ -839,27 +839,29 @@ PREFIX_BY_DENSE = True
 
 
 # Whether the forward reads the sequence's K and V blocks by tensor-memory-accelerator copies
-# (Hopper and later; the layout must suit TMA, see _kv_descriptors) instead of pointer loads: the
+# (Hopper and later; the layout must suit TMA, see _tma_descriptors) instead of pointer loads: the
 # copies need no address registers or clamping, and are what the fastest Hopper attention kernels
 # use. Off until a GPU run measures it (benchmarks/window_sweep.py times both).
 TMA_LOADS = False
 
 
-def _kv_descriptors(k, v, block_n: int, block_d: int):
-    """(K, V) as (B, H_kv, S, D) tensor descriptors of (block_n, block_d) tiles for the TMA loads,
-    or None where they do not apply: TMA_LOADS off, a GPU before Hopper, or a layout TMA cannot
-    address (every stride but the last a multiple of 16 bytes, 16-byte-aligned data)."""
-    if not TMA_LOADS or (k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] < 9):
+def _tma_descriptors(tensors, block_rows: int, block_d: int, force: bool = False):
+    """(B, S, H, D) tensors as (B, H, S, D) tensor descriptors of (block_rows, block_d) tiles for
+    TMA copies, or None where they do not apply: TMA_LOADS off (unless `force`), a GPU before
+    Hopper, or a layout TMA cannot address (every stride but the last a multiple of 16 bytes,
+    16-byte-aligned data)."""
+    if not (TMA_LOADS or force) or (tensors[0].device.type == "cuda"
+                                    and torch.cuda.get_device_capability(tensors[0].device)[0] < 9):
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
     descs = []
-    for t in (k, v):
+    for t in tensors:
         B, S, H, D = t.shape
         strides = (t.stride(0), t.stride(2), t.stride(1))
         aligned = t.data_ptr() % 16 == 0 and all(x * t.element_size() % 16 == 0 for x in strides)
         if min(B, S, H, D) == 0 or t.stride(3) != 1 or not aligned:
             return None
-        descs.append(TensorDescriptor(t, [B, H, S, D], [*strides, 1], [1, 1, block_n, block_d]))
+        descs.append(TensorDescriptor(t, [B, H, S, D], [*strides, 1], [1, 1, block_rows, block_d]))
     return descs
 
 
@@ -881,6 +883,54 @@ def _start_prefix_dense(q, k, v, out, lse, P: int, scale: float):
     return side
 
 
+# Whether the forward of grid queries goes to the single-loop engine (triton_ws.py: one uniform
+# loop over each 64-row query block's key blocks, which Triton warp-specializes on Hopper) where it
+# applies. Off until a GPU run measures it (the benchmark's dtk-ws row, window_sweep's switch).
+WS_ENGINE = False
+
+
+def _ws_forward(q, k, v, spec: WindowSpec, scale: float, extra_k):
+    """(out, lse) by the single-loop engine, or None where it does not apply: WS_ENGINE off, extra
+    keys, a GPU before Hopper, head dims over 128, a layout TMA cannot address, edge tiles with
+    partial blocks of another shape, or prefix rows the dense kernel cannot take."""
+    from . import triton_ws as ws
+    D = q.shape[3]
+    block_d = max(16, triton.next_power_of_2(D))
+    if not WS_ENGINE or extra_k is not None or block_d > 128:
+        return None
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
+        return None
+    P = spec.num_prefix
+    if P and (_dense.DENSE_FAILED or not dense_supported(q, k)):
+        return None
+    block_k = ws.BLOCK_K if q.device.type == "cuda" else default_blocks(q.device, D, spec)[1]
+    kv = _tma_descriptors((k, v), block_k, block_d, force=True)
+    qd = _tma_descriptors((q,), ws.BLOCK_Q, block_d, force=True)
+    built = ws.ws_plan(spec, block_k, q.device)
+    if kv is None or qd is None or built is None:
+        return None
+    plan, entries, counts = built
+    B, S, H, _ = q.shape
+    out = new_output((B, S, H, D), like=q)
+    lse = new_output((B, H, S), like=q, dtype=torch.float32)
+    side = _start_prefix_dense(q, k, v, out, lse, P, scale) if P else None
+    if plan.num_blocks * B * H:
+        geometry = (*spec.grid, *(spec.window or (1, 1, 1)), spec.radius or 1, spec.border == "inward",
+                    spec.padded(0), spec.padded(1))
+        gpu = q.device.type == "cuda"
+        ws._window_fwd_ws[(plan.num_blocks * B * H,)](
+            *qd, out, lse, *kv, plan.q_blocks, entries, counts, plan.order,
+            out.stride(0), out.stride(1), out.stride(2),
+            H, H // k.shape[2], S, plan.num_blocks, entries.shape[1], D, plan.key_shape[1], plan.key_shape[2],
+            *geometry, scale * LOG2E,
+            IS_BOX=spec.window is not None, BLOCK_M=ws.BLOCK_Q, BLOCK_N=block_k, BLOCK_D=block_d,
+            AXES=_limiting_axes(spec), WS=gpu,
+            num_warps=ws.NUM_WARPS if gpu else 4, num_stages=ws.NUM_STAGES if gpu else 1)
+    if side is not None:
+        join_streams([side])
+    return out, lse
+
+
 def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=None, extra_v=None, block=None,
                             launch=None):
     """Runs the Triton engine (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). `block`
@@ -888,6 +938,10 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     num_stages) fixes the launch configuration (no autotuning; benchmarks/window_sweep.py)."""
     if launch is not None and not (len(launch) == 2 and all(isinstance(x, int) and x >= 1 for x in launch)):
         raise ValueError(f"launch must be (num_warps, num_stages), two ints >= 1, got {launch!r}")
+    if block is None and launch is None:
+        res = _ws_forward(q, k, v, spec, scale, extra_k)
+        if res is not None:
+            return res
     B, S, H, D = q.shape
     Hkv = k.shape[2]
     if block is None:
@@ -914,7 +968,7 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     config = {} if tuned else dict(num_warps=warps if block_q >= 64 or launch else 4, num_stages=stages)
     geometry, coords = _geometry_args(spec, q.device)
     mask_vals, mask_flags = _mask_args(spec, plan, scale * LOG2E, q.device)
-    descs = _kv_descriptors(k, v, block_k, block_d)
+    descs = _tma_descriptors((k, v), block_k, block_d)
     kernel[grid](
         q, k, v, ek, ev, out, lse, plan.q_blocks, plan.entries, plan.kv_count, plan.order,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -1,0 +1,111 @@
+"""Single-loop window forward for Hopper warp specialization (``WS_ENGINE``, off until a GPU run
+measures it).
+
+The main engine (triton.py) walks a query block's key blocks in up to seven loops, one per kind of
+block; Triton's automatic warp specialization (a producer warp group issuing TMA copies, consumer
+groups computing, as FlashAttention-3 does by hand) fails on that kernel (its pass manager errors
+at 64-row blocks and 4 warps, and ignores 8 warps). This engine gives it one uniform loop instead:
+per query block (64 rows) a list of key blocks, each with its number of valid columns and whether
+the window must be tested on it, holding the prefix (text) key blocks, the full blocks and the
+partial blocks of the plan's key shape alike. Every block is masked the same way (columns past
+its keys; the window relative to the block's origin where it is partial), so the loop body has no
+branch. It serves the forward of grid queries only: the prefix query rows go to the dense kernel
+(``_start_prefix_dense``), and problems it cannot take (extra keys, edge tiles whose partial blocks
+have another shape, layouts TMA cannot address, head dims over 128) go to the main engine."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+from .plan import build_plan
+from .spec import WindowSpec
+from .triton import (_block_desc, _coords, _finish, _head_indices, _local_allowed, _local_offsets, _online_update,
+                     _query_windows, _tile_offsets)
+
+# Query rows per program and keys per block on a GPU: Triton warp-specializes the loop at 64 rows
+# and 4 warps (12 warps in all), not at 128; its consumer warps get 168 registers, which hold 64-key
+# blocks without spilling and spill 0.5-2.9 KB in the loop at 128 keys (AOT on sm_90a,
+# tests/ops/window/test_triton_compile.py). The interpreter takes 16-key blocks (small tests).
+BLOCK_Q = 64
+BLOCK_K = 64
+NUM_WARPS = 4
+NUM_STAGES = 2
+
+
+@triton.jit(do_not_specialize=["S", "NQB", "L", "KE1", "KE2", "N0", "N1", "N2", "W0", "W1", "W2", "R", "PAD0",
+                                "PAD1"])
+def _window_fwd_ws(
+    QD, O, LSE, KD, VD, QB, WENT, WCNT, ORDER,
+    sob, sos, soh,
+    H, GROUP, S, NQB, L, D, KE1, KE2,
+    N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1,
+    qk_scale,
+    IS_BOX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    AXES: tl.constexpr, WS: tl.constexpr,
+):
+    # One program per (grid query block, batch x head), the query block fastest (neighbouring
+    # windows share keys in L2), in the plan's heaviest-first order. Key block j of query block qb
+    # is row j of WENT[qb]: (first key row, origin (3), columns | test << 16). Q, K and V arrive by
+    # TMA copies from (B, H, S, D) descriptors (a pointer-loaded q stops the warp specialization);
+    # rows past S come as zeros, rows past the query block are computed and not stored.
+    t = tl.program_id(0)
+    qb = tl.load(ORDER + t % NQB).to(tl.int64)
+    bh = t // NQB
+    b, h, kvh = _head_indices(bh, H, GROUP)
+    offs_m, offs_n, offs_d, d_mask = _tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
+    q_start, qo0, qo1, qo2, qe0, qe1, qe2 = _block_desc(QB, qb)
+    rows_q = (q_start + offs_m).to(tl.int64)
+    q_ok = offs_m < qe0 * qe1 * qe2
+    b32 = b.to(tl.int32)
+    kvh32 = kvh.to(tl.int32)
+    q = QD.load([b32, h.to(tl.int32), q_start, 0]).reshape(BLOCK_M, BLOCK_D)
+    x0, x1, x2 = _coords(offs_m, qo0, qo1, qo2, qe1, qe2)
+    lo0, lo1, lo2, hi0, hi1, hi2 = _query_windows(x0, x1, x2, N0, N1, N2, W0, W1, W2, R, INWARD, PAD0, PAD1, IS_BOX)
+    sp0, sp1, sp2 = hi0 - lo0, hi1 - lo1, hi2 - lo2
+    lp = _local_offsets(offs_n, KE1, KE2)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    ent_ptr = WENT + qb * L * 5
+    for j in tl.range(0, tl.load(WCNT + qb), warp_specialize=WS):
+        e = ent_ptr + j * 5
+        start = tl.load(e)
+        cols = tl.load(e + 4)
+        k = KD.load([b32, kvh32, start, 0]).reshape(BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k))
+        inside = _local_allowed(lp, 0, lo0 - tl.load(e + 1), lo1 - tl.load(e + 2), lo2 - tl.load(e + 3), sp0, sp1,
+                                sp2, R, IS_BOX, AXES, False)
+        allowed = (offs_n < (cols & 0xFFFF))[None, :] & (inside | ((cols >> 16) == 0))
+        s = tl.where(allowed, s, float("-inf"))
+        v = VD.load([b32, kvh32, start, 0]).reshape(BLOCK_N, BLOCK_D)
+        acc, m_i, l_i = _online_update(s, qk_scale, acc, m_i, l_i, v, 0.0, False)
+    out, lse = _finish(acc, m_i, l_i)
+    tl.store(O + b * sob + h * soh + rows_q[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=q_ok[:, None] & d_mask[None, :])
+    tl.store(LSE + bh.to(tl.int64) * S + rows_q, lse, mask=q_ok)
+
+
+@lru_cache(maxsize=16)
+def ws_plan(spec: WindowSpec, block_k: int, device: torch.device):
+    """(plan, entries (n, L', 5) int32, counts (n,) int32) of the single loop at BLOCK_Q-row query
+    blocks, or None when the plan has partial blocks of another shape than its key shape (edge
+    tiles: their masks need the grid coordinates of every key, which the loop does not read).
+    Each query block's list: the prefix key blocks, then the plan's full and partial blocks."""
+    plan = build_plan(spec, BLOCK_Q, block_k, device)
+    cnt = plan.kv_count
+    if bool((cnt[:, 4] != cnt[:, 3]).any()):
+        return None
+    ent = plan.entries.to(torch.int32)
+    cols = ent[..., 4] * ent[..., 5] * ent[..., 6]
+    test = (ent[..., 7] == 0).to(torch.int32)
+    grid_ent = torch.stack([ent[..., 0], ent[..., 1], ent[..., 2], ent[..., 3], cols | (test << 16)], -1)
+    P = spec.num_prefix
+    starts = torch.arange(0, P, block_k, device=device, dtype=torch.int32)
+    zero = torch.zeros_like(starts)
+    pre = torch.stack([starts, zero, zero, zero, (P - starts).clamp(max=block_k)], -1)
+    pre = pre[None].expand(plan.num_blocks, -1, -1)
+    entries = torch.cat([pre, grid_ent], 1).contiguous()
+    return plan, entries, (cnt[:, 3] + starts.numel()).to(torch.int32).contiguous()

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from dtk.ops.window import triton as wt
+from dtk.ops.window import triton_ws as single_loop
 from dtk.ops.window.plan import build_plan, engine_pairs
 from dtk.ops.window.spec import pair_count
 from dtk.ops.window.triton import launch_configs, window_attention_triton
@@ -114,15 +115,18 @@ def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
             record(f"default, {flag}={int(not was)}", default, ref)
         finally:
             setattr(wt, flag, was)
-    # the grid queries by the warp-specialized single-loop engine (64 x 64 blocks, its own launch)
+    # the grid queries by the warp-specialized single-loop engine (64 x 64 blocks, 4 warps per
+    # group), at 2, 3 and 4 pipeline stages (all within sm_90's shared memory, no spills)
     if hopper and not wt.WS_ENGINE:
+        stages = single_loop.NUM_STAGES
         try:
             wt.WS_ENGINE = True
             if wt._ws_forward(q, k, v, spec, scale, None) is not None:
-                record("single-loop engine (WS_ENGINE=1, 64x64 w4 s2, warp-specialized)",
-                       lambda: window_attention_triton(q, k, v, spec, scale), ref)
+                for single_loop.NUM_STAGES in (2, 3, 4):
+                    record(f"single-loop engine (WS_ENGINE=1, 64x64 w4 s{single_loop.NUM_STAGES}, warp-specialized)",
+                           lambda: window_attention_triton(q, k, v, spec, scale), ref)
         finally:
-            wt.WS_ENGINE = False
+            wt.WS_ENGINE, single_loop.NUM_STAGES = False, stages
     for bq, bk in BLOCKS:
         eff = pair_count(spec) / engine_pairs(build_plan(spec, bq, bk, q.device), spec)
         print(f"{shape.name:34s} blocks {bq}x{bk}: plan efficiency {eff:.3f} (the mask's pairs / computed pairs)")

@@ -104,7 +104,8 @@ def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
     # the default with one engine switch flipped: boxes' partial-block masks by tensor-core dots
     # (else per-score tests); a prefix's rows by the dense kernel on a side stream (else Triton's
     # own); K / V blocks by TMA copies (else pointer loads; Hopper on)
-    hopper = q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] >= 9
+    # TMA: Hopper or later, or the interpreter (CPU tensors: the tests run these rows too)
+    hopper = q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] >= 9
     for flag, applies in (("MASK_BY_DOT", spec.window is not None), ("PREFIX_BY_DENSE", spec.num_prefix > 0),
                           ("TMA_LOADS", hopper)):
         if not applies:

@@ -40,8 +40,12 @@ def test_sweep_runs_every_variant_checked(monkeypatch):
     assert len([r for r in rows if "plan_eff" in r]) == len(window_sweep.BLOCKS)
     assert len(timed) > len(window_sweep.BLOCKS) and all(r["max_diff_vs_default"] < 1e-4 for r in timed)
     assert any(r["variant"] == "default, MASK_BY_DOT=0" for r in timed)   # a box: both mask paths timed
+    assert any(r["variant"] == "default, TMA_LOADS=1" for r in timed)     # K / V by TMA copies
+    assert len([r for r in timed if r["variant"].startswith("single-loop engine")]) == 3   # at 2, 3, 4 stages
     from dtk.ops.window import triton as wt
+    from dtk.ops.window import triton_ws
     assert wt.MASK_BY_DOT is True, "the sweep must restore the default"
+    assert (wt.TMA_LOADS, wt.WS_ENGINE, triton_ws.NUM_STAGES) == (False, False, 2), "the sweep must restore them"
 
 
 def test_sweep_times_the_prefix_both_ways(monkeypatch):

@@ -38,3 +38,36 @@ def qk_lengths(n, max_len):
     lk = [0, random.randint(1, max_len), 0] + [random.randint(0, max_len) for _ in range(n - 3)]
     order = random.sample(range(n), n)
     return [lq[i] for i in order], [lk[i] for i in order]
+
+
+def record_results(monkeypatch, module, name):
+    """Wraps module.name (for the test's duration) so that every call's result is appended to the
+    returned list: which path a dispatcher took."""
+    results = []
+    real = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        results.append(real(*args, **kwargs))
+        return results[-1]
+    monkeypatch.setattr(module, name, wrapper)
+    return results
+
+
+def graph_replay_equals_eager(run, x):
+    """run(x) (a GPU op on x) captured in a CUDA graph on a static copy of x (after a warm-up call
+    on a side stream: cuDNN plans and Triton compiles stay outside the capture), replayed: True
+    when the replay's output equals the eager output exactly."""
+    eager = run(x)
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run(static_x)
+    static_x.copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    return torch.equal(static_out, eager)

@@ -207,46 +207,54 @@ def _prep_dtk(state):
     return Prepared(fn, info)
 
 
-def _prep_dtk_tma(state):
-    """dtk with the engine's K / V blocks read by TMA copies (window.triton.TMA_LOADS, off by
-    default until measured): Hopper only."""
+def _engine_switched(name: str):
+    """A callable running its argument with the window engine's switch `name` (window.triton) on,
+    restoring it after."""
     from dtk.ops.window import triton as wt
+
+    def run(fn):
+        was = getattr(wt, name)
+        setattr(wt, name, True)
+        try:
+            return fn()
+        finally:
+            setattr(wt, name, was)
+    return run
+
+
+def _prep_dtk_switched(state, name: str, label: str, check_applies=None):
+    """The dtk row with the engine switch `name` on (Hopper only): a variant of the engine that is
+    off by default until a GPU run measures it. `check_applies(state)`: why the variant does not
+    take this problem, or ""."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
-        raise Skip("TMA loads need Hopper (sm_90) or newer")
+        raise Skip(f"{label} needs Hopper (sm_90) or newer")
+    switched = _engine_switched(name)
+    why = switched(lambda: check_applies(state)) if check_applies else ""
+    if why:
+        raise Skip(why)
     inner = _prep_dtk(state).fn
 
     def fn():
-        was, wt.TMA_LOADS = wt.TMA_LOADS, True
-        try:
-            return inner()
-        finally:
-            wt.TMA_LOADS = was
-    return Prepared(fn, first_call(fn, state["device"], "window_attention (TMA loads)"))
+        return switched(inner)
+    return Prepared(fn, first_call(fn, state["device"], f"window_attention ({label})"))
+
+
+def _prep_dtk_tma(state):
+    """dtk with the engine's K / V blocks read by TMA copies (window.triton.TMA_LOADS)."""
+    return _prep_dtk_switched(state, "TMA_LOADS", "TMA loads")
+
+
+def _ws_declines(state) -> str:
+    from dtk.ops.window import triton as wt
+    if wt._ws_forward(state["q"], state["k"], state["v"], state["spec"], state["scale"], None) is None:
+        return "the single-loop engine does not take this problem (edge tiles or layout): the main engine runs"
+    return ""
 
 
 def _prep_dtk_ws(state):
     """dtk with the grid queries' forward by the warp-specialized single-loop engine
-    (window.triton.WS_ENGINE, off by default until measured): Hopper only; where the engine does
-    not apply (edge tiles, extra keys) the row says so and is skipped."""
-    from dtk.ops.window import triton as wt
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
-        raise Skip("the single-loop engine needs Hopper (sm_90) or newer")
-    was, wt.WS_ENGINE = wt.WS_ENGINE, True
-    try:
-        applies = wt._ws_forward(state["q"], state["k"], state["v"], state["spec"], state["scale"], None) is not None
-    finally:
-        wt.WS_ENGINE = was
-    if not applies:
-        raise Skip("the single-loop engine does not take this problem (edge tiles or layout): the main engine runs")
-    inner = _prep_dtk(state).fn
-
-    def fn():
-        was, wt.WS_ENGINE = wt.WS_ENGINE, True
-        try:
-            return inner()
-        finally:
-            wt.WS_ENGINE = was
-    return Prepared(fn, first_call(fn, state["device"], "window_attention (single-loop engine)"))
+    (window.triton.WS_ENGINE); skipped where the engine does not apply (edge tiles, extra keys)."""
+    return _prep_dtk_switched(state, "WS_ENGINE", "single-loop engine", _ws_declines)
 
 
 def _prep_dtk_permute(state):

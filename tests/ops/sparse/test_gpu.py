@@ -7,7 +7,7 @@ from dtk.ops.cache.reference import scatter_blend_reference
 from dtk.ops.sparse.reference import multi_kv_attention_reference as mkv_ref
 from dtk.ops.sparse.reference import segment_attention_reference as seg_ref
 
-from ...helpers import assert_matches_reference
+from ...helpers import assert_matches_reference, graph_replay_equals_eager
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.bfloat16, torch.float16]
@@ -228,18 +228,4 @@ def test_dense_calls_on_side_streams_and_in_cuda_graphs():
     for (o1, l1), (o2, l2) in zip(together, one_by_one):
         assert torch.equal(o1, o2) and torch.equal(l1, l2)
 
-    eager = dtk.multi_kv_attention(q, ks, vs)
-    static_q = q.clone()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):   # warm up (cuDNN plans, Triton compiles) outside the capture
-        dtk.multi_kv_attention(static_q, ks, vs)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = dtk.multi_kv_attention(static_q, ks, vs)
-    static_q.copy_(q)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_out, eager)
+    assert graph_replay_equals_eager(lambda x: dtk.multi_kv_attention(x, ks, vs), q)

@@ -7,7 +7,7 @@ import torch
 import dtk
 from dtk.ops.window.reference import window_attention_reference
 
-from ...helpers import assert_matches_reference
+from ...helpers import assert_matches_reference, graph_replay_equals_eager, record_results
 from .cases import as_dtype, kwargs, make_inputs, random_case
 
 pytestmark = pytest.mark.gpu
@@ -201,19 +201,7 @@ def test_gpu_prefix_rows_by_cudnn_on_a_side_stream(monkeypatch):
     by_triton = dtk.window_attention(q, k, v, (24, 32), **args)
     assert (by_dense.float() - by_triton.float()).abs().max() < 2e-2
     monkeypatch.setattr(wt, "PREFIX_BY_DENSE", True)
-    static_q = q.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        dtk.window_attention(static_q, k, v, (24, 32), **args)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = dtk.window_attention(static_q, k, v, (24, 32), **args)
-    static_q.copy_(q)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_out, by_dense)
+    assert graph_replay_equals_eager(lambda x: dtk.window_attention(x, k, v, (24, 32), **args), q)
 
 
 def _hopper():
@@ -237,22 +225,8 @@ def test_gpu_tma_loads(blocks, case, monkeypatch):
         check(dict(case, heads=(4, 2), D=128, B=1, transposed=transposed, scale=None), torch.bfloat16)
     c = dict(case, heads=(4, 2), D=128, B=1, transposed=False, scale=None)
     q, k, v, ek, ev = make_inputs(c, torch.bfloat16, "cuda")
-    run = lambda x: dtk.window_attention(x, k, v, c["grid"], c["window"], extra_k=ek, extra_v=ev,  # noqa: E731
-                                         **kwargs(c))
-    eager = run(q)
-    static_q = q.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run(static_q)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = run(static_q)
-    static_q.copy_(q)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_out, eager)
+    assert graph_replay_equals_eager(lambda x: dtk.window_attention(x, k, v, c["grid"], c["window"], extra_k=ek,
+                                                                    extra_v=ev, **kwargs(c)), q)
 
 
 @pytest.mark.skipif(not _hopper(), reason="the single-loop engine needs Hopper (sm_90) or newer")
@@ -267,26 +241,10 @@ def test_gpu_single_loop_engine(case, monkeypatch):
     (d = 128 and 64), and in a CUDA graph a replay gives the eager result."""
     from dtk.ops.window import triton as wt
     monkeypatch.setattr(wt, "WS_ENGINE", True)
-    used = []
-    real = wt._ws_forward
-    monkeypatch.setattr(wt, "_ws_forward", lambda *a: used.append(real(*a)) or used[-1])
+    used = record_results(monkeypatch, wt, "_ws_forward")
     for transposed, D in ((False, 128), (True, 128), (False, 64)):
         check(dict(case, heads=(4, 4), D=D, B=1, transposed=transposed, scale=None), torch.bfloat16)
     assert used and all(r is not None for r in used), "the single-loop engine did not run"
     c = dict(case, heads=(4, 4), D=128, B=1, transposed=False, scale=None)
     q, k, v, _, _ = make_inputs(c, torch.bfloat16, "cuda")
-    run = lambda x: dtk.window_attention(x, k, v, c["grid"], c["window"], **kwargs(c))  # noqa: E731
-    eager = run(q)
-    static_q = q.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run(static_q)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = run(static_q)
-    static_q.copy_(q)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_out, eager)
+    assert graph_replay_equals_eager(lambda x: dtk.window_attention(x, k, v, c["grid"], c["window"], **kwargs(c)), q)

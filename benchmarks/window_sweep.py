@@ -118,8 +118,8 @@ def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
             setattr(wt, flag, was)
     # the grid queries by the warp-specialized single-loop engine (64 x 64 blocks, 4 warps per
     # group), at 2, 3 and 4 pipeline stages (all within sm_90's shared memory, no spills)
-    if hopper and not wt.WS_ENGINE:
-        stages = single_loop.NUM_STAGES
+    if hopper and wt.WS_ENGINE is not True:
+        stages, was = single_loop.NUM_STAGES, wt.WS_ENGINE
         try:
             wt.WS_ENGINE = True
             if wt._ws_forward(q, k, v, spec, scale, None) is not None:
@@ -127,7 +127,7 @@ def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
                     record(f"single-loop engine (WS_ENGINE=1, 64x64 w4 s{single_loop.NUM_STAGES}, warp-specialized)",
                            lambda: window_attention_triton(q, k, v, spec, scale), ref)
         finally:
-            wt.WS_ENGINE, single_loop.NUM_STAGES = False, stages
+            wt.WS_ENGINE, single_loop.NUM_STAGES = was, stages
     for bq, bk in BLOCKS:
         eff = pair_count(spec) / engine_pairs(build_plan(spec, bq, bk, q.device), spec)
         print(f"{shape.name:34s} blocks {bq}x{bk}: plan efficiency {eff:.3f} (the mask's pairs / computed pairs)")

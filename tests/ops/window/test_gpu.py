@@ -248,3 +248,21 @@ def test_gpu_single_loop_engine(case, monkeypatch):
     c = dict(case, heads=(4, 4), D=128, B=1, transposed=False, scale=None)
     q, k, v, _, _ = make_inputs(c, torch.bfloat16, "cuda")
     assert graph_replay_equals_eager(lambda x: dtk.window_attention(x, k, v, c["grid"], c["window"], **kwargs(c)), q)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the single-loop engine needs Hopper (sm_90) or newer")
+def test_gpu_single_loop_engine_auto(monkeypatch):
+    """WS_ENGINE="auto": the first call of a problem times the single-loop engine against the main
+    one and keeps the choice; results are the reference's either way."""
+    from dtk.ops.window import triton as wt
+    monkeypatch.setattr(wt, "WS_ENGINE", "auto")
+    monkeypatch.setenv("DTK_TRITON_AUTOTUNE", "1")
+    monkeypatch.delenv("DTK_WINDOW_BLOCKS", raising=False)
+    case = dict(grid=(48, 64), window=None, radius=8, border="clip", num_prefix=64, tile=(8, 16), num_extra=0,
+                heads=(4, 4), D=128, B=1, transposed=False, scale=None)
+    before = set(wt._TUNED_ENGINE)
+    check(case, torch.bfloat16)
+    new = [key for key in wt._TUNED_ENGINE if key not in before]
+    assert len(new) == 1 and isinstance(wt._TUNED_ENGINE[new[0]], bool)
+    check(case, torch.bfloat16)   # the cached choice
+    assert len(wt._TUNED_ENGINE) == len(before) + 1

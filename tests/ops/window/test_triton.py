@@ -319,3 +319,15 @@ def test_triton_single_loop_engine_declines(case, monkeypatch):
     used = record_results(monkeypatch, wt, "_ws_forward")
     run_case({"heads": (2, 1), "D": 16, "B": 1, "transposed": False, "scale": None, **case}, DTYPES[0], block=None)
     assert used == [None]
+
+
+def test_triton_single_loop_engine_auto_off_the_gpu(monkeypatch):
+    """WS_ENGINE="auto" times the engines on a GPU only: elsewhere (the interpreter) the main engine
+    runs and nothing is cached."""
+    import dtk.ops.window.triton as wt
+    monkeypatch.setattr(wt, "WS_ENGINE", "auto")
+    used = record_results(monkeypatch, wt, "_ws_forward")
+    before = dict(wt._TUNED_ENGINE)
+    run_case({**WS_CASES[0], "heads": (2, 2), "D": 16, "B": 1, "transposed": False, "scale": None}, DTYPES[0],
+             block=None)
+    assert used == [] and wt._TUNED_ENGINE == before

@@ -743,7 +743,7 @@ def choose_blocks(q, k, v, spec: WindowSpec, scale: float, extra_k=None, extra_v
     D = q.shape[3]
     if q.device.type != "cuda" or not triton_autotune() or window_blocks_override():
         return default_blocks(q.device, D, spec)
-    key = (spec, tuple(q.shape), k.shape[2], 0 if extra_k is None else extra_k.shape[1], q.dtype, q.device)
+    key = _problem_key(q, k, spec, extra_k)
     best = _TUNED_BLOCKS.get(key)
     if best is None and torch.cuda.is_current_stream_capturing():   # nothing can be timed while capturing
         return default_blocks(q.device, D, spec)
@@ -759,6 +759,11 @@ def choose_blocks(q, k, v, spec: WindowSpec, scale: float, extra_k=None, extra_v
             times[blocks] = _median_ms(run, reps=3)
         best = _TUNED_BLOCKS[key] = min(times, key=times.get) if times else default_blocks(q.device, D, spec)
     return best
+
+
+def _problem_key(q, k, spec: WindowSpec, extra_k):
+    """What the engine's timed choices (blocks, engine) are cached under: one problem."""
+    return spec, tuple(q.shape), k.shape[2], 0 if extra_k is None else extra_k.shape[1], q.dtype, q.device
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -885,18 +890,46 @@ def _start_prefix_dense(q, k, v, out, lse, P: int, scale: float):
 
 # Whether the forward of grid queries goes to the single-loop engine (triton_ws.py: one uniform
 # loop over each 64-row query block's key blocks, which Triton warp-specializes on Hopper) where it
-# applies. Off until a GPU run measures it (the benchmark's dtk-ws row, window_sweep's switch).
+# applies: False never, True always, "auto" where it is faster, timed against the main engine on a
+# problem's first call (as choose_blocks times block sizes). Off until a GPU run measures it (the
+# benchmark's dtk-ws row, window_sweep's single-loop rows).
 WS_ENGINE = False
+
+# (problem key) -> whether the single-loop engine was faster (WS_ENGINE = "auto")
+_TUNED_ENGINE: dict = {}
+
+
+def _use_ws(q, k, v, spec: WindowSpec, scale: float, extra_k, extra_v) -> bool:
+    """Whether this call should try the single-loop engine (see WS_ENGINE)."""
+    if WS_ENGINE is True:
+        return True
+    if WS_ENGINE != "auto" or q.device.type != "cuda" or not triton_autotune():
+        return False
+    key = _problem_key(q, k, spec, extra_k)
+    faster = _TUNED_ENGINE.get(key)
+    if faster is None:
+        if torch.cuda.is_current_stream_capturing():   # nothing can be timed while capturing
+            return False
+        blocks = choose_blocks(q, k, v, spec, scale, extra_k, extra_v)
+
+        def main():
+            return window_attention_triton(q, k, v, spec, scale, extra_k, extra_v, block=blocks)
+
+        def single_loop():
+            return _ws_forward(q, k, v, spec, scale, extra_k)
+        faster = _TUNED_ENGINE[key] = (single_loop() is not None
+                                       and _median_ms(single_loop, reps=3) < _median_ms(main, reps=3))
+    return faster
 
 
 def _ws_forward(q, k, v, spec: WindowSpec, scale: float, extra_k):
-    """(out, lse) by the single-loop engine, or None where it does not apply: WS_ENGINE off, extra
-    keys, a GPU before Hopper, head dims over 128, a layout TMA cannot address, edge tiles with
-    partial blocks of another shape, or prefix rows the dense kernel cannot take."""
+    """(out, lse) by the single-loop engine, or None where it does not apply: extra keys, a GPU
+    before Hopper, head dims over 128, a layout TMA cannot address, edge tiles with partial blocks
+    of another shape, or prefix rows the dense kernel cannot take."""
     from . import triton_ws as ws
     D = q.shape[3]
     block_d = max(16, triton.next_power_of_2(D))
-    if not WS_ENGINE or extra_k is not None or block_d > 128:
+    if extra_k is not None or block_d > 128:
         return None
     if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
         return None
@@ -938,7 +971,7 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     num_stages) fixes the launch configuration (no autotuning; benchmarks/window_sweep.py)."""
     if launch is not None and not (len(launch) == 2 and all(isinstance(x, int) and x >= 1 for x in launch)):
         raise ValueError(f"launch must be (num_warps, num_stages), two ints >= 1, got {launch!r}")
-    if block is None and launch is None:
+    if block is None and launch is None and _use_ws(q, k, v, spec, scale, extra_k, extra_v):
         res = _ws_forward(q, k, v, spec, scale, extra_k)
         if res is not None:
             return res

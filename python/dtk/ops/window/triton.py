@@ -4,7 +4,10 @@ blocks of the plan's key shape (interior tiles) take their keys' offsets from th
 computed once per program, and box windows add their masks on the tensor cores (_box_mask_dot);
 the other blocks (edge tiles) read grid coordinates from a packed per-token table
 (plan.coord_table). Scores stay raw until the exponent, where one FMA applies the scale (log2
-units). Prefix (global) queries and keys and the extra keys are dense ranges around the plan.
+units). Prefix (global) queries and keys and the extra keys are dense ranges around the plan; the
+prefix query rows go to the dense kernel (cuDNN) on a side stream by default (PREFIX_BY_DENSE).
+Switches measured on a GPU before they become defaults: K / V blocks by TMA copies (TMA_LOADS),
+and the grid queries by the warp-specialized single-loop engine of triton_ws.py (WS_ENGINE).
 
 Backward (FlashAttention-2 style, from the forward's lse): the same query-side walk computes dq
 (`_window_fwd` with BWD=True), and `_window_bwd_dkdv` walks the transposed plan (per key block,

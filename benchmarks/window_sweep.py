@@ -103,11 +103,11 @@ def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
     ref = record("default", default)
     # the default with one engine switch flipped: boxes' partial-block masks by tensor-core dots
     # (else per-score tests); a prefix's rows by the dense kernel on a side stream (else Triton's
-    # own); K / V blocks by TMA copies (else pointer loads; Hopper on)
-    # TMA: Hopper or later, or the interpreter (CPU tensors: the tests run these rows too)
-    hopper = q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] >= 9
+    # own); K / V blocks by TMA copies (else pointer loads), where TMA exists: Hopper or later, or
+    # the interpreter (CPU tensors: the tests run these rows too)
+    tma_ok = q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] >= 9
     for flag, applies in (("MASK_BY_DOT", spec.window is not None), ("PREFIX_BY_DENSE", spec.num_prefix > 0),
-                          ("TMA_LOADS", hopper)):
+                          ("TMA_LOADS", tma_ok)):
         if not applies:
             continue
         was = getattr(wt, flag)
@@ -118,14 +118,13 @@ def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
             setattr(wt, flag, was)
     # the grid queries by the warp-specialized single-loop engine (64 x 64 blocks, 4 warps per
     # group), at 2, 3 and 4 pipeline stages (all within sm_90's shared memory, no spills)
-    if hopper and wt.WS_ENGINE is not True:
+    if tma_ok and wt.WS_ENGINE is not True and wt._ws_setup(q, k, v, spec, None) is not None:
         stages, was = single_loop.NUM_STAGES, wt.WS_ENGINE
         try:
             wt.WS_ENGINE = True
-            if wt._ws_forward(q, k, v, spec, scale, None) is not None:
-                for single_loop.NUM_STAGES in (2, 3, 4):
-                    record(f"single-loop engine (WS_ENGINE=1, 64x64 w4 s{single_loop.NUM_STAGES}, warp-specialized)",
-                           lambda: window_attention_triton(q, k, v, spec, scale), ref)
+            for single_loop.NUM_STAGES in (2, 3, 4):
+                record(f"single-loop engine (WS_ENGINE=1, 64x64 w4 s{single_loop.NUM_STAGES}, warp-specialized)",
+                       lambda: window_attention_triton(q, k, v, spec, scale), ref)
         finally:
             wt.WS_ENGINE, single_loop.NUM_STAGES = was, stages
     for bq, bk in BLOCKS:

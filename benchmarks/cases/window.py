@@ -246,7 +246,7 @@ def _prep_dtk_tma(state):
 
 def _ws_declines(state) -> str:
     from dtk.ops.window import triton as wt
-    if wt._ws_forward(state["q"], state["k"], state["v"], state["spec"], state["scale"], None) is None:
+    if wt._ws_setup(state["q"], state["k"], state["v"], state["spec"], None) is None:
         return "the single-loop engine does not take this problem (edge tiles or layout): the main engine runs"
     return ""
 

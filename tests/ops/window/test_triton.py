@@ -85,6 +85,27 @@ def test_triton_prefix_falls_back_when_the_dense_kernel_fails(monkeypatch):
     assert len(_dense.DENSE_FAILED) == 1
 
 
+def test_triton_single_loop_engine_falls_back_when_the_dense_kernel_fails(monkeypatch):
+    """The single-loop engine hands prefix rows to the dense kernel: when that kernel fails, the
+    failure is said once and the main engine (its own prefix programs) gives the result; from then
+    on the single-loop engine declines prefix problems."""
+    from dtk.ops import _dense
+    from dtk.ops.window import triton as wt
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no dense attention here")
+    monkeypatch.setattr(wt, "dense_with_lse", broken)
+    monkeypatch.setattr(_dense, "DENSE_FAILED", [])
+    monkeypatch.setattr(wt, "WS_ENGINE", True)
+    used = record_results(monkeypatch, wt, "_ws_forward")
+    case = {**WS_CASES[1], "heads": (2, 2), "D": 16, "B": 1, "transposed": False, "scale": None}
+    with pytest.warns(UserWarning, match="no dense attention here"):
+        run_case(case, DTYPES[0], block=None)
+    assert used == [None] and len(_dense.DENSE_FAILED) == 1
+    run_case(case, DTYPES[0], block=None)
+    assert used == [None, None] and len(_dense.DENSE_FAILED) == 1
+
+
 def test_triton_gpu_blocks_on_freeswim_tiles():
     """The GPU's block choice for tiles spanning the time axis (128 x 128: one 126-token tile per
     block) on a FreeSwim-like geometry with partial edge tiles."""

@@ -827,15 +827,21 @@ def _mask_args(spec: WindowSpec, plan, qk_scale: float, device: torch.device):
                                               KEY_SHORT=short, LOCAL=ok or plan.block_k <= 64)
 
 
+def _window_args(spec: WindowSpec) -> tuple:
+    """The kernels' window arguments: N0..2, W0..2 (1 for circles), R (1 for boxes), INWARD, PAD0,
+    PAD1."""
+    return (*spec.grid, *(spec.window or (1, 1, 1)), spec.radius or 1, spec.border == "inward", spec.padded(0),
+            spec.padded(1))
+
+
 def _geometry_args(spec: WindowSpec, device: torch.device):
-    """The kernels' window geometry arguments: N0..2, W0..2 (1 for circles), R (1 for boxes),
-    INWARD, PAD0, PAD1, then the packed coordinate table CT with its shifts CSH0, CSH1 and masks
-    CM1, CM2 (a dummy when the grid's coordinates do not fit 31 bits), and the COORDS constexpr."""
+    """The main kernels' window geometry arguments: _window_args, then the packed coordinate table
+    CT with its shifts CSH0, CSH1 and masks CM1, CM2 (a dummy when the grid's coordinates do not
+    fit 31 bits), and the COORDS constexpr."""
     ct = coord_table(spec, device)
     table = (ct.table, ct.shift0, ct.shift1, ct.mask1, ct.mask2) if ct else (torch.empty(1, dtype=torch.int32,
                                                                                         device=device), 0, 0, 0, 0)
-    return (*spec.grid, *(spec.window or (1, 1, 1)), spec.radius or 1, spec.border == "inward", spec.padded(0),
-            spec.padded(1), *table), ct is not None
+    return (*_window_args(spec), *table), ct is not None
 
 
 # The prefix (text) query rows attend to every sequence key: plain dense attention, which the
@@ -871,6 +877,26 @@ def _tma_descriptors(tensors, block_rows: int, block_d: int, force: bool = False
             return None
         descs.append(TensorDescriptor(t, [B, H, S, D], [*strides, 1], [1, 1, block_rows, block_d]))
     return descs
+
+
+def _prefix_dense_ok(q, k) -> bool:
+    """Whether the prefix rows go to the dense kernel: PREFIX_BY_DENSE, the kernel has not failed
+    before, and it takes these tensors."""
+    return PREFIX_BY_DENSE and not _dense.DENSE_FAILED and dense_supported(q, k)
+
+
+def _prefix_rows_by_dense(q, k, v, out, lse, P: int, scale: float):
+    """Starts rows [0, P) of (out, lse) by the dense kernel where PREFIX_BY_DENSE asks for it and
+    the kernel serves (_start_prefix_dense); a failing dense kernel is said once (dense_failed)
+    and not tried again. Returns (started, the side stream to join or None); not started, the
+    caller's Triton kernel owes those rows."""
+    if not (P and _prefix_dense_ok(q, k)):
+        return False, None
+    try:
+        return True, _start_prefix_dense(q, k, v, out, lse, P, scale)
+    except RuntimeError as e:   # a build or card without this attention
+        dense_failed("dtk window_attention (prefix rows)", e)
+        return False, None
 
 
 def _start_prefix_dense(q, k, v, out, lse, P: int, scale: float):
@@ -920,15 +946,16 @@ def _use_ws(q, k, v, spec: WindowSpec, scale: float, extra_k, extra_v) -> bool:
 
         def single_loop():
             return _ws_forward(q, k, v, spec, scale, extra_k)
-        faster = _TUNED_ENGINE[key] = (single_loop() is not None
+        faster = _TUNED_ENGINE[key] = (single_loop() is not None   # applies (and is compiled)
                                        and _median_ms(single_loop, reps=3) < _median_ms(main, reps=3))
     return faster
 
 
-def _ws_forward(q, k, v, spec: WindowSpec, scale: float, extra_k):
-    """(out, lse) by the single-loop engine, or None where it does not apply: extra keys, a GPU
-    before Hopper, head dims over 128, a layout TMA cannot address, edge tiles with partial blocks
-    of another shape, or prefix rows the dense kernel cannot take."""
+def _ws_setup(q, k, v, spec: WindowSpec, extra_k):
+    """The single-loop engine's launch inputs (plan, entries, counts, q / kv descriptors, key
+    block, head-dim block), or None where it does not apply: extra keys, a GPU before Hopper, head
+    dims over 128, a layout TMA cannot address, edge tiles with partial blocks of another shape,
+    or prefix rows the dense kernel cannot take (checked without running anything)."""
     from . import triton_ws as ws
     D = q.shape[3]
     block_d = max(16, triton.next_power_of_2(D))
@@ -936,8 +963,7 @@ def _ws_forward(q, k, v, spec: WindowSpec, scale: float, extra_k):
         return None
     if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
         return None
-    P = spec.num_prefix
-    if P and (_dense.DENSE_FAILED or not dense_supported(q, k)):
+    if spec.num_prefix and not _prefix_dense_ok(q, k):
         return None
     block_k = ws.BLOCK_K if q.device.type == "cuda" else default_blocks(q.device, D, spec)[1]
     kv = _tma_descriptors((k, v), block_k, block_d, force=True)
@@ -945,20 +971,31 @@ def _ws_forward(q, k, v, spec: WindowSpec, scale: float, extra_k):
     built = ws.ws_plan(spec, block_k, q.device)
     if kv is None or qd is None or built is None:
         return None
-    plan, entries, counts = built
-    B, S, H, _ = q.shape
+    return (*built, qd, kv, block_k, block_d)
+
+
+def _ws_forward(q, k, v, spec: WindowSpec, scale: float, extra_k):
+    """(out, lse) by the single-loop engine, or None where it does not apply (_ws_setup) or the
+    prefix rows' dense kernel fails on this call."""
+    from . import triton_ws as ws
+    setup = _ws_setup(q, k, v, spec, extra_k)
+    if setup is None:
+        return None
+    plan, entries, counts, qd, kv, block_k, block_d = setup
+    B, S, H, D = q.shape
+    P = spec.num_prefix
     out = new_output((B, S, H, D), like=q)
     lse = new_output((B, H, S), like=q, dtype=torch.float32)
-    side = _start_prefix_dense(q, k, v, out, lse, P, scale) if P else None
+    by_dense, side = _prefix_rows_by_dense(q, k, v, out, lse, P, scale)
+    if P and not by_dense:   # the dense kernel failed just now: the main engine's prefix programs
+        return None
     if plan.num_blocks * B * H:
-        geometry = (*spec.grid, *(spec.window or (1, 1, 1)), spec.radius or 1, spec.border == "inward",
-                    spec.padded(0), spec.padded(1))
         gpu = q.device.type == "cuda"
         ws._window_fwd_ws[(plan.num_blocks * B * H,)](
             *qd, out, lse, *kv, plan.q_blocks, entries, counts, plan.order,
             out.stride(0), out.stride(1), out.stride(2),
             H, H // k.shape[2], S, plan.num_blocks, entries.shape[1], D, plan.key_shape[1], plan.key_shape[2],
-            *geometry, scale * LOG2E,
+            *_window_args(spec), scale * LOG2E,
             IS_BOX=spec.window is not None, BLOCK_M=ws.BLOCK_Q, BLOCK_N=block_k, BLOCK_D=block_d,
             AXES=_limiting_axes(spec), WS=gpu,
             num_warps=ws.NUM_WARPS if gpu else 4, num_stages=ws.NUM_STAGES if gpu else 1)
@@ -989,13 +1026,8 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     E = 0 if extra_k is None else extra_k.shape[1]
     ek, ev = (k, v) if extra_k is None else (extra_k, extra_v)
     P = spec.num_prefix
-    side, n_pqb = None, (P + block_q - 1) // block_q
-    if P and PREFIX_BY_DENSE and not _dense.DENSE_FAILED and dense_supported(q, k):
-        try:
-            side = _start_prefix_dense(q, k, v, out, lse, P, scale)
-            n_pqb = 0   # the Triton kernel runs the grid query blocks only
-        except RuntimeError as e:   # a build or card without this attention: the Triton prefix programs
-            dense_failed("dtk window_attention (prefix rows)", e)
+    by_dense, side = _prefix_rows_by_dense(q, k, v, out, lse, P, scale)
+    n_pqb = 0 if by_dense else (P + block_q - 1) // block_q   # by_dense: the grid query blocks only
     block_d = max(16, triton.next_power_of_2(D))
     grid = ((n_pqb + plan.num_blocks) * B * H,)
     tuned = q.device.type == "cuda" and triton_autotune() and launch is None

@@ -257,7 +257,8 @@ def test_triton_without_key_shape_loops(case, monkeypatch):
     dict(grid=(2, 3), window=None, radius=4, border="inward", num_prefix=0, tile=None, num_extra=0),  # empty rows
 ])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_triton_tma_loads(case, transposed, monkeypatch):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_tma_loads(case, transposed, dtype, monkeypatch):
     """K and V blocks by tensor-descriptor (TMA) loads: rows past the sequence and head-dim columns
     past D arrive as zeros instead of clamped or masked loads; same results in every loop (full,
     short, partial and edge blocks, prefix keys), for BSHD and SDPA-layout (transposed) inputs."""
@@ -266,8 +267,7 @@ def test_triton_tma_loads(case, transposed, monkeypatch):
     monkeypatch.setattr(wt, "PREFIX_BY_DENSE", False)   # the prefix rows in the kernel too
     used = record_results(monkeypatch, wt, "_tma_descriptors")
     case = {k: v for k, v in case.items() if k != "full_short"}
-    run_case({"heads": (4, 2), "D": 16, "B": 2, "scale": None, **case, "transposed": transposed}, DTYPES[0],
-             block=16)
+    run_case({"heads": (4, 2), "D": 16, "B": 2, "scale": None, **case, "transposed": transposed}, dtype, block=16)
     assert [d is not None for d in used] == [True], used
 
 
@@ -312,7 +312,8 @@ WS_CASES = [
 
 @pytest.mark.parametrize("case", WS_CASES)
 @pytest.mark.parametrize("transposed", [False, True])
-def test_triton_single_loop_engine(case, transposed, monkeypatch):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_single_loop_engine(case, transposed, dtype, monkeypatch):
     """The single-loop engine (WS_ENGINE, triton_ws.py): prefix key blocks, full and partial blocks
     of the key shape in one loop, the prefix rows by the dense kernel; the reference's result with
     GQA, in both layouts, with large scores (scale 4) too."""
@@ -321,7 +322,7 @@ def test_triton_single_loop_engine(case, transposed, monkeypatch):
     used = record_results(monkeypatch, wt, "_ws_forward")
     heads = (4, 2) if not case["num_prefix"] else (2, 2)   # prefix rows by the dense kernel: no GQA
     for scale in (None, 4.0):
-        run_case({**case, "heads": heads, "D": 16, "B": 2, "transposed": transposed, "scale": scale}, DTYPES[0],
+        run_case({**case, "heads": heads, "D": 16, "B": 2, "transposed": transposed, "scale": scale}, dtype,
                  block=None)
     assert [r is not None for r in used] == [True, True]
 

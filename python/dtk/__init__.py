@@ -16,6 +16,7 @@ from .ops.linear import (linear_attention, linear_attention_apply, linear_attent
                          memory_linear_attention, memory_linear_attention_update)
 from .ops.window import suggest_tile, tile_permutation, window_attention
 from .ops.sparse import multi_kv_attention, ominicontrol_group_mask, segment_attention
+from .ops.rotary import rms_norm_rope
 from .ops.cache import dilate_mask, mask_to_index, prune_isolated, scatter_blend, token_change_score
 from . import cache  # noqa: F401,E402  (cache objects: dtk.cache.KVCache, OutputCache, RefreshPolicy)
 
@@ -24,6 +25,7 @@ __all__ = [
     "linear_attention", "linear_attention_state", "linear_attention_apply",
     "memory_linear_attention", "memory_linear_attention_update",
     "multi_kv_attention", "segment_attention", "ominicontrol_group_mask",
+    "rms_norm_rope",
     "scatter_blend", "token_change_score", "mask_to_index", "dilate_mask", "prune_isolated", "cache",
     "info",
 ]

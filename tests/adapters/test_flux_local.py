@@ -261,3 +261,35 @@ def test_training_gradients_equal_reference():
     (r(**x).sample * g).sum().backward()
     assert_same_param_grads(m, r)
     torch.testing.assert_close(sum(p.grad for p in weights), ref_w.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_qk_norm_and_rope_run_fused(monkeypatch):
+    """FLUX's QK-norm + RoPE go through one dtk.rms_norm_rope per part (image q, k; text q, k in
+    joint blocks) and the model still equals the unadapted one; a norm that is not a plain RMS
+    norm falls back to the module and diffusers' rotation, with the same result."""
+    from ..helpers import record_results
+    m = tiny_flux()
+    x = flux_inputs(5, 7)
+    ref = run(m, x)
+    flux.apply_local_attention(m, radius=5 + 7)
+    calls = record_results(monkeypatch, flux, "rms_norm_rope")
+    torch.testing.assert_close(run(m, x), ref, atol=ATOL, rtol=0)
+    assert len(calls) == 4 * len(m.transformer_blocks) + 2 * len(m.single_transformer_blocks)
+
+    class ScaledNorm(torch.nn.Module):   # not an RMS norm: no fusion
+        def __init__(self, norm):
+            super().__init__()
+            self.norm = norm
+
+        def forward(self, t):
+            return self.norm(t) * 1.5
+
+    r = tiny_flux()
+    for _, attn in flux.iter_flux_attention(r):
+        attn.norm_q = ScaledNorm(attn.norm_q)
+    ref = run(r, x)
+    flux.apply_local_attention(r, radius=5 + 7)
+    calls.clear()
+    torch.testing.assert_close(run(r, x), ref, atol=ATOL, rtol=0)
+    # every part but the image queries (joint blocks: image k, text q and k; single blocks: k)
+    assert len(calls) == 3 * len(r.transformer_blocks) + len(r.single_transformer_blocks)

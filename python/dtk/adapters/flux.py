@@ -16,6 +16,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..ops.rotary import rms_norm_rope
 from ..ops.window import pool_grid_tokens, suggest_tile, window_attention
 from ._common import (AdapterHandle, StreamNumbers, TensorMemo, TileOrder, check_diffusers, get_handle, parse_tile,
                       replace_output_sample)
@@ -28,32 +29,60 @@ CLEAR_TRAIN_SEQ_LEN = 64 ** 2 + 512      # 4608: FLUX at 1024^2 with 512 text to
 # ------------------------------------------------------------------------------------------------
 # Shared FLUX glue: projections, RoPE, output projections; the grid read from img_ids.
 
-def flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
-    """q, k, v (B, S, H, D) after QK-norm and RoPE, text first (joint blocks), as FluxAttnProcessor."""
+def _norm_eps(norm, x):
+    """The eps of FLUX's QK-norm when it is a plain RMS norm over the head dim (torch.nn.RMSNorm,
+    which diffusers >= 0.36 uses, or diffusers' bias-free RMSNorm), else None (not fusable)."""
+    from diffusers.models.normalization import RMSNorm
+    if type(norm) is torch.nn.RMSNorm and tuple(norm.normalized_shape) == (x.shape[-1],):
+        return torch.finfo(x.dtype).eps if norm.eps is None else norm.eps
+    if type(norm) is RMSNorm and getattr(norm, "bias", None) is None:
+        return norm.eps
+    return None
+
+
+def _norm_rope(norm, x, rope, rows):
+    """norm(x) then diffusers' apply_rotary_emb with the `rows` slice of the (cos, sin) tables
+    `rope` (None: no rotation), as one dtk.rms_norm_rope pass when the norm is a plain RMS norm:
+    the composition is about a dozen elementwise passes over x, several in float32."""
     from diffusers.models.embeddings import apply_rotary_emb
+    tables = None
+    if rope is not None:
+        if not (isinstance(rope, (tuple, list)) and len(rope) == 2 and rope[0].dim() == 2):
+            return apply_rotary_emb(norm(x), rope, sequence_dim=1)
+        tables = tuple(t[rows] for t in rope)
+    eps = _norm_eps(norm, x)
+    if eps is not None:
+        return rms_norm_rope(x, norm.weight, *(tables or (None, None)), eps=eps)
+    x = norm(x)
+    return x if tables is None or x.shape[1] == 0 else apply_rotary_emb(x, tables, sequence_dim=1)
+
+
+def flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+    """q, k, v (B, S, H, D) after QK-norm and RoPE, text first (joint blocks), as FluxAttnProcessor
+    (which rotates after concatenating text and image; rotating each part with its rows of the
+    tables is the same)."""
     if getattr(attn, "fused_projections", False):
         query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
     else:
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-    value = value.unflatten(-1, (-1, attn.head_dim))
-    if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+    unflat = lambda t: t.unflatten(-1, (-1, attn.head_dim))  # noqa: E731
+    joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+    P = encoder_hidden_states.shape[1] if joint else 0
+    query = _norm_rope(attn.norm_q, unflat(query), image_rotary_emb, slice(P, None))
+    key = _norm_rope(attn.norm_k, unflat(key), image_rotary_emb, slice(P, None))
+    value = unflat(value)
+    if joint:
         if getattr(attn, "fused_projections", False) and hasattr(attn, "to_added_qkv"):
             eq, ek, ev = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
         else:
             eq = attn.add_q_proj(encoder_hidden_states)
             ek = attn.add_k_proj(encoder_hidden_states)
             ev = attn.add_v_proj(encoder_hidden_states)
-        eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
-        ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
-        ev = ev.unflatten(-1, (-1, attn.head_dim))
+        eq = _norm_rope(attn.norm_added_q, unflat(eq), image_rotary_emb, slice(0, P))
+        ek = _norm_rope(attn.norm_added_k, unflat(ek), image_rotary_emb, slice(0, P))
         query = torch.cat([eq, query], dim=1)
         key = torch.cat([ek, key], dim=1)
-        value = torch.cat([ev, value], dim=1)
-    if image_rotary_emb is not None:
-        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        value = torch.cat([unflat(ev), value], dim=1)
     return query, key, value
 
 

@@ -1,0 +1,104 @@
+// rms_norm_rope, CPU kernel: one pass per (b, s, h) row, OpenMP over rows (at::parallel_for).
+// The GPU kernel is Triton (python/dtk/ops/rotary/triton.py); both follow reference.py.
+#include "common/debug.h"
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace dtk::rotary {
+namespace {
+
+using at::Tensor;
+
+void check_table(const Tensor& t, const char* name, const Tensor& x) {
+  const char* op = "dtk.rms_norm_rope";
+  const int64_t S = x.size(1), D = x.size(3);
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", expected x's device ", x.device());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == S && t.size(1) == D, op, ": ", name, " must be (S=", S, ", D=", D,
+              "), got shape ", t.sizes());
+}
+
+Tensor rms_norm_rope_cpu(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& cos,
+                         const std::optional<Tensor>& sin, double eps, bool interleaved) {
+  const char* op = "dtk.rms_norm_rope";
+  TORCH_CHECK(x.dim() == 4, op, ": x must be (B, S, H, D), got shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating tensor, got ", x.scalar_type());
+  TORCH_CHECK(x.stride(3) == 1 || x.size(3) == 1, op, ": x must have a contiguous last dim (stride 1), got stride ",
+              x.stride(3));
+  const int64_t B = x.size(0), S = x.size(1), H = x.size(2), D = x.size(3);
+  TORCH_CHECK(D >= 1, op, ": x must have a head dim D >= 1, got shape ", x.sizes());
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, op, ": eps must be a positive finite float, got ", eps);
+  if (weight.has_value()) {
+    TORCH_CHECK(at::isFloatingType(weight->scalar_type()), op, ": weight must be a floating tensor, got ",
+                weight->scalar_type());
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == D, op, ": weight must be (D=", D, ",), got shape ",
+                weight->sizes());
+    TORCH_CHECK(weight->device() == x.device(), op, ": weight is on ", weight->device(), ", expected x's device ",
+                x.device());
+  }
+  TORCH_CHECK(cos.has_value() == sin.has_value(), op, ": cos and sin must be given together");
+  const bool rope = cos.has_value();
+  if (rope) {
+    check_table(*cos, "cos", x);
+    check_table(*sin, "sin", x);
+    TORCH_CHECK(D % 2 == 0, op, ": the rotary embedding needs an even head dim, got D=", D);
+  }
+  Tensor out = dtk::new_output({B, S, H, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const int64_t sb = x.stride(0), ss = x.stride(1), sh = x.stride(2);
+  const int64_t half = D / 2;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_rope", [&] {
+    using opmath = at::opmath_type<scalar_t>;
+    const auto table_type = c10::CppTypeToScalarType<opmath>::value;
+    Tensor w = weight.has_value() ? weight->to(table_type).contiguous() : Tensor();
+    Tensor c = rope ? cos->to(table_type).contiguous() : Tensor();
+    Tensor s = rope ? sin->to(table_type).contiguous() : Tensor();
+    const opmath* wp = w.defined() ? w.data_ptr<opmath>() : nullptr;
+    const opmath* cp = rope ? c.data_ptr<opmath>() : nullptr;
+    const opmath* sp = rope ? s.data_ptr<opmath>() : nullptr;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * S * H, 64, [&](int64_t lo, int64_t hi) {
+      std::vector<opmath> n(D);
+      for (int64_t row = lo; row < hi; ++row) {
+        const int64_t b = row / (S * H), t = (row / H) % S, h = row % H;
+        const scalar_t* xr = xp + b * sb + t * ss + h * sh;
+        opmath sumsq = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          const opmath v = static_cast<opmath>(xr[d]);
+          sumsq += v * v;
+        }
+        const opmath r = opmath(1) / std::sqrt(sumsq / static_cast<opmath>(D) + static_cast<opmath>(eps));
+        for (int64_t d = 0; d < D; ++d) n[d] = static_cast<opmath>(xr[d]) * r * (wp ? wp[d] : opmath(1));
+        scalar_t* yr = op_ + row * D;
+        if (!rope) {
+          for (int64_t d = 0; d < D; ++d) yr[d] = static_cast<scalar_t>(n[d]);
+          continue;
+        }
+        const opmath* cr = cp + t * D;
+        const opmath* sr = sp + t * D;
+        for (int64_t d = 0; d < D; ++d) {
+          // the rotated partner: (x0, x1) -> (-x1, x0) per pair
+          opmath rot;
+          if (interleaved) rot = (d % 2 == 0) ? -n[d + 1] : n[d - 1];
+          else rot = d < half ? -n[d + half] : n[d - half];
+          yr[d] = static_cast<scalar_t>(n[d] * cr[d] + rot * sr[d]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dtk, CPU, m) { m.impl("rms_norm_rope", &rms_norm_rope_cpu); }
+
+}  // namespace dtk::rotary

@@ -1,0 +1,104 @@
+"""Python-side registrations of dtk::rms_norm_rope: the argument checks shared by the wrapper, the
+fake and the Triton (CUDA) kernels, and the autograd formula. The CPU kernel is C++
+(csrc/rotary/cpu.cpp) with the same checks."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .reference import rotate
+
+GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_table(t, name, x):
+    S, D = x.shape[1], x.shape[3]
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device}, expected x's device {x.device}")
+    if tuple(t.shape) != (S, D):
+        raise ValueError(f"{name} must be (S={S}, D={D}), got shape {tuple(t.shape)}")
+
+
+def check_rms_norm_rope(x, weight, cos, sin, eps, interleaved):
+    """Validates everything; errors name the argument at fault and what was expected."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, S, H, D), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+    if x.stride(-1) != 1 and x.shape[-1] != 1:
+        raise ValueError(f"x must have a contiguous last dim (stride 1), got stride {x.stride(-1)}")
+    D = x.shape[3]
+    if D < 1:
+        raise ValueError(f"x must have a head dim D >= 1, got shape {tuple(x.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating tensor, got {getattr(weight, 'dtype', type(weight).__name__)}")
+        if tuple(weight.shape) != (D,):
+            raise ValueError(f"weight must be (D={D},), got shape {tuple(weight.shape)}")
+        if weight.device != x.device:
+            raise ValueError(f"weight is on {weight.device}, expected x's device {x.device}")
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must be given together")
+    if cos is not None:
+        _check_table(cos, "cos", x)
+        _check_table(sin, "sin", x)
+        if D % 2:
+            raise ValueError(f"the rotary embedding needs an even head dim, got D={D}")
+    if x.device.type == "cuda" and x.dtype not in GPU_DTYPES:
+        raise TypeError(f"x dtype {x.dtype} unsupported on GPU: use float16, bfloat16 or float32")
+
+
+@torch.library.register_fake("dtk::rms_norm_rope")
+def _fake(x, weight, cos, sin, eps, interleaved):
+    check_rms_norm_rope(x, weight, cos, sin, eps, interleaved)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_kernel("dtk::rms_norm_rope", "cuda")
+def _cuda(x, weight, cos, sin, eps, interleaved):
+    check_rms_norm_rope(x, weight, cos, sin, eps, interleaved)
+    from .triton import rms_norm_rope_triton  # Triton compiles lazily, only where CUDA runs
+    return rms_norm_rope_triton(x, weight, cos, sin, eps, interleaved)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, cos, sin, eps, interleaved = inputs
+    ctx.save_for_backward(x, weight, cos, sin)
+    ctx.eps, ctx.interleaved = eps, interleaved
+
+
+def _backward(ctx, grad):
+    """Gradients of x, weight, cos and sin in torch ops (recomputing the forward's norm), in
+    float32 (float64 for float64 x). With a = n * weight, y = a * cos + rotate(a) * sin, and
+    rotate's transpose is -rotate."""
+    x, weight, cos, sin = ctx.saved_tensors
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf, g = x.to(dt), grad.to(dt)
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.eps)
+    n = xf * r
+    a = n * weight.to(dt) if weight is not None else n
+    d_cos = d_sin = None
+    if cos is not None:
+        c, s = cos.to(dt)[None, :, None, :], sin.to(dt)[None, :, None, :]
+        if ctx.needs_input_grad[2]:
+            d_cos = (g * a).sum((0, 2)).to(cos.dtype)
+        if ctx.needs_input_grad[3]:
+            d_sin = (g * rotate(a, ctx.interleaved)).sum((0, 2)).to(sin.dtype)
+        g = g * c - rotate(g * s, ctx.interleaved)
+    d_weight = (g * n).sum((0, 1, 2)).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+    if weight is not None:
+        g = g * weight.to(dt)
+    d_x = (r * (g - n * (g * n).mean(-1, keepdim=True))).to(x.dtype) if ctx.needs_input_grad[0] else None
+    return d_x, d_weight, d_cos, d_sin, None, None
+
+
+torch.library.register_autograd("dtk::rms_norm_rope", _backward, setup_context=_setup_context)

@@ -1,0 +1,71 @@
+"""Triton kernel of rms_norm_rope (GPU): each program normalises and rotates ROWS (b, s, h) rows of
+D elements. The rotation's partner elements are a second load of the same row (it hits the cache:
+DRAM traffic stays one read of x and one write), so any even D works without splitting pairs."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._debug import new_output
+
+
+@triton.jit
+def _rms_norm_rope_fwd(X, W, COS, SIN, OUT, n_rows, S, H, sb, ss, sh, D, eps,
+                       HAS_WEIGHT: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    h = rows % H
+    t = (rows // H) % S
+    b = rows // (S * H)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    ok = row_ok[:, None] & d_ok[None, :]
+    x_row = X + (b * sb + t * ss + h * sh)[:, None]
+    x = tl.load(x_row + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
+    y = x * r
+    if HAS_WEIGHT:
+        y = y * tl.load(W + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    if ROPE:
+        if INTERLEAVED:
+            p = d ^ 1
+            sign = tl.where(d % 2 == 0, -1.0, 1.0)
+        else:
+            half = D // 2
+            p = tl.where(d < half, d + half, d - half)
+            sign = tl.where(d < half, -1.0, 1.0)
+        p = tl.where(d_ok, p, 0)
+        rot = tl.load(x_row + p[None, :], mask=ok, other=0.0).to(tl.float32) * r
+        if HAS_WEIGHT:
+            rot = rot * tl.load(W + p, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        table = t[:, None] * D + d[None, :]
+        c = tl.load(COS + table, mask=ok, other=0.0)
+        s = tl.load(SIN + table, mask=ok, other=0.0)
+        y = y * c + sign[None, :] * rot * s
+    tl.store(OUT + rows[:, None] * D + d[None, :], y.to(OUT.dtype.element_ty), mask=ok)
+
+
+def launch_config(D: int) -> dict:
+    """Rows per program (~8-16 KB of x each), the padded head dim and warps."""
+    BLOCK_D = triton.next_power_of_2(D)
+    return dict(ROWS=max(1, min(64, 4096 // BLOCK_D)), BLOCK_D=BLOCK_D, num_warps=4)
+
+
+def rms_norm_rope_triton(x, weight, cos, sin, eps, interleaved):
+    B, S, H, D = x.shape
+    out = new_output((B, S, H, D), like=x)
+    n_rows = B * S * H
+    if n_rows == 0 or D == 0:
+        return out
+    f32 = dict(device=x.device, dtype=torch.float32)
+    w = weight.to(**f32).contiguous() if weight is not None else out
+    c = cos.to(**f32).contiguous() if cos is not None else out
+    s = sin.to(**f32).contiguous() if sin is not None else out
+    cfg = launch_config(D)
+    _rms_norm_rope_fwd[(triton.cdiv(n_rows, cfg["ROWS"]),)](
+        x, w, c, s, out, n_rows, S, H, x.stride(0), x.stride(1), x.stride(2), D, float(eps),
+        HAS_WEIGHT=weight is not None, ROPE=cos is not None, INTERLEAVED=bool(interleaved),
+        **cfg)
+    return out

@@ -137,7 +137,7 @@ echo "== benchmarks (timeout ${T_BENCH} s, --budget-s ${BUDGET})"
 rc_bench=0
 # shellcheck disable=SC2086  # BENCH_ARGS: extra CLI flags, e.g. "--shape na2d-* --skip-anchor sdpa-math"
 # families in order of importance (BENCH_OPS), so a run cut short keeps the headline results
-ops_args=""; for op in ${BENCH_OPS:-window sparse linear layout window-bwd sparse-bwd e2e}; do ops_args="$ops_args --op $op"; done
+ops_args=""; for op in ${BENCH_OPS:-window sparse linear rotary layout window-bwd sparse-bwd e2e}; do ops_args="$ops_args --op $op"; done
 timeout "$T_BENCH" "$PY" -m benchmarks --gpu --json "$OUT/bench.json" \
   --budget-s "$BUDGET" $ops_args ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log" || rc_bench=$?
 echo "bench rc=$rc_bench at ${SECONDS} s"

@@ -278,6 +278,17 @@ def _cache():
     assert torch.equal(rk, k) and torch.equal(rv, v) and 0 in kvc
 
 
+@check("rotary family (CPU) vs reference: rms_norm_rope")
+def _rotary():
+    from dtk.ops.rotary.reference import rms_norm_rope_reference
+    x, w = torch.randn(2, 5, 3, 8), torch.randn(8)
+    ang = torch.randn(5, 4)
+    cos, sin = ang.cos().repeat_interleave(2, -1), ang.sin().repeat_interleave(2, -1)
+    for interleaved in (True, False):
+        close(dtk.rms_norm_rope(x, w, cos, sin, interleaved=interleaved),
+              rms_norm_rope_reference(x, w, cos, sin, interleaved=interleaved), 1e-5, "rms_norm_rope")
+
+
 @check("dtk.adapters imports (model glue; diffusers is only needed to apply it)")
 def _adapters():
     import importlib

@@ -1,8 +1,10 @@
 """End to end: one transformer forward of a diffusers model with random weights, dense (the model
 as diffusers ships it) vs adapted with dtk (``dtk.adapters``). Reports seconds per forward (the
 ms column) and the speedup (dtk x) against the model as shipped and, on a GPU, against the same
-model with SDPA held to cuDNN (the fastest dense backend at these shapes, the issues' anchor). No
-downloads: models are built from configs.
+model with SDPA held to cuDNN (the fastest dense backend at these shapes, the issues' anchor). For
+FLUX a third anchor, dense-cudnn-dtk-glue, runs dense attention inside the adapter's glue (QK-norm +
+RoPE fused by dtk.rms_norm_rope): dtk x against it is the window attention's share of the speedup
+alone, against diffusers-dense-cudnn the whole adapter's. No downloads: models are built from configs.
 
 GPU set (bf16): a FLUX.1-dev-shaped transformer (19 joint + 38 single blocks, 24 heads x 128) at
 2048^2 and 4096^2 (128^2 / 256^2 image tokens + 512 text), dense vs
@@ -158,6 +160,8 @@ def _unadapted(state):
         raise Skip(state["skip"])
     import dtk.adapters
     dtk.adapters.remove(state["model"])
+    if "restore" in state:                 # an earlier row's benchmark-only processors
+        state.pop("restore")()
     return state["model"]
 
 
@@ -172,6 +176,39 @@ def _prep_dense_cudnn(state):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     _unadapted(state)
     inner = _forward(state)
+
+    def fn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return inner()
+    return _first_call(state, fn, {})
+
+
+class _DenseWithDtkGlue:
+    """FLUX attention with the adapters' glue (flux_qkv: QK-norm + RoPE in one dtk.rms_norm_rope
+    pass) around dense SDPA: the anchor that separates what the fused glue gives from what the
+    window attention gives (dtk x against it is the attention's share alone)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 **kwargs):
+        from dtk.adapters.flux import flux_out, flux_qkv
+        q, k, v = flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+        return flux_out(attn, out.transpose(1, 2), encoder_hidden_states)
+
+
+def _prep_dense_dtk_glue(state):
+    """The unadapted FLUX model with _DenseWithDtkGlue processors (SDPA held to cuDNN on a GPU)."""
+    from dtk.adapters.flux import iter_flux_attention
+    model = _unadapted(state)
+    layers = [attn for _, attn in iter_flux_attention(model)]
+    saved = [attn.processor for attn in layers]
+    for attn in layers:
+        attn.set_processor(_DenseWithDtkGlue())
+    state["restore"] = lambda: [attn.set_processor(p) for attn, p in zip(layers, saved)]
+    inner = _forward(state)
+    if not state["device"].startswith("cuda"):
+        return _first_call(state, inner, {})
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def fn():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -218,6 +255,10 @@ def make_case(shape: E2EShape, gpu: bool) -> Case:
     if gpu:
         impls.append(Impl("diffusers-dense-cudnn", _prep_dense_cudnn, kind="anchor", slow=shape.slow,
                           cost_hint_s=60.0, note="unadapted model, SDPA held to cuDNN"))
+    if shape.model == "flux":
+        impls.append(Impl("dense-cudnn-dtk-glue" if gpu else "dense-dtk-glue", _prep_dense_dtk_glue, kind="anchor",
+                          slow=shape.slow, cost_hint_s=60.0 if gpu else 0.0,
+                          note="dense SDPA with the adapter's glue (QK-norm + RoPE fused by dtk.rms_norm_rope)"))
     impls.append(Impl(f"dtk-{label}", _make_prep_dtk(shape.adapter), kind="dtk", slow=shape.slow))
     for suffix, kw in shape.variants:
         impls.append(Impl(f"dtk-{label}-{suffix}", _make_prep_dtk(kw), kind="dtk", slow=shape.slow))

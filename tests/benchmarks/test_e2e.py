@@ -37,6 +37,22 @@ def test_cpu_wan_case_runs_and_checks():
         assert res.ok, (impl.name, res)
 
 
+def test_cpu_flux_case_runs_and_checks():
+    """Every FLUX row runs and checks; the dense-with-dtk-glue anchor computes the unadapted
+    model's function, and the rows after it get the model's own processors back."""
+    pytest.importorskip("diffusers")
+    (case,) = [c for c in registry.select(False, ["e2e"]) if c.shape.startswith("flux")]
+    names = [i.name for i in case.impls]
+    assert names[:3] == ["diffusers-dense", "dense-dtk-glue", "dtk-local"]
+    state = case.setup("cpu", torch.float32)
+    outs = {}
+    for impl in case.impls:
+        outs[impl.name] = impl.prepare(state).fn()
+        assert case.check(state, outs[impl.name]).ok, impl.name
+    torch.testing.assert_close(outs["dense-dtk-glue"], outs["diffusers-dense"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(case.impls[0].prepare(state).fn(), outs["diffusers-dense"], atol=0, rtol=0)
+
+
 def test_skips_cleanly_without_diffusers(tmp_path):
     code = ("import sys; sys.modules['diffusers'] = None\n"
             "from benchmarks.cli import main\n"

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from .._checks import check_bshd
 from .reference import rotate
 
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -26,17 +27,8 @@ def _check_table(t, name, x):
 
 def check_rms_norm_rope(x, weight, cos, sin, eps, interleaved):
     """Validates everything; errors name the argument at fault and what was expected."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be (B, S, H, D), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating tensor, got {x.dtype}")
-    if x.stride(-1) != 1 and x.shape[-1] != 1:
-        raise ValueError(f"x must have a contiguous last dim (stride 1), got stride {x.stride(-1)}")
+    check_bshd(x, x, "x")
     D = x.shape[3]
-    if D < 1:
-        raise ValueError(f"x must have a head dim D >= 1, got shape {tuple(x.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a positive finite float, got {eps!r}")
     if weight is not None:

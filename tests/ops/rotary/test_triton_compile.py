@@ -18,7 +18,7 @@ def test_rms_norm_rope_compiles(arch):
                 cfg = tr.launch_config(D)
                 cases.append((dtype, D, rope))
                 jobs.append(job("dtk.ops.rotary.triton:_rms_norm_rope_fwd", arch,
-                                dict(X=x, W="*fp32", COS="*fp32", SIN="*fp32", OUT=x, eps="fp32"),
+                                dict(X=x, W=x, COS="*fp32", SIN="*fp32", OUT=x, eps="fp32"),
                                 dict(HAS_WEIGHT=True, ROPE=rope, INTERLEAVED=True, ROWS=cfg["ROWS"],
                                      BLOCK_D=cfg["BLOCK_D"]), num_warps=cfg["num_warps"]))
     results = compile_all(jobs)

@@ -60,7 +60,7 @@ def rms_norm_rope_triton(x, weight, cos, sin, eps, interleaved):
     if n_rows == 0 or D == 0:
         return out
     f32 = dict(device=x.device, dtype=torch.float32)
-    w = weight.to(**f32).contiguous() if weight is not None else out
+    w = weight.contiguous() if weight is not None else out     # read in its own dtype
     c = cos.to(**f32).contiguous() if cos is not None else out
     s = sin.to(**f32).contiguous() if sin is not None else out
     cfg = launch_config(D)

@@ -70,13 +70,18 @@ Tensor rms_norm_rope_cpu(const Tensor& x, const std::optional<Tensor>& weight, c
       for (int64_t row = lo; row < hi; ++row) {
         const int64_t b = row / (S * H), t = (row / H) % S, h = row % H;
         const scalar_t* xr = xp + b * sb + t * ss + h * sh;
-        opmath sumsq = 0;
-        for (int64_t d = 0; d < D; ++d) {
-          const opmath v = static_cast<opmath>(xr[d]);
-          sumsq += v * v;
-        }
+        for (int64_t d = 0; d < D; ++d) n[d] = static_cast<opmath>(xr[d]);
+        opmath acc[4] = {0, 0, 0, 0};   // four partial sums: the loop vectorises without reassociation
+        int64_t d = 0;
+        for (; d + 4 <= D; d += 4)
+          for (int j = 0; j < 4; ++j) acc[j] += n[d + j] * n[d + j];
+        for (; d < D; ++d) acc[0] += n[d] * n[d];
+        const opmath sumsq = (acc[0] + acc[1]) + (acc[2] + acc[3]);
         const opmath r = opmath(1) / std::sqrt(sumsq / static_cast<opmath>(D) + static_cast<opmath>(eps));
-        for (int64_t d = 0; d < D; ++d) n[d] = static_cast<opmath>(xr[d]) * r * (wp ? wp[d] : opmath(1));
+        if (wp)
+          for (int64_t i = 0; i < D; ++i) n[i] *= r * wp[i];
+        else
+          for (int64_t i = 0; i < D; ++i) n[i] *= r;
         scalar_t* yr = op_ + row * D;
         if (!rope) {
           for (int64_t d = 0; d < D; ++d) yr[d] = static_cast<scalar_t>(n[d]);
@@ -84,12 +89,19 @@ Tensor rms_norm_rope_cpu(const Tensor& x, const std::optional<Tensor>& weight, c
         }
         const opmath* cr = cp + t * D;
         const opmath* sr = sp + t * D;
-        for (int64_t d = 0; d < D; ++d) {
-          // the rotated partner: (x0, x1) -> (-x1, x0) per pair
-          opmath rot;
-          if (interleaved) rot = (d % 2 == 0) ? -n[d + 1] : n[d - 1];
-          else rot = d < half ? -n[d + half] : n[d - half];
-          yr[d] = static_cast<scalar_t>(n[d] * cr[d] + rot * sr[d]);
+        // each pair (a, b) -> (a cos - b sin, b cos + a sin); branch-free loops that vectorise
+        if (interleaved) {
+          for (int64_t i = 0; i < D; i += 2) {
+            const opmath a = n[i], b = n[i + 1];
+            yr[i] = static_cast<scalar_t>(a * cr[i] - b * sr[i]);
+            yr[i + 1] = static_cast<scalar_t>(b * cr[i + 1] + a * sr[i + 1]);
+          }
+        } else {
+          for (int64_t i = 0; i < half; ++i) {
+            const opmath a = n[i], b = n[i + half];
+            yr[i] = static_cast<scalar_t>(a * cr[i] - b * sr[i]);
+            yr[i + half] = static_cast<scalar_t>(b * cr[i + half] + a * sr[i + half]);
+          }
         }
       }
     });

@@ -1,5 +1,5 @@
 """dtk.rms_norm_rope against its float64 reference and diffusers' composition: the C++ CPU kernel
-(all dtypes), the Triton kernel under the interpreter (fp16/fp32), strided inputs, gradients,
+(all dtypes), the Triton kernel under the interpreter (fp32/fp16/bf16), strided inputs, gradients,
 opcheck, torch.compile, bad input."""
 import os
 
@@ -84,7 +84,7 @@ def test_empty_and_single_element_rows():
 
 @interpreter_only
 @pytest.mark.triton_engine
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])   # no tl.dot: bf16 is exact here
 @pytest.mark.parametrize("D", [40, 128])
 @pytest.mark.parametrize("layout,interleaved,weight,rope",
                          [("bshd", True, True, True), ("sdpa", False, True, True), ("fused_qkv", True, False, True),

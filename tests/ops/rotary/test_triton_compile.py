@@ -1,6 +1,6 @@
-"""The rms_norm_rope kernel compiles for Ampere and Hopper with every launch its launcher makes
-(head dims 40..256, bf16 and fp32, with and without the rotation) without spilling. No GPU needed
-(tests/triton_aot.py)."""
+"""The rms_norm_rope kernel compiles for Ampere and Hopper with every launch its launcher may make
+(the autotuner's whole list; head dims 40..256, bf16 and fp32, with and without the rotation)
+without spilling. No GPU needed (tests/triton_aot.py)."""
 import pytest
 import torch
 
@@ -15,15 +15,15 @@ def test_rms_norm_rope_compiles(arch):
     for dtype, x in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
         for D in (40, 64, 128, 160, 256):
             for rope in (True, False):
-                cfg = tr.launch_config(D)
-                cases.append((dtype, D, rope))
-                jobs.append(job("dtk.ops.rotary.triton:_rms_norm_rope_fwd", arch,
-                                dict(X=x, W=x, COS="*fp32", SIN="*fp32", OUT=x, eps="fp32"),
-                                dict(HAS_WEIGHT=True, ROPE=rope, INTERLEAVED=True, ROWS=cfg["ROWS"],
-                                     BLOCK_D=cfg["BLOCK_D"]), num_warps=cfg["num_warps"]))
+                for cfg in tr.launch_configs(D):
+                    cases.append((dtype, D, rope, cfg))
+                    jobs.append(job("dtk.ops.rotary.triton:_rms_norm_rope_fwd", arch,
+                                    dict(X=x, W=x, COS="*fp32", SIN="*fp32", OUT=x, eps="fp32"),
+                                    dict(HAS_WEIGHT=True, ROPE=rope, INTERLEAVED=True, ROWS=cfg["ROWS"],
+                                         BLOCK_D=cfg["BLOCK_D"]), num_warps=cfg["num_warps"]))
     results = compile_all(jobs)
-    report = [f"sm_{arch} {dtype} D={D} rope={rope}: registers {r['registers']} spills {r['spill_bytes']}"
-              for (dtype, D, rope), r in zip(cases, results)]
+    report = [f"sm_{arch} {dtype} D={D} rope={rope} {cfg}: registers {r['registers']} spills {r['spill_bytes']}"
+              for (dtype, D, rope, cfg), r in zip(cases, results)]
     print("\n".join(report))
     if arch == 90:
         spills = [line for line, r in zip(report, results) if r["spill_bytes"]]

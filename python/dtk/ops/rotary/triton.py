@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._debug import new_output
+from ..._debug import new_output, triton_autotune
 
 
 @triton.jit
@@ -47,10 +47,17 @@ def _rms_norm_rope_fwd(X, W, COS, SIN, OUT, n_rows, S, H, sb, ss, sh, D, eps,
     tl.store(OUT + rows[:, None] * D + d[None, :], y.to(OUT.dtype.element_ty), mask=ok)
 
 
-def launch_config(D: int) -> dict:
-    """Rows per program (~8-16 KB of x each), the padded head dim and warps."""
+def launch_configs(D: int, gpu: bool = True) -> list:
+    """Every launch the launcher may make for head dim D: rows per program (~4, 8 or 16 KB of bf16
+    x each), the padded head dim and warps. On a GPU the autotuner picks one per (D, flags, dtypes)
+    on first use (DTK_TRITON_AUTOTUNE=0: the middle one); in the interpreter the middle one."""
     BLOCK_D = triton.next_power_of_2(D)
-    return dict(ROWS=max(1, min(64, 4096 // BLOCK_D)), BLOCK_D=BLOCK_D, num_warps=4)
+    base = max(1, 4096 // BLOCK_D)
+    rows = sorted({max(1, base // 2), base, min(128, 2 * base)}) if gpu else [base]
+    return [dict(ROWS=r, BLOCK_D=BLOCK_D, num_warps=8 if r * BLOCK_D > 4096 else 4) for r in rows]
+
+
+_TUNED = {}   # launch-config list -> the autotuned kernel
 
 
 def rms_norm_rope_triton(x, weight, cos, sin, eps, interleaved):
@@ -63,9 +70,17 @@ def rms_norm_rope_triton(x, weight, cos, sin, eps, interleaved):
     w = weight.contiguous() if weight is not None else out     # read in its own dtype
     c = cos.to(**f32).contiguous() if cos is not None else out
     s = sin.to(**f32).contiguous() if sin is not None else out
-    cfg = launch_config(D)
-    _rms_norm_rope_fwd[(triton.cdiv(n_rows, cfg["ROWS"]),)](
-        x, w, c, s, out, n_rows, S, H, x.stride(0), x.stride(1), x.stride(2), D, float(eps),
-        HAS_WEIGHT=weight is not None, ROPE=cos is not None, INTERLEAVED=bool(interleaved),
-        **cfg)
+    args = (x, w, c, s, out, n_rows, S, H, x.stride(0), x.stride(1), x.stride(2), D, float(eps))
+    flags = dict(HAS_WEIGHT=weight is not None, ROPE=cos is not None, INTERLEAVED=bool(interleaved))
+    cfgs = launch_configs(D, x.device.type == "cuda")
+    if len(cfgs) == 1 or not triton_autotune():
+        cfg = cfgs[len(cfgs) // 2]
+        _rms_norm_rope_fwd[(triton.cdiv(n_rows, cfg["ROWS"]),)](*args, **flags, **cfg)
+        return out
+    key = tuple(tuple(sorted(c_.items())) for c_ in cfgs)
+    if key not in _TUNED:
+        _TUNED[key] = triton.autotune(
+            configs=[triton.Config({"ROWS": c_["ROWS"]}, num_warps=c_["num_warps"]) for c_ in cfgs],
+            key=["D", "HAS_WEIGHT", "ROPE", "INTERLEAVED"])(_rms_norm_rope_fwd)
+    _TUNED[key][lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args, **flags, BLOCK_D=cfgs[0]["BLOCK_D"])
     return out

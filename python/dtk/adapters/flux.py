@@ -5,6 +5,11 @@ attention-processor API plus forward hooks on the transformer (no forward is mon
   tokens global; optional pooled keys (``downsample``), proportional scale and tile order.
 * :func:`load_clear_weights` — CLEAR's released checkpoints.
 
+Every FLUX processor here computes q, k, v with ``flux_qkv``: diffusers' projections, then the
+QK-norm and RoPE as one ``dtk.rms_norm_rope`` pass per part (diffusers' composition of the two is
+about a dozen elementwise passes over q and k, several in float32: at 4096^2 more memory traffic
+per layer than the window attention's own; ``python -m benchmarks.glue_bytes``).
+
 The image grid is read from ``img_ids`` once per forward (cached while the same ids tensor is
 passed again, so a denoising loop syncs with the host once), so any resolution works without
 re-applying. ``dtk.adapters.remove(transformer)`` restores the original processors and weights.

@@ -50,14 +50,16 @@ def _rms_norm_rope_fwd(X, W, COS, SIN, OUT, n_rows, S, H, sb, ss, sh, D, eps,
 def launch_configs(D: int, gpu: bool = True) -> list:
     """Every launch the launcher may make for head dim D: rows per program (~4, 8 or 16 KB of bf16
     x each), the padded head dim and warps. On a GPU the autotuner picks one per (D, flags, dtypes)
-    on first use (DTK_TRITON_AUTOTUNE=0: the middle one); in the interpreter the middle one."""
+    on first use, and later calls launch it directly (DTK_TRITON_AUTOTUNE=0, or a first call
+    during CUDA-graph capture: the middle one); in the interpreter the middle one."""
     BLOCK_D = triton.next_power_of_2(D)
     base = max(1, 4096 // BLOCK_D)
     rows = sorted({max(1, base // 2), base, min(128, 2 * base)}) if gpu else [base]
     return [dict(ROWS=r, BLOCK_D=BLOCK_D, num_warps=8 if r * BLOCK_D > 4096 else 4) for r in rows]
 
 
-_TUNED = {}   # launch-config list -> the autotuned kernel
+_TUNERS = {}   # launch-config list -> the autotuned kernel
+_BEST = {}     # (D, flags, dtypes) -> the launch config the autotuner chose for it
 
 
 def rms_norm_rope_triton(x, weight, cos, sin, eps, interleaved):
@@ -73,14 +75,21 @@ def rms_norm_rope_triton(x, weight, cos, sin, eps, interleaved):
     args = (x, w, c, s, out, n_rows, S, H, x.stride(0), x.stride(1), x.stride(2), D, float(eps))
     flags = dict(HAS_WEIGHT=weight is not None, ROPE=cos is not None, INTERLEAVED=bool(interleaved))
     cfgs = launch_configs(D, x.device.type == "cuda")
-    if len(cfgs) == 1 or not triton_autotune():
-        cfg = cfgs[len(cfgs) // 2]
-        _rms_norm_rope_fwd[(triton.cdiv(n_rows, cfg["ROWS"]),)](*args, **flags, **cfg)
-        return out
-    key = tuple(tuple(sorted(c_.items())) for c_ in cfgs)
-    if key not in _TUNED:
-        _TUNED[key] = triton.autotune(
-            configs=[triton.Config({"ROWS": c_["ROWS"]}, num_warps=c_["num_warps"]) for c_ in cfgs],
-            key=["D", "HAS_WEIGHT", "ROPE", "INTERLEAVED"])(_rms_norm_rope_fwd)
-    _TUNED[key][lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args, **flags, BLOCK_D=cfgs[0]["BLOCK_D"])
+    cfg = cfgs[len(cfgs) // 2]
+    if len(cfgs) > 1 and triton_autotune():
+        key = (D, *flags.values(), x.dtype, w.dtype)
+        if key in _BEST:
+            cfg = _BEST[key]
+        elif not torch.cuda.is_current_stream_capturing():   # nothing can be timed while capturing
+            ck = tuple(tuple(sorted(c_.items())) for c_ in cfgs)
+            if ck not in _TUNERS:
+                _TUNERS[ck] = triton.autotune(
+                    configs=[triton.Config({"ROWS": c_["ROWS"]}, num_warps=c_["num_warps"]) for c_ in cfgs],
+                    key=["D", "HAS_WEIGHT", "ROPE", "INTERLEAVED"])(_rms_norm_rope_fwd)
+            tuner = _TUNERS[ck]
+            tuner[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args, **flags, BLOCK_D=cfg["BLOCK_D"])
+            best = tuner.best_config
+            _BEST[key] = dict(ROWS=best.kwargs["ROWS"], BLOCK_D=cfg["BLOCK_D"], num_warps=best.num_warps)
+            return out
+    _rms_norm_rope_fwd[(triton.cdiv(n_rows, cfg["ROWS"]),)](*args, **flags, **cfg)
     return out

@@ -130,10 +130,13 @@ TORCH_LIBRARY(dtk, m) {
       "-> (Tensor, Tensor, Tensor)");
 
   // QK-norm + rotary embedding in one pass (FLUX's attention inputs). See python/dtk/ops/rotary/__init__.py.
-  // x (B,S,H,D): RMS norm over D (weight (D,) optional), then, with cos/sin (S,D) float, the rotary
-  // embedding of interleaved pairs (2i, 2i+1) or of halves (i, i + D/2). fp32 math (fp64 for fp64),
-  // one rounding. Returns (B,S,H,D) contiguous in x's dtype.
-  m.def("rms_norm_rope(Tensor x, Tensor? weight, Tensor? cos, Tensor? sin, float eps, bool interleaved) -> Tensor");
+  // x (B,S,H,D): RMS norm over D (weight (D,) optional), or with across_heads over each token's H*D
+  // values (Wan; weight (H*D,)), then, with cos/sin (S,D) float, the rotary embedding of each head's
+  // interleaved pairs (2i, 2i+1) or halves (i, i + D/2). fp32 math (fp64 for fp64), one rounding.
+  // Returns (B,S,H,D) contiguous in x's dtype.
+  m.def(
+      "rms_norm_rope(Tensor x, Tensor? weight, Tensor? cos, Tensor? sin, float eps, bool interleaved, "
+      "bool across_heads=False) -> Tensor");
 
   // Cache and token selection (SpotEdit, FreeSwim). See python/dtk/ops/cache/__init__.py.
   // cache[:, index] = fresh in place; returns (1-lam)*scattered(base) + lam*cache. lam is the float,

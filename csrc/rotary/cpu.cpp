@@ -1,4 +1,5 @@
-// rms_norm_rope, CPU kernel: one pass per (b, s, h) row, OpenMP over rows (at::parallel_for).
+// rms_norm_rope, CPU kernel: one pass per norm group (a (b, s, h) row, or with across_heads a token's
+// H rows), OpenMP over groups (at::parallel_for).
 // The GPU kernel is Triton (python/dtk/ops/rotary/triton.py); both follow reference.py.
 #include "common/debug.h"
 #include <ATen/ATen.h>
@@ -26,7 +27,7 @@ void check_table(const Tensor& t, const char* name, const Tensor& x) {
 }
 
 Tensor rms_norm_rope_cpu(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& cos,
-                         const std::optional<Tensor>& sin, double eps, bool interleaved) {
+                         const std::optional<Tensor>& sin, double eps, bool interleaved, bool across_heads) {
   const char* op = "dtk.rms_norm_rope";
   TORCH_CHECK(x.dim() == 4, op, ": x must be (B, S, H, D), got shape ", x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating tensor, got ", x.scalar_type());
@@ -38,8 +39,9 @@ Tensor rms_norm_rope_cpu(const Tensor& x, const std::optional<Tensor>& weight, c
   if (weight.has_value()) {
     TORCH_CHECK(at::isFloatingType(weight->scalar_type()), op, ": weight must be a floating tensor, got ",
                 weight->scalar_type());
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == D, op, ": weight must be (D=", D, ",), got shape ",
-                weight->sizes());
+    const int64_t n = across_heads ? x.size(2) * D : D;
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == n, op, ": weight must be (", across_heads ? "H*D=" : "D=", n,
+                ",), got shape ", weight->sizes());
     TORCH_CHECK(weight->device() == x.device(), op, ": weight is on ", weight->device(), ", expected x's device ",
                 x.device());
   }
@@ -65,42 +67,50 @@ Tensor rms_norm_rope_cpu(const Tensor& x, const std::optional<Tensor>& weight, c
     const opmath* sp = rope ? s.data_ptr<opmath>() : nullptr;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op_ = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * S * H, 64, [&](int64_t lo, int64_t hi) {
-      std::vector<opmath> n(D);
-      for (int64_t row = lo; row < hi; ++row) {
-        const int64_t b = row / (S * H), t = (row / H) % S, h = row % H;
-        const scalar_t* xr = xp + b * sb + t * ss + h * sh;
-        for (int64_t d = 0; d < D; ++d) n[d] = static_cast<opmath>(xr[d]);
+    // one norm group: a row (b, s, h), or with across_heads a token's H rows (consecutive rows)
+    const int64_t G = across_heads ? H : 1;
+    at::parallel_for(0, B * S * H / G, across_heads ? 1 : 64, [&](int64_t lo, int64_t hi) {
+      std::vector<opmath> n(G * D);
+      for (int64_t group = lo; group < hi; ++group) {
+        const int64_t row0 = group * G;
+        const int64_t b = row0 / (S * H), t = (row0 / H) % S, h0 = row0 % H;
+        for (int64_t g = 0; g < G; ++g) {
+          const scalar_t* xr = xp + b * sb + t * ss + (h0 + g) * sh;
+          for (int64_t d = 0; d < D; ++d) n[g * D + d] = static_cast<opmath>(xr[d]);
+        }
         opmath acc[4] = {0, 0, 0, 0};   // four partial sums: the loop vectorises without reassociation
         int64_t d = 0;
-        for (; d + 4 <= D; d += 4)
+        for (; d + 4 <= G * D; d += 4)
           for (int j = 0; j < 4; ++j) acc[j] += n[d + j] * n[d + j];
-        for (; d < D; ++d) acc[0] += n[d] * n[d];
+        for (; d < G * D; ++d) acc[0] += n[d] * n[d];
         const opmath sumsq = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-        const opmath r = opmath(1) / std::sqrt(sumsq / static_cast<opmath>(D) + static_cast<opmath>(eps));
+        const opmath r = opmath(1) / std::sqrt(sumsq / static_cast<opmath>(G * D) + static_cast<opmath>(eps));
         if (wp)
-          for (int64_t i = 0; i < D; ++i) n[i] *= r * wp[i];
+          for (int64_t i = 0; i < G * D; ++i) n[i] *= r * wp[i];
         else
-          for (int64_t i = 0; i < D; ++i) n[i] *= r;
-        scalar_t* yr = op_ + row * D;
-        if (!rope) {
-          for (int64_t d = 0; d < D; ++d) yr[d] = static_cast<scalar_t>(n[d]);
-          continue;
-        }
-        const opmath* cr = cp + t * D;
-        const opmath* sr = sp + t * D;
-        // each pair (a, b) -> (a cos - b sin, b cos + a sin); branch-free loops that vectorise
-        if (interleaved) {
-          for (int64_t i = 0; i < D; i += 2) {
-            const opmath a = n[i], b = n[i + 1];
-            yr[i] = static_cast<scalar_t>(a * cr[i] - b * sr[i]);
-            yr[i + 1] = static_cast<scalar_t>(b * cr[i + 1] + a * sr[i + 1]);
+          for (int64_t i = 0; i < G * D; ++i) n[i] *= r;
+        for (int64_t g = 0; g < G; ++g) {
+          const opmath* nr = n.data() + g * D;
+          scalar_t* yr = op_ + (row0 + g) * D;
+          if (!rope) {
+            for (int64_t i = 0; i < D; ++i) yr[i] = static_cast<scalar_t>(nr[i]);
+            continue;
           }
-        } else {
-          for (int64_t i = 0; i < half; ++i) {
-            const opmath a = n[i], b = n[i + half];
-            yr[i] = static_cast<scalar_t>(a * cr[i] - b * sr[i]);
-            yr[i + half] = static_cast<scalar_t>(b * cr[i + half] + a * sr[i + half]);
+          const opmath* cr = cp + t * D;
+          const opmath* sr = sp + t * D;
+          // each pair (a, b) -> (a cos - b sin, b cos + a sin); branch-free loops that vectorise
+          if (interleaved) {
+            for (int64_t i = 0; i < D; i += 2) {
+              const opmath a = nr[i], b2 = nr[i + 1];
+              yr[i] = static_cast<scalar_t>(a * cr[i] - b2 * sr[i]);
+              yr[i + 1] = static_cast<scalar_t>(b2 * cr[i + 1] + a * sr[i + 1]);
+            }
+          } else {
+            for (int64_t i = 0; i < half; ++i) {
+              const opmath a = nr[i], b2 = nr[i + half];
+              yr[i] = static_cast<scalar_t>(a * cr[i] - b2 * sr[i]);
+              yr[i + half] = static_cast<scalar_t>(b2 * cr[i + half] + a * sr[i + half]);
+            }
           }
         }
       }

@@ -214,3 +214,19 @@ def test_tile_argument_errors():
         wan.apply_inward_window(tiny_wan(), tile=(1, 0, 4))
     with pytest.raises(ValueError, match="tile must be"):
         wan.apply_inward_window(tiny_wan(), tile="best")
+
+
+@pytest.mark.parametrize("tile", [None, (1, 2, 3)])
+def test_qk_norm_and_rope_run_fused(monkeypatch, tile):
+    """The window processor's QK-norm (over all heads) and RoPE go through one dtk.rms_norm_rope
+    per q and k, in row-major and in tile order, and the model still equals the unadapted one;
+    the RoPE tables are converted once per forward, not per layer."""
+    from ..helpers import record_results
+    m = tiny_wan()
+    x = wan_inputs(3, 4, 5)
+    ref = run(m, x)
+    wan.apply_inward_window(m, window=(-1, 4, 9), tile=tile)
+    calls = record_results(monkeypatch, wan, "rms_norm_rope")
+    tables = record_results(monkeypatch, wan, "wan_rope_tables")
+    torch.testing.assert_close(run(m, x), ref, atol=ATOL, rtol=0)
+    assert len(calls) == 2 * len(m.blocks) and len(tables) == 1

@@ -140,6 +140,19 @@ class TileOrder:
         return self._perm[key]
 
 
+def rms_norm_eps(norm, n: int, dtype: torch.dtype) -> Optional[float]:
+    """The eps of `norm` when it is a plain RMS norm over the last `n` features: torch.nn.RMSNorm
+    (which diffusers >= 0.35 uses for FLUX's and Wan's QK-norms) or diffusers' bias-free RMSNorm;
+    else None (the adapters then call the module: not fusable into dtk.rms_norm_rope)."""
+    from diffusers.models.normalization import RMSNorm
+    if type(norm) is torch.nn.RMSNorm and tuple(norm.normalized_shape) == (n,):
+        return torch.finfo(dtype).eps if norm.eps is None else norm.eps
+    if type(norm) is RMSNorm and getattr(norm, "bias", None) is None and \
+            (norm.weight is None or tuple(norm.weight.shape) == (n,)):
+        return norm.eps
+    return None
+
+
 class TensorMemo:
     """A value derived from a tensor (with a host sync), reused while the caller passes that same
     tensor object unchanged. The tensor is held weakly: a new tensor at a freed one's address

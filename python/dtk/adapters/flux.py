@@ -24,7 +24,7 @@ import torch
 from ..ops.rotary import rms_norm_rope
 from ..ops.window import pool_grid_tokens, suggest_tile, window_attention
 from ._common import (AdapterHandle, StreamNumbers, TensorMemo, TileOrder, check_diffusers, get_handle, parse_tile,
-                      replace_output_sample)
+                      replace_output_sample, rms_norm_eps)
 
 __all__ = ["apply_local_attention", "load_clear_weights", "LocalAttentionHandle", "FluxLocalAttnProcessor"]
 
@@ -33,17 +33,6 @@ CLEAR_TRAIN_SEQ_LEN = 64 ** 2 + 512      # 4608: FLUX at 1024^2 with 512 text to
 
 # ------------------------------------------------------------------------------------------------
 # Shared FLUX glue: projections, RoPE, output projections; the grid read from img_ids.
-
-def _norm_eps(norm, x):
-    """The eps of FLUX's QK-norm when it is a plain RMS norm over the head dim (torch.nn.RMSNorm,
-    which diffusers >= 0.36 uses, or diffusers' bias-free RMSNorm), else None (not fusable)."""
-    from diffusers.models.normalization import RMSNorm
-    if type(norm) is torch.nn.RMSNorm and tuple(norm.normalized_shape) == (x.shape[-1],):
-        return torch.finfo(x.dtype).eps if norm.eps is None else norm.eps
-    if type(norm) is RMSNorm and getattr(norm, "bias", None) is None:
-        return norm.eps
-    return None
-
 
 def _norm_rope(norm, x, rope, rows):
     """norm(x) then diffusers' apply_rotary_emb with the `rows` slice of the (cos, sin) tables
@@ -55,7 +44,7 @@ def _norm_rope(norm, x, rope, rows):
         if not (isinstance(rope, (tuple, list)) and len(rope) == 2 and rope[0].dim() == 2):
             return apply_rotary_emb(norm(x), rope, sequence_dim=1)
         tables = tuple(t[rows] for t in rope)
-    eps = _norm_eps(norm, x)
+    eps = rms_norm_eps(norm, x.shape[-1], x.dtype)
     if eps is not None:
         return rms_norm_rope(x, norm.weight, *(tables or (None, None)), eps=eps)
     x = norm(x)

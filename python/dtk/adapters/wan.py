@@ -11,6 +11,9 @@ plus forward hooks on the transformer:
   previous block's K/V *before* ``norm_k`` and RoPE, as DualParal stores them; the norm and RoPE are
   applied when read, with the previous block's frames placed right before the current block's.
 
+The window processor's QK-norm (over all heads) and RoPE run as one ``dtk.rms_norm_rope`` pass per
+q and k (diffusers normalises in float32 and rotates in float64, the tables' dtype).
+
 The token grid (frames, rows, cols after patching) is read from the latent's shape on every
 forward: any resolution or frame count works without re-applying and without host syncs.
 """
@@ -21,9 +24,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..cache import KVCache, OutputCache, RefreshPolicy
+from ..ops.rotary import rms_norm_rope
 from ..ops.window import suggest_tile, window_attention
-from ._common import (AdapterHandle, StreamNumbers, TileOrder, check_diffusers, parse_tile, replace_output_sample,
-                      sdpa_bshd)
+from ._common import (AdapterHandle, StreamNumbers, TensorMemo, TileOrder, check_diffusers, parse_tile,
+                      replace_output_sample, rms_norm_eps, sdpa_bshd)
 
 __all__ = ["apply_inward_window", "InwardWindowHandle", "WanWindowAttnProcessor", "WanDualCrossAttnProcessor",
            "apply_block_cache", "BlockCacheHandle", "WanBlockCacheAttnProcessor"]
@@ -47,14 +51,34 @@ def wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) 
     return out.type_as(x)
 
 
-def wan_self_qkv(attn, hidden_states, rotary_emb):
-    """q, k, v (B, S, H, D) of a Wan self-attention after QK-norm and RoPE."""
+def wan_rope_tables(rotary_emb) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Wan's (1, S, 1, D) cos / sin as dtk.rms_norm_rope's (S, D) float32 tables (WanAttnProcessor
+    rotates pair i with cos[2i] and sin[2i + 1]; diffusers builds them in float64), or None when
+    they are not in that form."""
+    if not (isinstance(rotary_emb, (tuple, list)) and len(rotary_emb) == 2 and rotary_emb[0].dim() == 4):
+        return None
+    cos, sin = (t.reshape(t.shape[1], t.shape[-1]) for t in rotary_emb)
+    return (cos[:, 0::2].float().repeat_interleave(2, -1).contiguous(),
+            sin[:, 1::2].float().repeat_interleave(2, -1).contiguous())
+
+
+def wan_self_qkv(attn, hidden_states, rotary_emb, tables=None):
+    """q, k, v (B, S, H, D) of a Wan self-attention after QK-norm and RoPE. With `tables`
+    (wan_rope_tables of rotary_emb) and plain RMS norms, each of q and k takes one
+    dtk.rms_norm_rope pass (norm over all heads, then the rotation per head) instead of diffusers'
+    float32 norm and float64 rotation."""
     if getattr(attn, "fused_projections", False):
         q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
     else:
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    heads = lambda t: t.unflatten(2, (attn.heads, -1))  # noqa: E731
+    eps = [rms_norm_eps(n, q.shape[-1], q.dtype) for n in (attn.norm_q, attn.norm_k)]
+    if rotary_emb is not None and tables is not None and None not in eps:
+        q, k = (rms_norm_rope(heads(t), n.weight, *tables, eps=e, across_heads=True)
+                for t, n, e in ((q, attn.norm_q, eps[0]), (k, attn.norm_k, eps[1])))
+        return q, k, heads(v)
     q, k = attn.norm_q(q), attn.norm_k(k)
-    q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
+    q, k, v = heads(q), heads(k), heads(v)
     if rotary_emb is not None:
         q, k = wan_rope(q, *rotary_emb), wan_rope(k, *rotary_emb)
     return q, k, v
@@ -99,6 +123,13 @@ class WanContext:
         # the layout setting (None, a tile or "auto"); self.tile is the current forward's tile
         self.permutation = None if tile is None else TileOrder(tile, lambda grid: suggest_tile(grid, window))
         self.tile: Optional[Tuple[int, int, int]] = None if tile == "auto" else tile
+        self._tables = TensorMemo()
+
+    def rope_tables(self, rotary_emb):
+        """wan_rope_tables of this forward's RoPE tables: made by the first layer, reused by the rest."""
+        if rotary_emb is None:
+            return None
+        return self._tables.get(rotary_emb[0], lambda _: wan_rope_tables(rotary_emb), (id(rotary_emb[1]),))
 
 
 class WanWindowAttnProcessor:
@@ -109,7 +140,7 @@ class WanWindowAttnProcessor:
         self.ctx, self.window, self.scale, self.original = ctx, window, scale, original
 
     def window_branch(self, attn, hidden_states, rotary_emb):
-        q, k, v = wan_self_qkv(attn, hidden_states, rotary_emb)
+        q, k, v = wan_self_qkv(attn, hidden_states, rotary_emb, self.ctx.rope_tables(rotary_emb))
         out = window_attention(q, k, v, self.ctx.grid, self.window, border="inward", scale=self.scale,
                                tile=self.ctx.tile)
         out = out.flatten(2, 3).type_as(q)

@@ -33,6 +33,21 @@ def test_matches_reference(dtype, D, interleaved, transposed):
     assert_matches_reference(out, ref64, ref_lowp)
 
 
+@pytest.mark.parametrize("H", [12, 40])
+def test_across_heads_wan_shapes(H):
+    """Wan's QK-norm over all heads (1.3B: 12 heads, 14B: 40) with its per-head rotation."""
+    B, S, D = 1, 3000, 128
+    qkv = torch.randn(B, S, 3 * H * D, device="cuda", dtype=torch.bfloat16)
+    x = qkv[..., H * D:2 * H * D].unflatten(-1, (H, D))
+    w = torch.rand(H * D, device="cuda", dtype=torch.bfloat16) + 0.5
+    cos, sin = _tables(S, D, True)
+    out = dtk.rms_norm_rope(x, w, cos, sin, across_heads=True)
+    ref64 = rms_norm_rope_reference(x.double(), w, cos, sin, across_heads=True)
+    ref_lowp = rms_norm_rope_reference(x, w, cos, sin, compute_dtype=torch.bfloat16, across_heads=True)
+    assert_matches_reference(out, ref64, ref_lowp)
+    assert graph_replay_equals_eager(lambda t: dtk.rms_norm_rope(t, w, cos, sin, across_heads=True), x.contiguous())
+
+
 def test_flux_shape_and_graph_replay():
     """FLUX 4096^2's q (66,048 tokens x 24 heads x 128) from a fused projection's slice, and a
     CUDA-graph replay (no host work in the launch)."""

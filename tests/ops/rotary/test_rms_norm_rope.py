@@ -1,5 +1,5 @@
-"""dtk.rms_norm_rope against its float64 reference and diffusers' composition: the C++ CPU kernel
-(all dtypes), the Triton kernel under the interpreter (fp32/fp16/bf16), strided inputs, gradients,
+"""dtk.rms_norm_rope (per-head norm, and the across-heads norm of Wan) against its float64
+reference and diffusers' composition: the C++ CPU kernel (all dtypes), the Triton kernel under the interpreter (fp32/fp16/bf16), strided inputs, gradients,
 opcheck, torch.compile, bad input."""
 import os
 
@@ -32,32 +32,35 @@ def _x(B, S, H, D, dtype, layout):
     return torch.randn(B, S, 3 * H * D, dtype=dtype)[..., H * D:2 * H * D].unflatten(-1, (H, D))
 
 
-def _check(run, dtype, D, layout="bshd", interleaved=True, weight=True, rope=True, B=2, S=9, H=3):
+def _check(run, dtype, D, layout="bshd", interleaved=True, weight=True, rope=True, B=2, S=9, H=3, across=False):
     x = _x(B, S, H, D, dtype, layout) * 2 + 0.5
-    w = torch.randn(D) if weight else None
+    w = torch.randn(H * D if across else D) if weight else None
     cos, sin = _tables(S, D, interleaved=interleaved) if rope else (None, None)
-    out = run(x, w, cos, sin, interleaved)
-    ref64 = rms_norm_rope_reference(x.double(), w, cos, sin, interleaved=interleaved)
-    ref_lowp = rms_norm_rope_reference(x, w, cos, sin, interleaved=interleaved, compute_dtype=x.dtype)
+    out = run(x, w, cos, sin, interleaved, across)
+    ref64 = rms_norm_rope_reference(x.double(), w, cos, sin, interleaved=interleaved, across_heads=across)
+    ref_lowp = rms_norm_rope_reference(x, w, cos, sin, interleaved=interleaved, compute_dtype=x.dtype,
+                                       across_heads=across)
     assert out.is_contiguous() and out.dtype == x.dtype
     assert_matches_reference(out, ref64, ref_lowp)
 
 
-def _op(x, w, cos, sin, interleaved):
-    return dtk.rms_norm_rope(x, w, cos, sin, interleaved=interleaved)
+def _op(x, w, cos, sin, interleaved, across):
+    return dtk.rms_norm_rope(x, w, cos, sin, interleaved=interleaved, across_heads=across)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", HEAD_DIMS)
-def test_cpu_kernel(dtype, D):
-    _check(_op, dtype, D)
+@pytest.mark.parametrize("across", [False, True], ids=["per_head", "across_heads"])
+def test_cpu_kernel(dtype, D, across):
+    _check(_op, dtype, D, across=across)
 
 
 @pytest.mark.parametrize("layout", ["sdpa", "fused_qkv"])
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize("weight,rope", [(True, True), (False, True), (True, False), (False, False)])
-def test_cpu_kernel_variants(layout, interleaved, weight, rope):
-    _check(_op, torch.float32, 64, layout, interleaved, weight, rope)
+@pytest.mark.parametrize("across", [False, True], ids=["per_head", "across_heads"])
+def test_cpu_kernel_variants(layout, interleaved, weight, rope, across):
+    _check(_op, torch.float32, 64, layout, interleaved, weight, rope, across=across)
 
 
 @pytest.mark.parametrize("interleaved", [True, False])
@@ -86,13 +89,14 @@ def test_empty_and_single_element_rows():
 @pytest.mark.triton_engine
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])   # no tl.dot: bf16 is exact here
 @pytest.mark.parametrize("D", [40, 128])
-@pytest.mark.parametrize("layout,interleaved,weight,rope",
-                         [("bshd", True, True, True), ("sdpa", False, True, True), ("fused_qkv", True, False, True),
-                          ("bshd", True, True, False)])
-def test_triton_kernel(dtype, D, layout, interleaved, weight, rope):
+@pytest.mark.parametrize("layout,interleaved,weight,rope,across",
+                         [("bshd", True, True, True, False), ("sdpa", False, True, True, False),
+                          ("fused_qkv", True, False, True, False), ("bshd", True, True, False, False),
+                          ("fused_qkv", True, True, True, True), ("sdpa", False, False, True, True)])
+def test_triton_kernel(dtype, D, layout, interleaved, weight, rope, across):
     from dtk.ops.rotary.triton import rms_norm_rope_triton
-    _check(lambda x, w, c, s, il: rms_norm_rope_triton(x, w, c, s, 1e-6, il), dtype, D, layout, interleaved, weight,
-           rope, S=13)
+    _check(lambda x, w, c, s, il, ac: rms_norm_rope_triton(x, w, c, s, 1e-6, il, ac), dtype, D, layout, interleaved,
+           weight, rope, S=13, across=across)
 
 
 @pytest.mark.parametrize("interleaved", [True, False])
@@ -103,6 +107,9 @@ def test_gradients(interleaved):
     cos, sin = (t.double().requires_grad_() for t in _tables(S, D, interleaved=interleaved))
     assert torch.autograd.gradcheck(lambda *a: dtk.rms_norm_rope(*a, interleaved=interleaved), (x, w, cos, sin))
     assert torch.autograd.gradcheck(lambda a: dtk.rms_norm_rope(a), (x,))
+    wa = torch.randn(H * D, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: dtk.rms_norm_rope(*a, interleaved=interleaved, across_heads=True),
+                                    (x, wa, cos, sin))
     # float32 gradients of x and weight against the reference's autograd
     xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     cf, sf = cos.detach().float(), sin.detach().float()
@@ -118,7 +125,8 @@ def test_opcheck_and_compile():
     w = torch.randn(16)
     cos, sin = _tables(6, 16)
     for args in [(x, w, cos, sin, 1e-6, True), (x, None, None, None, 1e-5, False),
-                 (x.transpose(1, 2).contiguous().transpose(1, 2), w, cos, sin, 1e-6, False)]:
+                 (x.transpose(1, 2).contiguous().transpose(1, 2), w, cos, sin, 1e-6, False),
+                 (x, torch.randn(3 * 16), cos, sin, 1e-6, True, True)]:
         torch.library.opcheck(torch.ops.dtk.rms_norm_rope.default, args)
     fn = torch.compile(lambda x: dtk.rms_norm_rope(x, w, cos, sin) * 2, fullgraph=True, backend="eager")
     torch.testing.assert_close(fn(x), 2 * dtk.rms_norm_rope(x, w, cos, sin))
@@ -135,6 +143,7 @@ def test_opcheck_and_compile():
     (lambda x, w, c, s: dtk.rms_norm_rope(x[..., :7], w[:7], None, None, eps=0.0), "eps must be a positive"),
     (lambda x, w, c, s: dtk.rms_norm_rope(x[..., :7], w[:7], c[:, :7], s[:, :7]), "even head dim"),
     (lambda x, w, c, s: dtk.rms_norm_rope(x, w.to("meta"), c, s), "weight is on meta"),
+    (lambda x, w, c, s: dtk.rms_norm_rope(x, w, c, s, across_heads=True), r"weight must be \(H\*D=24,\)"),
 ])
 def test_bad_input(call, match):
     x = torch.randn(2, 5, 3, 8)
@@ -148,6 +157,7 @@ def test_bad_input(call, match):
     (lambda x, w, c, s: (x, w, c, s, -1.0, True), "eps must be a positive"),
     (lambda x, w, c, s: (x[..., :7], None, c[:, :7], s[:, :7], 1e-6, True), "even head dim"),
     (lambda x, w, c, s: (x, w[:3], c, s, 1e-6, True), r"weight must be \(D=8,\)"),
+    (lambda x, w, c, s: (x, w, c, s, 1e-6, True, True), r"weight must be \(H\*D=24,\)"),
 ])
 def test_bad_input_cpu_kernel(args, match):
     """The C++ kernel checks for itself (torch.ops.dtk.rms_norm_rope called directly)."""

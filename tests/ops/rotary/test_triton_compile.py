@@ -19,8 +19,15 @@ def test_rms_norm_rope_compiles(arch):
                     cases.append((dtype, D, rope, cfg))
                     jobs.append(job("dtk.ops.rotary.triton:_rms_norm_rope_fwd", arch,
                                     dict(X=x, W=x, COS="*fp32", SIN="*fp32", OUT=x, eps="fp32"),
-                                    dict(HAS_WEIGHT=True, ROPE=rope, INTERLEAVED=True, ROWS=cfg["ROWS"],
+                                    dict(HAS_WEIGHT=True, ROPE=rope, INTERLEAVED=True, ACROSS_HEADS=False, ROWS=cfg["ROWS"],
                                          BLOCK_D=cfg["BLOCK_D"]), num_warps=cfg["num_warps"]))
+        for H in (12, 40):   # the across-heads norm (Wan 1.3B and 14B), one launch per (H, D)
+            cfg = tr.across_heads_config(H, 128)
+            cases.append((dtype, 128, f"across {H} heads", cfg))
+            jobs.append(job("dtk.ops.rotary.triton:_rms_norm_rope_fwd", arch,
+                            dict(X=x, W=x, COS="*fp32", SIN="*fp32", OUT=x, eps="fp32"),
+                            dict(HAS_WEIGHT=True, ROPE=True, INTERLEAVED=True, ACROSS_HEADS=True, ROWS=cfg["ROWS"],
+                                 BLOCK_D=cfg["BLOCK_D"]), num_warps=cfg["num_warps"]))
     results = compile_all(jobs)
     report = [f"sm_{arch} {dtype} D={D} rope={rope} {cfg}: registers {r['registers']} spills {r['spill_bytes']}"
               for (dtype, D, rope, cfg), r in zip(cases, results)]

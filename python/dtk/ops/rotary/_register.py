@@ -25,7 +25,7 @@ def _check_table(t, name, x):
         raise ValueError(f"{name} must be (S={S}, D={D}), got shape {tuple(t.shape)}")
 
 
-def check_rms_norm_rope(x, weight, cos, sin, eps, interleaved):
+def check_rms_norm_rope(x, weight, cos, sin, eps, interleaved, across_heads=False):
     """Validates everything; errors name the argument at fault and what was expected."""
     check_bshd(x, x, "x")
     D = x.shape[3]
@@ -34,8 +34,9 @@ def check_rms_norm_rope(x, weight, cos, sin, eps, interleaved):
     if weight is not None:
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise TypeError(f"weight must be a floating tensor, got {getattr(weight, 'dtype', type(weight).__name__)}")
-        if tuple(weight.shape) != (D,):
-            raise ValueError(f"weight must be (D={D},), got shape {tuple(weight.shape)}")
+        n = x.shape[2] * D if across_heads else D
+        if tuple(weight.shape) != (n,):
+            raise ValueError(f"weight must be ({'H*D' if across_heads else 'D'}={n},), got shape {tuple(weight.shape)}")
         if weight.device != x.device:
             raise ValueError(f"weight is on {weight.device}, expected x's device {x.device}")
     if (cos is None) != (sin is None):
@@ -50,22 +51,22 @@ def check_rms_norm_rope(x, weight, cos, sin, eps, interleaved):
 
 
 @torch.library.register_fake("dtk::rms_norm_rope")
-def _fake(x, weight, cos, sin, eps, interleaved):
-    check_rms_norm_rope(x, weight, cos, sin, eps, interleaved)
+def _fake(x, weight, cos, sin, eps, interleaved, across_heads=False):
+    check_rms_norm_rope(x, weight, cos, sin, eps, interleaved, across_heads)
     return x.new_empty(x.shape)
 
 
 @torch.library.register_kernel("dtk::rms_norm_rope", "cuda")
-def _cuda(x, weight, cos, sin, eps, interleaved):
-    check_rms_norm_rope(x, weight, cos, sin, eps, interleaved)
+def _cuda(x, weight, cos, sin, eps, interleaved, across_heads=False):
+    check_rms_norm_rope(x, weight, cos, sin, eps, interleaved, across_heads)
     from .triton import rms_norm_rope_triton  # Triton compiles lazily, only where CUDA runs
-    return rms_norm_rope_triton(x, weight, cos, sin, eps, interleaved)
+    return rms_norm_rope_triton(x, weight, cos, sin, eps, interleaved, across_heads)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, cos, sin, eps, interleaved = inputs
+    x, weight, cos, sin, eps, interleaved, across_heads = inputs
     ctx.save_for_backward(x, weight, cos, sin)
-    ctx.eps, ctx.interleaved = eps, interleaved
+    ctx.eps, ctx.interleaved, ctx.across_heads = eps, interleaved, across_heads
 
 
 def _backward(ctx, grad):
@@ -75,9 +76,11 @@ def _backward(ctx, grad):
     x, weight, cos, sin = ctx.saved_tensors
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf, g = x.to(dt), grad.to(dt)
-    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.eps)
+    dims = (-2, -1) if ctx.across_heads else (-1,)      # the norm's group: a head, or a token's heads
+    r = torch.rsqrt(xf.square().mean(dims, keepdim=True) + ctx.eps)
     n = xf * r
-    a = n * weight.to(dt) if weight is not None else n
+    w = None if weight is None else weight.to(dt).reshape(x.shape[-2:] if ctx.across_heads else x.shape[-1:])
+    a = n * w if w is not None else n
     d_cos = d_sin = None
     if cos is not None:
         c, s = cos.to(dt)[None, :, None, :], sin.to(dt)[None, :, None, :]
@@ -86,11 +89,13 @@ def _backward(ctx, grad):
         if ctx.needs_input_grad[3]:
             d_sin = (g * rotate(a, ctx.interleaved)).sum((0, 2)).to(sin.dtype)
         g = g * c - rotate(g * s, ctx.interleaved)
-    d_weight = (g * n).sum((0, 1, 2)).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-    if weight is not None:
-        g = g * weight.to(dt)
-    d_x = (r * (g - n * (g * n).mean(-1, keepdim=True))).to(x.dtype) if ctx.needs_input_grad[0] else None
-    return d_x, d_weight, d_cos, d_sin, None, None
+    d_weight = None
+    if weight is not None and ctx.needs_input_grad[1]:
+        d_weight = (g * n).sum((0, 1) if ctx.across_heads else (0, 1, 2)).reshape(weight.shape).to(weight.dtype)
+    if w is not None:
+        g = g * w
+    d_x = (r * (g - n * (g * n).mean(dims, keepdim=True))).to(x.dtype) if ctx.needs_input_grad[0] else None
+    return d_x, d_weight, d_cos, d_sin, None, None, None
 
 
 torch.library.register_autograd("dtk::rms_norm_rope", _backward, setup_context=_setup_context)

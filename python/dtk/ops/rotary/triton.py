@@ -1,5 +1,5 @@
 """Triton kernel of rms_norm_rope (GPU): each program normalises and rotates ROWS (b, s, h) rows of
-D elements. The rotation's partner elements are a second load of the same row (it hits the cache:
+D elements (with across_heads, one token's H rows under one norm). The rotation's partner elements are a second load of the same row (it hits the cache:
 DRAM traffic stays one read of x and one write), so any even D works without splitting pairs."""
 from __future__ import annotations
 
@@ -11,11 +11,24 @@ from ..._debug import new_output, triton_autotune
 
 
 @triton.jit
+def _weight(W, h, d, ok, d_ok, D, ACROSS_HEADS: tl.constexpr):
+    """The norm weights of columns d, as a (rows, columns) or (1, columns) float32 tile."""
+    if ACROSS_HEADS:   # (H * D,): each row its head's slice
+        return tl.load(W + (h * D)[:, None] + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    else:
+        return tl.load(W + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
 def _rms_norm_rope_fwd(X, W, COS, SIN, OUT, n_rows, S, H, sb, ss, sh, D, eps,
                        HAS_WEIGHT: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
-                       ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < n_rows
+                       ACROSS_HEADS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    if ACROSS_HEADS:   # one token per program: its H rows (ROWS >= H) share one norm
+        rows = tl.program_id(0).to(tl.int64) * H + tl.arange(0, ROWS)
+        row_ok = tl.arange(0, ROWS) < H
+    else:
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
     h = rows % H
     t = (rows // H) % S
     b = rows // (S * H)
@@ -24,10 +37,13 @@ def _rms_norm_rope_fwd(X, W, COS, SIN, OUT, n_rows, S, H, sb, ss, sh, D, eps,
     ok = row_ok[:, None] & d_ok[None, :]
     x_row = X + (b * sb + t * ss + h * sh)[:, None]
     x = tl.load(x_row + d[None, :], mask=ok, other=0.0).to(tl.float32)
-    r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
+    if ACROSS_HEADS:
+        r = tl.rsqrt(tl.sum(tl.sum(x * x, 1), 0) / (H * D) + eps)
+    else:
+        r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
     y = x * r
     if HAS_WEIGHT:
-        y = y * tl.load(W + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        y = y * _weight(W, h, d, ok, d_ok, D, ACROSS_HEADS)
     if ROPE:
         if INTERLEAVED:
             p = d ^ 1
@@ -39,7 +55,7 @@ def _rms_norm_rope_fwd(X, W, COS, SIN, OUT, n_rows, S, H, sb, ss, sh, D, eps,
         p = tl.where(d_ok, p, 0)
         rot = tl.load(x_row + p[None, :], mask=ok, other=0.0).to(tl.float32) * r
         if HAS_WEIGHT:
-            rot = rot * tl.load(W + p, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+            rot = rot * _weight(W, h, p, ok, d_ok, D, ACROSS_HEADS)
         table = t[:, None] * D + d[None, :]
         c = tl.load(COS + table, mask=ok, other=0.0)
         s = tl.load(SIN + table, mask=ok, other=0.0)
@@ -58,11 +74,17 @@ def launch_configs(D: int, gpu: bool = True) -> list:
     return [dict(ROWS=r, BLOCK_D=BLOCK_D, num_warps=8 if r * BLOCK_D > 4096 else 4) for r in rows]
 
 
+def across_heads_config(H: int, D: int) -> dict:
+    """The launch of the across-heads norm (Wan): one token's H rows per program."""
+    ROWS, BLOCK_D = triton.next_power_of_2(H), triton.next_power_of_2(D)
+    return dict(ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=4 if ROWS * BLOCK_D <= 4096 else 8)
+
+
 _TUNERS = {}   # launch-config list -> the autotuned kernel
 _BEST = {}     # (D, flags, dtypes) -> the launch config the autotuner chose for it
 
 
-def rms_norm_rope_triton(x, weight, cos, sin, eps, interleaved):
+def rms_norm_rope_triton(x, weight, cos, sin, eps, interleaved, across_heads=False):
     B, S, H, D = x.shape
     out = new_output((B, S, H, D), like=x)
     n_rows = B * S * H
@@ -74,6 +96,11 @@ def rms_norm_rope_triton(x, weight, cos, sin, eps, interleaved):
     s = sin.to(**f32).contiguous() if sin is not None else out
     args = (x, w, c, s, out, n_rows, S, H, x.stride(0), x.stride(1), x.stride(2), D, float(eps))
     flags = dict(HAS_WEIGHT=weight is not None, ROPE=cos is not None, INTERLEAVED=bool(interleaved))
+    if across_heads:   # one program per token
+        cfg = across_heads_config(H, D)
+        _rms_norm_rope_fwd[(B * S,)](*args, **flags, ACROSS_HEADS=True, **cfg)
+        return out
+    flags["ACROSS_HEADS"] = False
     cfgs = launch_configs(D, x.device.type == "cuda")
     cfg = cfgs[len(cfgs) // 2]
     if len(cfgs) > 1 and triton_autotune():
@@ -85,7 +112,7 @@ def rms_norm_rope_triton(x, weight, cos, sin, eps, interleaved):
             if ck not in _TUNERS:
                 _TUNERS[ck] = triton.autotune(
                     configs=[triton.Config({"ROWS": c_["ROWS"]}, num_warps=c_["num_warps"]) for c_ in cfgs],
-                    key=["D", "HAS_WEIGHT", "ROPE", "INTERLEAVED"])(_rms_norm_rope_fwd)
+                    key=["D", "HAS_WEIGHT", "ROPE", "INTERLEAVED", "ACROSS_HEADS"])(_rms_norm_rope_fwd)
             tuner = _TUNERS[ck]
             tuner[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args, **flags, BLOCK_D=cfg["BLOCK_D"])
             best = tuner.best_config

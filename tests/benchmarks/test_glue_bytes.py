@@ -14,3 +14,11 @@ def test_counts_on_meta_tensors(capsys):
     assert r["norm_fused"] + r["rope"] > 10 * r["dtk"]
     assert glue_bytes.main(["--seq", "300", "--heads", "3", "--head-dim", "64"]) == 0
     assert "dtk.rms_norm_rope" in capsys.readouterr().out
+
+
+def test_wan_counts():
+    pytest.importorskip("diffusers")
+    r = glue_bytes.glue_bytes(S=300, H=12, D=64, model="wan")
+    assert r["x"] == 300 * 12 * 64 * 2 and r["rope"] > 20 * r["x"]   # float64 products of both halves
+    with pytest.raises(ValueError, match="model must be"):
+        glue_bytes.glue_bytes(model="sd")

@@ -39,7 +39,7 @@ Tensor rms_norm_rope_cpu(const Tensor& x, const std::optional<Tensor>& weight, c
   if (weight.has_value()) {
     TORCH_CHECK(at::isFloatingType(weight->scalar_type()), op, ": weight must be a floating tensor, got ",
                 weight->scalar_type());
-    const int64_t n = across_heads ? x.size(2) * D : D;
+    const int64_t n = across_heads ? H * D : D;
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == n, op, ": weight must be (", across_heads ? "H*D=" : "D=", n,
                 ",), got shape ", weight->sizes());
     TORCH_CHECK(weight->device() == x.device(), op, ": weight is on ", weight->device(), ", expected x's device ",

@@ -72,11 +72,12 @@ def wan_self_qkv(attn, hidden_states, rotary_emb, tables=None):
     else:
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
     heads = lambda t: t.unflatten(2, (attn.heads, -1))  # noqa: E731
-    eps = [rms_norm_eps(n, q.shape[-1], q.dtype) for n in (attn.norm_q, attn.norm_k)]
-    if rotary_emb is not None and tables is not None and None not in eps:
-        q, k = (rms_norm_rope(heads(t), n.weight, *tables, eps=e, across_heads=True)
-                for t, n, e in ((q, attn.norm_q, eps[0]), (k, attn.norm_k, eps[1])))
-        return q, k, heads(v)
+    if rotary_emb is not None and tables is not None:
+        eps = [rms_norm_eps(n, q.shape[-1], q.dtype) for n in (attn.norm_q, attn.norm_k)]
+        if None not in eps:
+            q, k = (rms_norm_rope(heads(t), n.weight, *tables, eps=e, across_heads=True)
+                    for t, n, e in ((q, attn.norm_q, eps[0]), (k, attn.norm_k, eps[1])))
+            return q, k, heads(v)
     q, k = attn.norm_q(q), attn.norm_k(k)
     q, k, v = heads(q), heads(k), heads(v)
     if rotary_emb is not None:

@@ -1,6 +1,7 @@
 """Triton kernel of rms_norm_rope (GPU): each program normalises and rotates ROWS (b, s, h) rows of
-D elements (with across_heads, one token's H rows under one norm). The rotation's partner elements are a second load of the same row (it hits the cache:
-DRAM traffic stays one read of x and one write), so any even D works without splitting pairs."""
+D elements (with across_heads, one token's H rows under one norm). The rotation's partner elements
+are a second load of the same row (it hits the cache: DRAM traffic stays one read of x and one
+write), so any even D works without splitting pairs."""
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ except ImportError as _e:  # most often: built against another torch (the C++ AB
     raise ImportError(f"dtk: cannot load its compiled extension dtk._C ({_e}). Build it against the installed "
                       f"torch ({_torch.__version__}): `pip install --no-build-isolation .` from the source tree, or "
                       f"`python setup.py build_ext --inplace` for a checkout used via PYTHONPATH=python.") from _e
+from ._config import config, config_options, last_engine
 from ._info import info
 from .ops.layout import from_tile_order, to_tile_order
 from .ops.linear import (linear_attention, linear_attention_apply, linear_attention_state,
@@ -27,6 +28,6 @@ __all__ = [
     "multi_kv_attention", "segment_attention", "ominicontrol_group_mask",
     "rms_norm_rope",
     "scatter_blend", "token_change_score", "mask_to_index", "dilate_mask", "prune_isolated", "cache",
-    "info",
+    "info", "config", "config_options", "last_engine",
 ]
 __version__ = "0.1.0"

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from .. import _config
+
 SUPPORTED_GPU_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 
@@ -74,3 +76,14 @@ def check_grads(grad_out, grad_lse, out, lse, q):
             raise TypeError(f"{name} must be float32, got {t.dtype}")
         if tuple(t.shape) != (B, H, n) or t.device != q.device:
             raise ValueError(f"{name} must be ({B}, {H}, {n}) on {q.device}, got {tuple(t.shape)} on {t.device}")
+
+
+def readable(t: torch.Tensor) -> bool:
+    """True when the checks may read t's values: outside tracing, not fake, on the CPU (no device
+    sync) or, with DTK_CHECK_INDICES=1, on a GPU too."""
+    if t.device.type != "cpu" and not (t.device.type == "cuda" and _config.get("check_indices")):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+    return not is_fake(t)

@@ -117,7 +117,7 @@ def test_mask_ops_on_gpu():
 def test_multi_kv_dense_segments_cudnn_and_triton_engines(dtype, monkeypatch):
     """Dense MHA segments go to the cuDNN engine (per-segment cuDNN + lse merge); it and the Triton
     engine both match the reference, lse included (natural log), compact and scattered."""
-    from dtk.ops import _dense
+    from dtk.ops._attention import dense as _dense
     from dtk.ops.sparse import cudnn
 
     B, S, H, D = 2, 1000, 4, 128
@@ -215,7 +215,7 @@ def test_dense_calls_on_side_streams_and_in_cuda_graphs():
     """The cuDNN engine's calls of one op run on side streams at once; the result is the same as
     one call after another, and under CUDA graph capture (the caller's stream alone) a replay
     with new inputs gives the eager result."""
-    from dtk.ops import _dense
+    from dtk.ops._attention import dense as _dense
 
     B, S, H, D = 1, 700, 4, 128
     q = _r(B, S, H, D, dtype=torch.bfloat16)

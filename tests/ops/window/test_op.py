@@ -94,7 +94,10 @@ def test_sdpa_layout_inputs_without_copy():
 
 
 def test_window_blocks_override(monkeypatch):
-    from dtk._debug import window_blocks_override
+    from dtk._config import get
+
+    def window_blocks_override():
+        return get("window_blocks")
     monkeypatch.delenv("DTK_WINDOW_BLOCKS", raising=False)
     assert window_blocks_override() is None
     monkeypatch.setenv("DTK_WINDOW_BLOCKS", "128,128")

@@ -69,7 +69,7 @@ def test_triton_named(case, prefix_by_dense, monkeypatch):
 def test_triton_prefix_falls_back_when_the_dense_kernel_fails(monkeypatch):
     """A dense-kernel error on the prefix rows (a build or card without it) is said once and the
     Triton kernel's own prefix programs run then and from then on."""
-    from dtk.ops import _dense
+    from dtk.ops._attention import dense as _dense
     from dtk.ops.window import triton as wt
 
     def broken(*args, **kwargs):
@@ -89,7 +89,7 @@ def test_triton_single_loop_engine_falls_back_when_the_dense_kernel_fails(monkey
     """The single-loop engine hands prefix rows to the dense kernel: when that kernel fails, the
     failure is said once and the main engine (its own prefix programs) gives the result; from then
     on the single-loop engine declines prefix problems."""
-    from dtk.ops import _dense
+    from dtk.ops._attention import dense as _dense
     from dtk.ops.window import triton as wt
 
     def broken(*args, **kwargs):

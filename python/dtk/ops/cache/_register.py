@@ -10,7 +10,7 @@ import torch
 
 _LIB = "dtk::"
 
-from ..sparse._register import readable  # noqa: E402
+from .._checks import readable  # noqa: E402
 
 
 def check_scatter_blend(base, cache, fresh, index, lam, lam_per_batch):

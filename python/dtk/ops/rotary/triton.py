@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._debug import new_output, triton_autotune
+from ... import _config
+from ..._debug import new_output
 
 
 @triton.jit
@@ -104,7 +105,7 @@ def rms_norm_rope_triton(x, weight, cos, sin, eps, interleaved, across_heads=Fal
     flags["ACROSS_HEADS"] = False
     cfgs = launch_configs(D, x.device.type == "cuda")
     cfg = cfgs[len(cfgs) // 2]
-    if len(cfgs) > 1 and triton_autotune():
+    if len(cfgs) > 1 and _config.get("autotune"):
         key = (D, *flags.values(), x.dtype, w.dtype)
         if key in _BEST:
             cfg = _BEST[key]

@@ -8,23 +8,13 @@ import importlib.util
 
 import torch
 
-from ..._debug import check_indices
-from .. import _dense
+from ... import _config
+from .._attention import dense as _dense
+from .._checks import readable
 from .._checks import check_bshd as _check_bshd, check_gpu as _check_gpu, check_grads, check_kv_like_q, check_scale as _check_scale
 
 _LIB = "dtk::"
 _INT = (torch.int32, torch.int64)
-
-
-def readable(t: torch.Tensor) -> bool:
-    """True when the checks may read t's values: outside tracing, not fake, on the CPU (no device
-    sync) or, with DTK_CHECK_INDICES=1, on a GPU too."""
-    if t.device.type != "cpu" and not (t.device.type == "cuda" and check_indices()):
-        return False
-    if torch.compiler.is_compiling():
-        return False
-    from torch._subclasses.fake_tensor import is_fake
-    return not is_fake(t)
 
 
 def _check_index(idx, name, q, limit, shapes):
@@ -270,9 +260,7 @@ def _register_cuda():
 
 def _use_cudnn(op: str, ok: bool, requirement: str) -> bool:
     """Whether the cuDNN engine runs this call (DTK_SPARSE_ENGINE; auto: where it applies)."""
-    from ..._debug import sparse_engine
-
-    engine = sparse_engine()
+    engine = _config.get("sparse_engine")
     if engine == "cudnn" and not ok:
         raise ValueError(f"DTK_SPARSE_ENGINE=cudnn, but the cuDNN engine of {op} serves only {requirement}")
     return ok and (engine == "cudnn" or (engine == "auto" and not _dense.DENSE_FAILED))
@@ -281,12 +269,10 @@ def _use_cudnn(op: str, ok: bool, requirement: str) -> bool:
 def _cudnn_or_triton(run_cudnn, run_triton):
     """run_cudnn(); on a cuDNN error (a build or card without this attention) say so once and use
     the Triton engine from then on (_dense.DENSE_FAILED; DTK_SPARSE_ENGINE=cudnn re-raises)."""
-    from ..._debug import sparse_engine
-
     try:
         return run_cudnn()
     except RuntimeError as e:
-        if sparse_engine() == "cudnn":
+        if _config.get("sparse_engine") == "cudnn":
             raise
         _dense.dense_failed("dtk sparse ops", e)
         return run_triton()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..._debug import new_output
-from .._dense import dense_supported, dense_with_lse_concurrent
+from .._attention.dense import dense_supported, dense_with_lse_concurrent
 from .merge import MAX_PARTS, merge_partials
 
 MAX_SEGMENTS = MAX_PARTS   # one merge pass

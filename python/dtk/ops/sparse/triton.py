@@ -11,8 +11,8 @@ program visits only the key branches some of its rows may see (a whole masked br
 never computed), with a per-row mask/bias only where the block straddles branches.
 
 Backward (both ops, from the forward's lse): the forward kernels with BWD=True compute dq over the
-same key walk (_step), and one dk/dv kernel per op walks, per key block, every query that sees it
-(_dkdv_step, shared with the window engine). Gathered rows (q_index, kv_index) go through compact
+same key walk (step), and one dk/dv kernel per op walks, per key block, every query that sees it
+(dkdv_step, shared with the window engine). Gathered rows (q_index, kv_index) go through compact
 float32 buffers that are scatter-added back (repeated indices add up)."""
 from __future__ import annotations
 
@@ -21,19 +21,19 @@ import triton
 import triton.language as tl
 
 from ..._debug import new_output
-from ..window.triton import (LOG2E, _dense_range, _dkdv_step, _finish, _fold, _head_indices, _kv_head_indices,
-                             _load_rows, _row_state, _step, _tile_offsets, _write_rows, backward_block,
-                             backward_launch_configs, backward_row_stats, default_blocks, launch_configs)
+from .._attention.triton import (LOG2E, backward_block, backward_launch_configs, backward_row_stats, dense_range,
+                                 default_blocks, dkdv_step, finish, fold, head_indices, kv_head_indices, launch_configs,
+                                 load_rows, row_state, step, tile_offsets, write_rows)
 
 MAX_SEGMENTS = 4
 
 
 @triton.jit
 def _step_bias(q, do, acc, m_i, l_i, k, v, qk_mask, bias, qk_scale, BWD: tl.constexpr):
-    """_step with a per-row additive bias (log2 units) and an element mask."""
+    """step with a per-row additive bias (log2 units) and an element mask."""
     s = tl.dot(q, tl.trans(k)) + (bias / qk_scale)[:, None]   # raw units: scaled in the exponent
     s = tl.where(qk_mask, s, float("-inf"))
-    return _fold(s, do, acc, m_i, l_i, k, v, qk_scale, 0.0, False, BWD)
+    return fold(s, do, acc, m_i, l_i, k, v, qk_scale, 0.0, False, BWD)
 
 
 @triton.jit
@@ -58,11 +58,11 @@ def _kv_segment(q, do, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, idx_ptr, L, M, activ
     if HAS_IDX:
         for start in range(0, hi, BLOCK_N):
             rows, n_ok = _gather_rows(idx_ptr, start + offs_n, hi, L, True)
-            k = _load_rows(k_ptr, rows, sk, offs_d, n_ok, d_mask, True, False)
-            v = _load_rows(v_ptr, rows, sv, offs_d, n_ok, d_mask, True, False)
-            acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale, BWD)
+            k = load_rows(k_ptr, rows, sk, offs_d, n_ok, d_mask, True, False)
+            v = load_rows(v_ptr, rows, sv, offs_d, n_ok, d_mask, True, False)
+            acc, m_i, l_i = step(q, do, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale, BWD)
     else:
-        acc, m_i, l_i = _dense_range(q, do, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, 0, hi, qk_scale,
+        acc, m_i, l_i = dense_range(q, do, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, 0, hi, qk_scale,
                                      offs_n, offs_d, d_mask, BLOCK_N, BWD)
     return acc, m_i, l_i
 
@@ -82,11 +82,11 @@ def _mkv_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BWD: tl.constexpr = False,
 ):
     # The forward, or with BWD the dq pass of the backward: O is then the compact (B, n, H, D) dq,
-    # DO the output gradient, LSE2 / DELTA the rows' lse (log2 units) and delta (see _step).
+    # DO the output gradient, LSE2 / DELTA the rows' lse (log2 units) and delta (see step).
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b, h, kvh = _head_indices(bh, H, GROUP)
-    offs_m, offs_n, offs_d, d_mask = _tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
+    b, h, kvh = head_indices(bh, H, GROUP)
+    offs_m, offs_n, offs_d, d_mask = tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
     m_idx = pid.to(tl.int64) * BLOCK_M + offs_m
     m_ok = m_idx < NQ
     rows_q, q_ok = _gather_rows(QI + b * sqib, m_idx, NQ, SQ, HAS_QI)  # the kernel gathers its query rows
@@ -95,7 +95,7 @@ def _mkv_fwd(
                 mask=q_ok[:, None] & d_mask[None, :], other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     stats = bh.to(tl.int64) * NQ
-    do, m_i, l_i = _row_state(q, DO + b * sdob + h * sdoh, m_idx, sdos, LSE2 + stats, DELTA + stats, m_idx, q_ok,
+    do, m_i, l_i = row_state(q, DO + b * sdob + h * sdoh, m_idx, sdos, LSE2 + stats, DELTA + stats, m_idx, q_ok,
                               offs_d, d_mask, BLOCK_M, False, BWD)
 
     acc, m_i, l_i = _kv_segment(q, do, acc, m_i, l_i, K0 + b * sk0b + kvh * sk0h, V0 + b * sv0b + kvh * sv0h,
@@ -118,7 +118,7 @@ def _mkv_fwd(
         tl.store(O + b * sob + h * soh + m_idx[:, None] * sos + offs_d[None, :],
                  (acc * dq_scale).to(O.dtype.element_ty), mask=m_ok[:, None] & d_mask[None, :])
     else:
-        out, lse = _finish(acc, m_i, l_i)
+        out, lse = finish(acc, m_i, l_i)
         out = tl.where(q_ok[:, None], out, 0.0)
         lse = tl.where(q_ok, lse, float("-inf"))
         if SCATTER:
@@ -132,7 +132,7 @@ def _mkv_fwd(
 
 def _launch_cfg(q, D, block):
     if block is None:
-        block = default_blocks(q.device, D)
+        block = default_blocks(q.device)
     block_q, block_k = (block, block) if isinstance(block, int) else block
     block_d = max(16, triton.next_power_of_2(D))
     w, st = launch_configs(block_d, block_k)[0]
@@ -230,12 +230,12 @@ def _mkv_bwd_dkdv(
     one (batch, kv head), over every query row (q_index-gathered) of the group's q heads. Rows go
     to position n of DK / DV: the compact buffers with kv_index, the gradients themselves without."""
     pid = tl.program_id(0)
-    b, kvh = _kv_head_indices(tl.program_id(1), H, GROUP)
-    offs_m, offs_n, offs_d, d_mask = _tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
+    b, kvh = kv_head_indices(tl.program_id(1), H, GROUP)
+    offs_m, offs_n, offs_d, d_mask = tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
     n = pid.to(tl.int64) * BLOCK_N + offs_n
     rows_k, k_ok = _gather_rows(KI + b * skib, n, M, L, HAS_IDX)
-    k = _load_rows(K + b * skb + kvh * skh, rows_k, sks, offs_d, k_ok, d_mask, True, False)
-    v = _load_rows(V + b * svb + kvh * svh, rows_k, svs, offs_d, k_ok, d_mask, True, False)
+    k = load_rows(K + b * skb + kvh * skh, rows_k, sks, offs_d, k_ok, d_mask, True, False)
+    v = load_rows(V + b * svb + kvh * svh, rows_k, svs, offs_d, k_ok, d_mask, True, False)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(0, GROUP):
@@ -244,7 +244,7 @@ def _mkv_bwd_dkdv(
         for start in range(0, NQ, BLOCK_M):
             m_idx = start + offs_m
             rows_q, q_ok = _gather_rows(QI + b * sqib, m_idx, NQ, SQ, HAS_QI)
-            dk, dv = _dkdv_step(dk, dv, k, v, Q + b * sqb + h * sqh, rows_q, sqs, DO + b * sdob + h * sdoh, m_idx,
+            dk, dv = dkdv_step(dk, dv, k, v, Q + b * sqb + h * sqh, rows_q, sqs, DO + b * sdob + h * sdoh, m_idx,
                                 sdos, LSE2 + bh * NQ, DELTA + bh * NQ, m_idx, q_ok, offs_d, d_mask, None, False,
                                 qk_scale, 0.0, False)
     st = k_ok[:, None] & d_mask[None, :]
@@ -344,8 +344,8 @@ def _seg_fwd(
     # The forward, or with BWD the dq pass of the backward (O is dq; see _mkv_fwd).
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b, h, kvh = _head_indices(bh, H, GROUP)
-    offs_m, offs_n, offs_d, d_mask = _tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
+    b, h, kvh = head_indices(bh, H, GROUP)
+    offs_m, offs_n, offs_d, d_mask = tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
     rows = pid.to(tl.int64) * BLOCK_M + offs_m
     q_ok = rows < S
     br = tl.zeros([BLOCK_M], dtype=tl.int32)        # branch of each query row
@@ -355,7 +355,7 @@ def _seg_fwd(
                 mask=q_ok[:, None] & d_mask[None, :], other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     stats = bh.to(tl.int64) * S
-    do, m_i, l_i = _row_state(q, DO + b * sdob + h * sdoh, rows, sdos, LSE2 + stats, DELTA + stats, rows, q_ok,
+    do, m_i, l_i = row_state(q, DO + b * sdob + h * sdoh, rows, sdos, LSE2 + stats, DELTA + stats, rows, q_ok,
                               offs_d, d_mask, BLOCK_M, False, BWD)
     k_ptr = K + b * skb + kvh * skh
     v_ptr = V + b * svb + kvh * svh
@@ -376,8 +376,8 @@ def _seg_fwd(
             if HAS_BIAS:
                 acc, m_i, l_i = _step_bias(q, do, acc, m_i, l_i, k, v, msk, bias, qk_scale, BWD)
             else:
-                acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, msk, True, qk_scale, BWD)
-    _write_rows(O + b * sob + h * soh + rows[:, None] * sos + offs_d[None, :], LSE + bh.to(tl.int64) * S + rows,
+                acc, m_i, l_i = step(q, do, acc, m_i, l_i, k, v, msk, True, qk_scale, BWD)
+    write_rows(O + b * sob + h * soh + rows[:, None] * sos + offs_d[None, :], LSE + bh.to(tl.int64) * S + rows,
                 acc, m_i, l_i, q_ok, d_mask, dq_scale, BWD)
 
 
@@ -393,7 +393,7 @@ def _seg_bwd_dkdv(
     query rows of every branch a with group_mask[a, kb] (bias group_bias[a, kb]), all q heads of
     the GQA group. Programs past the last block (the grid is a bound) do nothing."""
     pid = tl.program_id(0)
-    b, kvh = _kv_head_indices(tl.program_id(1), H, GROUP)
+    b, kvh = kv_head_indices(tl.program_id(1), H, GROUP)
     # this program's branch kb and first key: walk the branches' block counts
     kb = tl.full([], 0, tl.int32) + G      # loop-carried: int32 tensors from the start
     k_start = tl.full([], 0, tl.int32)
@@ -408,11 +408,11 @@ def _seg_bwd_dkdv(
         k_start = tl.where(here, lo + (pid - first) * BLOCK_N, k_start)
         k_end = tl.where(here, hi, k_end)
         first += nb
-    offs_m, offs_n, offs_d, d_mask = _tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
+    offs_m, offs_n, offs_d, d_mask = tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
     rows_k = (k_start + offs_n).to(tl.int64)
     k_ok = rows_k < k_end
-    k = _load_rows(K + b * skb + kvh * skh, rows_k, sks, offs_d, k_ok, d_mask, True, False)
-    v = _load_rows(V + b * svb + kvh * svh, rows_k, svs, offs_d, k_ok, d_mask, True, False)
+    k = load_rows(K + b * skb + kvh * skh, rows_k, sks, offs_d, k_ok, d_mask, True, False)
+    v = load_rows(V + b * svb + kvh * svh, rows_k, svs, offs_d, k_ok, d_mask, True, False)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for a in range(0, G):
@@ -427,7 +427,7 @@ def _seg_bwd_dkdv(
             bh = b * H + h
             for start in range(q_lo, q_hi, BLOCK_M):
                 rows = start + offs_m
-                dk, dv = _dkdv_step(dk, dv, k, v, Q + b * sqb + h * sqh, rows, sqs, DO + b * sdob + h * sdoh, rows,
+                dk, dv = dkdv_step(dk, dv, k, v, Q + b * sqb + h * sqh, rows, sqs, DO + b * sdob + h * sdoh, rows,
                                     sdos, LSE2 + bh * S, DELTA + bh * S, rows, rows < q_hi, offs_d, d_mask, None,
                                     False, qk_scale, bias, False)
     st = k_ok[:, None] & d_mask[None, :]

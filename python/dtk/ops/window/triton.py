@@ -21,121 +21,17 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from ..._debug import new_output, triton_autotune, window_blocks_override
-from .. import _dense
-from .._dense import concurrent_ok, dense_failed, dense_supported, dense_with_lse, fork_streams, join_streams
+from ... import _config
+from ..._debug import new_output
+from ... import _tuning
+from .._attention import dense as _dense
+from .._attention.dense import concurrent_ok, dense_failed, dense_supported, dense_with_lse, fork_streams, join_streams
+from .._attention.triton import (LOG2E, backward_block, backward_launch_configs, backward_row_stats, dense_range,
+                                 dkdv_step, finish, fold, head_indices, key_rows, kv_head_indices, launch_configs,
+                                 load_rows, online_update, row_state, step, tile_offsets, write_rows)
 from .plan import block_fill, build_key_plan, build_plan, coord_table
 from .spec import WindowSpec
 
-LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _step(q, do, acc, m_i, l_i, k, v, qk_mask, MASKED: tl.constexpr, qk_scale, BWD: tl.constexpr):
-    """A key block k (BN, BD) / v (BN, BD) folded into a query block's state (_fold), its scores
-    set to -inf where qk_mask is False (MASKED)."""
-    s = tl.dot(q, tl.trans(k))
-    if MASKED:
-        s = tl.where(qk_mask, s, float("-inf"))
-    return _fold(s, do, acc, m_i, l_i, k, v, qk_scale, 0.0, False, BWD)
-
-
-@triton.jit
-def _fold(s, do, acc, m_i, l_i, k, v, qk_scale, floor, FLOORED: tl.constexpr, BWD: tl.constexpr):
-    """Raw scores s of a key block folded into a query block's state: the forward's online
-    softmax (_online_update), or (BWD) the dq step, where m_i holds the rows' lse (log2 units;
-    +inf for rows without keys, so P = 0) and l_i their delta = rowsum(dO * out) - dlse, and
-    acc += dS K with dS = P * (dO V^T - delta). FLOORED: see _online_update."""
-    if BWD:
-        p = tl.math.exp2(s * qk_scale - m_i[:, None])   # one FMA per score
-        ds = p * (tl.dot(do, tl.trans(v)) - l_i[:, None])
-        acc += tl.dot(ds.to(k.dtype), k)
-    else:
-        acc, m_i, l_i = _online_update(s, qk_scale, acc, m_i, l_i, v, floor, FLOORED)
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _online_update(s, qk_scale, acc, m_i, l_i, v, floor, FLOORED: tl.constexpr):
-    """Folds a block of raw scores s (BM, BN; -inf where masked) and its values v into (acc, m_i,
-    l_i), m_i in log2 units. qk_scale (> 0: the scale times log2 e) is applied inside the exponent,
-    one FMA per score (max(s) * qk_scale is the scaled max because qk_scale > 0). FLOORED: masked
-    scores are a huge finite negative instead of -inf (the mask-by-dot blocks), and the running
-    max never drops below `floor` (far above them, far below any real score), so they get P = 0
-    even in a row that has seen no allowed key yet."""
-    if FLOORED:
-        m_new = tl.maximum(tl.maximum(m_i, tl.max(s, 1) * qk_scale), floor)
-        m_safe = m_new
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing allowed yet
-    p = tl.math.exp2(s * qk_scale - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i
-
-
-@triton.jit
-def _finish(acc, m_i, l_i):
-    """(out, lse) of an online-softmax state: acc / l and the natural-log lse; a row that saw no
-    allowed key gets 0 and -inf."""
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    return acc / l_safe[:, None], lse
-
-
-@triton.jit
-def _dense_range(q, do, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, lo, hi, qk_scale, offs_n, offs_d, d_mask,
-                 BLOCK_N: tl.constexpr, BWD: tl.constexpr, kd=None, vd=None, b=0, kvh=0,
-                 BLOCK_D: tl.constexpr = 16, TMA: tl.constexpr = False):
-    """Attend to every key in [lo, hi) of one (batch, kv head) row pointer pair (TMA: of the
-    descriptors kd, vd at (b, kvh)): whole blocks without any mask, then the last partial block
-    masked."""
-    full_end = lo + (tl.maximum(hi - lo, 0) // BLOCK_N) * BLOCK_N
-    for start in range(lo, full_end, BLOCK_N):
-        rows = (start + offs_n).to(tl.int64)
-        k = _key_rows(kd, b, kvh, start, k_ptr, rows, sk, offs_d, d_mask, False, BLOCK_N, BLOCK_D, TMA)
-        v = _key_rows(vd, b, kvh, start, v_ptr, rows, sv, offs_d, d_mask, False, BLOCK_N, BLOCK_D, TMA)
-        acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, None, False, qk_scale, BWD)
-    for start in range(full_end, hi, BLOCK_N):
-        n = start + offs_n
-        n_ok = n < hi
-        rows = tl.minimum(n, hi - 1).to(tl.int64)   # rows past the range: the last row, masked scores
-        k = _key_rows(kd, b, kvh, start, k_ptr, rows, sk, offs_d, d_mask, False, BLOCK_N, BLOCK_D, TMA)
-        v = _key_rows(vd, b, kvh, start, v_ptr, rows, sv, offs_d, d_mask, False, BLOCK_N, BLOCK_D, TMA)
-        acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale, BWD)
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _key_rows(desc, b, kvh, start, ptr, rows, stride, offs_d, d_mask, EVEN_D: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
-    """A key block's K or V rows: with TMA one tensor-memory-accelerator copy of rows
-    [start, start + BLOCK_N) of (b, kvh) from the (B, H_kv, S, D) descriptor (rows past S and
-    head-dim columns past D arrive as zeros), else pointer loads of `rows` (int64)."""
-    if TMA:
-        return desc.load([b.to(tl.int32), kvh.to(tl.int32), start, 0]).reshape(BLOCK_N, BLOCK_D)
-    else:
-        return _load_rows(ptr, rows, stride, offs_d, None, d_mask, False, EVEN_D)
-
-
-@triton.jit
-def _load_rows(ptr, rows, stride, offs_d, n_ok, d_mask, MASK_N: tl.constexpr, EVEN_D: tl.constexpr):
-    """Rows `rows` (int64) of a (rows, D) view: pointer math on the row vector first, so the 2D
-    tile only adds column offsets; masks only where rows or head-dim columns may be missing."""
-    p = (ptr + rows * stride)[:, None] + offs_d[None, :]
-    if MASK_N:
-        if EVEN_D:
-            x = tl.load(p, mask=n_ok[:, None], other=0.0)
-        else:
-            x = tl.load(p, mask=n_ok[:, None] & d_mask[None, :], other=0.0)
-    else:
-        if EVEN_D:
-            x = tl.load(p)
-        else:
-            x = tl.load(p, mask=d_mask[None, :], other=0.0)
-    return x
 
 
 @triton.jit
@@ -144,56 +40,6 @@ def _block_desc(QB, i):
     row = QB + i * 7
     return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), tl.load(row + 5),
             tl.load(row + 6))
-
-
-@triton.jit
-def _row_state(q, do_ptr, do_rows, sdos, lse2_ptr, delta_ptr, stat_rows, ok, offs_d, d_mask,
-               BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, BWD: tl.constexpr):
-    """A query block's initial walk state (do, m_i, l_i): the forward's empty online softmax (do is
-    q, unused), or the backward's output-gradient rows with their lse (log2 units; +inf outside
-    the block, so P = 0 there) and delta."""
-    if BWD:
-        do = _load_rows(do_ptr, do_rows, sdos, offs_d, ok, d_mask, True, EVEN_D)
-        m_i = tl.load(lse2_ptr + stat_rows, mask=ok, other=float("inf"))
-        l_i = tl.load(delta_ptr + stat_rows, mask=ok, other=0.0)
-    else:
-        do = q
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    return do, m_i, l_i
-
-
-@triton.jit
-def _write_rows(o_ptrs, lse_ptrs, acc, m_i, l_i, ok, d_mask, dq_scale, BWD: tl.constexpr):
-    """Ends a query block's walk: dq = acc * scale (BWD), or out = acc / l and the lse (_finish)."""
-    if BWD:
-        tl.store(o_ptrs, (acc * dq_scale).to(o_ptrs.dtype.element_ty), mask=ok[:, None] & d_mask[None, :])
-    else:
-        out, lse = _finish(acc, m_i, l_i)
-        tl.store(o_ptrs, out.to(o_ptrs.dtype.element_ty), mask=ok[:, None] & d_mask[None, :])
-        tl.store(lse_ptrs, lse, mask=ok)
-
-
-@triton.jit
-def _head_indices(bh, H, GROUP):
-    """(batch, q head, kv head) as int64 of a program's flat batch x head index (GQA: GROUP q heads
-    per kv head)."""
-    h = bh % H
-    return (bh // H).to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
-
-
-@triton.jit
-def _tile_offsets(D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A program's row, key and head-dim offsets, and which head-dim columns exist (d < D)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    return tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), offs_d, offs_d < D
-
-
-@triton.jit
-def _kv_head_indices(bkv, H, GROUP):
-    """(batch, kv head) as int64 of a flat batch x kv-head program index."""
-    Hkv = H // GROUP
-    return (bkv // Hkv).to(tl.int64), (bkv % Hkv).to(tl.int64)
 
 
 @triton.jit
@@ -369,7 +215,7 @@ def _box_mask_dot(s, onehot, r, u, big, LIMITS: tl.constexpr, DEAD: tl.constexpr
     """s + X @ onehot for one axis of a box window: X[i, p] = -big unless the query row i's window
     spans offset p on this axis (r_i <= p <= u_i; every p where the axis does not LIMIT it), and
     -big at p = 15 in the DEAD group (the columns that are not keys of the block). Allowed scores
-    get exactly 0 added; the others at least `big` less (see _online_update's FLOORED)."""
+    get exactly 0 added; the others at least `big` less (see online_update's FLOORED)."""
     p = tl.arange(0, 16)[None, :]
     if LIMITS:
         ok = ((p - r[:, None]) | (u[:, None] - p)) >= 0
@@ -401,7 +247,7 @@ def _window_fwd(
     BWD: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     # The forward, or with BWD the dq pass of the backward (same walk over the keys; O is dq, DO
-    # the output gradient, LSE2 / DELTA the rows' lse (log2 units) and delta, see _step). TMA: the
+    # the output gradient, LSE2 / DELTA the rows' lse (log2 units) and delta, see step). TMA: the
     # sequence's K and V blocks arrive by tensor-memory-accelerator copies from the (B, H_kv, S, D)
     # descriptors KD, VD (Hopper; the extra keys keep pointer loads), else by pointer loads.
     # 1D grid. First the prefix query blocks (each attends to every key: the heaviest programs)
@@ -412,8 +258,8 @@ def _window_fwd(
     n_pre = N_PQB * B * H
     pid = tl.where(t < n_pre, t // (B * H), N_PQB + (t - n_pre) % NQB)
     bh = tl.where(t < n_pre, t % (B * H), (t - n_pre) // NQB)
-    b, h, kvh = _head_indices(bh, H, GROUP)
-    offs_m, offs_n, offs_d, d_mask = _tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
+    b, h, kvh = head_indices(bh, H, GROUP)
+    offs_m, offs_n, offs_d, d_mask = tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
     k_ptr = K + b * skb + kvh * skh
     v_ptr = V + b * svb + kvh * svh
 
@@ -427,17 +273,17 @@ def _window_fwd(
     q_len = tl.where(is_prefix, tl.minimum(P - pid * BLOCK_M, BLOCK_M), qe0 * qe1 * qe2)
     rows_q = (q_start + offs_m).to(tl.int64)
     q_ok = offs_m < q_len
-    q = _load_rows(Q + b * sqb + h * sqh, rows_q, sqs, offs_d, q_ok, d_mask, True, EVEN_D)
+    q = load_rows(Q + b * sqb + h * sqh, rows_q, sqs, offs_d, q_ok, d_mask, True, EVEN_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     stats = bh.to(tl.int64) * S
-    do, m_i, l_i = _row_state(q, DO + b * sdob + h * sdoh, rows_q, sdos, LSE2 + stats, DELTA + stats, rows_q, q_ok,
+    do, m_i, l_i = row_state(q, DO + b * sdob + h * sdoh, rows_q, sdos, LSE2 + stats, DELTA + stats, rows_q, q_ok,
                               offs_d, d_mask, BLOCK_M, EVEN_D, BWD)
 
     # No branch on is_prefix: the same loops run for every program with trip counts that are zero
     # where they do not apply (a prefix block sees keys [0, S) and no plan entries). A runtime
     # branch around the loops made ptxas serialise the wgmma pipeline (C7515) and doubled the
     # shared memory (each branch kept its own buffers).
-    acc, m_i, l_i = _dense_range(q, do, acc, m_i, l_i, k_ptr, v_ptr, sks, svs, 0, tl.where(is_prefix, S, P),
+    acc, m_i, l_i = dense_range(q, do, acc, m_i, l_i, k_ptr, v_ptr, sks, svs, 0, tl.where(is_prefix, S, P),
                                  qk_scale, offs_n, offs_d, d_mask, BLOCK_N, BWD, KD, VD, b, kvh, BLOCK_D, TMA)
     # Per-query window geometry, computed once: box bounds or circle centres per axis.
     x0, x1, x2 = _coords(offs_m, qo0, qo1, qo2, qe1, qe2)
@@ -456,9 +302,9 @@ def _window_fwd(
         e = ent_ptr + j * 8
         start = tl.load(e)
         rows = (start + offs_n).to(tl.int64)
-        k = _key_rows(KD, b, kvh, start, k_ptr, rows, sks, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
-        v = _key_rows(VD, b, kvh, start, v_ptr, rows, svs, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
-        acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, None, False, qk_scale, BWD)
+        k = key_rows(KD, b, kvh, start, k_ptr, rows, sks, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
+        v = key_rows(VD, b, kvh, start, v_ptr, rows, svs, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
+        acc, m_i, l_i = step(q, do, acc, m_i, l_i, k, v, None, False, qk_scale, BWD)
     # Blocks of the plan's key shape (KE0, KE1, KE2): a key's offsets from its block's origin depend
     # only on its column, so they are computed once (packed), and the columns past the shape's keys
     # (when it holds fewer than BLOCK_N) are the same in every such block. Boxes with MASK_DOT add
@@ -479,30 +325,30 @@ def _window_fwd(
             e = ent_ptr + j * 8
             start = tl.load(e)
             rows = tl.minimum(start + offs_n, last).to(tl.int64)
-            k = _key_rows(KD, b, kvh, start, k_ptr, rows, sks, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
-            v = _key_rows(VD, b, kvh, start, v_ptr, rows, svs, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
+            k = key_rows(KD, b, kvh, start, k_ptr, rows, sks, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
+            v = key_rows(VD, b, kvh, start, v_ptr, rows, svs, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
             if MASK_DOT:
                 s = _dead_mask_dot(tl.dot(q, tl.trans(k)), oh0, oh1, oh2, mask_big, DEAD, MASK_F32, BLOCK_M)
-                acc, m_i, l_i = _fold(s, do, acc, m_i, l_i, k, v, qk_scale, mask_floor, True, BWD)
+                acc, m_i, l_i = fold(s, do, acc, m_i, l_i, k, v, qk_scale, mask_floor, True, BWD)
             else:
-                acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, ((lp >> 20) < KE0)[None, :], True, qk_scale, BWD)
+                acc, m_i, l_i = step(q, do, acc, m_i, l_i, k, v, ((lp >> 20) < KE0)[None, :], True, qk_scale, BWD)
         short_lo = c1
     for j in range(short_lo, c2):  # the other full but shorter key blocks: mask the missing columns only
         e = ent_ptr + j * 8
         n_ok = offs_n < tl.load(e + 4) * tl.load(e + 5) * tl.load(e + 6)
         start = tl.load(e)
         rows = tl.minimum(start + offs_n, last).to(tl.int64)
-        k = _key_rows(KD, b, kvh, start, k_ptr, rows, sks, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
-        v = _key_rows(VD, b, kvh, start, v_ptr, rows, svs, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
-        acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale, BWD)
+        k = key_rows(KD, b, kvh, start, k_ptr, rows, sks, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
+        v = key_rows(VD, b, kvh, start, v_ptr, rows, svs, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
+        acc, m_i, l_i = step(q, do, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale, BWD)
     if LOCAL:
         sp0, sp1, sp2 = hi0 - lo0, hi1 - lo1, hi2 - lo2
         for j in range(c2, c3):  # partial blocks of the key shape: the window tested relative to its origin
             e = ent_ptr + j * 8
             start = tl.load(e)
             rows = tl.minimum(start + offs_n, last).to(tl.int64)
-            k = _key_rows(KD, b, kvh, start, k_ptr, rows, sks, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
-            v = _key_rows(VD, b, kvh, start, v_ptr, rows, svs, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
+            k = key_rows(KD, b, kvh, start, k_ptr, rows, sks, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
+            v = key_rows(VD, b, kvh, start, v_ptr, rows, svs, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
             r0, r1, r2 = lo0 - tl.load(e + 1), lo1 - tl.load(e + 2), lo2 - tl.load(e + 3)
             if MASK_DOT:
                 s = tl.dot(q, tl.trans(k))
@@ -512,10 +358,10 @@ def _window_fwd(
                     s = _box_mask_dot(s, oh1, r1, r1 + sp1, mask_big, AXES & 2, DEAD == 1, MASK_F32)
                 if AXES & 4 or DEAD == 2:
                     s = _box_mask_dot(s, oh2, r2, r2 + sp2, mask_big, AXES & 4, DEAD == 2, MASK_F32)
-                acc, m_i, l_i = _fold(s, do, acc, m_i, l_i, k, v, qk_scale, mask_floor, True, BWD)
+                acc, m_i, l_i = fold(s, do, acc, m_i, l_i, k, v, qk_scale, mask_floor, True, BWD)
             else:
                 allowed = _local_allowed(lp, KE0, r0, r1, r2, sp0, sp1, sp2, R, IS_BOX, AXES, KEY_SHORT)
-                acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, allowed, True, qk_scale, BWD)
+                acc, m_i, l_i = step(q, do, acc, m_i, l_i, k, v, allowed, True, qk_scale, BWD)
         odd_lo = c3
     for j in range(odd_lo, c4):  # the other partial key blocks (edge tiles): element mask from coordinates
         e = ent_ptr + j * 8
@@ -524,20 +370,20 @@ def _window_fwd(
         n_ok = offs_n < tl.load(e + 4) * ke1 * ke2
         start = tl.load(e)
         rows = tl.minimum(start + offs_n, last).to(tl.int64)
-        k = _key_rows(KD, b, kvh, start, k_ptr, rows, sks, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
-        v = _key_rows(VD, b, kvh, start, v_ptr, rows, svs, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
+        k = key_rows(KD, b, kvh, start, k_ptr, rows, sks, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
+        v = key_rows(VD, b, kvh, start, v_ptr, rows, svs, offs_d, d_mask, EVEN_D, BLOCK_N, BLOCK_D, TMA)
         if COORDS:
             y0, y1, y2 = _table_coords(CT, start - P + offs_n, n_ok, CSH0, CSH1, CM1, CM2)
         else:
             y0, y1, y2 = _coords(offs_n, tl.load(e + 1), tl.load(e + 2), tl.load(e + 3), ke1, ke2)
         allowed = _window_allowed(n_ok[None, :], y0[None, :], y1[None, :], y2[None, :], lo0[:, None], lo1[:, None],
                                   lo2[:, None], hi0[:, None], hi1[:, None], hi2[:, None], R, IS_BOX, AXES)
-        acc, m_i, l_i = _step(q, do, acc, m_i, l_i, k, v, allowed, True, qk_scale, BWD)
-    acc, m_i, l_i = _dense_range(q, do, acc, m_i, l_i, EK + b * sekb + kvh * sekh, EV + b * sevb + kvh * sevh,
+        acc, m_i, l_i = step(q, do, acc, m_i, l_i, k, v, allowed, True, qk_scale, BWD)
+    acc, m_i, l_i = dense_range(q, do, acc, m_i, l_i, EK + b * sekb + kvh * sekh, EV + b * sevb + kvh * sevh,
                                  seks, sevs, 0, tl.where(is_prefix, 0, E), qk_scale, offs_n, offs_d, d_mask,
                                  BLOCK_N, BWD)
 
-    _write_rows(O + b * sob + h * soh + rows_q[:, None] * sos + offs_d[None, :], LSE + bh.to(tl.int64) * S + rows_q,
+    write_rows(O + b * sob + h * soh + rows_q[:, None] * sos + offs_d[None, :], LSE + bh.to(tl.int64) * S + rows_q,
                 acc, m_i, l_i, q_ok, d_mask, dq_scale, BWD)
 
 
@@ -563,8 +409,8 @@ def _window_bwd_dkdv(
     n_dense = NDB * B * Hkv
     is_dense = t < n_dense
     pid = tl.where(is_dense, t // (B * Hkv), (t - n_dense) % tl.maximum(NKB, 1))
-    b, kvh = _kv_head_indices(tl.where(is_dense, t % (B * Hkv), (t - n_dense) // tl.maximum(NKB, 1)), H, GROUP)
-    offs_m, offs_n, offs_d, d_mask = _tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
+    b, kvh = kv_head_indices(tl.where(is_dense, t % (B * Hkv), (t - n_dense) // tl.maximum(NKB, 1)), H, GROUP)
+    offs_m, offs_n, offs_d, d_mask = tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
 
     kb = tl.where(is_dense, 0, pid).to(tl.int64)
     k_start, ko0, ko1, ko2, ke0, ke1, ke2 = _block_desc(QB, kb)
@@ -572,8 +418,8 @@ def _window_bwd_dkdv(
     k_len = tl.where(is_dense, tl.minimum(DENSE_LEN - pid * BLOCK_N, BLOCK_N), ke0 * ke1 * ke2)
     rows_k = (k_start + offs_n).to(tl.int64)
     k_ok = offs_n < k_len
-    k = _load_rows(K + b * skb + kvh * skh, rows_k, sks, offs_d, k_ok, d_mask, True, EVEN_D)
-    v = _load_rows(V + b * svb + kvh * svh, rows_k, svs, offs_d, k_ok, d_mask, True, EVEN_D)
+    k = load_rows(K + b * skb + kvh * skh, rows_k, sks, offs_d, k_ok, d_mask, True, EVEN_D)
+    v = load_rows(V + b * svb + kvh * svh, rows_k, svs, offs_d, k_ok, d_mask, True, EVEN_D)
     y0, y1, y2 = _coords(offs_n, ko0, ko1, ko2, ke1, ke2)
     q_lo = tl.where(is_dense, DENSE_QLO, 0)
     q_hi = tl.where(is_dense, DENSE_QHI, P)
@@ -592,13 +438,13 @@ def _window_bwd_dkdv(
         delta_ptr = DELTA + bh * S
         for start in range(q_lo, q_hi, BLOCK_M):  # dense queries (prefix rows, or all for dense keys)
             rows = start + offs_m
-            dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, rows, sqs, do_ptr, rows, sdos, lse2_ptr, delta_ptr, rows,
+            dk, dv = dkdv_step(dk, dv, k, v, q_ptr, rows, sqs, do_ptr, rows, sdos, lse2_ptr, delta_ptr, rows,
                                 rows < q_hi, offs_d, d_mask, None, False, qk_scale, 0.0, EVEN_D)
         for j in range(f0, f1):  # query blocks that see every key of this block
             qb = tl.load(TQ + j).to(tl.int64)
             rows = tl.load(QB + qb * 7) + offs_m
             q_ok = offs_m < tl.load(QB + qb * 7 + 4) * tl.load(QB + qb * 7 + 5) * tl.load(QB + qb * 7 + 6)
-            dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, rows, sqs, do_ptr, rows, sdos, lse2_ptr, delta_ptr, rows,
+            dk, dv = dkdv_step(dk, dv, k, v, q_ptr, rows, sqs, do_ptr, rows, sdos, lse2_ptr, delta_ptr, rows,
                                 q_ok, offs_d, d_mask, None, False, qk_scale, 0.0, EVEN_D)
         for j in range(f1, f2):  # query blocks that see part of it: element mask
             q_start, qo0, qo1, qo2, qe0, qe1, qe2 = _block_desc(QB, tl.load(TQ + j).to(tl.int64))
@@ -613,74 +459,13 @@ def _window_bwd_dkdv(
             allowed = _window_allowed(k_ok[:, None], y0[:, None], y1[:, None], y2[:, None], lo0[None, :],
                                       lo1[None, :], lo2[None, :], hi0[None, :], hi1[None, :], hi2[None, :], R,
                                       IS_BOX, AXES)
-            dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, rows, sqs, do_ptr, rows, sdos, lse2_ptr, delta_ptr, rows,
+            dk, dv = dkdv_step(dk, dv, k, v, q_ptr, rows, sqs, do_ptr, rows, sdos, lse2_ptr, delta_ptr, rows,
                                 q_ok, offs_d, d_mask, allowed, True, qk_scale, 0.0, EVEN_D)
     st = k_ok[:, None] & d_mask[None, :]
     tl.store(DK + b * sdkb + kvh * sdkh + rows_k[:, None] * sdks + offs_d[None, :],
              (dk * dk_scale).to(DK.dtype.element_ty), mask=st)
     tl.store(DV + b * sdvb + kvh * sdvh + rows_k[:, None] * sdvs + offs_d[None, :], dv.to(DV.dtype.element_ty),
              mask=st)
-
-
-@triton.jit
-def _dkdv_step(dk, dv, k, v, q_ptr, q_rows, sqs, do_ptr, do_rows, sdos, lse2_ptr, delta_ptr, stat_rows, q_ok,
-               offs_d, d_mask, mask, MASKED: tl.constexpr, qk_scale, bias, EVEN_D: tl.constexpr):
-    """Folds query rows (valid where q_ok) of one q head into a key block's dk, dv, scores in log2
-    units plus a scalar `bias`. q_rows index q, do_rows the output gradient, stat_rows the rows'
-    lse (log2 units, +inf for rows without keys: P = 0) and delta (equal for the window engine;
-    the sparse engines gather queries). Scores are transposed (keys x queries)."""
-    q_rows = q_rows.to(tl.int64)
-    if EVEN_D:
-        qT = tl.load(q_ptr + q_rows[None, :] * sqs + offs_d[:, None], mask=q_ok[None, :], other=0.0)
-    else:
-        qT = tl.load(q_ptr + q_rows[None, :] * sqs + offs_d[:, None], mask=q_ok[None, :] & d_mask[:, None], other=0.0)
-    do = _load_rows(do_ptr, do_rows.to(tl.int64), sdos, offs_d, q_ok, d_mask, True, EVEN_D)
-    lse2 = tl.load(lse2_ptr + stat_rows, mask=q_ok, other=float("inf"))
-    delta = tl.load(delta_ptr + stat_rows, mask=q_ok, other=0.0)
-    sT = tl.dot(k, qT)
-    if MASKED:
-        sT = tl.where(mask, sT, float("-inf"))
-    pT = tl.math.exp2(sT * qk_scale + (bias - lse2)[None, :])   # one FMA per score
-    dv += tl.dot(pT.to(do.dtype), do)
-    dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
-    dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
-    return dk, dv
-
-
-@triton.jit
-def _bwd_preprocess(O, DO, LSE, DLSE, LSE2, DELTA, sob, sos, soh, sdob, sdos, sdoh, H, S, D,
-                    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per row: delta = rowsum(dO * out) - dlse, and the lse in log2 units with -inf (a row that
-    saw no key) turned into +inf, so the recomputed P of such rows is 0."""
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = rows < S
-    m2 = ok[:, None] & (offs_d < D)[None, :]
-    rows64 = rows.to(tl.int64)
-    o = tl.load(O + b * sob + h * soh + rows64[:, None] * sos + offs_d[None, :], mask=m2, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + rows64[:, None] * sdos + offs_d[None, :], mask=m2, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + bh * S + rows64, mask=ok, other=0.0)
-    lse = tl.load(LSE + bh * S + rows64, mask=ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    tl.store(DELTA + bh * S + rows64, delta, mask=ok)
-    tl.store(LSE2 + bh * S + rows64, lse2, mask=ok)
-
-
-def launch_configs(block_d: int, block_n: int = 64):
-    """The (num_warps, num_stages) candidates for a padded head dim and key block, the default
-    first. The default fits the 163 KiB of shared memory of sm_80, all fit the 227 KiB of sm_90
-    (checked by tests/ops/window/test_triton_compile.py; the autotuner skips what a card cannot
-    launch). Shared memory is about 2 bytes x block_d x (128 query rows + 2 x stages x block_n)."""
-    if block_d * block_n > 128 * 128:
-        return [(8, 1)]
-    if block_d * block_n > 128 * 64:
-        return [(8, 2), (8, 1)] if block_d <= 128 else [(8, 1), (8, 2)]
-    return [(8, 2), (8, 3), (4, 2), (4, 3)]
 
 
 def tuning_configs(block_m: int, block_d: int, block_n: int):
@@ -714,7 +499,7 @@ def default_blocks(device: torch.device, D: int, spec: WindowSpec | None = None)
     sweeps."""
     if device.type != "cuda":
         return 16, 16
-    override = window_blocks_override()
+    override = _config.get("window_blocks")
     if override:
         return override
     if spec is None or D > 128:
@@ -744,7 +529,7 @@ def choose_blocks(q, k, v, spec: WindowSpec, scale: float, extra_k=None, extra_v
     autotuner, which tunes warps and stages per block size, cannot choose them. Elsewhere, and for
     a problem first seen while a CUDA graph is being captured, the rule (default_blocks)."""
     D = q.shape[3]
-    if q.device.type != "cuda" or not triton_autotune() or window_blocks_override():
+    if q.device.type != "cuda" or not _config.get("autotune") or _config.get("window_blocks"):
         return default_blocks(q.device, D, spec)
     key = _problem_key(q, k, spec, extra_k)
     best = _TUNED_BLOCKS.get(key)
@@ -759,7 +544,7 @@ def choose_blocks(q, k, v, spec: WindowSpec, scale: float, extra_k=None, extra_v
                 run()
             except OutOfResources:   # a card with less shared memory
                 continue
-            times[blocks] = _median_ms(run, reps=3)
+            times[blocks] = _tuning.median_ms(run, reps=3)
         best = _TUNED_BLOCKS[key] = min(times, key=times.get) if times else default_blocks(q.device, D, spec)
     return best
 
@@ -767,16 +552,6 @@ def choose_blocks(q, k, v, spec: WindowSpec, scale: float, extra_k=None, extra_v
 def _problem_key(q, k, spec: WindowSpec, extra_k):
     """What the engine's timed choices (blocks, engine) are cached under: one problem."""
     return spec, tuple(q.shape), k.shape[2], 0 if extra_k is None else extra_k.shape[1], q.dtype, q.device
-
-
-def _median_ms(fn, reps: int) -> float:
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in events:
-        a.record()
-        fn()
-        b.record()
-    events[-1][1].synchronize()
-    return sorted(a.elapsed_time(b) for a, b in events)[reps // 2]
 
 
 def _limiting_axes(spec: WindowSpec) -> int:
@@ -932,7 +707,7 @@ def _use_ws(q, k, v, spec: WindowSpec, scale: float, extra_k, extra_v) -> bool:
     """Whether this call should try the single-loop engine (see WS_ENGINE)."""
     if WS_ENGINE is True:
         return True
-    if WS_ENGINE != "auto" or q.device.type != "cuda" or not triton_autotune():
+    if WS_ENGINE != "auto" or q.device.type != "cuda" or not _config.get("autotune"):
         return False
     key = _problem_key(q, k, spec, extra_k)
     faster = _TUNED_ENGINE.get(key)
@@ -947,7 +722,7 @@ def _use_ws(q, k, v, spec: WindowSpec, scale: float, extra_k, extra_v) -> bool:
         def single_loop():
             return _ws_forward(q, k, v, spec, scale, extra_k)
         faster = _TUNED_ENGINE[key] = (single_loop() is not None   # applies (and is compiled)
-                                       and _median_ms(single_loop, reps=3) < _median_ms(main, reps=3))
+                                       and _tuning.median_ms(single_loop, reps=3) < _tuning.median_ms(main, reps=3))
     return faster
 
 
@@ -1030,7 +805,7 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     n_pqb = 0 if by_dense else (P + block_q - 1) // block_q   # by_dense: the grid query blocks only
     block_d = max(16, triton.next_power_of_2(D))
     grid = ((n_pqb + plan.num_blocks) * B * H,)
-    tuned = q.device.type == "cuda" and triton_autotune() and launch is None
+    tuned = q.device.type == "cuda" and _config.get("autotune") and launch is None
     kernel = _window_fwd_tuned if tuned else _window_fwd
     warps, stages = launch or launch_configs(block_d, block_k)[0]
     config = {} if tuned else dict(num_warps=warps if block_q >= 64 or launch else 4, num_stages=stages)
@@ -1053,36 +828,6 @@ def window_attention_triton(q, k, v, spec: WindowSpec, scale: float, extra_k=Non
     if side is not None:
         join_streams([side])
     return out, lse
-
-
-def backward_launch_configs(block_d: int):
-    """(num_warps, num_stages) of the dq and the dk/dv launches at 64 x 64 blocks, chosen from
-    ptxas -v on sm_90a (tests/ops/window/test_triton_compile.py): no wgmma serialisation, no
-    spills up to d = 64; at d = 128 the dk/dv pass (two 64 x 128 fp32 accumulators) spills a few
-    hundred bytes in every config, least with 8 warps. Unmeasured on a GPU."""
-    return ((4, 2), (8, 1)) if block_d <= 64 else ((8, 2), (8, 2))
-
-
-def backward_block(device: torch.device) -> int:
-    """Query and key block of the backward (equal: the dk/dv pass walks the plan transposed)."""
-    return 64 if device.type == "cuda" else 16
-
-
-def backward_row_stats(out, grad_out, lse, grad_lse):
-    """(lse2, delta), (B, H, n) float32 each, of an attention output (B, n, H, D) with its lse
-    (B, H, n) and gradients: the lse in log2 units (+inf for rows without keys) and
-    delta = rowsum(grad_out * out) - grad_lse, the per-row inputs of every backward walk."""
-    B, n, H, D = out.shape
-    lse2 = torch.empty((B, H, n), device=out.device, dtype=torch.float32)
-    delta = torch.empty_like(lse2)
-    if lse2.numel() == 0:
-        return lse2, delta
-    dlse = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
-    _bwd_preprocess[(triton.cdiv(n, 64), B * H)](
-        out, grad_out, lse.contiguous(), lse if dlse is None else dlse, lse2, delta,
-        out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        H, n, D, HAS_DLSE=dlse is not None, BLOCK_M=64, BLOCK_D=max(16, triton.next_power_of_2(D)))
-    return lse2, delta
 
 
 def window_attention_backward_triton(grad_out, grad_lse, q, k, v, out, lse, spec: WindowSpec, scale: float,

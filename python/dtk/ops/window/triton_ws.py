@@ -22,8 +22,8 @@ import triton.language as tl
 
 from .plan import build_plan
 from .spec import WindowSpec
-from .triton import (_block_desc, _coords, _finish, _head_indices, _local_allowed, _local_offsets, _online_update,
-                     _query_windows, _tile_offsets)
+from .._attention.triton import finish, head_indices, online_update, tile_offsets
+from .triton import _block_desc, _coords, _local_allowed, _local_offsets, _query_windows
 
 # Query rows per program and keys per block on a GPU: Triton warp-specializes the loop at 64 rows
 # and 4 warps (12 warps in all), not at 128; its consumer warps get 168 registers, which hold 64-key
@@ -54,8 +54,8 @@ def _window_fwd_ws(
     t = tl.program_id(0)
     qb = tl.load(ORDER + t % NQB).to(tl.int64)
     bh = t // NQB
-    b, h, kvh = _head_indices(bh, H, GROUP)
-    offs_m, offs_n, offs_d, d_mask = _tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
+    b, h, kvh = head_indices(bh, H, GROUP)
+    offs_m, offs_n, offs_d, d_mask = tile_offsets(D, BLOCK_M, BLOCK_N, BLOCK_D)
     q_start, qo0, qo1, qo2, qe0, qe1, qe2 = _block_desc(QB, qb)
     rows_q = (q_start + offs_m).to(tl.int64)
     q_ok = offs_m < qe0 * qe1 * qe2
@@ -81,8 +81,8 @@ def _window_fwd_ws(
         allowed = (offs_n < (cols & 0xFFFF))[None, :] & (inside | ((cols >> 16) == 0))
         s = tl.where(allowed, s, float("-inf"))
         v = VD.load([b32, kvh32, start, 0]).reshape(BLOCK_N, BLOCK_D)
-        acc, m_i, l_i = _online_update(s, qk_scale, acc, m_i, l_i, v, 0.0, False)
-    out, lse = _finish(acc, m_i, l_i)
+        acc, m_i, l_i = online_update(s, qk_scale, acc, m_i, l_i, v, 0.0, False)
+    out, lse = finish(acc, m_i, l_i)
     tl.store(O + b * sob + h * soh + rows_q[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=q_ok[:, None] & d_mask[None, :])
     tl.store(LSE + bh.to(tl.int64) * S + rows_q, lse, mask=q_ok)

@@ -6,8 +6,9 @@ a benchmark run, read from its JSON) that work takes at least `computed / floor`
 then needs the kernel to run at `computed / (T x floor)` of the GEMM rate. This prints, per
 target and layout tile (row-major, the benchmark's, dtk.suggest_tile's) and block shape, the
 plan efficiency (mask pairs / computed pairs) and that required fraction. Over 100% means no
-kernel consuming such a plan can meet the target on that card; for scale, dense cuDNN attention
-ran at 70-79% of the GEMM rate in the H200 run of 2026-11-26 (its rows' dense_tflops).
+kernel consuming such a plan can meet the target on that card; for scale, dense cuDNN attention's
+own share of the GEMM rate is its rows' dense_tflops in benchmarks/RESULTS.md. Method:
+docs/benchmarks.md ("How far a block-sparse kernel can go").
 
     python -m benchmarks.bounds                          # the newest stored H200 run with dense window anchors
     python -m benchmarks.bounds --json bench.json        # another run's floor and dense anchors

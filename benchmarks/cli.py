@@ -366,7 +366,7 @@ def plot(data: Dict, path: str):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    p.add_argument("--gpu", action="store_true", help="run the GPU set (bf16, DESIGN §4 shapes) on cuda")
+    p.add_argument("--gpu", action="store_true", help="run the GPU set (bf16, model shapes: docs/benchmarks.md) on cuda")
     p.add_argument("--op", action="append", help="op family to run (repeatable); default all")
     p.add_argument("--shape", action="append", help="shape name or glob (repeatable); default all")
     p.add_argument("--json", help="write results to this JSON file (rewritten after every case)")

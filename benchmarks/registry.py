@@ -9,7 +9,7 @@ effective TFLOP/s and speedups compare like with like; `bytes`: the minimum traf
 Adding an op family: write `benchmarks/cases/<family>.py` that builds `Case` objects and calls
 `register(...)` at import time, one call per case, for the CPU set (`gpu=False`) and the GPU set
 (`gpu=True`). `benchmarks.cases` imports every module in that folder, so nothing else changes.
-See `benchmarks/cases/window.py` for the pattern and `benchmarks/README.md` for the conventions.
+See `benchmarks/cases/window.py` for the pattern and docs/benchmarks.md for the conventions.
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def probe(fn: Callable, device: str, label: str) -> None:
 
 
 def check_gradients(state, grads, reference: Callable, full: bool, against: str) -> CheckResult:
-    """DESIGN §6 rule per gradient, errors relative to the gradient's largest magnitude: error vs
+    """The correctness rule (docs/testing.md) per gradient, errors relative to the gradient's largest magnitude: error vs
     float64 <= 2 x (error of the reference evaluated in the run's dtype) + atol. `reference(state,
     dtype)` gives the reference gradients: all of them when `full`, else dq on state["rows"] only
     (a row's dq needs only its own keys), against which grads[0] is compared on those rows."""

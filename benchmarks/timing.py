@@ -1,7 +1,8 @@
-"""Timers and the FLOP floor.
+"""Timers and the FLOP floor (the method: docs/benchmarks.md, "Timing").
 
-GPU: `triton.testing.do_bench` (median), except for calls that take ~100 ms or more (dense
-anchors on the big shapes), which are timed with CUDA events over a few reps after one warmup.
+GPU: `triton.testing.do_bench` (median; it clears the L2 cache before every rep), except for
+calls that take ~100 ms or more (dense anchors on the big shapes), which are timed with CUDA
+events over a few reps, the calls that found them slow serving as warmup.
 CPU: a repeat timer with warmup (median of wall-clock times).
 The FLOP floor is a GEMM measured in the same run: bf16 8192^3 on a GPU, fp32 on the CPU; the
 bandwidth floor (for memory-bound ops) a device copy measured in the same run.
@@ -110,7 +111,7 @@ def measure_floor(device: str, n: Optional[int] = None, cpu_target_s: float = 0.
 def measure_copy_bandwidth(device: str, nbytes: Optional[int] = None, cpu_target_s: float = 0.3) -> Dict:
     """Device-copy bandwidth (``y.copy_(x)``, read + write bytes / time): the floor of memory-bound
     ops (linear attention, layout); a row's ``% copy`` is its minimum traffic at this rate / time.
-    1 GiB buffers on a GPU (DESIGN §5 measured 4.27 TB/s on an H200), 64 MiB on the CPU."""
+    1 GiB buffers on a GPU (the measured rates: benchmarks/RESULTS.md), 64 MiB on the CPU."""
     nbytes = nbytes or (1 << 30 if device.startswith("cuda") else 1 << 26)
     x = torch.empty(nbytes // 4, device=device, dtype=torch.float32).normal_()
     y = torch.empty_like(x)

@@ -1,4 +1,4 @@
-"""Shared test helpers: the tolerance rule of DESIGN §6, layout and packing helpers."""
+"""Shared test helpers: the correctness rule (docs/testing.md), layout and packing helpers."""
 import random
 
 import torch

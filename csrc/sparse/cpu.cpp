@@ -7,6 +7,9 @@
 // backward runs over the same chunks with P recomputed from the lse. Accumulation in float32
 // (float64 for float64 inputs), batched GEMMs over heads (GQA: the query heads of one K/V head share
 // a GEMM).
+//
+// Argument checks: check_mkv / check_segment, from csrc/common/checks.h, mirror the Python checks of
+// python/dtk/ops/sparse/checks.py (same exception types, errors naming the argument and the op).
 #include "common/checks.h"
 #include "common/debug.h"
 #include <ATen/ATen.h>
@@ -14,11 +17,9 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <optional>
-#include <string_view>
+#include <string>
 #include <vector>
 
 namespace dtk::sparse {

@@ -119,8 +119,9 @@ struct MkvArgs {
 
 // The checks of a multi_kv_attention call (the Python ones, ops/sparse/checks.py, in the same order
 // where it matters); errors name the argument and the op (`op`).
-MkvArgs check_mkv(const Tensor& q, at::TensorList ks, at::TensorList vs, const c10::List<std::optional<Tensor>>& kv_index,
-                  const std::optional<Tensor>& q_index, std::optional<double> scale, const char* op = kMkv) {
+MkvArgs check_mkv(const Tensor& q, at::TensorList ks, at::TensorList vs,
+                  const c10::List<std::optional<Tensor>>& kv_index, const std::optional<Tensor>& q_index,
+                  std::optional<double> scale, const char* op = kMkv) {
   return checks_of(op, [&] {
     check_bshd_like(q, "q", q);
     MkvArgs a{};
@@ -136,8 +137,8 @@ MkvArgs check_mkv(const Tensor& q, at::TensorList ks, at::TensorList vs, const c
       check_bshd_like(vs[i], vn.c_str(), q);
       TORCH_CHECK_VALUE(ks[i].size(0) == a.B && ks[i].size(2) == a.Hkv && ks[i].size(3) == a.D, kn, " must be (B=", a.B,
                         ", L, H_kv=", a.Hkv, ", D=", a.D, "), got ", ks[i].sizes(), " (mismatched segments)");
-      TORCH_CHECK_VALUE(vs[i].sizes() == ks[i].sizes(), vn, " must have the shape of ", kn, " ", ks[i].sizes(), ", got ",
-                        vs[i].sizes(), " (mismatched segments)");
+      TORCH_CHECK_VALUE(vs[i].sizes() == ks[i].sizes(), vn, " must have the shape of ", kn, " ", ks[i].sizes(),
+                        ", got ", vs[i].sizes(), " (mismatched segments)");
     }
     TORCH_CHECK_VALUE(a.H % a.Hkv == 0, "q heads (", a.H, ") must be a multiple of k/v heads (", a.Hkv, ")");
     TORCH_CHECK_VALUE(kv_index.size() == 0 || kv_index.size() == ks.size(),

@@ -31,7 +31,8 @@ MAX_SEGMENTS = 4
 
 _MKV_SERVES = (f"CUDA fp16/bf16 calls with H_kv == H, D % 8 == 0, D <= 128, 1..{MAX_SEGMENTS} segments "
                "and no kv_index")
-_SEG_SERVES = "CUDA fp16/bf16 calls with H_kv == H, D % 8 == 0, D <= 128 and cu_seqlens, group_mask, group_bias on the CPU"
+_SEG_SERVES = ("CUDA fp16/bf16 calls with H_kv == H, D % 8 == 0, D <= 128 and cu_seqlens, group_mask, group_bias "
+               "on the CPU")
 
 
 def _dense_reason(q, k) -> Optional[str]:

@@ -1,5 +1,5 @@
 """Sparse-token attention (`dtk.multi_kv_attention`, `dtk.segment_attention`): shapes, implementations
-and the correctness check. Three workloads (DESIGN §1/§5), a tiny CPU version of each:
+and the correctness check. Three workloads (docs/benchmarks.md), a tiny CPU version of each:
 
   spotedit       FLUX-Kontext editing step: queries = text + the edited ~30% of the image tokens,
                  keys = text + image + condition image from three separate K/V sources.
@@ -204,22 +204,19 @@ def _prep_dtk(state):
 
 
 def _prep_dtk_triton(state):
-    """The Triton engine, beside the op's automatic choice (cuDNN where it applies on a GPU)."""
-    _dtk()
-    from dtk.ops.sparse.triton import multi_kv_attention_triton
-
+    """The Triton engine (engine="triton"), beside the op's automatic choice (cuDNN where it
+    serves the call on a GPU)."""
+    dtk = _dtk()
     if state["shape"].kind == "segment":
-        from dtk.ops.sparse.triton import segment_attention_triton
-
         q, k, v, cu, gm, scale = (state[n] for n in ("q", "k", "v", "cu", "gm", "scale"))
-        fn = lambda: segment_attention_triton(q, k, v, cu, gm, None, scale)[0]  # noqa: E731
+        fn = lambda: dtk.segment_attention(q, k, v, cu, gm, scale=scale, engine="triton")  # noqa: E731
         return Prepared(fn, first_call(fn, state["device"], "segment_attention (Triton engine)"))
     q, ks, vs, scale = state["q"], state["ks"], state["vs"], state["scale"]
     if state["shape"].kind == "spotedit":
         qi, out = state["q_index"], state["out"]
-        fn = lambda: multi_kv_attention_triton(q, ks, vs, None, qi, scale, out=out)[0]  # noqa: E731
+        fn = lambda: dtk.multi_kv_attention(q, ks, vs, q_index=qi, out=out, scale=scale, engine="triton")  # noqa: E731
     else:
-        fn = lambda: multi_kv_attention_triton(q, ks, vs, None, None, scale)[0]  # noqa: E731
+        fn = lambda: dtk.multi_kv_attention(q, ks, vs, scale=scale, engine="triton")  # noqa: E731
     return Prepared(fn, first_call(fn, state["device"], "multi_kv_attention (Triton engine)"))
 
 
@@ -308,7 +305,7 @@ def _prep_segment_loop(backend):
 def make_impls(sh: SparseShape, gpu: bool):
     impls = [Impl("dtk", _prep_dtk, kind="dtk", check=True)]
     impls.append(Impl("dtk-triton", _prep_dtk_triton, kind="dtk", check=True, devices=("cuda",),
-                      note="the Triton engine (DTK_SPARSE_ENGINE=triton)"))
+                      note="the Triton engine (engine=\"triton\")"))
     backends = ("cudnn", "flash", "efficient") if gpu else (None,)
     for be in backends:
         tag = be or "default"

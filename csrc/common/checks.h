@@ -78,6 +78,63 @@ inline void check_bshd(const at::Tensor& t, const char* name) {
                     "; any strides on batch, seq and heads are fine");
 }
 
+// check_bshd, and a floating tensor with q's dtype (TypeError) on q's device (ValueError).
+inline void check_bshd_like(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  check_bshd(t, name);
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, " must be a floating tensor, got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), name, " has dtype ", t.scalar_type(), ", expected q's dtype ",
+                   q.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == q.device(), name, " is on ", t.device(), ", expected q's device ", q.device());
+}
+
+// An index argument: an int32 or int64 tensor (TypeError) on q's device (ValueError).
+inline void check_index_tensor(const at::Tensor& idx, const char* name, const at::Tensor& q) {
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong, name,
+                   " must be an int32 or int64 tensor, got ", idx.scalar_type());
+  TORCH_CHECK_VALUE(idx.device() == q.device(), name, " is on ", idx.device(), ", expected q's device ", q.device());
+}
+
+// Index values in [0, limit) or -1 (padding), else IndexError with the range found.
+inline void check_index_range(const at::Tensor& idx, int64_t limit, const char* name) {
+  if (idx.numel() == 0) return;
+  const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+  TORCH_CHECK_INDEX(lo >= -1 && hi < limit, name, " out of range: entries must be in [0, ", limit,
+                    ") or -1 (padding), got values in [", lo, ", ", hi, "]");
+}
+
+// An attention backward's saved output and gradients: out and grad_out (B, n, H, D) like q with the
+// forward output's n rows; lse and grad_lse (B, H, n) float32 on q's device (grad_lse may be
+// undefined: no gradient of the lse).
+inline void check_grads(const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& out,
+                        const at::Tensor& lse, const at::Tensor& q, int64_t n) {
+  const std::array<int64_t, 4> out_shape{q.size(0), n, q.size(2), q.size(3)};
+  const std::array<int64_t, 3> lse_shape{q.size(0), q.size(2), n};
+  for (const auto& [t, name] : {std::pair{&grad_out, "grad_out"}, std::pair{&out, "out"}}) {
+    check_bshd_like(*t, name, q);
+    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(out_shape), name, " must have the forward output's shape ",
+                      at::IntArrayRef(out_shape), ", got ", t->sizes());
+  }
+  for (const auto& [t, name] : {std::pair{&lse, "lse"}, std::pair{&grad_lse, "grad_lse"}}) {
+    if (!t->defined()) continue;
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, name, " must be float32, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == q.device(), name, " is on ", t->device(), ", expected q's device ", q.device());
+    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(lse_shape), name, " must be (B, H, n) = ",
+                      at::IntArrayRef(lse_shape), ", got ", t->sizes());
+  }
+}
+
+// Runs checks() (the checks of one op call); an error keeps its type (TypeError, ValueError, ...)
+// and its message gets the op's name, "... (in dtk.multi_kv_attention)".
+template <typename F>
+decltype(auto) checks_of(const char* op, F&& checks) {
+  try {
+    return checks();
+  } catch (c10::Error& e) {
+    e.add_context(std::string("in ") + op);
+    throw;
+  }
+}
+
 // Same dtype and device as a reference tensor.
 inline void check_same_dtype_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ", ref_name, " (",

@@ -7,17 +7,19 @@
 // backward runs over the same chunks with P recomputed from the lse. Accumulation in float32
 // (float64 for float64 inputs), batched GEMMs over heads (GQA: the query heads of one K/V head share
 // a GEMM).
+//
+// Argument checks: check_mkv / check_segment, from csrc/common/checks.h, mirror the Python checks of
+// python/dtk/ops/sparse/checks.py (same exception types, errors naming the argument and the op).
+#include "common/checks.h"
 #include "common/debug.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <optional>
-#include <string_view>
+#include <string>
 #include <vector>
 
 namespace dtk::sparse {
@@ -36,24 +38,6 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 using dtk::new_output;  // NaN-filled under DTK_DEBUG_NAN_FILL=1 (common/debug.h)
 
 at::ScalarType acc_type(const Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_bshd(const Tensor& t, const Tensor& q, const char* op, const std::string& name) {
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be (B, S, H, D), got shape ", t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-              ", expected q's dtype ", q.scalar_type());
-  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", t.device(), ", expected q's device ",
-              q.device());
-  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, op, ": ", name,
-              " must have a contiguous last dim (stride 1), got stride ", t.stride(3));
-}
-
-double resolve_scale(std::optional<double> scale, int64_t D, const char* op) {
-  if (!scale) return 1.0 / std::sqrt(static_cast<double>(D));
-  TORCH_CHECK(*scale > 0 && std::isfinite(*scale), op, ": scale must be a positive finite float, got ", *scale);
-  return *scale;
-}
 
 // (B,S,H,D) slice of batch b -> (H, rows, D) in acc dtype (may be a view of x: never write to it).
 Tensor heads_first(const Tensor& x, at::ScalarType acc) { return x.to(acc).permute({1, 0, 2}).contiguous(); }
@@ -127,70 +111,62 @@ struct Online {
   }
 };
 
-// Checks an index tensor's dtype/shape; returns it as int64 CPU.
-Tensor check_index(const Tensor& idx, const char* op, const std::string& name, int64_t B, const Tensor& q) {
-  TORCH_CHECK(idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong, op, ": ", name,
-              " must be an int32 or int64 tensor, got ", idx.scalar_type());
-  TORCH_CHECK(idx.device() == q.device(), op, ": ", name, " is on ", idx.device(), ", expected q's device ",
-              q.device());
-  return idx.to(at::kLong).contiguous();
-}
-
-void check_range(const Tensor& idx, int64_t limit, const char* op, const std::string& name) {
-  if (idx.numel() == 0) return;
-  const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
-  TORCH_CHECK(lo >= -1 && hi < limit, op, ": ", name, " out of range: entries must be in [0, ", limit,
-              ") or -1 (padding), got values in [", lo, ", ", hi, "]");
-}
-
 struct MkvArgs {
   int64_t B, Sq, H, D, Hkv, nseg;
   double scale;
   std::vector<Tensor> kidx;  // per segment: undefined, or (B, m) int64
 };
 
-MkvArgs check_mkv(const Tensor& q, at::TensorList ks, at::TensorList vs, const c10::List<std::optional<Tensor>>& kv_index,
-                  const std::optional<Tensor>& q_index, std::optional<double> scale, const char* op = kMkv) {
-  check_bshd(q, q, op, "q");
-  MkvArgs a{};
-  a.B = q.size(0), a.Sq = q.size(1), a.H = q.size(2), a.D = q.size(3);
-  TORCH_CHECK(ks.size() == vs.size(), op, ": ks and vs must have the same number of segments, got ", ks.size(),
-              " and ", vs.size());
-  TORCH_CHECK(!ks.empty(), op, ": ks must hold at least one K/V segment");
-  TORCH_CHECK(kv_index.size() == 0 || kv_index.size() == ks.size(), op, ": kv_index must hold one entry (tensor or None) per "
-              "segment (", ks.size(), "), got ", kv_index.size());
-  a.nseg = static_cast<int64_t>(ks.size());
-  a.Hkv = ks[0].dim() == 4 ? ks[0].size(2) : -1;
-  for (int64_t i = 0; i < a.nseg; ++i) {
-    const std::string kn = "ks[" + std::to_string(i) + "]", vn = "vs[" + std::to_string(i) + "]";
-    check_bshd(ks[i], q, op, kn);
-    check_bshd(vs[i], q, op, vn);
-    TORCH_CHECK(ks[i].size(0) == a.B && ks[i].size(2) == a.Hkv && ks[i].size(3) == a.D, op, ": ", kn,
-                " must be (B=", a.B, ", L, H_kv=", a.Hkv, ", D=", a.D, "), got ", ks[i].sizes(),
-                " (mismatched segments)");
-    TORCH_CHECK(vs[i].sizes() == ks[i].sizes(), op, ": ", vn, " must have the shape of ", kn, " ", ks[i].sizes(),
-                ", got ", vs[i].sizes(), " (mismatched segments)");
-  }
-  TORCH_CHECK(a.Hkv > 0 && a.H % a.Hkv == 0, op, ": q heads (", a.H, ") must be a multiple of k/v heads (", a.Hkv,
-              ")");
-  a.scale = resolve_scale(scale, a.D, op);
-  a.kidx.resize(a.nseg);
-  for (int64_t i = 0; i < static_cast<int64_t>(kv_index.size()); ++i) {
-    std::optional<Tensor> t = kv_index.get(i);
-    if (!t.has_value() || !t->defined()) continue;
-    const std::string name = "kv_index[" + std::to_string(i) + "]";
-    Tensor idx = check_index(*t, op, name, a.B, q);
-    TORCH_CHECK(idx.dim() == 1 || (idx.dim() == 2 && idx.size(0) == a.B), op, ": ", name,
-                " must be (m,) or (B=", a.B, ", m), got shape ", idx.sizes());
-    check_range(idx, ks[i].size(1), op, name);
-    a.kidx[i] = idx.dim() == 1 ? idx.unsqueeze(0).expand({a.B, idx.size(0)}) : idx;
-  }
-  if (q_index.has_value()) {
-    Tensor qi = check_index(*q_index, op, "q_index", a.B, q);
-    TORCH_CHECK(qi.dim() == 2 && qi.size(0) == a.B, op, ": q_index must be (B=", a.B, ", n), got shape ", qi.sizes());
-    check_range(qi, a.Sq, op, "q_index");
-  }
-  return a;
+// The checks of a multi_kv_attention call (the Python ones, ops/sparse/checks.py, in the same order
+// where it matters); errors name the argument and the op (`op`).
+MkvArgs check_mkv(const Tensor& q, at::TensorList ks, at::TensorList vs,
+                  const c10::List<std::optional<Tensor>>& kv_index, const std::optional<Tensor>& q_index,
+                  std::optional<double> scale, const char* op = kMkv) {
+  return checks_of(op, [&] {
+    check_bshd_like(q, "q", q);
+    MkvArgs a{};
+    a.B = q.size(0), a.Sq = q.size(1), a.H = q.size(2), a.D = q.size(3);
+    TORCH_CHECK_VALUE(ks.size() == vs.size(), "ks and vs must have the same number of segments, got ", ks.size(),
+                      " and ", vs.size());
+    TORCH_CHECK_VALUE(!ks.empty(), "ks must hold at least one K/V segment");
+    a.nseg = static_cast<int64_t>(ks.size());
+    a.Hkv = ks[0].dim() == 4 ? ks[0].size(2) : -1;
+    for (int64_t i = 0; i < a.nseg; ++i) {
+      const std::string kn = "ks[" + std::to_string(i) + "]", vn = "vs[" + std::to_string(i) + "]";
+      check_bshd_like(ks[i], kn.c_str(), q);
+      check_bshd_like(vs[i], vn.c_str(), q);
+      TORCH_CHECK_VALUE(ks[i].size(0) == a.B && ks[i].size(2) == a.Hkv && ks[i].size(3) == a.D, kn, " must be (B=", a.B,
+                        ", L, H_kv=", a.Hkv, ", D=", a.D, "), got ", ks[i].sizes(), " (mismatched segments)");
+      TORCH_CHECK_VALUE(vs[i].sizes() == ks[i].sizes(), vn, " must have the shape of ", kn, " ", ks[i].sizes(),
+                        ", got ", vs[i].sizes(), " (mismatched segments)");
+    }
+    TORCH_CHECK_VALUE(a.H % a.Hkv == 0, "q heads (", a.H, ") must be a multiple of k/v heads (", a.Hkv, ")");
+    TORCH_CHECK_VALUE(kv_index.size() == 0 || kv_index.size() == ks.size(),
+                      "kv_index must hold one entry (tensor or None) per segment (", ks.size(), "), got ",
+                      kv_index.size());
+    a.kidx.resize(a.nseg);
+    for (int64_t i = 0; i < static_cast<int64_t>(kv_index.size()); ++i) {
+      std::optional<Tensor> t = kv_index.get(i);
+      if (!t.has_value() || !t->defined()) continue;
+      const std::string name = "kv_index[" + std::to_string(i) + "]";
+      TORCH_CHECK_VALUE(t->dim() == 1 || t->dim() == 2, name, " must be (m,) or (B=", a.B, ", m), got shape ",
+                        t->sizes());
+      check_index_tensor(*t, name.c_str(), q);
+      TORCH_CHECK_VALUE(t->dim() == 1 || t->size(0) == a.B, name, " has shape ", t->sizes(), "; expected (m,) or (",
+                        a.B, ", m)");
+      Tensor idx = t->to(at::kLong).contiguous();
+      check_index_range(idx, ks[i].size(1), name.c_str());
+      a.kidx[i] = idx.dim() == 1 ? idx.unsqueeze(0).expand({a.B, idx.size(0)}) : idx;
+    }
+    if (q_index.has_value()) {
+      TORCH_CHECK_VALUE(q_index->dim() == 2, "q_index must be (B=", a.B, ", n), got shape ", q_index->sizes());
+      check_index_tensor(*q_index, "q_index", q);
+      TORCH_CHECK_VALUE(q_index->size(0) == a.B, "q_index has shape ", q_index->sizes(), "; expected (", a.B, ", n)");
+      check_index_range(*q_index, a.Sq, "q_index");
+    }
+    a.scale = check_scale(scale, a.D);
+    return a;
+  });
 }
 
 // The key ranges of multi_kv_attention in batch b for K/V heads [h0, h0 + nh): one per non-empty
@@ -253,10 +229,11 @@ Tensor multi_kv_attention_out_cpu(const Tensor& q, at::TensorList ks, at::Tensor
                                   const c10::List<std::optional<Tensor>>& kv_index, const Tensor& q_index,
                                   std::optional<double> scale, Tensor& out) {
   MkvArgs a = check_mkv(q, ks, vs, kv_index, q_index, scale);
-  TORCH_CHECK(out.sizes() == q.sizes(), kMkv, ": out must have q's shape ", q.sizes(), ", got ", out.sizes());
-  TORCH_CHECK(out.scalar_type() == q.scalar_type() && out.device() == q.device(), kMkv,
-              ": out must match q's dtype ", q.scalar_type(), " and device ", q.device(), ", got ", out.scalar_type(),
-              " on ", out.device());
+  checks_of(kMkv, [&] {
+    TORCH_CHECK_VALUE(out.sizes() == q.sizes(), "out must have q's shape ", q.sizes(), ", got ", out.sizes());
+    TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type() && out.device() == q.device(), "out must match q's dtype ",
+                     q.scalar_type(), " and device ", q.device(), ", got ", out.scalar_type(), " on ", out.device());
+  });
   Tensor qi = q_index.to(at::kLong);
   const int64_t n = qi.size(1);
   Tensor lse = new_output({a.B, a.H, n}, q.options().dtype(at::kFloat));
@@ -280,42 +257,47 @@ struct SegArgs {
   const int64_t* offsets() const { return cu.const_data_ptr<int64_t>(); }
 };
 
+// The checks of a segment_attention call (as ops/sparse/checks.py); errors name the argument and
+// the op (`op`).
 SegArgs check_segment(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
                       const Tensor& group_mask, const std::optional<Tensor>& group_bias, std::optional<double> scale,
                       const char* op = kSeg) {
-  check_bshd(q, q, op, "q");
-  check_bshd(k, q, op, "k");
-  check_bshd(v, q, op, "v");
-  SegArgs s{};
-  s.B = q.size(0), s.S = q.size(1), s.H = q.size(2), s.D = q.size(3), s.Hkv = k.size(2);
-  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.size(0) == s.B && k.size(1) == s.S && k.size(3) == s.D, op, ": k must be (B=", s.B, ", S=", s.S,
-              ", H_kv, D=", s.D, "), got ", k.sizes());
-  TORCH_CHECK(s.Hkv > 0 && s.H % s.Hkv == 0, op, ": q heads (", s.H, ") must be a multiple of k/v heads (", s.Hkv, ")");
-  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 2, op,
-              ": cu_seqlens must be 1-D with G+1 >= 2 entries, got shape ", cu_seqlens.sizes());
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, op, ": cu_seqlens must be int32, got ", cu_seqlens.scalar_type());
-  const int64_t G = s.G = cu_seqlens.numel() - 1;
-  TORCH_CHECK(group_mask.scalar_type() == at::kBool, op, ": group_mask must be a bool tensor, got ",
-              group_mask.scalar_type());
-  TORCH_CHECK(group_mask.dim() == 2 && group_mask.size(0) == G && group_mask.size(1) == G, op,
-              ": group_mask must be G x G = ", G, " x ", G, " (G = len(cu_seqlens) - 1), got shape ", group_mask.sizes());
-  if (group_bias.has_value()) {
-    TORCH_CHECK(at::isFloatingType(group_bias->scalar_type()), op, ": group_bias must be a floating tensor, got ",
-                group_bias->scalar_type());
-    TORCH_CHECK(group_bias->dim() == 2 && group_bias->size(0) == G && group_bias->size(1) == G, op,
-                ": group_bias must be G x G = ", G, " x ", G, ", got shape ", group_bias->sizes());
-  }
-  s.scale = resolve_scale(scale, s.D, op);
-  s.cu = cu_seqlens.to(at::kCPU, at::kLong).contiguous();
-  const int64_t* c = s.offsets();
-  TORCH_CHECK(c[0] == 0, op, ": cu_seqlens must start at 0, got ", c[0]);
-  for (int64_t g = 1; g <= G; ++g)
-    TORCH_CHECK(c[g] >= c[g - 1], op, ": cu_seqlens must be non-decreasing, got ", c[g - 1], " then ", c[g]);
-  TORCH_CHECK(c[G] == s.S, op, ": cu_seqlens must end at the sequence length S=", s.S, ", got ", c[G]);
-  s.gm = group_mask.to(at::kCPU).contiguous();
-  if (group_bias.has_value()) s.gb = group_bias->to(at::kCPU, at::kDouble).contiguous();
-  return s;
+  return checks_of(op, [&] {
+    check_bshd_like(q, "q", q);
+    check_bshd_like(k, "k", q);
+    check_bshd_like(v, "v", q);
+    SegArgs s{};
+    s.B = q.size(0), s.S = q.size(1), s.H = q.size(2), s.D = q.size(3), s.Hkv = k.size(2);
+    TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
+    TORCH_CHECK_VALUE(k.size(0) == s.B && k.size(1) == s.S && k.size(3) == s.D, "k must be (B=", s.B, ", S=", s.S,
+                      ", H_kv, D=", s.D, "), got ", k.sizes());
+    TORCH_CHECK_VALUE(s.H % s.Hkv == 0, "q heads (", s.H, ") must be a multiple of k/v heads (", s.Hkv, ")");
+    TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 2,
+                      "cu_seqlens must be a 1-D tensor with G+1 >= 2 entries, got shape ", cu_seqlens.sizes());
+    TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt, "cu_seqlens must be int32, got ", cu_seqlens.scalar_type());
+    const int64_t G = s.G = cu_seqlens.numel() - 1;
+    TORCH_CHECK_TYPE(group_mask.scalar_type() == at::kBool, "group_mask must be a bool tensor, got ",
+                     group_mask.scalar_type());
+    TORCH_CHECK_VALUE(group_mask.dim() == 2 && group_mask.size(0) == G && group_mask.size(1) == G,
+                      "group_mask must be G x G = ", G, " x ", G, " (G = len(cu_seqlens) - 1), got shape ",
+                      group_mask.sizes());
+    if (group_bias.has_value()) {
+      TORCH_CHECK_TYPE(at::isFloatingType(group_bias->scalar_type()), "group_bias must be a floating tensor, got ",
+                       group_bias->scalar_type());
+      TORCH_CHECK_VALUE(group_bias->dim() == 2 && group_bias->size(0) == G && group_bias->size(1) == G,
+                        "group_bias must be G x G = ", G, " x ", G, ", got shape ", group_bias->sizes());
+    }
+    s.cu = cu_seqlens.to(at::kCPU, at::kLong).contiguous();
+    const int64_t* c = s.offsets();
+    TORCH_CHECK_VALUE(c[0] == 0, "cu_seqlens must start at 0, got ", c[0]);
+    for (int64_t g = 1; g <= G; ++g)
+      TORCH_CHECK_VALUE(c[g] >= c[g - 1], "cu_seqlens must be non-decreasing, got ", c[g - 1], " then ", c[g]);
+    TORCH_CHECK_VALUE(c[G] == s.S, "cu_seqlens must end at the sequence length S=", s.S, ", got ", c[G]);
+    s.scale = check_scale(scale, s.D);
+    s.gm = group_mask.to(at::kCPU).contiguous();
+    if (group_bias.has_value()) s.gb = group_bias->to(at::kCPU, at::kDouble).contiguous();
+    return s;
+  });
 }
 
 // The key ranges query branch qa of segment_attention sees, in kh, vh (Hkv', S, D) (acc dtype).
@@ -372,23 +354,6 @@ std::tuple<Tensor, Tensor> segment_attention_cpu(const Tensor& q, const Tensor& 
 struct GradInputs {
   Tensor dout, out, lse, dlse;
 };
-
-void check_grad_inputs(const GradInputs& gi, const Tensor& q, int64_t n, const char* op) {
-  const std::vector<int64_t> out_shape{q.size(0), n, q.size(2), q.size(3)}, lse_shape{q.size(0), q.size(2), n};
-  for (const auto& [t, name] : {std::pair{&gi.dout, "grad_out"}, std::pair{&gi.out, "out"}}) {
-    check_bshd(*t, q, op, name);
-    TORCH_CHECK(t->sizes() == at::IntArrayRef(out_shape), op, ": ", name, " must have the forward output's shape ",
-                at::IntArrayRef(out_shape), ", got ", t->sizes());
-  }
-  for (const auto& [t, name] : {std::pair{&gi.lse, "lse"}, std::pair{&gi.dlse, "grad_lse"}}) {
-    if (!t->defined()) continue;
-    TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
-    TORCH_CHECK(t->device() == q.device(), op, ": ", name, " is on ", t->device(), ", expected q's device ",
-                q.device());
-    TORCH_CHECK(t->sizes() == at::IntArrayRef(lse_shape), op, ": ", name, " must be (B, H, n) = ",
-                at::IntArrayRef(lse_shape), ", got ", t->sizes());
-  }
-}
 
 // dK, dV of one work item, per key source (segment; the whole sequence for segment_attention):
 // (Hkv', L, D) in the acc dtype.
@@ -495,7 +460,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> multi_kv_attention_
   const Tensor qi = q_index.has_value() ? q_index->to(at::kLong) : Tensor();
   const int64_t n = qi.defined() ? qi.size(1) : a.Sq, G = a.H / a.Hkv;
   const GradInputs gi{grad_out, out, lse, grad_lse.value_or(Tensor())};
-  check_grad_inputs(gi, q, n, kMkvBwd);
+  checks_of(kMkvBwd, [&] { check_grads(gi.dout, gi.dlse, gi.out, gi.lse, q, n); });
   const at::ScalarType acc = acc_type(q);
   Tensor dq = new_output(q.sizes(), q.options());
   std::vector<Tensor> dks, dvs;
@@ -539,7 +504,7 @@ std::tuple<Tensor, Tensor, Tensor> segment_attention_backward_cpu(
     std::optional<double> scale, const Tensor& out, const Tensor& lse) {
   const SegArgs s = check_segment(q, k, v, cu_seqlens, group_mask, group_bias, scale, kSegBwd);
   const GradInputs gi{grad_out, out, lse, grad_lse.value_or(Tensor())};
-  check_grad_inputs(gi, q, s.S, kSegBwd);
+  checks_of(kSegBwd, [&] { check_grads(gi.dout, gi.dlse, gi.out, gi.lse, q, s.S); });
   const int64_t* c = s.offsets();
   const int64_t G = s.H / s.Hkv;
   const at::ScalarType acc = acc_type(q);

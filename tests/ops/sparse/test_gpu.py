@@ -117,27 +117,32 @@ def test_mask_ops_on_gpu():
 def test_multi_kv_dense_segments_cudnn_and_triton_engines(dtype, monkeypatch):
     """Dense MHA segments go to the cuDNN engine (per-segment cuDNN + lse merge); it and the Triton
     engine both match the reference, lse included (natural log), compact and scattered."""
-    from dtk.ops._attention import dense as _dense
-    from dtk.ops.sparse import cudnn
+    import warnings
+
+    from dtk.ops.sparse.engine import can_run_cudnn
 
     B, S, H, D = 2, 1000, 4, 128
     q = _r(B, S, H, D, dtype=dtype, tr=True)
     lens = [512, 700]
     ks = [_r(B, L, H, D, dtype=dtype) for L in lens]
     vs = [_r(B, L, H, D, dtype=dtype, tr=True) for L in lens]
-    assert cudnn.supported(q, ks, [None, None])
+    assert can_run_cudnn(q, ks, [None, None])
     r64, l64 = mkv_ref(q.double(), _d(ks), _d(vs))
     rlo, _ = mkv_ref(q, ks, vs)
     qi = torch.stack([torch.randperm(S, device="cuda")[:300] for _ in range(B)])
     qi[:, -7:] = -1
     for engine in ("cudnn", "triton"):
         monkeypatch.setenv("DTK_SPARSE_ENGINE", engine)
-        o, lse = dtk.multi_kv_attention(q, ks, vs, return_lse=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)   # no fallback: the pinned engine served
+            o, lse = dtk.multi_kv_attention(q, ks, vs, return_lse=True)
+        assert dtk.last_engine("multi_kv_attention") == engine
         assert_matches_reference(o, r64, rlo, atol=2e-3)
         assert (lse.double() - l64).abs().max() < 2e-2, engine
         out = _r(B, S, H, D, dtype=dtype)
         before = out.clone()
         dtk.multi_kv_attention(q, ks, vs, q_index=qi, out=out)
+        assert dtk.last_engine("multi_kv_attention_out") == engine
         sel = torch.zeros(B, S, dtype=torch.bool, device="cuda")
         for b in range(B):
             sel[b, qi[b][qi[b] >= 0]] = True
@@ -145,7 +150,10 @@ def test_multi_kv_dense_segments_cudnn_and_triton_engines(dtype, monkeypatch):
         rs64, _ = mkv_ref(q.double(), _d(ks), _d(vs), q_index=qi, out=before.double())
         rslo, _ = mkv_ref(q, ks, vs, q_index=qi, out=before)
         assert_matches_reference(out, rs64, rslo, atol=2e-3)
-    assert not _dense.DENSE_FAILED
+    with warnings.catch_warnings():    # "auto" takes cuDNN here, and it runs
+        warnings.simplefilter("error", RuntimeWarning)
+        dtk.multi_kv_attention(q, ks, vs, engine="auto")
+    assert dtk.last_engine("multi_kv_attention") == "cudnn"
 
 
 def _grads(fn, tensors, g, gl):

@@ -165,12 +165,13 @@ def test_bad_input_names_the_argument():
 
 
 def test_cpp_kernel_checks_without_wrapper():
+    """The C++ kernel's errors have the Python checks' types (IndexError for index values)."""
     cases, q, ks, vs = _bad_cases()
-    with pytest.raises(RuntimeError, match="q_index out of range"):
+    with pytest.raises(IndexError, match="q_index out of range"):
         torch.ops.dtk.multi_kv_attention(q, ks, vs, [None, None], torch.tensor([[0, 8]]), None)
-    with pytest.raises(RuntimeError, match="mismatched segments"):
+    with pytest.raises(ValueError, match="mismatched segments"):
         torch.ops.dtk.multi_kv_attention(q, ks, [vs[0], vs[0]], [None, None], None, None)
-    with pytest.raises(RuntimeError, match="kv_index\\[1\\] out of range"):
+    with pytest.raises(IndexError, match="kv_index\\[1\\] out of range"):
         torch.ops.dtk.multi_kv_attention(q, ks, vs, [None, torch.tensor([5])], None, None)
 
 

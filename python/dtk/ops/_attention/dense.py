@@ -1,23 +1,38 @@
-"""Dense attention with its log-sum-exp on the fastest torch kernel, for the parts of sparse and
-window problems that are plain dense attention (DESIGN §5: cuDNN is the fastest dense kernel on
-Hopper), and the side streams that let several such calls, or one beside a Triton kernel, share
-the GPU. On the CPU torch's flash attention stands in, so the code around it is tested there."""
+"""Dense attention with its log-sum-exp on the fastest torch kernel (cuDNN's attention on a GPU:
+the fastest dense kernel measured, benchmarks/RESULTS.md), for the parts of sparse and window
+problems that are plain dense attention, and the side streams that let several such calls, or one
+beside a Triton kernel, share the GPU. On the CPU torch's flash attention stands in, so the code
+around it is tested there. A failing call raises: the caller's engine module decides what serves
+the call instead (docs/architecture.md, "The shared attention core")."""
 from __future__ import annotations
 
-import warnings
+from typing import Optional
 
 import torch
 
 
-def dense_supported(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether dense_with_lse takes (B, S, H, D) q and k: on a GPU fp16/bf16 with one K/V head per
-    q head and a head dim cuDNN takes (D % 8 == 0, D <= 128); on the CPU any float dtype."""
+def dense_unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
+    """Why dense_with_lse does not take (B, S, H, D) q and k, or None when it does: on a GPU
+    fp16/bf16 with one K/V head per q head and a head dim cuDNN takes (D % 8 == 0, D <= 128); on the
+    CPU any of float32, float16, bfloat16. Inspects only shapes, dtypes and devices."""
     H, D = q.shape[2], q.shape[3]
     if k.shape[2] != H:
-        return False
+        return f"GQA (H_kv={k.shape[2]} != H={H}): the dense kernel needs one K/V head per q head"
     if not q.is_cuda:
-        return q.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    return q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 128 and torch.backends.cudnn.is_available()
+        ok = q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        return None if ok else f"q is {q.dtype}: the CPU dense kernel takes float32, float16 or bfloat16"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"q is {q.dtype}: cuDNN attention takes float16 or bfloat16"
+    if D % 8 or D > 128:
+        return f"head dim D={D}: cuDNN attention takes D % 8 == 0 and D <= 128"
+    if not torch.backends.cudnn.is_available():
+        return "cuDNN is not available in this torch build"
+    return None
+
+
+def dense_supported(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether dense_with_lse takes (B, S, H, D) q and k (dense_unsupported_reason says why not)."""
+    return dense_unsupported_reason(q, k) is None
 
 
 def dense_with_lse(q, k, v, scale):
@@ -27,18 +42,6 @@ def dense_with_lse(q, k, v, scale):
     else:
         res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
     return res[0], res[1].reshape(q.shape[:3]).float()
-
-
-# The dense kernel's first error (a build or card without cuDNN attention): from then on the
-# sparse and the window ops alike take their Triton paths instead.
-DENSE_FAILED: list = []
-
-
-def dense_failed(where: str, err: Exception) -> None:
-    """Records the dense kernel's failure (see DENSE_FAILED) and says so, naming the op (`where`)."""
-    DENSE_FAILED.append(err)
-    warnings.warn(f"{where}: dense attention (cuDNN) failed ({str(err).splitlines()[0][:200]}); "
-                  "using the Triton engine from now on")
 
 
 _SIDE_STREAMS: dict = {}

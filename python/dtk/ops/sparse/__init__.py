@@ -11,6 +11,9 @@ Op schemas (csrc/dtk.cpp):
                     Tensor? group_bias, float? scale) -> (Tensor out, Tensor lse)
 The in-place scatter is a separate out-variant op with a mutable `out` (a custom op may not return
 an alias of an input), which is what makes `torch.library.opcheck` pass on both.
+
+CPU tensors run the C++ kernels; on CUDA, engine.py chooses cuDNN + an lse merge or Triton
+(`engine=` / `dtk.config(sparse_engine=...)`; docs/architecture.md).
 """
 from __future__ import annotations
 
@@ -18,8 +21,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import _register  # noqa: F401  (fake kernels and Triton CUDA kernels)
-from ._register import check_multi_kv, check_segment
+from ... import _config
+from . import _register  # noqa: F401  (fake kernels, autograd and CUDA kernels)
+from .checks import check_multi_kv, check_segment
+from .engine import pinned
 
 __all__ = ["multi_kv_attention", "segment_attention", "ominicontrol_group_mask"]
 
@@ -27,7 +32,7 @@ __all__ = ["multi_kv_attention", "segment_attention", "ominicontrol_group_mask"]
 def multi_kv_attention(q: torch.Tensor, ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], *,
                        kv_index: Optional[Sequence[Optional[torch.Tensor]]] = None,
                        q_index: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
-                       scale: Optional[float] = None, return_lse: bool = False):
+                       scale: Optional[float] = None, return_lse: bool = False, engine: Optional[str] = None):
     """Attention of q over the concatenation of K/V segments, without materialising it.
 
     Args:
@@ -50,15 +55,29 @@ def multi_kv_attention(q: torch.Tensor, ks: Sequence[torch.Tensor], vs: Sequence
     Returns ``out``: (B, n, H, D) with q_index (padding rows 0, lse -inf), (B, S_q, H, D)
     without, or the given ``out``; plus lse with return_lse.
 
-    Index values are checked on CPU tensors (IndexError); on the GPU only with DTK_CHECK_INDICES=1
-    (the check needs a host sync), else out-of-range entries are treated as padding.
+        engine: the GPU engine of this call: "auto" (cuDNN where it serves the call, else Triton),
+            "triton" or "cudnn" (a call it cannot serve raises ValueError saying why); None: the
+            ``dtk.config(sparse_engine=...)`` setting (default "auto"). CPU tensors always run the
+            C++ kernel. ``dtk.last_engine("multi_kv_attention")`` names the engine that served.
+
+    Index values are checked on CPU tensors (IndexError); on the GPU only with
+    ``dtk.config(check_indices=True)`` (the check needs a host sync), else out-of-range entries are
+    treated as padding.
 
     Differentiable in q, ks and vs through out and lse (FlashAttention-2 backward from the saved
-    lse); rows outside q_index and keys outside kv_index get zero gradients, repeats add up.
+    lse, Triton on a GPU); rows outside q_index and keys outside kv_index get zero gradients,
+    repeats add up.
     """
-    ks, vs = list(ks), list(vs)
+    with pinned(engine):
+        return _multi_kv_attention(q, list(ks), list(vs), kv_index, q_index, out, scale, return_lse)
+
+
+def _multi_kv_attention(q, ks, vs, kv_index, q_index, out, scale, return_lse):
     kv_index = [None] * len(ks) if kv_index is None else list(kv_index)
     s = check_multi_kv(q, ks, vs, kv_index, q_index, scale, out)
+    if q.device.type == "cpu":   # the C++ kernels (the CUDA kernels' engine.py notes its own choice)
+        for op in ("multi_kv_attention",) if out is None else ("multi_kv_attention", "multi_kv_attention_out"):
+            _config.record_engine(op, "cpp")
     if out is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, out, *ks, *vs)):
         # differentiable path (training): the compact op, whose rows are then scattered into out
         o, lse = torch.ops.dtk.multi_kv_attention(q, ks, vs, kv_index, q_index, s)
@@ -85,7 +104,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       cu_seqlens: Union[torch.Tensor, Sequence[int]],
                       group_mask: Union[torch.Tensor, Sequence[Sequence[bool]]],
                       group_bias: Optional[Union[torch.Tensor, Sequence[Sequence[float]]]] = None, *,
-                      scale: Optional[float] = None, return_lse: bool = False):
+                      scale: Optional[float] = None, return_lse: bool = False, engine: Optional[str] = None):
     """Attention over a sequence made of G branches (text, noisy image, condition_1..n, ...).
 
     Args:
@@ -96,9 +115,20 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             masked branch pairs are skipped, not computed.
         group_bias: optional (G, G) float added to the scores of (a, b) (e.g. log gamma).
         return_lse: also return lse (B, H, S) float32. A row that sees nothing gets 0 and -inf.
+        engine: the GPU engine of this call: "auto" (cuDNN where it serves the call: MHA fp16/bf16,
+            D % 8 == 0, D <= 128 and the branch layout on the CPU; else Triton), "triton" or
+            "cudnn" (a call it cannot serve raises ValueError saying why); None: the
+            ``dtk.config(sparse_engine=...)`` setting (default "auto"). CPU tensors always run the
+            C++ kernel. ``dtk.last_engine("segment_attention")`` names the engine that served.
 
-    Differentiable in q, k and v through out and lse; group_bias is a constant (no gradient).
+    Differentiable in q, k and v through out and lse (Triton backward on a GPU); group_bias is a
+    constant (no gradient).
     """
+    with pinned(engine):
+        return _segment_attention(q, k, v, cu_seqlens, group_mask, group_bias, scale, return_lse)
+
+
+def _segment_attention(q, k, v, cu_seqlens, group_mask, group_bias, scale, return_lse):
     if not isinstance(cu_seqlens, torch.Tensor):
         cu_seqlens = torch.tensor(list(cu_seqlens), dtype=torch.int32, device=q.device)
     if not isinstance(group_mask, torch.Tensor):
@@ -106,6 +136,8 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if group_bias is not None and not isinstance(group_bias, torch.Tensor):
         group_bias = torch.tensor(group_bias, dtype=torch.float32, device=q.device)
     s = check_segment(q, k, v, cu_seqlens, group_mask, group_bias, scale)
+    if q.device.type == "cpu":
+        _config.record_engine("segment_attention", "cpp")
     o, lse = torch.ops.dtk.segment_attention(q, k, v, cu_seqlens, group_mask, group_bias, s)
     return (o, lse) if return_lse else o
 

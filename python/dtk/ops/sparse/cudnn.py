@@ -1,5 +1,7 @@
 """cuDNN engine of the sparse-token ops, built from torch's cuDNN attention (the fastest dense
-kernel on Hopper, DESIGN §5) with its log-sum-exp, and one exact lse-merge pass (merge.py).
+kernel measured on the GPUs of benchmarks/RESULTS.md) with its log-sum-exp, and one exact lse-merge
+pass (merge.py). engine.py decides which calls come here (`can_run_cudnn`,
+`can_run_cudnn_segment`); docs/architecture.md describes the engines.
 
 multi_kv_attention, dense segments (no kv_index): one cuDNN call per K/V segment, merged and
 written in place: compact rows, or scattered into `out`'s q_index rows. Sparse queries are
@@ -19,32 +21,13 @@ from __future__ import annotations
 import torch
 
 from ..._debug import new_output
-from .._attention.dense import dense_supported, dense_with_lse_concurrent
-from .merge import MAX_PARTS, merge_partials
-
-MAX_SEGMENTS = MAX_PARTS   # one merge pass
-
-
-def supported(q, ks, kv_index) -> bool:
-    """Whether this engine serves the call: a CUDA fp16/bf16 q, one K/V head per q head, a head
-    dim cuDNN takes, at most MAX_SEGMENTS segments, none of them indexed."""
-    return (0 < len(ks) <= MAX_SEGMENTS and all(_shapes_ok(q, k) for k in ks)
-            and all(i is None for i in kv_index))
-
-
-def _shapes_ok(q, k) -> bool:
-    return q.is_cuda and dense_supported(q, k)
-
-
-def segment_supported(q, k, cu_seqlens, group_mask, group_bias) -> bool:
-    """Whether this engine serves a segment_attention call: MHA fp16/bf16 CUDA tensors with a head
-    dim cuDNN takes, and the branch layout on the host."""
-    return _shapes_ok(q, k) and all(t is None or t.device.type == "cpu" for t in (cu_seqlens, group_mask, group_bias))
+from .._attention.dense import dense_with_lse_concurrent
+from .merge import merge_partials
 
 
 def multi_kv_attention_cudnn(q, ks, vs, q_index, scale, out=None):
-    """(out, lse) as multi_kv_attention_triton, for calls `supported` accepts (and CPU tensors in
-    tests). Empty segments are skipped; with every segment empty rows get 0 and lse -inf."""
+    """(out, lse) as multi_kv_attention_triton, for calls engine.can_run_cudnn accepts (and CPU
+    tensors in tests). Empty segments are skipped; with every segment empty rows get 0 and lse -inf."""
     B, S, H, D = q.shape
     n = S if q_index is None else q_index.shape[1]
     lse = new_output((B, H, n), like=q, dtype=torch.float32)
@@ -65,8 +48,8 @@ def multi_kv_attention_cudnn(q, ks, vs, q_index, scale, out=None):
 
 
 def segment_attention_cudnn(q, k, v, cu_seqlens, group_mask, group_bias, scale):
-    """(out, lse) as segment_attention_triton, for calls `segment_supported` accepts (and CPU
-    tensors in tests). A query branch that sees no key gets 0 and lse -inf."""
+    """(out, lse) as segment_attention_triton, for calls engine.can_run_cudnn_segment accepts (and
+    CPU tensors in tests). A query branch that sees no key gets 0 and lse -inf."""
     B, S, H, D = q.shape
     out = new_output((B, S, H, D), like=q)
     lse = new_output((B, H, S), like=q, dtype=torch.float32)

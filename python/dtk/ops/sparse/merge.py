@@ -81,9 +81,9 @@ def _merge(O0, O1, O2, O3, L0, L1, L2, L3, QI, OUT, LSE,
 
 def merge_partials(parts, lses, res, lse, *, q_index=None, S=0, scatter=False):
     """Merges `parts` (each (B, H, n, D) logical, any strides) with their `lses` (each (B, H, n)
-    float32) into `res` and `lse` (B, H, n; any strides but a unit last one, e.g. a slice). `res` is (B, n, H, D) (rows of q_index padding get 0
-    and lse -inf), or with `scatter` the (B, S, H, D) `out` whose q_index rows are written
-    (padding and out-of-range entries skipped). More than MAX_PARTS partials merge in stages
+    float32) into `res` and `lse` (B, H, n; any strides but a unit last one, e.g. a slice). `res`
+    is (B, n, H, D) (rows of q_index padding get 0 and lse -inf), or with `scatter` the
+    (B, S, H, D) `out` whose q_index rows are written (padding and out-of-range entries skipped). More than MAX_PARTS partials merge in stages
     through float32 intermediates."""
     while len(parts) > MAX_PARTS:
         B, H, n, D = parts[0].shape

@@ -1,6 +1,6 @@
-// Cache and token-selection ops (SpotEdit, FreeSwim).
+// Reuse (cache and token-selection) ops: SpotEdit, FreeSwim.
 //
-// scatter_blend: a fused one-pass CPU kernel (its GPU kernel is Triton, python/dtk/ops/cache/triton.py).
+// scatter_blend: a fused one-pass CPU kernel (its GPU kernel is Triton, python/dtk/ops/reuse/triton.py).
 // token_change_score, mask_to_index, dilate_mask, prune_isolated: device-generic ATen compositions
 // (CompositeExplicitAutograd: the same code runs on CPU, CUDA and meta tensors). mask_to_index is
 // built from cumsum + scatter only, so it never reads a value back to the host (no sync).
@@ -17,7 +17,7 @@
 #include <string_view>
 #include <vector>
 
-namespace dtk::cache {
+namespace dtk::reuse {
 namespace {
 
 using at::Tensor;
@@ -203,4 +203,4 @@ TORCH_LIBRARY_IMPL(dtk, CompositeExplicitAutograd, m) {
   m.impl("prune_isolated", &prune_isolated);
 }
 
-}  // namespace dtk::cache
+}  // namespace dtk::reuse

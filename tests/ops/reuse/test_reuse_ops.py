@@ -171,3 +171,10 @@ def test_dilate_and_prune():
         dtk.prune_isolated(lone, 9)
     torch.library.opcheck(torch.ops.dtk.dilate_mask.default, (torch.rand(2, 5, 6) < 0.3, 2))
     torch.library.opcheck(torch.ops.dtk.prune_isolated.default, (torch.rand(2, 5, 6) < 0.5, 1))
+
+
+def test_last_engine_on_cpu():
+    base, cache, fresh, index = _sb_inputs(torch.float32)
+    dtk.scatter_blend(base, cache, fresh, index, 0.5)
+    dtk.dilate_mask(torch.zeros(1, 3, 3, dtype=torch.bool))
+    assert dtk.last_engine("scatter_blend") == "cpp" and dtk.last_engine("dilate_mask") == "cpp"

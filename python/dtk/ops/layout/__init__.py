@@ -44,12 +44,14 @@ def to_tile_order(x: torch.Tensor, grid: IntOrTuple, tile: IntOrTuple, *, num_pr
     ``perm, _ = dtk.tile_permutation(grid, tile)``.
     """
     g, t = _args(grid, tile)
+    out = torch.ops.dtk.tile_reorder(x, g, t, num_prefix, False)
     engine.record(x)
-    return torch.ops.dtk.tile_reorder(x, g, t, num_prefix, False)
+    return out
 
 
 def from_tile_order(x: torch.Tensor, grid: IntOrTuple, tile: IntOrTuple, *, num_prefix: int = 0) -> torch.Tensor:
     """Inverse of :func:`to_tile_order`: grid tokens of ``x`` from tile order back to row-major."""
     g, t = _args(grid, tile)
+    out = torch.ops.dtk.tile_reorder(x, g, t, num_prefix, True)
     engine.record(x)
-    return torch.ops.dtk.tile_reorder(x, g, t, num_prefix, True)
+    return out

@@ -48,8 +48,9 @@ def scatter_blend(base: torch.Tensor, cache: torch.Tensor, fresh: torch.Tensor, 
             lam_t = lam_t.expand(B)
         lam = 0.0
     check_scatter_blend(base, cache, fresh, index, float(lam), lam_t)
+    out = torch.ops.dtk.scatter_blend(base, cache, fresh, index, float(lam), lam_t)
     engine.record("scatter_blend", base)
-    return torch.ops.dtk.scatter_blend(base, cache, fresh, index, float(lam), lam_t)
+    return out
 
 
 def token_change_score(features: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], pool: int = 2,
@@ -59,9 +60,10 @@ def token_change_score(features: Sequence[torch.Tensor], reference: Sequence[tor
     the first map's (h, w)); mean over the list; average-pool by ``pool``.
     Returns (B, h/pool, w/pool) float32 (float64 for float64 inputs); ``.flatten(1)`` gives one
     score per token in row-major order."""
-    engine.record("token_change_score", features[0] if len(features) else None)
-    return torch.ops.dtk.token_change_score(list(features), list(reference), int(pool),
-                                            None if size is None else list(size))
+    out = torch.ops.dtk.token_change_score(list(features), list(reference), int(pool),
+                                           None if size is None else list(size))
+    engine.record("token_change_score", features[0])
+    return out
 
 
 def mask_to_index(mask: torch.Tensor, *, max_count: Optional[int] = None,
@@ -76,18 +78,21 @@ def mask_to_index(mask: torch.Tensor, *, max_count: Optional[int] = None,
     holds the first n_max of them)."""
     if isinstance(mask, torch.Tensor) and mask.dim() == 3:
         mask = mask.flatten(1)
+    out = torch.ops.dtk.mask_to_index(mask, max_count, int(num_prefix))
     engine.record("mask_to_index", mask)
-    return torch.ops.dtk.mask_to_index(mask, max_count, int(num_prefix))
+    return out
 
 
 def dilate_mask(mask: torch.Tensor, iterations: int = 1) -> torch.Tensor:
     """3x3 dilation of a (B, h, w) bool mask, ``iterations`` times."""
+    out = torch.ops.dtk.dilate_mask(mask, int(iterations))
     engine.record("dilate_mask", mask)
-    return torch.ops.dtk.dilate_mask(mask, int(iterations))
+    return out
 
 
 def prune_isolated(mask: torch.Tensor, min_neighbors: int = 1) -> torch.Tensor:
     """Clears set tokens of a (B, h, w) bool mask with fewer than ``min_neighbors`` set tokens among
     their 8 neighbours (the default removes isolated tokens)."""
+    out = torch.ops.dtk.prune_isolated(mask, int(min_neighbors))
     engine.record("prune_isolated", mask)
-    return torch.ops.dtk.prune_isolated(mask, int(min_neighbors))
+    return out

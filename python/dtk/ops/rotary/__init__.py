@@ -49,5 +49,6 @@ def rms_norm_rope(x: torch.Tensor, weight: Optional[torch.Tensor] = None, cos: O
     once (diffusers rounds after the norm and again after the rotation).
     """
     check_rms_norm_rope(x, weight, cos, sin, eps, interleaved, across_heads)
+    out = torch.ops.dtk.rms_norm_rope(x, weight, cos, sin, float(eps), bool(interleaved), bool(across_heads))
     engine.record_cpu(x)
-    return torch.ops.dtk.rms_norm_rope(x, weight, cos, sin, float(eps), bool(interleaved), bool(across_heads))
+    return out

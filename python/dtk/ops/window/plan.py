@@ -1,8 +1,9 @@
 """Analytic block-sparse plan for window attention (docs/architecture.md, "The window plan").
 
-Blocks are boxes of at most `block_q` (query) or `block_k` (key) grid tokens that are contiguous in memory: the memory layout
-is split into layout tiles (the `tile` argument, or the whole grid for row-major), and each
-layout tile into sub-boxes of whole rows/planes (or row segments) that fit in a block. For every
+Blocks are boxes of at most `block_q` (query) or `block_k` (key) grid tokens that are contiguous
+in memory: the memory layout is split into layout tiles (the `tile` argument, or the whole grid
+for row-major), and each layout tile into sub-boxes of whole rows/planes (or row segments) that
+fit in a block (layout's block_shape / block_geometry, ops/layout/tiles.py). For every
 query block the plan lists the key blocks its window reaches, each flagged full (no element
 mask needed) or partial. Everything is built with a fixed number of tensor ops on the plan's
 device, in O(#blocks x #entries) work, without a host sync and without any S x S mask; a new grid

@@ -138,7 +138,7 @@ TORCH_LIBRARY(dtk, m) {
       "rms_norm_rope(Tensor x, Tensor? weight, Tensor? cos, Tensor? sin, float eps, bool interleaved, "
       "bool across_heads=False) -> Tensor");
 
-  // Cache and token selection (SpotEdit, FreeSwim). See python/dtk/ops/cache/__init__.py.
+  // Cache and token selection (SpotEdit, FreeSwim). See python/dtk/ops/reuse/__init__.py.
   // cache[:, index] = fresh in place; returns (1-lam)*scattered(base) + lam*cache. lam is the float,
   // or lam_per_batch (B,) when given.
   m.def(

@@ -253,7 +253,7 @@ def _sparse():
 
 @check("cache family (CPU) vs reference: scatter_blend, token_change_score, mask_to_index, dilate/prune, KVCache")
 def _cache():
-    from dtk.ops.cache import reference as C
+    from dtk.ops.reuse import reference as C
     base, cache, fresh = torch.randn(2, 10, 3), torch.randn(2, 10, 3), torch.randn(2, 4, 3)
     index = torch.tensor([[1, 4, 7, -1], [0, 2, 9, 5]])
     want_out, want_cache = C.scatter_blend_reference(base, cache, fresh, index, 0.3)

@@ -52,7 +52,7 @@ GPU_SHAPES = [
 
 
 def _reference_index(sh: LayoutShape, device):
-    from dtk.ops.window.spec import tile_permutation
+    from dtk.ops.layout import tile_permutation
 
     perm, _ = tile_permutation(sh.grid, sh.tile, device=device)
     return perm

@@ -60,7 +60,7 @@ def check(state, out) -> CheckResult:
     err = (out[:, rows].double() - ref64).abs().nan_to_num(nan=float("inf")).max().item()
     tol = 2 * (lowp.double() - ref64).abs().max().item() + 1e-5
     return CheckResult(tuple(out.shape) == tuple(x.shape) and err <= tol, err, tol, int(rows.numel()),
-                       "float64 reference (DESIGN 6 rule)")
+                       "float64 reference (docs/testing.md rule)")
 
 
 def _prep_dtk(state):

@@ -1,7 +1,7 @@
 // Token layout of a 3D grid (grids of 1..2 axes are padded with leading 1s): row-major
 // coordinates <-> position in tile order. Tiles are row-major over the tile grid, tokens
 // row-major inside a tile; edge tiles are partial. Closed forms identical to
-// python/dtk/ops/window/spec.py::tile_order_index. Torch-free, usable from host and device code.
+// python/dtk/ops/layout/tiles.py::tile_order_index. Torch-free, usable from host and device code.
 #pragma once
 #include <cstdint>
 

@@ -1,6 +1,7 @@
 // rms_norm_rope, CPU kernel: one pass per norm group (a (b, s, h) row, or with across_heads a token's
 // H rows), OpenMP over groups (at::parallel_for).
 // The GPU kernel is Triton (python/dtk/ops/rotary/triton.py); both follow reference.py.
+#include "common/checks.h"
 #include "common/debug.h"
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -16,6 +17,7 @@ namespace {
 
 using at::Tensor;
 
+// cos / sin: an (S, D) floating table on x's device (rotary's own: no shared check has this shape).
 void check_table(const Tensor& t, const char* name, const Tensor& x) {
   const char* op = "dtk.rms_norm_rope";
   const int64_t S = x.size(1), D = x.size(3);
@@ -29,12 +31,9 @@ void check_table(const Tensor& t, const char* name, const Tensor& x) {
 Tensor rms_norm_rope_cpu(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& cos,
                          const std::optional<Tensor>& sin, double eps, bool interleaved, bool across_heads) {
   const char* op = "dtk.rms_norm_rope";
-  TORCH_CHECK(x.dim() == 4, op, ": x must be (B, S, H, D), got shape ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating tensor, got ", x.scalar_type());
-  TORCH_CHECK(x.stride(3) == 1 || x.size(3) == 1, op, ": x must have a contiguous last dim (stride 1), got stride ",
-              x.stride(3));
+  check_bshd(x, "x");
+  check_attention_dtype(x, "x", /*allow_double=*/true);
   const int64_t B = x.size(0), S = x.size(1), H = x.size(2), D = x.size(3);
-  TORCH_CHECK(D >= 1, op, ": x must have a head dim D >= 1, got shape ", x.sizes());
   TORCH_CHECK(std::isfinite(eps) && eps > 0, op, ": eps must be a positive finite float, got ", eps);
   if (weight.has_value()) {
     TORCH_CHECK(at::isFloatingType(weight->scalar_type()), op, ": weight must be a floating tensor, got ",

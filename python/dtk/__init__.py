@@ -18,7 +18,7 @@ from .ops.linear import (linear_attention, linear_attention_apply, linear_attent
 from .ops.window import suggest_tile, tile_permutation, window_attention
 from .ops.sparse import multi_kv_attention, ominicontrol_group_mask, segment_attention
 from .ops.rotary import rms_norm_rope
-from .ops.cache import dilate_mask, mask_to_index, prune_isolated, scatter_blend, token_change_score
+from .ops.reuse import dilate_mask, mask_to_index, prune_isolated, scatter_blend, token_change_score
 from . import cache  # noqa: F401,E402  (cache objects: dtk.cache.KVCache, OutputCache, RefreshPolicy)
 
 __all__ = [

@@ -88,7 +88,7 @@ def _registered_at(dump: str, key: str) -> str:
 def _kernel(op: str, key: str) -> Optional[str]:
     """Which engine serves dtk::op for the dispatch key (CPU / CUDA), or None: "C++", "CUDA C++",
     "Triton" / a Python-registered engine, or "C++ (any device)" for a device-generic composite
-    kernel (torch ops called from C++, e.g. the mask ops of the cache family)."""
+    kernel (torch ops called from C++, e.g. the mask ops of the reuse family)."""
     name = f"dtk::{op}"
     try:
         dump = torch._C._dispatch_dump(name)

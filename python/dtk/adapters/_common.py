@@ -135,7 +135,7 @@ class TileOrder:
         """(perm, inv): ``x[:, perm]`` is x's grid tokens in tile order, ``y[:, inv]`` undoes it."""
         key = (tuple(grid), torch.device(device))
         if key not in self._perm:
-            from ..ops.window import tile_permutation
+            from ..ops.layout import tile_permutation
             self._perm[key] = tile_permutation(grid, self.tile(grid), device=device)
         return self._perm[key]
 

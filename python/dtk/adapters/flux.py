@@ -22,7 +22,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from ..ops.rotary import rms_norm_rope
-from ..ops.window import pool_grid_tokens, suggest_tile, window_attention
+from ..ops.layout import suggest_tile
+from ..ops.window import pool_grid_tokens, window_attention
 from ._common import (AdapterHandle, StreamNumbers, TensorMemo, TileOrder, check_diffusers, get_handle, parse_tile,
                       replace_output_sample, rms_norm_eps)
 

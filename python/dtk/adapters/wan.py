@@ -25,7 +25,8 @@ import torch
 
 from ..cache import KVCache, OutputCache, RefreshPolicy
 from ..ops.rotary import rms_norm_rope
-from ..ops.window import suggest_tile, window_attention
+from ..ops.layout import suggest_tile
+from ..ops.window import window_attention
 from ._common import (AdapterHandle, StreamNumbers, TensorMemo, TileOrder, check_diffusers, parse_tile,
                       replace_output_sample, rms_norm_eps, sdpa_bshd)
 

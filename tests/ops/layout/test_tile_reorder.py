@@ -1,4 +1,4 @@
-"""dtk::tile_reorder (CPU) against spec.tile_permutation, and its Python wrappers."""
+"""dtk::tile_reorder (CPU) against layout.tile_permutation, and its Python wrappers."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 import dtk  # noqa: F401
 from dtk.ops.layout import from_tile_order, to_tile_order
-from dtk.ops.window.spec import tile_permutation
+from dtk.ops.layout import tile_permutation
 
 OP = torch.ops.dtk.tile_reorder
 

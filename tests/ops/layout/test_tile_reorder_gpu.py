@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dtk.ops.window.spec import tile_permutation
+from dtk.ops.layout import tile_permutation
 
 pytestmark = pytest.mark.gpu
 OP = torch.ops.dtk.tile_reorder

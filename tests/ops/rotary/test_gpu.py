@@ -79,16 +79,18 @@ def test_gradients_on_gpu():
 def test_autotuned_launch_is_kept(monkeypatch):
     """With autotuning on (the default outside the tests), the first call picks one of the launch
     configurations and later calls, CUDA-graph capture included, launch it directly."""
+    from dtk import _tuning
     from dtk.ops.rotary import triton as rt
     monkeypatch.setenv("DTK_TRITON_AUTOTUNE", "1")
-    monkeypatch.setattr(rt, "_BEST", {})
+    _tuning.clear()
     B, S, H, D = 1, 4096, 24, 128
     x = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
     w = torch.rand(D, device="cuda", dtype=torch.bfloat16) + 0.5
     cos, sin = _tables(S, D, True)
     out = dtk.rms_norm_rope(x, w, cos, sin)
-    assert len(rt._BEST) == 1 and next(iter(rt._BEST.values())) in rt.launch_configs(D)
+    chosen = _tuning.entries("rotary.launch")
+    assert len(chosen) == 1 and next(iter(chosen.values())) in rt.launch_configs(D)
     ref64 = rms_norm_rope_reference(x.double(), w, cos, sin)
     assert_matches_reference(out, ref64, rms_norm_rope_reference(x, w, cos, sin, compute_dtype=torch.bfloat16))
     assert graph_replay_equals_eager(lambda t: dtk.rms_norm_rope(t, w, cos, sin), x)
-    assert len(rt._BEST) == 1
+    assert len(_tuning.entries("rotary.launch")) == 1

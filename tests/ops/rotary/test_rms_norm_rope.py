@@ -165,3 +165,8 @@ def test_bad_input_cpu_kernel(args, match):
     cos, sin = _tables(5, 8)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.dtk.rms_norm_rope(*args(x, torch.randn(8), cos, sin))
+
+
+def test_last_engine_on_cpu():
+    dtk.rms_norm_rope(torch.randn(1, 2, 1, 8))
+    assert dtk.last_engine("rms_norm_rope") == "cpp"

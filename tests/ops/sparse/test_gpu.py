@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import dtk
-from dtk.ops.cache.reference import scatter_blend_reference
+from dtk.ops.reuse.reference import scatter_blend_reference
 from dtk.ops.sparse.reference import multi_kv_attention_reference as mkv_ref
 from dtk.ops.sparse.reference import segment_attention_reference as seg_ref
 

@@ -37,10 +37,10 @@ def test_sparse_kernels_compile():
                             dict(HAS_BIAS=has_bias, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, BWD=False), num_warps=8,
                             num_stages=2))
             names.append(("seg", arch, has_bias))
-        jobs.append(job("dtk.ops.cache.triton:_blend", arch, {"BASE": BF16, "CACHE": BF16, "OUT": BF16,
+        jobs.append(job("dtk.ops.reuse.triton:_blend", arch, {"BASE": BF16, "CACHE": BF16, "OUT": BF16,
                                                                 "LAM": "*fp32", "lam": "fp32"},
                         dict(HAS_LAM=True, BLOCK=1024), num_warps=4))
-        jobs.append(job("dtk.ops.cache.triton:_scatter", arch, {"FRESH": BF16, "IDX": "*i32", "CACHE": BF16,
+        jobs.append(job("dtk.ops.reuse.triton:_scatter", arch, {"FRESH": BF16, "IDX": "*i32", "CACHE": BF16,
                                                                   "OUT": BF16}, dict(BLOCK=1024), num_warps=4))
         names += [("blend", arch), ("scatter", arch)]
         for nseg, has_qi, scatter in ((1, False, False), (2, True, False), (4, True, True)):

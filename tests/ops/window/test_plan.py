@@ -142,7 +142,7 @@ def test_block_fill_and_key_block_choice():
 def test_suggest_tile_beats_the_alternatives(grid, window, radius, others):
     """The host-only estimate picks a tile whose exact plan efficiency (default GPU blocks) is at
     least that of row-major and of other plausible tiles."""
-    from dtk.ops.window.plan import suggest_tile
+    from dtk.ops.layout import suggest_tile
     from dtk.ops.window.triton import default_blocks
     tile = suggest_tile(grid, window, radius=radius)
     assert tile is not None and all(1 <= u <= n for u, n in zip(tile, grid)) and len(tile) == len(grid)
@@ -158,7 +158,7 @@ def test_suggest_tile_beats_the_alternatives(grid, window, radius, others):
 
 
 def test_suggest_tile_arguments():
-    from dtk.ops.window.plan import suggest_tile
+    from dtk.ops.layout import suggest_tile
     assert suggest_tile([21, 68, 120], [-1, 31, 53]) == suggest_tile((21, 68, 120), (-1, 31, 53))
     with pytest.raises(ValueError, match="grid"):
         suggest_tile((0, 4), (3, 3))
@@ -172,7 +172,7 @@ def test_suggest_tile_arguments():
 def test_suggested_tiles_give_valid_plans(seed):
     """suggest_tile on random geometries (small blocks, so small grids get real tiles): a tile of
     the grid's rank within it, or None; the plan over that layout is exact."""
-    from dtk.ops.window.plan import suggest_tile
+    from dtk.ops.layout import suggest_tile
     rng = random.Random(seed * 31337 + torch.randint(0, 10**6, ()).item())
     for _ in range(8):
         c = random_case(rng, max_side=13, max_tokens=300)

@@ -10,8 +10,9 @@ Op schema (csrc/dtk.cpp):
   rms_norm_rope(Tensor x, Tensor? weight, Tensor? cos, Tensor? sin, float eps, bool interleaved,
                 bool across_heads=False) -> Tensor
 
-Engines: C++ on the CPU (csrc/rotary/cpu.cpp), Triton on CUDA (triton.py); the float64 reference
-is reference.py. Autograd: x, weight, cos and sin (torch-op formula, _register.py).
+Engines (engine.py): C++ on the CPU (csrc/rotary/cpu.cpp), Triton on CUDA (triton.py, its launch
+configuration chosen by engine.py); the float64 reference is reference.py. Autograd: x, weight,
+cos and sin (torch-op formula, _register.py).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Optional
 import torch
 
 from . import _register  # noqa: F401  (fake kernel, Triton CUDA kernel, autograd)
+from . import engine
 from ._register import check_rms_norm_rope
 
 __all__ = ["rms_norm_rope"]
@@ -47,4 +49,6 @@ def rms_norm_rope(x: torch.Tensor, weight: Optional[torch.Tensor] = None, cos: O
     once (diffusers rounds after the norm and again after the rotation).
     """
     check_rms_norm_rope(x, weight, cos, sin, eps, interleaved, across_heads)
-    return torch.ops.dtk.rms_norm_rope(x, weight, cos, sin, float(eps), bool(interleaved), bool(across_heads))
+    out = torch.ops.dtk.rms_norm_rope(x, weight, cos, sin, float(eps), bool(interleaved), bool(across_heads))
+    engine.record_cpu(x)
+    return out

@@ -1,13 +1,16 @@
 """Python-side registrations of dtk::rms_norm_rope: the argument checks shared by the wrapper, the
-fake and the Triton (CUDA) kernels, and the autograd formula. The CPU kernel is C++
-(csrc/rotary/cpu.cpp) with the same checks."""
+fake and the CUDA kernels, the CUDA kernel (engine.py: Triton, registered where Triton is
+installed), and the autograd formula. The CPU kernel is C++ (csrc/rotary/cpu.cpp) with the same
+checks."""
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
 
 from .._checks import check_bshd
+from . import engine
 from .reference import rotate
 
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -56,11 +59,13 @@ def _fake(x, weight, cos, sin, eps, interleaved, across_heads=False):
     return x.new_empty(x.shape)
 
 
-@torch.library.register_kernel("dtk::rms_norm_rope", "cuda")
 def _cuda(x, weight, cos, sin, eps, interleaved, across_heads=False):
     check_rms_norm_rope(x, weight, cos, sin, eps, interleaved, across_heads)
-    from .triton import rms_norm_rope_triton  # Triton compiles lazily, only where CUDA runs
-    return rms_norm_rope_triton(x, weight, cos, sin, eps, interleaved, across_heads)
+    return engine.rms_norm_rope_cuda(x, weight, cos, sin, eps, interleaved, across_heads)
+
+
+if importlib.util.find_spec("triton") is not None:
+    torch.library.register_kernel("dtk::rms_norm_rope", "cuda", _cuda)
 
 
 def _setup_context(ctx, inputs, output):

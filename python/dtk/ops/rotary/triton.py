@@ -8,7 +8,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import _config
 from ..._debug import new_output
 
 
@@ -66,10 +65,8 @@ def _rms_norm_rope_fwd(X, W, COS, SIN, OUT, n_rows, S, H, sb, ss, sh, D, eps,
 
 
 def launch_configs(D: int, gpu: bool = True) -> list:
-    """Every launch the launcher may make for head dim D: rows per program (~4, 8 or 16 KB of bf16
-    x each), the padded head dim and warps. On a GPU the autotuner picks one per (D, flags, dtypes)
-    on first use, and later calls launch it directly (DTK_TRITON_AUTOTUNE=0, or a first call
-    during CUDA-graph capture: the middle one); in the interpreter the middle one."""
+    """Every launch the engine may choose for head dim D: rows per program (~4, 8 or 16 KB of bf16
+    x each), the padded head dim and warps; one (the middle one) off the GPU (the interpreter)."""
     BLOCK_D = triton.next_power_of_2(D)
     base = max(1, 4096 // BLOCK_D)
     rows = sorted({max(1, base // 2), base, min(128, 2 * base)}) if gpu else [base]
@@ -82,43 +79,25 @@ def across_heads_config(H: int, D: int) -> dict:
     return dict(ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=4 if ROWS * BLOCK_D <= 4096 else 8)
 
 
-_TUNERS = {}   # launch-config list -> the autotuned kernel
-_BEST = {}     # (D, flags, dtypes) -> the launch config the autotuner chose for it
-
-
-def rms_norm_rope_triton(x, weight, cos, sin, eps, interleaved, across_heads=False):
+def rms_norm_rope_triton(x, weight, cos, sin, eps, interleaved, across_heads=False, config=None, out=None):
+    """One launch of the kernel with launch configuration `config` (a dict of ROWS, BLOCK_D and
+    num_warps: one of launch_configs(D), or across_heads_config(H, D) with across_heads; None: the
+    middle of launch_configs, or the across-heads one). Writes into `out` when given."""
     B, S, H, D = x.shape
-    out = new_output((B, S, H, D), like=x)
+    out = new_output((B, S, H, D), like=x) if out is None else out
     n_rows = B * S * H
     if n_rows == 0 or D == 0:
         return out
+    if config is None:
+        cfgs = launch_configs(D, x.device.type == "cuda")
+        config = across_heads_config(H, D) if across_heads else cfgs[len(cfgs) // 2]
     f32 = dict(device=x.device, dtype=torch.float32)
     w = weight.contiguous() if weight is not None else out     # read in its own dtype
     c = cos.to(**f32).contiguous() if cos is not None else out
     s = sin.to(**f32).contiguous() if sin is not None else out
     args = (x, w, c, s, out, n_rows, S, H, x.stride(0), x.stride(1), x.stride(2), D, float(eps))
-    flags = dict(HAS_WEIGHT=weight is not None, ROPE=cos is not None, INTERLEAVED=bool(interleaved))
-    if across_heads:   # one program per token
-        cfg = across_heads_config(H, D)
-        _rms_norm_rope_fwd[(B * S,)](*args, **flags, ACROSS_HEADS=True, **cfg)
-        return out
-    flags["ACROSS_HEADS"] = False
-    cfgs = launch_configs(D, x.device.type == "cuda")
-    cfg = cfgs[len(cfgs) // 2]
-    if len(cfgs) > 1 and _config.get("autotune"):
-        key = (D, *flags.values(), x.dtype, w.dtype)
-        if key in _BEST:
-            cfg = _BEST[key]
-        elif not torch.cuda.is_current_stream_capturing():   # nothing can be timed while capturing
-            ck = tuple(tuple(sorted(c_.items())) for c_ in cfgs)
-            if ck not in _TUNERS:
-                _TUNERS[ck] = triton.autotune(
-                    configs=[triton.Config({"ROWS": c_["ROWS"]}, num_warps=c_["num_warps"]) for c_ in cfgs],
-                    key=["D", "HAS_WEIGHT", "ROPE", "INTERLEAVED", "ACROSS_HEADS"])(_rms_norm_rope_fwd)
-            tuner = _TUNERS[ck]
-            tuner[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args, **flags, BLOCK_D=cfg["BLOCK_D"])
-            best = tuner.best_config
-            _BEST[key] = dict(ROWS=best.kwargs["ROWS"], BLOCK_D=cfg["BLOCK_D"], num_warps=best.num_warps)
-            return out
-    _rms_norm_rope_fwd[(triton.cdiv(n_rows, cfg["ROWS"]),)](*args, **flags, **cfg)
+    flags = dict(HAS_WEIGHT=weight is not None, ROPE=cos is not None, INTERLEAVED=bool(interleaved),
+                 ACROSS_HEADS=bool(across_heads))
+    grid = (B * S,) if across_heads else (triton.cdiv(n_rows, config["ROWS"]),)   # across heads: one token each
+    _rms_norm_rope_fwd[grid](*args, **flags, **config)
     return out

@@ -1,8 +1,9 @@
-"""Analytic block-sparse plan for window attention (DESIGN §3).
+"""Analytic block-sparse plan for window attention (docs/architecture.md, "The window plan").
 
-Blocks are boxes of at most `block_q` (query) or `block_k` (key) grid tokens that are contiguous in memory: the memory layout
-is split into layout tiles (the `tile` argument, or the whole grid for row-major), and each
-layout tile into sub-boxes of whole rows/planes (or row segments) that fit in a block. For every
+Blocks are boxes of at most `block_q` (query) or `block_k` (key) grid tokens that are contiguous
+in memory: the memory layout is split into layout tiles (the `tile` argument, or the whole grid
+for row-major), and each layout tile into sub-boxes of whole rows/planes (or row segments) that
+fit in a block (layout's block_shape / block_geometry, ops/layout/tiles.py). For every
 query block the plan lists the key blocks its window reaches, each flagged full (no element
 mask needed) or partial. Everything is built with a fixed number of tensor ops on the plan's
 device, in O(#blocks x #entries) work, without a host sync and without any S x S mask; a new grid
@@ -20,14 +21,15 @@ waste fewer keys at the window's edges).
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
-from .spec import WindowSpec, box_range, circle_center, grid_coords, make_spec
+from ..layout import block_fill as _layout_block_fill
+from ..layout import block_geometry, block_shape, suggest_tile  # noqa: F401  (suggest_tile: window re-exports it)
+from .spec import WindowSpec, box_range, circle_center, grid_coords
 
 
 @dataclass(frozen=True)
@@ -67,27 +69,6 @@ def coord_table(spec: WindowSpec, device: torch.device):
                       (1 << bits[1]) - 1, (1 << bits[2]) - 1)
 
 
-def _balanced(n, cap):
-    """Largest piece size that splits n into ceil(n / cap) nearly equal pieces."""
-    pieces = (n + cap - 1) // cap
-    return (n + pieces - 1) // pieces
-
-
-def _sub_shape(h0, h1, h2, cap):
-    """Sub-box of a row-major layout tile of extents (h0,h1,h2) holding <= cap tokens that stays
-    contiguous in memory: a row segment, whole rows, or whole planes. Works on ints and tensors."""
-    is_t = isinstance(h2, torch.Tensor)
-    where = torch.where if is_t else (lambda c, a, b: a if c else b)
-    v2 = _balanced(h2, cap)
-    full2 = v2 == h2
-    cap1 = (cap // h2).clamp(min=1) if is_t else max(cap // h2, 1)
-    v1 = where(full2, _balanced(h1, cap1), 1 if not is_t else torch.ones_like(h1))
-    full1 = full2 & (v1 == h1)
-    cap0 = (cap // (h1 * h2)).clamp(min=1) if is_t else max(cap // (h1 * h2), 1)
-    v0 = where(full1, _balanced(h0, cap0), 1 if not is_t else torch.ones_like(h0))
-    return v0, v1, v2
-
-
 def _ceil_div(a, b):
     return (a + b - 1) // b
 
@@ -109,78 +90,10 @@ def _unravel(i, dims):
     return i // d1d2, (i // dims[2]) % dims[1], i % dims[2]
 
 
-def _host_geometry(spec: WindowSpec, block: int):
-    """Static facts from Python ints only (no device work): block count and enumeration bounds."""
-    types = []
-    for a in range(3):
-        n, u = spec.grid[a], spec.tile[a]
-        full, last = n // u, n - (n // u) * u
-        types.append([(u, full)] + ([(last, 1)] if last else []))
-    num_blocks, nsub_max, vmin, ns_max, ext_max = 0, 1, [block] * 3, [1, 1, 1], [1, 1, 1]
-    for (h0, c0), (h1, c1), (h2, c2) in itertools.product(*types):
-        v = _sub_shape(h0, h1, h2, block)
-        ns = [_ceil_div(h, x) for h, x in zip((h0, h1, h2), v)]
-        num_blocks += c0 * c1 * c2 * math.prod(ns)
-        nsub_max = max(nsub_max, math.prod(ns))
-        for a in range(3):
-            vmin[a] = min(vmin[a], v[a])
-            ns_max[a] = max(ns_max[a], ns[a])
-            ext_max[a] = max(ext_max[a], v[a])
-    return num_blocks, nsub_max, vmin, ns_max, ext_max
-
-
-@lru_cache(maxsize=64)
 def block_fill(spec: WindowSpec, block: int) -> float:
-    """Grid tokens / token slots of the blocks of at most `block` tokens the layout tiles split into
-    (host arithmetic only): 1 when every block is full. A (21, 3, 2) tile (126 tokens) is one
-    nearly full 128-block, but three 42-token 64-blocks: 2/3 of every 64-key block is padding."""
-    return math.prod(spec.grid) / (_host_geometry(spec, block)[0] * block)
-
-
-def _axis_cover(n: int, u: int, w: int) -> float:
-    """Keys one query needs / keys its interior tile's key blocks cover, on one axis of length n
-    with layout tiles of u and a window of w (w >= n: the whole axis): the union of the tile's
-    windows (w + u - 1 keys) rounded out to whole tiles."""
-    if w >= n:
-        return 1.0
-    lo = -(w // 2) % u                      # where the union starts inside its first tile
-    cover = -(-(lo + w + u - 1) // u) * u
-    return w / min(cover, -(-n // u) * u)
-
-
-def suggest_tile(grid, window=None, *, radius: int | None = None, block: int = 128):
-    """The layout tile (one per grid axis) that wastes the least tensor-core work at `block`-token
-    blocks, by a host-only estimate: per axis the window's share of the key tiles a query tile
-    reaches (interior tiles), times how full the tiles fill the blocks. None when row-major is
-    as good. FreeSwim at 1080p (grid (21, 68, 120), window (-1, 31, 53)) gets (21, 3, 2): the
-    time axis is in every window, so tiles spanning it waste nothing there, and a 3 x 2 footprint
-    adds the least halo (plan efficiency 0.88 against 0.59 for (7, 2, 8))."""
-    as_key = lambda x: x if x is None or isinstance(x, int) else tuple(x)  # noqa: E731
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"block must be an int >= 1, got {block!r}")
-    return _suggest_tile(as_key(grid), as_key(window), radius, block)
-
-
-@lru_cache(maxsize=64)
-def _suggest_tile(grid, window, radius, block):
-    spec = make_spec(grid, window, radius)   # validates the arguments
-    nd = spec.ndim
-    n = spec.grid[3 - nd:]
-    w = [n[a] if x == -1 or x >= n[a] else x for a, x in enumerate(spec.window[3 - nd:])] if window is not None \
-        else [2 * radius - 1] * nd       # a circle's bounding box
-
-    def score(u):
-        cover = math.prod(_axis_cover(na, ua, wa) for na, ua, wa in zip(n, u, w))
-        fill = block_fill(make_spec(grid, window, radius, tile=u), block)
-        return cover * fill * fill      # query blocks and key blocks
-
-    best, best_score = None, score(tuple(n))    # row-major
-    for u in itertools.product(*(range(1, min(na, block) + 1) for na in n)):
-        if block // 2 < math.prod(u) <= block:
-            sc = score(u)
-            if sc > best_score + 1e-9:
-                best, best_score = u, sc
-    return best
+    """layout's block_fill of spec's grid and layout tile: grid tokens / token slots of the blocks of
+    at most `block` tokens (1 when every block is full)."""
+    return _layout_block_fill(spec.grid, spec.tile, block)
 
 
 def _key_range(spec: WindowSpec, a: int, pmin, pmax):
@@ -202,12 +115,12 @@ def build_plan(spec: WindowSpec, block_q: int, block_k: int, device: torch.devic
     dev, i64 = device, torch.int64
     N, U, P = spec.grid, spec.tile, spec.num_prefix
     nt = [_ceil_div(n, u) for n, u in zip(N, U)]
-    num_blocks, nsub_max, _, _, ext_max = _host_geometry(spec, block_q)
-    _, _, vmin, ns_max, _ = _host_geometry(spec, block_k)
+    num_blocks, nsub_max, _, _, ext_max = block_geometry(N, U, block_q)
+    _, _, vmin, ns_max, _ = block_geometry(N, U, block_k)
 
     def tile_info(t0, t1, t2, block):
         h = [_tile_extent(t, n, u) for t, n, u in zip((t0, t1, t2), N, U)]
-        v = _sub_shape(*h, block)
+        v = block_shape(*h, block)
         ns = [_ceil_div(x, y) for x, y in zip(h, v)]
         return h, v, ns
 
@@ -286,7 +199,7 @@ def build_plan(spec: WindowSpec, block_q: int, block_k: int, device: torch.devic
         ok = ok & (dmin2 < r * r)
         full = full & (dmax2 < r * r)
     short = kext[0] * kext[1] * kext[2] < block_k
-    key_shape = tuple(_sub_shape(*U, block_k))      # the key blocks of interior layout tiles
+    key_shape = tuple(block_shape(*U, block_k))      # the key blocks of interior layout tiles
     odd = (kext[0] != key_shape[0]) | (kext[1] != key_shape[1]) | (kext[2] != key_shape[2])
 
     shape = ok.shape

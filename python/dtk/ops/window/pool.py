@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .spec import IntOrTuple, tile_permutation
+from ..layout import IntOrTuple, tile_permutation
 
 __all__ = ["pool_grid_tokens"]
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 
-IntOrTuple = Union[int, Sequence[int]]
+from ..layout import IntOrTuple, as_tuple, check_grid, check_tile, tile_order_index, tile_permutation  # noqa: F401
+
 BORDERS = ("inward", "clip")
 
 
@@ -35,25 +36,10 @@ class WindowSpec:
         return axis < 3 - self.ndim
 
 
-def _as_tuple(name: str, value: IntOrTuple, ndim: int) -> Tuple[int, ...]:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a tuple of {ndim} ints, got {value!r}")
-    if isinstance(value, int):
-        return (value,) * ndim
-    value = tuple(value)
-    if len(value) != ndim or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
-        raise ValueError(f"{name} must be an int or a tuple of {ndim} ints (one per grid axis), got {value!r}")
-    return value
-
-
 def make_spec(grid: IntOrTuple, window: Optional[IntOrTuple] = None, radius: Optional[int] = None,
               border: str = "inward", num_prefix: int = 0, tile: Optional[IntOrTuple] = None) -> WindowSpec:
     """Validates the geometry arguments; every error names the argument at fault."""
-    grid = (grid,) if isinstance(grid, int) and not isinstance(grid, bool) else tuple(grid)
-    if not 1 <= len(grid) <= 3 or not all(isinstance(n, int) and not isinstance(n, bool) for n in grid):
-        raise ValueError(f"grid must be 1, 2 or 3 ints (L), (H, W) or (T, H, W), got {grid!r}")
-    if any(n < 1 for n in grid):
-        raise ValueError(f"grid sizes must be >= 1, got {grid!r}")
+    grid = check_grid(grid)
     ndim = len(grid)
     pad = (1,) * (3 - ndim)
     if border not in BORDERS:
@@ -64,7 +50,7 @@ def make_spec(grid: IntOrTuple, window: Optional[IntOrTuple] = None, radius: Opt
         raise ValueError(f"num_prefix must be an int >= 0, got {num_prefix!r}")
     win = None
     if window is not None:
-        w = _as_tuple("window", window, ndim)
+        w = as_tuple("window", window, ndim)
         for x in w:
             if x < 1 and x != -1:
                 raise ValueError(f"window sizes must be >= 1, or -1 for the whole axis, got {w!r}")
@@ -80,10 +66,7 @@ def make_spec(grid: IntOrTuple, window: Optional[IntOrTuple] = None, radius: Opt
     if tile is None:
         layout, tiled = pad + grid, False
     else:
-        t = _as_tuple("tile", tile, ndim)
-        if any(x < 1 for x in t):
-            raise ValueError(f"tile sizes must be >= 1, got {t!r}")
-        layout, tiled = pad + tuple(min(x, n) for x, n in zip(t, grid)), True
+        layout, tiled = pad + check_tile(tile, grid), True
     return WindowSpec(ndim, pad + grid, win, radius, border, num_prefix, layout, tiled)
 
 
@@ -119,21 +102,7 @@ def _maximum(a, b):
 
 
 # ---------------------------------------------------------------------------------------------
-# Token layout: row-major coordinates <-> position in tile order.
-
-def tile_order_index(coords: Sequence[torch.Tensor], grid: Sequence[int], tile: Sequence[int]) -> torch.Tensor:
-    """Position in tile order (tiles row-major over the tile grid, row-major inside a tile; edge
-    tiles partial) of the tokens at 3D coordinates `coords` (int64 tensors)."""
-    n0, n1, n2 = grid
-    u0, u1, u2 = tile
-    x0, x1, x2 = coords
-    t0, t1, t2 = x0 // u0, x1 // u1, x2 // u2
-    h0 = torch.clamp(n0 - t0 * u0, max=u0)  # extents of the tile holding each token
-    h1 = torch.clamp(n1 - t1 * u1, max=u1)
-    h2 = torch.clamp(n2 - t2 * u2, max=u2)
-    before = t0 * u0 * n1 * n2 + h0 * (t1 * u1 * n2) + h0 * h1 * (t2 * u2)
-    return before + (x0 - t0 * u0) * h1 * h2 + (x1 - t1 * u1) * h2 + (x2 - t2 * u2)
-
+# Token layout: the stored order of the grid tokens (tile order itself is ops/layout/tiles.py).
 
 def grid_coords(spec: WindowSpec, device=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """3D coordinates of the grid tokens in the order they are stored (row-major or tile order)."""
@@ -147,19 +116,6 @@ def grid_coords(spec: WindowSpec, device=None) -> Tuple[torch.Tensor, torch.Tens
     for a in range(3):
         out[a][pos] = x[a]
     return tuple(out)
-
-
-def tile_permutation(grid: IntOrTuple, tile: IntOrTuple, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`(perm, inv)` int64 with `x_tiled = x[:, perm]` and `x = x_tiled[:, inv]` for grid tokens
-    (row-major -> tile order and back). Tiles are row-major over the tile grid, tokens row-major
-    inside a tile; edge tiles may be partial, so any grid and tile work."""
-    spec = make_spec(grid, window=1, tile=tile)
-    n0, n1, n2 = spec.grid
-    r = torch.arange(spec.num_grid, device=device, dtype=torch.int64)
-    inv = tile_order_index((r // (n1 * n2), (r // n2) % n1, r % n2), spec.grid, spec.tile)
-    perm = torch.empty_like(inv)
-    perm[inv] = r
-    return perm, inv
 
 
 def pair_count(spec: WindowSpec, num_extra: int = 0) -> int:

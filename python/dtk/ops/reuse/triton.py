@@ -1,4 +1,4 @@
-"""Triton kernels of the cache family (GPU): scatter_blend in two back-to-back launches that touch
+"""Triton kernels of the reuse family (GPU): scatter_blend in two back-to-back launches that touch
 each element once: the blend pass reads base and cache and writes out over all rows; the scatter
 pass then writes the fresh rows into cache and out (the fresh rows' blend is fresh itself:
 (1-lam)*fresh + lam*fresh). No host sync, no inverse map, no temporary."""
@@ -38,7 +38,10 @@ def _scatter(FRESH, IDX, CACHE, OUT, sib, N, n, C, BLOCK: tl.constexpr):
             tl.store(OUT + (b * N + r) * C + offs, f, mask=ok)
 
 
-def scatter_blend_triton(base, cache, fresh, index, lam, lam_per_batch):
+def scatter_blend_triton(base, cache, fresh, index, lam, lam_per_batch, blend_block: int = 1024,
+                         scatter_block: int = 1024):
+    """Launches both passes: `blend_block` elements per blend program, `scatter_block` (a power of
+    two) elements per step of a fresh row's copy (engine.py chooses both)."""
     B, N = base.shape[:2]
     n = fresh.shape[1]
     base_c = base.contiguous()
@@ -51,9 +54,8 @@ def scatter_blend_triton(base, cache, fresh, index, lam, lam_per_batch):
     lam_t = (lam_per_batch.to(device=base.device, dtype=torch.float32).reshape(B).contiguous()
              if lam_per_batch is not None else base_c)
     if B and per_batch:
-        BLOCK = 1024
-        _blend[(triton.cdiv(per_batch, BLOCK), B)](base_c, cache, out, lam_t, float(lam), per_batch,
-                                                   HAS_LAM=lam_per_batch is not None, BLOCK=BLOCK)
+        _blend[(triton.cdiv(per_batch, blend_block), B)](base_c, cache, out, lam_t, float(lam), per_batch,
+                                                         HAS_LAM=lam_per_batch is not None, BLOCK=blend_block)
     if B and n and C:
-        _scatter[(n, B)](fresh_c, idx, cache, out, sib, N, n, C, BLOCK=min(1024, triton.next_power_of_2(C)))
+        _scatter[(n, B)](fresh_c, idx, cache, out, sib, N, n, C, BLOCK=scatter_block)
     return out

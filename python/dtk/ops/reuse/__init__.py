@@ -1,4 +1,6 @@
-"""Cache and token-selection ops (SpotEdit's SpotFusion / SpotSelector, FreeSwim's reuse).
+"""Reuse ops: the cache and token-selection ops of feature reuse (SpotEdit's SpotFusion /
+SpotSelector, FreeSwim's reuse). The cache objects that hold reused features across steps are
+`dtk.cache` (KVCache, OutputCache, RefreshPolicy).
 
 Op schemas (csrc/dtk.cpp):
   scatter_blend(Tensor base, Tensor(a!) cache, Tensor fresh, Tensor index, float lam,
@@ -7,6 +9,10 @@ Op schemas (csrc/dtk.cpp):
   mask_to_index(Tensor mask, int? max_count, int num_prefix) -> (Tensor, Tensor)
   dilate_mask(Tensor mask, int iterations) -> Tensor
   prune_isolated(Tensor mask, int min_neighbors) -> Tensor
+
+Engines (engine.py): scatter_blend is C++ on the CPU (csrc/reuse/cpu.cpp) and Triton on CUDA
+(triton.py); the other ops are C++ compositions of ATen ops on every device. The references
+are reference.py.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from . import _register  # noqa: F401  (fake kernel and Triton CUDA kernel of scatter_blend)
+from . import engine
 from ._register import check_scatter_blend
 
 __all__ = ["scatter_blend", "token_change_score", "mask_to_index", "dilate_mask", "prune_isolated"]
@@ -41,7 +48,9 @@ def scatter_blend(base: torch.Tensor, cache: torch.Tensor, fresh: torch.Tensor, 
             lam_t = lam_t.expand(B)
         lam = 0.0
     check_scatter_blend(base, cache, fresh, index, float(lam), lam_t)
-    return torch.ops.dtk.scatter_blend(base, cache, fresh, index, float(lam), lam_t)
+    out = torch.ops.dtk.scatter_blend(base, cache, fresh, index, float(lam), lam_t)
+    engine.record("scatter_blend", base)
+    return out
 
 
 def token_change_score(features: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], pool: int = 2,
@@ -51,8 +60,10 @@ def token_change_score(features: Sequence[torch.Tensor], reference: Sequence[tor
     the first map's (h, w)); mean over the list; average-pool by ``pool``.
     Returns (B, h/pool, w/pool) float32 (float64 for float64 inputs); ``.flatten(1)`` gives one
     score per token in row-major order."""
-    return torch.ops.dtk.token_change_score(list(features), list(reference), int(pool),
-                                            None if size is None else list(size))
+    out = torch.ops.dtk.token_change_score(list(features), list(reference), int(pool),
+                                           None if size is None else list(size))
+    engine.record("token_change_score", features[0])
+    return out
 
 
 def mask_to_index(mask: torch.Tensor, *, max_count: Optional[int] = None,
@@ -67,15 +78,21 @@ def mask_to_index(mask: torch.Tensor, *, max_count: Optional[int] = None,
     holds the first n_max of them)."""
     if isinstance(mask, torch.Tensor) and mask.dim() == 3:
         mask = mask.flatten(1)
-    return torch.ops.dtk.mask_to_index(mask, max_count, int(num_prefix))
+    out = torch.ops.dtk.mask_to_index(mask, max_count, int(num_prefix))
+    engine.record("mask_to_index", mask)
+    return out
 
 
 def dilate_mask(mask: torch.Tensor, iterations: int = 1) -> torch.Tensor:
     """3x3 dilation of a (B, h, w) bool mask, ``iterations`` times."""
-    return torch.ops.dtk.dilate_mask(mask, int(iterations))
+    out = torch.ops.dtk.dilate_mask(mask, int(iterations))
+    engine.record("dilate_mask", mask)
+    return out
 
 
 def prune_isolated(mask: torch.Tensor, min_neighbors: int = 1) -> torch.Tensor:
     """Clears set tokens of a (B, h, w) bool mask with fewer than ``min_neighbors`` set tokens among
     their 8 neighbours (the default removes isolated tokens)."""
-    return torch.ops.dtk.prune_isolated(mask, int(min_neighbors))
+    out = torch.ops.dtk.prune_isolated(mask, int(min_neighbors))
+    engine.record("prune_isolated", mask)
+    return out

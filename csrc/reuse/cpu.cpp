@@ -1,9 +1,10 @@
-// Cache and token-selection ops (SpotEdit, FreeSwim).
+// Reuse (cache and token-selection) ops: SpotEdit, FreeSwim.
 //
-// scatter_blend: a fused one-pass CPU kernel (its GPU kernel is Triton, python/dtk/ops/cache/triton.py).
+// scatter_blend: a fused one-pass CPU kernel (its GPU kernel is Triton, python/dtk/ops/reuse/triton.py).
 // token_change_score, mask_to_index, dilate_mask, prune_isolated: device-generic ATen compositions
 // (CompositeExplicitAutograd: the same code runs on CPU, CUDA and meta tensors). mask_to_index is
 // built from cumsum + scatter only, so it never reads a value back to the host (no sync).
+#include "common/checks.h"
 #include "common/debug.h"
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -17,7 +18,7 @@
 #include <string_view>
 #include <vector>
 
-namespace dtk::cache {
+namespace dtk::reuse {
 namespace {
 
 using at::Tensor;
@@ -149,7 +150,7 @@ std::tuple<Tensor, Tensor> mask_to_index(const Tensor& mask, std::optional<int64
   const char* op = "dtk.mask_to_index";
   TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be a bool tensor, got ", mask.scalar_type());
   TORCH_CHECK(mask.dim() == 2, op, ": mask must be (B, N), got shape ", mask.sizes(), " (flatten the grid first)");
-  TORCH_CHECK(num_prefix >= 0, op, ": num_prefix must be >= 0, got ", num_prefix);
+  check_num_prefix(num_prefix);
   const int64_t B = mask.size(0), N = mask.size(1), P = num_prefix;
   const int64_t n_max = max_count.value_or(P + N);
   TORCH_CHECK(n_max >= 0, op, ": max_count must be >= 0, got ", n_max);
@@ -168,6 +169,7 @@ std::tuple<Tensor, Tensor> mask_to_index(const Tensor& mask, std::optional<int64
   return {index, count};
 }
 
+// A (B, h, w) bool mask, as a (B, 1, h, w) float map for the pooling ops (reuse's own check).
 Tensor check_mask3(const Tensor& mask, const char* op) {
   TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be a bool tensor, got ", mask.scalar_type());
   TORCH_CHECK(mask.dim() == 3, op, ": mask must be (B, h, w), got shape ", mask.sizes());
@@ -203,4 +205,4 @@ TORCH_LIBRARY_IMPL(dtk, CompositeExplicitAutograd, m) {
   m.impl("prune_isolated", &prune_isolated);
 }
 
-}  // namespace dtk::cache
+}  // namespace dtk::reuse

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dtk
-from dtk.ops.cache.reference import (dilate_mask_reference, mask_to_index_reference, prune_isolated_reference,
+from dtk.ops.reuse.reference import (dilate_mask_reference, mask_to_index_reference, prune_isolated_reference,
                                      scatter_blend_reference, token_change_score_reference)
 
 
@@ -53,7 +53,7 @@ def test_scatter_blend_empty_index():
                     reason="interpreter test (CPU only)")
 @pytest.mark.parametrize("per_batch", [False, True])
 def test_scatter_blend_triton(per_batch):
-    from dtk.ops.cache.triton import scatter_blend_triton
+    from dtk.ops.reuse.triton import scatter_blend_triton
     base, cache, fresh, index = _sb_inputs(torch.float16, tail=(40,))
     lam_t = torch.tensor([0.1, 0.9]) if per_batch else None
     ref, ref_cache = scatter_blend_reference(base, cache, fresh, index, lam_t if per_batch else 0.4)
@@ -171,3 +171,10 @@ def test_dilate_and_prune():
         dtk.prune_isolated(lone, 9)
     torch.library.opcheck(torch.ops.dtk.dilate_mask.default, (torch.rand(2, 5, 6) < 0.3, 2))
     torch.library.opcheck(torch.ops.dtk.prune_isolated.default, (torch.rand(2, 5, 6) < 0.5, 1))
+
+
+def test_last_engine_on_cpu():
+    base, cache, fresh, index = _sb_inputs(torch.float32)
+    dtk.scatter_blend(base, cache, fresh, index, 0.5)
+    dtk.dilate_mask(torch.zeros(1, 3, 3, dtype=torch.bool))
+    assert dtk.last_engine("scatter_blend") == "cpp" and dtk.last_engine("dilate_mask") == "cpp"

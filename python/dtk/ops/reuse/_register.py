@@ -1,6 +1,7 @@
-"""Python-side registrations of the cache ops: argument checks for the wrappers, fake (meta) kernel
-and Triton (CUDA) kernel of scatter_blend. Its CPU kernel is C++ (csrc/cache/cpu.cpp); the other
-cache ops are device-generic C++ compositions (CompositeExplicitAutograd) that need nothing here."""
+"""Python-side registrations of the reuse ops: argument checks for the wrappers, fake (meta) kernel
+and CUDA kernel (engine.py: Triton) of scatter_blend. Its CPU kernel is C++ (csrc/reuse/cpu.cpp);
+the other reuse ops are device-generic C++ compositions (CompositeExplicitAutograd) that need
+nothing here."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,9 +9,10 @@ import math
 
 import torch
 
-_LIB = "dtk::"
+from .._checks import readable
+from . import engine
 
-from .._checks import readable  # noqa: E402
+_LIB = "dtk::"
 
 
 def check_scatter_blend(base, cache, fresh, index, lam, lam_per_batch):
@@ -63,15 +65,10 @@ def _sb_fake(base, cache, fresh, index, lam, lam_per_batch):
     return torch.empty_like(base)
 
 
-def _register_cuda():
-    if importlib.util.find_spec("triton") is None:
-        return
-
-    @torch.library.register_kernel(_LIB + "scatter_blend", "cuda")
-    def _sb_cuda(base, cache, fresh, index, lam, lam_per_batch):
-        check_scatter_blend(base, cache, fresh, index, lam, lam_per_batch)
-        from .triton import scatter_blend_triton
-        return scatter_blend_triton(base, cache, fresh, index, lam, lam_per_batch)
+def _sb_cuda(base, cache, fresh, index, lam, lam_per_batch):
+    check_scatter_blend(base, cache, fresh, index, lam, lam_per_batch)
+    return engine.scatter_blend_cuda(base, cache, fresh, index, lam, lam_per_batch)
 
 
-_register_cuda()
+if importlib.util.find_spec("triton") is not None:
+    torch.library.register_kernel(_LIB + "scatter_blend", "cuda", _sb_cuda)

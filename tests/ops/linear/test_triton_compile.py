@@ -57,6 +57,8 @@ def _flags(kernel: str, dtype, D: int, Dv: int, cfg: dict) -> dict:
 def _cases(arch: int, dtype):
     for kernel, fn in lc.KERNELS.items():
         for D in (HEAD_DIMS if dtype == torch.bfloat16 else FP32_HEAD_DIMS):
+            if kernel.startswith("grad") and (kernel in ("grad_q", "grad_kv")) != lc.backward_whole_tiles(D, D):
+                continue   # the other backward path's kernel: not launched at this head dim
             for cfg in lc.launch_configs(kernel, D, D, dtype, gpu=True):
                 yield kernel, fn, D, cfg
 

@@ -84,7 +84,8 @@ def backward_whole_tiles(D: int, Dv: int) -> bool:
 def launch_configs(kernel: str, D: int, Dv: int, dtype: torch.dtype = torch.bfloat16, gpu: bool = True) -> list:
     """Every launch configuration the launcher of `kernel` (a key of KERNELS) may use for head dims
     D, Dv: dicts of the block-size constexprs plus num_warps and num_stages. On a GPU the list is
-    what the autotuner chooses from (a single entry: used as is); in the interpreter one entry."""
+    what the autotuner chooses from (a single entry: used as is); in the interpreter one entry.
+    The whole-tile backward kernels (grad_q, grad_kv) have none above backward_whole_tiles."""
     BLOCK_D = next_pow2(D)
     if kernel in ("state", "apply"):
         BLOCK_DV = min(next_pow2(Dv), 64 if BLOCK_D > 128 else 128)
@@ -92,9 +93,7 @@ def launch_configs(kernel: str, D: int, Dv: int, dtype: torch.dtype = torch.bflo
         if not backward_whole_tiles(D, Dv):
             return []
         BLOCK_DV = next_pow2(Dv)
-    elif kernel in ("grad_rows", "grad_s_wide", "grad_feature"):
-        if backward_whole_tiles(D, Dv):
-            return []
+    elif kernel in ("grad_rows", "grad_s_wide", "grad_feature"):   # any head dims (engine.py may force them)
         BLOCK_DV = min(next_pow2(Dv), 64 if BLOCK_D > 128 else 128)
     else:
         raise ValueError(f"unknown kernel {kernel!r}")

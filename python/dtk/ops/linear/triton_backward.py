@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .._linear_core import dtype_flags, lastdim, new_output
-from .._linear_core.triton import mm
+from .._linear_core.triton import mm as _mm
 from . import triton_common as common
 from .triton_common import launch as _launch
 from .launch import Launch, chunking, even_flags
@@ -44,7 +44,7 @@ def _grad_q_step(qb, gb, db, s0, end, sqs, sgs, sds, offs_d, offs_e, md, me, kv,
     g32 = g.to(tl.float32)
     if NORMALIZE:
         rden = 1.0 / (tl.sum(fq * z[None, :], 1) + eps)
-        num = mm(fq_op, kv, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), LOWP, IEEE)
+        num = _mm(fq_op, kv, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), LOWP, IEEE)
         ga = g32 * rden[:, None]
         gd = -tl.sum(g32 * num, 1) * rden * rden  # -(g . o) / den
     else:
@@ -53,11 +53,11 @@ def _grad_q_step(qb, gb, db, s0, end, sqs, sgs, sds, offs_d, offs_e, md, me, kv,
         ga_op = ga.to(g.dtype)
     else:
         ga_op = ga
-    gfq = mm(ga_op, kvt, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), LOWP, IEEE)
+    gfq = _mm(ga_op, kvt, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), LOWP, IEEE)
     if NORMALIZE:
         gfq += gd[:, None] * z[None, :]
         # dz += phi(q)^T gd as a (D x 16) dot sharing dS's operand
-        gz = mm(tl.trans(fq_op), _dot_columns(gd, g.dtype, LOWP), gz, LOWP, IEEE)
+        gz = _mm(tl.trans(fq_op), _dot_columns(gd, g.dtype, LOWP), gz, LOWP, IEEE)
     x = q.to(tl.float32)
     if HAS_SCALE:
         x = x * scale
@@ -65,7 +65,7 @@ def _grad_q_step(qb, gb, db, s0, end, sqs, sgs, sds, offs_d, offs_e, md, me, kv,
     if HAS_SCALE:
         dq = dq * scale
     _st(db + offs_m[:, None] * sds + offs_d[None, :], dq.to(db.dtype.element_ty), mm, md, MASK_M, not EVEN_D)
-    gS = mm(tl.trans(fq_op), ga_op, gS, LOWP, IEEE)
+    gS = _mm(tl.trans(fq_op), ga_op, gS, LOWP, IEEE)
     return gS, gz
 
 
@@ -133,11 +133,11 @@ def _grad_kv_step(kb, vb, dkb, dvb, s0, end, sks, svs, sdks, sdvs, offs_d, offs_
     k32 = k.to(tl.float32)
     fk = _phi(k32, FM)
     if LOWP:
-        gfk = mm(v, gSt, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), LOWP, IEEE)
-        gv = mm(fk.to(k.dtype), gS, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), LOWP, IEEE)
+        gfk = _mm(v, gSt, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), LOWP, IEEE)
+        gv = _mm(fk.to(k.dtype), gS, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), LOWP, IEEE)
     else:
-        gfk = mm(v.to(tl.float32), gSt, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), LOWP, IEEE)
-        gv = mm(fk, gS, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), LOWP, IEEE)
+        gfk = _mm(v.to(tl.float32), gSt, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), LOWP, IEEE)
+        gv = _mm(fk, gS, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), LOWP, IEEE)
     if NORMALIZE:
         gfk += gz[None, :]
     dk = gfk * _dphi(k32, FM)
@@ -211,7 +211,7 @@ def _grad_rows_step(qb, gb, wb, s0, end, sqs, sgs, sws, sl, offs_d, md, z, scale
         me = offs_e < DV
         g = _ld(gb + offs_m[:, None] * sgs + offs_e[None, :], mm, me, MASK_M, not EVEN_DV)
         s = tl.load(sl + offs_d[:, None] * DV + offs_e[None, :], mask=md[:, None] & me[None, :], other=0.0)
-        num = mm(fq_op, s, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), LOWP, IEEE)
+        num = _mm(fq_op, s, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), LOWP, IEEE)
         gdot += tl.sum(g.to(tl.float32) * num, 1)
     tl.store(wb + offs_m * sws, rden, mask=mm)
     tl.store(wb + offs_m * sws + 1, -gdot * rden * rden, mask=mm)   # gd = -(g . o) / den
@@ -265,9 +265,9 @@ def _grad_s_wide_step(qb, gb, wb, s0, end, sqs, sgs, sws, offs_d, offs_e, md, me
         ga = ga * tl.load(wb + offs_m * sws, mask=mm, other=0.0)[:, None]
         gz += tl.sum(fq * tl.load(wb + offs_m * sws + 1, mask=mm, other=0.0)[:, None], 0)
     if LOWP:
-        gS = mm(tl.trans(fq.to(q.dtype)), ga.to(g.dtype), gS, LOWP, IEEE)
+        gS = _mm(tl.trans(fq.to(q.dtype)), ga.to(g.dtype), gS, LOWP, IEEE)
     else:
-        gS = mm(tl.trans(fq), ga, gS, LOWP, IEEE)
+        gS = _mm(tl.trans(fq), ga, gS, LOWP, IEEE)
     return gS, gz
 
 
@@ -324,9 +324,9 @@ def _grad_feature_step(xb, yb, ob, wb, s0, end, sxs, sys_, sos, sws, tl_, offs_d
         x = _ld(xb + offs_m[:, None] * sxs + offs_e[None, :], mm, me, MASK_M, not EVEN_DV)
         t = tl.load(tl_ + offs_d[:, None] * DV + offs_e[None, :], mask=md[:, None] & me[None, :], other=0.0)
         if LOWP:
-            acc = mm(x, tl.trans(t), acc, LOWP, IEEE)
+            acc = _mm(x, tl.trans(t), acc, LOWP, IEEE)
         else:
-            acc = mm(x.to(tl.float32), tl.trans(t), acc, LOWP, IEEE)
+            acc = _mm(x.to(tl.float32), tl.trans(t), acc, LOWP, IEEE)
     if ROW_W:   # dq: (g @ S^T) / den + gd z
         acc = acc * tl.load(wb + offs_m * sws, mask=mm, other=0.0)[:, None]
         acc += tl.load(wb + offs_m * sws + 1, mask=mm, other=0.0)[:, None] * c[None, :]

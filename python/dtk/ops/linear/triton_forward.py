@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .._linear_core import dtype_flags, lastdim, new_output
-from .._linear_core.triton import mm
+from .._linear_core.triton import mm as _mm
 from . import triton_common as common
 from .triton_common import launch as _launch
 from .launch import Launch, chunking, even_flags
@@ -51,14 +51,14 @@ def _state_step(kb, vb, s0, end, sks, svs, offs_d, offs_e, md, me, acc, ks,
         fk = tl.where(ms[:, None], fk, 0.0)
     if LOWP:
         fk_op = fk.to(k.dtype)
-        acc = mm(tl.trans(fk_op), v, acc, LOWP, IEEE)
+        acc = _mm(tl.trans(fk_op), v, acc, LOWP, IEEE)
     else:
         fk_op = fk
-        acc = mm(tl.trans(fk_op), v.to(tl.float32), acc, LOWP, IEEE)
+        acc = _mm(tl.trans(fk_op), v.to(tl.float32), acc, LOWP, IEEE)
     # (padded feature columns hold phi(0) in both sums; they are never stored)
     if KS_DOT:  # column sums as one more small dot: phi(k)^T @ e0, e0 = ones in column 0 of 16
         e0 = (tl.arange(0, BLOCK_S)[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0)
-        ks = mm(tl.trans(fk_op), e0.to(fk_op.dtype), ks, LOWP, IEEE)
+        ks = _mm(tl.trans(fk_op), e0.to(fk_op.dtype), ks, LOWP, IEEE)
     else:       # a cross-thread reduction every step
         ks += tl.sum(fk, 0)
     return acc, ks
@@ -126,10 +126,10 @@ def _apply_step(qb, ob, s0, end, sqs, sos, offs_d, offs_e, md, me, kv, z, scale,
         fq_op = fq.to(q.dtype)
     else:
         fq_op = fq
-    out = mm(fq_op, kv, out, LOWP, IEEE)
+    out = _mm(fq_op, kv, out, LOWP, IEEE)
     if NORMALIZE:
         if DEN_DOT:  # z is a (BLOCK_D, 16) matrix here (see _apply_kernel): phi(q).z as a small dot
-            den = tl.sum(mm(fq_op, z, tl.zeros((BLOCK_M, 16), tl.float32), LOWP, IEEE), 1)
+            den = tl.sum(_mm(fq_op, z, tl.zeros((BLOCK_M, 16), tl.float32), LOWP, IEEE), 1)
         else:        # a cross-thread reduction per row
             den = tl.sum(fq * z[None, :], 1)
         rden = 1.0 / (den + eps)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .._linear_core import flag_args, lastdim, new_output
-from .._linear_core.triton import mm
+from .._linear_core.triton import mm as _mm
 
 
 @triton.jit
@@ -69,7 +69,7 @@ def _memo_out(Q, O, b, h, offs_s, offs_d, offs_e, ms, md, me, fk, v, mkv, mz, sq
     # 16-bit inputs (LOWP): both products on tensor cores (16-bit operands, fp32 accumulation). As
     # fp32 FMAs at these padded tiles they took 255 registers and ~1,000 FFMA per thread (ptxas), so
     # two 4-warp programs filled an SM (far below the copy bandwidth, benchmarks/RESULTS.md).
-    kv = mm(tl.trans(fk.to(v.dtype)), v, tl.zeros((BLOCK_D, BLOCK_DV), tl.float32), LOWP, IEEE)
+    kv = _mm(tl.trans(fk.to(v.dtype)), v, tl.zeros((BLOCK_D, BLOCK_DV), tl.float32), LOWP, IEEE)
     z = tl.sum(fk, 0)
     if HAS_MEM:
         kv += decay * mkv
@@ -80,10 +80,10 @@ def _memo_out(Q, O, b, h, offs_s, offs_d, offs_e, ms, md, me, fk, v, mkv, mz, sq
     pq = tl.exp(q - tl.max(q, 1)[:, None])
     fq = pq / tl.sum(pq, 1)[:, None] * qscale                              # softmax over features
     if LOWP:
-        num = mm(fq.to(Q.dtype.element_ty), kv.to(Q.dtype.element_ty), tl.zeros((BLOCK_S, BLOCK_DV), tl.float32),
+        num = _mm(fq.to(Q.dtype.element_ty), kv.to(Q.dtype.element_ty), tl.zeros((BLOCK_S, BLOCK_DV), tl.float32),
                   LOWP, IEEE)
     else:
-        num = mm(fq, kv, tl.zeros((BLOCK_S, BLOCK_DV), tl.float32), LOWP, IEEE)
+        num = _mm(fq, kv, tl.zeros((BLOCK_S, BLOCK_DV), tl.float32), LOWP, IEEE)
     den = tl.maximum(tl.sum(fq * z[None, :], 1), 1e-10)
     out = num / den[:, None]
     tl.store(O + b * sob + h * soh + offs_s[:, None] * sos + offs_e[None, :], out.to(O.dtype.element_ty),

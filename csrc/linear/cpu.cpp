@@ -59,7 +59,7 @@ using dtk::new_output;  // NaN-filled under DTK_DEBUG_NAN_FILL=1 (common/debug.h
 using Bounds = std::vector<std::pair<int64_t, int64_t>>;
 
 // Bounds of each packed sequence's queries (cu_seqlens over q) and keys (cu_seqlens_k over k, or
-// cu_seqlens when q and k share the packing, whose equal lengths check_qkv has checked).
+// cu_seqlens when q and k share the packing, whose equal lengths check_linear_inputs has checked).
 std::pair<Bounds, Bounds> packed_bounds(const Tensor& cu, const std::optional<Tensor>& cu_k, int64_t total_q,
                                         int64_t total_k, const char* op) {
   Bounds qb = check_cu_seqlens(cu, total_q, op, "cu_seqlens");

@@ -332,3 +332,23 @@ def test_gpu_entry_check_names_the_oversized_head_dim():
     assert not can_run_triton("linear_attention", q, q=64, v=257)
     with pytest.raises(ValueError, match=r"dtk.linear_attention: .*head dims up to 256, got v head dim 257"):
         can_run_triton("linear_attention", q, raise_error=True, q=64, v=257)
+
+
+def test_cpu_calls_record_the_cpp_engine():
+    q, k, v = _inputs(1, 6, 6, 2, 1, 8, 8, torch.float32)
+    dtk.linear_attention(q, k, v)
+    assert dtk.last_engine("linear_attention") == "cpp"
+    dtk.linear_attention_state(k, v)
+    assert dtk.last_engine("linear_attention_state") == "cpp"
+
+
+def test_launch_params_follow_the_settings():
+    """engine.launch_params reads dtk.config at the call; with autotune off a launcher gets only the
+    first candidate configuration."""
+    from dtk.ops.linear import engine
+    with dtk.config(linear_state_ks_by_dot=False, linear_apply_den_by_dot=False, linear_programs_per_sm=4,
+                    linear_state_atomic=False, autotune=False):
+        p = engine.launch_params()
+    assert (p.ks_dot, p.den_dot, p.programs_per_sm, p.atomic, p.autotune) == (False, False, 4, False, False)
+    assert len(p.candidates("state", 128, 128, torch.bfloat16, gpu=True)) == 1
+    assert len(engine.launch_params().candidates("state", 128, 128, torch.bfloat16, gpu=True)) > 1

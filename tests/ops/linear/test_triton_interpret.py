@@ -237,3 +237,9 @@ def test_packed_lengths_read_once_per_packing(D, separate_k, monkeypatch):
     reads.clear()
     tr.linear_attention_backward(torch.randn_like(q), q, k, v, "elu1", True, 1e-4, None, cu, cu_k)
     assert len(reads) == 1 + separate_k
+
+
+def test_engine_records_triton():
+    k, v = bshd(1, 8, 1, 16, torch.float32), bshd(1, 8, 1, 16, torch.float32)
+    tr.linear_attention_state(k, v)
+    assert dtk.last_engine("linear_attention_state") == "triton"

@@ -46,6 +46,8 @@ def can_run_triton(op: str, *tensors, raise_error: bool = False, **head_dims) ->
 
 
 def _serve(op: str, *tensors, **head_dims):
+    if not any(t is not None and t.is_cuda for t in tensors):
+        head_dims = {}   # the head-dim limit is the compiled kernels' (the interpreter takes any)
     can_run_triton(op, *tensors, raise_error=True, **head_dims)
     _config.record_engine(op, "triton")
     from . import triton

@@ -4,15 +4,16 @@ RESULTS.md).
 
 For each linear-attention shape it times, with autotuning off: the state kernel (reads k, v) and
 the apply kernel (reads q, writes o) alone at every configuration their launchers may choose, both
-ways each can reduce (``STATE_KS_BY_DOT``, ``APPLY_DEN_BY_DOT``), the whole op as shipped (autotuned) at 1, 2
-and 4 programs per SM (``PROGRAMS_PER_SM``), each with the chunks' sums combined by atomics or by
-slots and a torch sum (``STATE_ATOMIC``), the backward with whole-tile kernels against the wide
-ones (``backward_whole_tiles``) with each backward kernel's time (torch.profiler), and a device
-copy of the same bytes (the bandwidth floor). Each
+ways each can reduce (settings ``linear_state_ks_by_dot``, ``linear_apply_den_by_dot``), the whole
+op as shipped (autotuned) at 1, 2 and 4 programs per SM (``linear_programs_per_sm``), each with the
+chunks' sums combined by atomics or by slots and a torch sum (``linear_state_atomic``), the backward
+with whole-tile kernels against the wide ones (``backward_whole_tiles``) with each backward
+kernel's time (torch.profiler), and a device copy of the same bytes (the bandwidth floor). Each
 variant's output is compared with the default variant's (a miscompiled configuration
 shows as a large difference); GB/s count the minimum traffic (each input read once, the output
 written once). For MEMO's clip step it times the default launch against ``MEMO_STEP_VARIANTS``
-(several clips per program).
+(several clips per program). The settings are set in ``dtk.config`` scopes; the calls go through
+the families' engine modules, as the ops' CUDA kernels do.
 
     python -m benchmarks.linear_sweep                       # every shape below
     python -m benchmarks.linear_sweep --shape flux4k-* --json lsweep.json
@@ -24,7 +25,10 @@ from contextlib import contextmanager
 
 import torch
 
-from dtk.ops.linear import triton as lt
+import dtk
+from dtk.ops.linear import engine as le
+from dtk.ops.linear import launch as lt
+from dtk.ops.memo import engine as me
 
 from . import sweep_cli
 from .cases.linear import GPU_SHAPES
@@ -35,7 +39,8 @@ SHAPES = [s for s in GPU_SHAPES if s.name in ("flux4k-S66048-H24-d128", "sd15-40
 
 @contextmanager
 def _forced(kernel, cfg):
-    """launch_configs returns only `cfg` for `kernel` (autotuning off), the real list otherwise."""
+    """launch_configs returns only `cfg` for `kernel` (autotuning off), the real list otherwise (the
+    engine reads launch.launch_configs at each call)."""
     real = lt.launch_configs
     lt.launch_configs = lambda name, *a, **kw: [cfg] if name == kernel else real(name, *a, **kw)
     try:
@@ -58,17 +63,17 @@ def sweep_memo(shape, out: list, device="cuda", dtype=torch.bfloat16):
     def record(name, fn, ref=None):
         return timed_row(rows, shape.name, name, fn, ref, lambda ms: ("gbs", nbytes / ms / 1e6, "GB/s"))
 
-    def step():
-        out, nkv, nz = lt.memory_linear_attention_step_triton(q, k, v, mkv, mz, 0.9)
+    def step(cfg=None):
+        out, nkv, nz = me.memory_linear_attention_step(q, k, v, mkv, mz, 0.9, cfg=cfg)
         return torch.cat([out.float().flatten(), nkv.flatten(), nz.flatten()])
     src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     record("copy (same bytes)", lambda: dst.copy_(src))
     ref = record("memory_step default", step)
-    base = lt.launch_configs("memory_step", shape.D, shape.D, dtype, frames=shape.S)[0]
-    for clips, warps, stages in lt.MEMO_STEP_VARIANTS:
-        with _forced("memory_step", dict(base, CLIPS=clips, num_warps=warps, num_stages=stages)):
-            record(f"memory_step clips={clips} w{warps} s{stages}", step, ref)
+    base = me.launch_config("memory_step", shape.D, shape.D, frames=shape.S)
+    for clips, warps, stages in me.MEMO_STEP_VARIANTS:
+        cfg = dict(base, CLIPS=clips, num_warps=warps, num_stages=stages)
+        record(f"memory_step clips={clips} w{warps} s{stages}", lambda cfg=cfg: step(cfg), ref)
     out.extend(rows)
 
 
@@ -86,57 +91,45 @@ def sweep(shape, out: list, device="cuda", dtype=torch.bfloat16):
 
     src = q.clone()
     record("copy (same bytes as one kernel)", lambda: src.copy_(q), half)
-    out_ref = record("op as shipped (autotuned)", lambda: lt.linear_attention_triton(q, k, v), 2 * half)
-    state = lt.linear_attention_state_triton(k, v)
+    out_ref = record("op as shipped (autotuned)", lambda: le.linear_attention(q, k, v), 2 * half)
+    state = le.linear_attention_state(k, v)
 
     def state_fn():   # both sums of the state, compared with the default's
-        kv, ks, _ = lt.linear_attention_state_triton(k, v)
+        kv, ks, _ = le.linear_attention_state(k, v)
         return torch.cat([kv.flatten(), ks.flatten()])
 
     def apply_fn():
-        return lt.linear_attention_apply_triton(q, *state)
+        return le.linear_attention_apply(q, *state)
     # each kernel alone: both ways it reduces, every launch configuration its launcher may choose
-    for kernel, flag, fn, ref in (("state", "STATE_KS_BY_DOT", state_fn, state_fn()),
-                                  ("apply", "APPLY_DEN_BY_DOT", apply_fn, out_ref)):
-        default = getattr(lt, flag)
-        try:
-            for on in (True, False):
-                setattr(lt, flag, on)
+    # (the row names keep the former switch names)
+    for kernel, flag, setting, fn, ref in (
+            ("state", "STATE_KS_BY_DOT", "linear_state_ks_by_dot", state_fn, state_fn()),
+            ("apply", "APPLY_DEN_BY_DOT", "linear_apply_den_by_dot", apply_fn, out_ref)):
+        for on in (True, False):
+            with dtk.config(**{setting: on}):
                 for cfg in lt.launch_configs(kernel, shape.D, shape.D, q.dtype):
                     with _forced(kernel, cfg):
-                        record(f"{kernel} {flag}={int(on)} {cfg[lt._ROW_NAME[kernel]]} w{cfg['num_warps']}"
+                        record(f"{kernel} {flag}={int(on)} {cfg[lt.ROW_NAME[kernel]]} w{cfg['num_warps']}"
                                f" s{cfg['num_stages']}", fn, half, ref)
-        finally:
-            setattr(lt, flag, default)
     # how finely the sequence is split (the state kernel's atomics against parallelism), and how
     # the chunks' sums combine (atomics, or slots and a torch sum)
-    default_split, atomic = lt.PROGRAMS_PER_SM, lt.STATE_ATOMIC
-    try:
-        for per_sm in (1, 2, 4):
-            lt.PROGRAMS_PER_SM = per_sm
-            for combine in (True, False):
-                lt.STATE_ATOMIC = combine
+    for per_sm in (1, 2, 4):
+        for combine in (True, False):
+            with dtk.config(linear_programs_per_sm=per_sm, linear_state_atomic=combine):
                 record(f"op as shipped, PROGRAMS_PER_SM={per_sm}, STATE_ATOMIC={int(combine)}",
-                       lambda: lt.linear_attention_triton(q, k, v), 2 * half, out_ref)
-    finally:
-        lt.PROGRAMS_PER_SM, lt.STATE_ATOMIC = default_split, atomic
+                       lambda: le.linear_attention(q, k, v), 2 * half, out_ref)
     # the backward: whole D x Dv tiles (one q-side pass; at D = 128 its sm_90a build spills inside
     # the loop) against the wide kernels (three q-side passes, Dv blocks, no spills), when both serve
     if lt.backward_whole_tiles(shape.D, shape.D):
         g = torch.randn_like(q)
 
-        def backward():
-            return torch.cat([x.flatten() for x in lt.linear_attention_backward_triton(g, q, k, v)])
+        def backward(wide=False):
+            return torch.cat([x.flatten() for x in le.linear_attention_backward(g, q, k, v, wide=wide)])
         # traffic: q k v g read, dq dk dv written, once each
         ref = record("backward whole tiles", backward, 4 * half)
         _kernel_rows(shape.name, "backward whole tiles", backward, rows)
-        whole = lt.backward_whole_tiles
-        lt.backward_whole_tiles = lambda D, Dv: False
-        try:
-            record("backward wide kernels", backward, 4 * half, ref)
-            _kernel_rows(shape.name, "backward wide kernels", backward, rows)
-        finally:
-            lt.backward_whole_tiles = whole
+        record("backward wide kernels", lambda: backward(True), 4 * half, ref)
+        _kernel_rows(shape.name, "backward wide kernels", lambda: backward(True), rows)
     out.extend(rows)
 
 

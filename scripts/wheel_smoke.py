@@ -133,6 +133,7 @@ def _layout():
 
 def run_linear(device="cpu", dtypes=(torch.float64, torch.float32), tol=None):
     from dtk.ops.linear import reference as R
+    from dtk.ops.memo import reference as MR
     for dtype in dtypes:
         t = tol or (1e-9 if dtype == torch.float64 else 2e-5)
         mk = lambda *s: torch.randn(*s, dtype=torch.float64).to(device=device, dtype=dtype)  # noqa: E731
@@ -154,13 +155,13 @@ def run_linear(device="cpu", dtypes=(torch.float64, torch.float32), tol=None):
               R.linear_attention_reference(d(qp), d(kp), d(vp), cu_seqlens=cu.cpu()), t, f"linear_attention varlen {dtype}")
         mq, mk_, mv = mk(64, 16, 2, 40), mk(64, 16, 2, 40), mk(64, 16, 2, 40)
         out, state = dtk.memory_linear_attention(mq, mk_, mv)
-        close(out.cpu(), R.memory_linear_attention_reference(d(mq), d(mk_), d(mv)), t, f"memory_linear_attention {dtype}")
+        close(out.cpu(), MR.memory_linear_attention_reference(d(mq), d(mk_), d(mv)), t, f"memory_linear_attention {dtype}")
         out2, state2 = dtk.memory_linear_attention(mq, mk_, mv, state, update_with=4)
-        rkv, rz = R.memory_update_reference(d(mk_), d(mv))
-        close(out2.cpu(), R.memory_linear_attention_reference(d(mq), d(mk_), d(mv), rkv, rz), t,
+        rkv, rz = MR.memory_update_reference(d(mk_), d(mv))
+        close(out2.cpu(), MR.memory_linear_attention_reference(d(mq), d(mk_), d(mv), rkv, rz), t,
               f"memory_linear_attention with state {dtype}")
         kv, z = dtk.memory_linear_attention_update(mk_, mv, state)
-        rkv2, rz2 = R.memory_update_reference(d(mk_), d(mv), rkv, rz)
+        rkv2, rz2 = MR.memory_update_reference(d(mk_), d(mv), rkv, rz)
         close(kv.cpu(), rkv2, t, f"memory_linear_attention_update kv {dtype}")
         close(z.cpu(), rz2, t, f"memory_linear_attention_update z {dtype}")
 
@@ -179,7 +180,7 @@ def _linear_grad():
     want = torch.autograd.grad(linear_attention_reference(q, k, v), (q, k, v), g)
     for a, b, n in zip(got, want, "qkv"):
         close(a, b, 1e-9, f"d{n}")
-    from dtk.ops.linear.reference import memory_linear_attention_reference
+    from dtk.ops.memo.reference import memory_linear_attention_reference
     mem = (torch.rand(1, 2, 8, 8, dtype=torch.float64, requires_grad=True),
            (torch.rand(1, 2, 8, dtype=torch.float64) + 0.1).requires_grad_())
     got = torch.autograd.grad(dtk.memory_linear_attention(q, k, v, mem, update_with=False)[0], (q, k, v, *mem), g)
@@ -332,11 +333,11 @@ def _main():
 # must be set before Triton is imported). Proves the shipped Triton sources import and compute.
 _INTERPRET = r"""
 import math, torch, dtk
-from dtk.ops.linear import triton as LT, reference as LR
+from dtk.ops.linear import engine as LT, reference as LR
 from dtk.ops.window import triton as WT, reference as WR
 from dtk.ops.window.spec import make_spec
 q, k, v = (torch.randn(1, 33, 2, 32) for _ in range(3))
-o = LT.linear_attention_triton(q, k, v)
+o = LT.linear_attention(q, k, v)
 r = LR.linear_attention_reference(q.double(), k.double(), v.double())
 assert (o.double() - r).abs().max().item() < 1e-4, "linear triton"
 spec = make_spec((5, 6), (3, 3), None, "inward", 2, None)

@@ -9,7 +9,7 @@ Implementations, on the same tensors:
                and its update); checked.
   sdpa         dense softmax attention (SDPA, torch's backend choice) on the same q, k, v: the cost
                of the attention that linear attention replaces (a different function: not checked).
-  sdpa-cudnn   the same with the cuDNN backend (GPU only; the fastest dense backend, DESIGN §5).
+  sdpa-cudnn   the same with the cuDNN backend (GPU only; the fastest dense backend, docs/benchmarks.md).
   fla-causal   flash-linear-attention's chunk_linear_attn (optional peer, when importable; Triton,
                GPU only) on the same elu+1 features, applied in the timed call. fla has no
                non-causal form, so this is the causal function (more work than the op): it is
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from dtk.ops.linear import reference as R
+from dtk.ops.memo import reference as MR
 
 from ..registry import Case, CheckResult, Impl, Prepared, Skip, first_call, probe, register
 
@@ -61,7 +62,7 @@ CPU_SHAPES = [
     LinearShape("memo-512x16-H2-d40", 512, 16, 2, 40, kind="memo", note="pixels x heads = 1,024, 16 frames"),
 ]
 
-# --gpu set (bf16): DESIGN §4 / the linear-attention issue. SD1.5's UNet pairs head dims with
+# --gpu set (bf16): docs/benchmarks.md. SD1.5's UNet pairs head dims with
 # resolutions: d40 at the full latent, d80 at 1/2, d160 at 1/4 (8 heads everywhere); B=2 (CFG).
 GPU_SHAPES = [
     LinearShape("flux4k-S66048-H24-d128", 1, 66048, 24, 128, note="FLUX-4K-like: 256^2 image + 512 text tokens"),
@@ -148,8 +149,8 @@ def reference(state, dtype):
     q = (q if rows is None else q.index_select(1, rows)).to(dtype)
     if state["shape"].kind == "memo":
         mkv, mz = state["mem_kv"].to(dtype), state["mem_z"].to(dtype)
-        out = R.memory_linear_attention_reference(q, k, v, mkv, mz, DECAY)
-        new_kv, new_z = R.memory_update_reference(k, v, mkv, mz, DECAY)
+        out = MR.memory_linear_attention_reference(q, k, v, mkv, mz, DECAY)
+        new_kv, new_z = MR.memory_update_reference(k, v, mkv, mz, DECAY)
         return [out, new_kv, new_z]
     kv_sum, k_sum, count = R.linear_attention_state_reference(k, v)
     return [R.linear_attention_apply_reference(q, kv_sum, k_sum, count, eps=EPS)]
@@ -181,7 +182,7 @@ def causal_reference(state, dtype):
 
 
 def _compare(state, out, ref_fn, against: str) -> CheckResult:
-    """DESIGN §6 rule: error vs the float64 reference `ref_fn(state, float64)` <= 2 x (error of
+    """The correctness rule of docs/testing.md: error vs the float64 reference `ref_fn(state, float64)` <= 2 x (error of
     `ref_fn` computed in the run's dtype) + atol, on every output (MEMO: out, new kv, new z); NaN
     anywhere fails. References are cached in the state, per ref_fn."""
     shape: LinearShape = state["shape"]
@@ -336,7 +337,8 @@ def make_setup(shape: LinearShape):
             # a carried memory, as after earlier clips: the update of random past frames, in float32
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             kp, vp = torch.randn(B, S, H, D, device=device, dtype=acc), torch.randn(B, S, H, Dv, device=device, dtype=acc)
-            state["mem_kv"], state["mem_z"] = R.memory_update_reference(kp, vp, decay=DECAY)
+            mem = MR.memory_update_reference(kp, vp, decay=DECAY)
+            state["mem_kv"], state["mem_z"] = mem
         return state
     return setup
 

@@ -1,9 +1,11 @@
-// CPU kernels of the linear-attention family (LinFusion, MEMO), registered for the CPU key.
+// CPU kernels of the linear-attention family (LinFusion), registered for the CPU key (MEMO's are in
+// csrc/memo/cpu.cpp).
 //
 // Every op is "state reduction, then apply": the state phi(k)^T v (D x Dv) and sum phi(k) (D) are
 // accumulated per (sequence, kv head) with batched GEMMs in float32 (float64 for float64 inputs),
 // then each query row reads it. Packed sequences (cu_seqlens for q, cu_seqlens_k for k and v when
 // they are packed apart) are processed one at a time.
+#include "common/checks.h"
 #include "common/debug.h"
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -54,52 +56,15 @@ at::ScalarType acc_type(const Tensor& t) {
 
 using dtk::new_output;  // NaN-filled under DTK_DEBUG_NAN_FILL=1 (common/debug.h)
 
-// `device`: the CPU for the CPU kernels; the first input's device for the MEMO backward kernels,
-// which serve any device (the dispatcher also sends them mixed CPU / CUDA arguments).
-void check_float(const Tensor& t, const char* op, const char* name, at::Device device = at::kCPU) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
-              t.scalar_type());
-  if (device.is_cpu()) {
-    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU for this kernel, got ", t.device());
-  } else {
-    TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, " with the other inputs, got ", t.device());
-  }
-}
-
-void check_bshd(const Tensor& t, const char* op, const char* name, at::Device device = at::kCPU) {
-  check_float(t, op, name, device);
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be (B, S, H, D), got shape ", t.sizes());
-}
-
 using Bounds = std::vector<std::pair<int64_t, int64_t>>;
 
-// [start, end) of each packed sequence; validates cu (the argument `name`) against the packed length.
-Bounds seq_bounds(const Tensor& cu, int64_t total, const char* op, const char* name = "cu_seqlens") {
-  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2, op, ": ", name, " must be 1-D with at least 2 entries, got shape ",
-              cu.sizes());
-  TORCH_CHECK(cu.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", cu.scalar_type());
-  Tensor c = cu.to(at::kCPU, at::kLong).contiguous();
-  const int64_t* p = c.data_ptr<int64_t>();
-  const int64_t n = c.numel();
-  TORCH_CHECK(p[0] == 0, op, ": ", name, " must start at 0, got ", p[0]);
-  Bounds out;
-  out.reserve(n - 1);
-  for (int64_t i = 1; i < n; ++i) {
-    TORCH_CHECK(p[i] >= p[i - 1], op, ": ", name, " must be non-decreasing, got ", p[i - 1], " then ", p[i],
-                " at index ", i);
-    out.emplace_back(p[i - 1], p[i]);
-  }
-  TORCH_CHECK(p[n - 1] == total, op, ": ", name, " must end at the packed length ", total, ", got ", p[n - 1]);
-  return out;
-}
-
 // Bounds of each packed sequence's queries (cu_seqlens over q) and keys (cu_seqlens_k over k, or
-// cu_seqlens when q and k share the packing, whose equal lengths check_qkv has checked).
+// cu_seqlens when q and k share the packing, whose equal lengths check_linear_inputs has checked).
 std::pair<Bounds, Bounds> packed_bounds(const Tensor& cu, const std::optional<Tensor>& cu_k, int64_t total_q,
                                         int64_t total_k, const char* op) {
-  Bounds qb = seq_bounds(cu, total_q, op);
+  Bounds qb = check_cu_seqlens(cu, total_q, op, "cu_seqlens");
   if (!cu_k) return {qb, qb};
-  Bounds kb = seq_bounds(*cu_k, total_k, op, "cu_seqlens_k");
+  Bounds kb = check_cu_seqlens(*cu_k, total_k, op, "cu_seqlens_k");
   TORCH_CHECK(kb.size() == qb.size(), op, ": cu_seqlens_k must describe as many sequences as cu_seqlens (",
               qb.size(), "), got ", kb.size());
   return {std::move(qb), std::move(kb)};
@@ -182,19 +147,11 @@ std::tuple<Tensor, Tensor, Tensor> backward_dense(const Tensor& g, const Tensor&
   return {dq, dk, gv.permute({0, 2, 1, 3})};
 }
 
-void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& cu,
-               const std::optional<Tensor>& cu_k, const char* op, at::Device device = at::kCPU) {
-  check_bshd(q, op, "q", device);
-  check_bshd(k, op, "k", device);
-  check_bshd(v, op, "v", device);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), op, ": q, k and v must have the same batch size");
-  TORCH_CHECK(k.size(3) == q.size(3), op, ": k must have q's head dim ", q.size(3), ", got ", k.size(3));
-  TORCH_CHECK(v.size(1) == k.size(1) && v.size(2) == k.size(2), op,
-              ": v must match k in sequence length and heads, got v ", v.sizes(), " and k ", k.sizes());
-  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, op, ": the heads of q (", q.size(2),
-              ") must be a multiple of the heads of k (", k.size(2), ")");
+// The inputs of linear_attention[_backward]: q, k, v (GQA) on the CPU and their packings (cu_seqlens
+// packs q, and k and v too unless cu_seqlens_k packs them).
+void check_linear_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& cu,
+                         const std::optional<Tensor>& cu_k, const char* op) {
+  check_qkv_gqa(q, k, v, op, at::kCPU);
   TORCH_CHECK(!cu_k || cu, op, ": cu_seqlens_k (the packing of k and v) needs cu_seqlens (the packing of q)");
   if (cu) {
     TORCH_CHECK(q.size(0) == 1, op, ": with cu_seqlens, q, k and v must be packed as (1, total, H, D)");
@@ -212,7 +169,7 @@ Tensor linear_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v, s
   constexpr const char* op = "dtk.linear_attention";
   const FeatureMap fm = parse_feature_map(feature_map, op);
   TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
-  check_qkv(q, k, v, cu_seqlens, cu_seqlens_k, op);
+  check_linear_inputs(q, k, v, cu_seqlens, cu_seqlens_k, op);
   const auto acc = acc_type(q);
   if (!cu_seqlens) {
     auto [kv, ks] = state_dense(k, v, fm, acc);
@@ -240,7 +197,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_attention_backward_cpu(
     const std::optional<Tensor>& cu_seqlens_k) {
   constexpr const char* op = "dtk.linear_attention_backward";
   const FeatureMap fm = parse_feature_map(feature_map, op);
-  check_qkv(q, k, v, cu_seqlens, cu_seqlens_k, op);
+  check_linear_inputs(q, k, v, cu_seqlens, cu_seqlens_k, op);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == q.size(0) && grad_out.size(1) == q.size(1) &&
                   grad_out.size(2) == q.size(2) && grad_out.size(3) == v.size(3),
               op, ": grad_out must have the output's shape");
@@ -273,18 +230,14 @@ std::tuple<Tensor, Tensor, Tensor> linear_attention_state_cpu(const Tensor& k, c
                                                               const std::optional<Tensor>& cu_seqlens) {
   constexpr const char* op = "dtk.linear_attention_state";
   const FeatureMap fm = parse_feature_map(feature_map, op);
-  check_bshd(k, op, "k");
-  check_bshd(v, op, "v");
-  TORCH_CHECK(v.scalar_type() == k.scalar_type(), op, ": k and v must share a dtype");
-  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2), op,
-              ": v must match k in batch, sequence length and heads, got v ", v.sizes(), " and k ", k.sizes());
+  check_kv_on(k, v, op, "sequence length", at::kCPU);
   const auto acc = acc_type(k);
   if (!cu_seqlens) {
     auto [kv, ks] = state_dense(k, v, fm, acc);
     return {kv.contiguous(), ks.contiguous(), at::full({k.size(0)}, k.size(1), k.options().dtype(at::kLong))};
   }
   TORCH_CHECK(k.size(0) == 1, op, ": with cu_seqlens, k and v must be packed as (1, total, H, D)");
-  auto bounds = seq_bounds(*cu_seqlens, k.size(1), op);
+  auto bounds = check_cu_seqlens(*cu_seqlens, k.size(1), op, "cu_seqlens");
   const int64_t n = static_cast<int64_t>(bounds.size()), H = k.size(2), D = k.size(3), Dv = v.size(3);
   Tensor kv = at::zeros({n, H, D, Dv}, k.options().dtype(acc));
   Tensor ks = at::zeros({n, H, D}, k.options().dtype(acc));
@@ -306,7 +259,7 @@ Tensor linear_attention_apply_cpu(const Tensor& q, const Tensor& kv_sum, const T
   constexpr const char* op = "dtk.linear_attention_apply";
   const FeatureMap fm = parse_feature_map(feature_map, op);
   TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
-  check_bshd(q, op, "q");
+  check_bshd_on(q, op, "q", at::kCPU);
   TORCH_CHECK(kv_sum.dim() == 4 && kv_sum.size(2) == q.size(3), op,
               ": kv_sum must be (B, H_kv, D, Dv) with q's head dim, got ", kv_sum.sizes());
   const int64_t Bs = kv_sum.size(0), Hkv = kv_sum.size(1);
@@ -321,7 +274,7 @@ Tensor linear_attention_apply_cpu(const Tensor& q, const Tensor& kv_sum, const T
     return apply_dense(q, kv_sum, k_sum, count, fm, normalize, eps, scale, acc).to(q.scalar_type()).contiguous();
   }
   TORCH_CHECK(q.size(0) == 1, op, ": with cu_seqlens, q must be packed as (1, total, H, D)");
-  auto bounds = seq_bounds(*cu_seqlens, q.size(1), op);
+  auto bounds = check_cu_seqlens(*cu_seqlens, q.size(1), op, "cu_seqlens");
   TORCH_CHECK(static_cast<int64_t>(bounds.size()) == Bs, op, ": cu_seqlens describes ", bounds.size(),
               " sequences but the state has ", Bs);
   Tensor out = new_output({1, q.size(1), q.size(2), kv_sum.size(3)}, q.options());
@@ -335,195 +288,13 @@ Tensor linear_attention_apply_cpu(const Tensor& q, const Tensor& kv_sum, const T
   return out;
 }
 
-void check_memory(const std::optional<Tensor>& mem_kv, const std::optional<Tensor>& mem_z, int64_t B, int64_t H,
-                  int64_t D, int64_t Dv, const char* op, at::Device device = at::kCPU) {
-  TORCH_CHECK(mem_kv.has_value() == mem_z.has_value(), op, ": mem_kv and mem_z must be given together");
-  if (!mem_kv) return;
-  check_float(*mem_kv, op, "mem_kv", device);
-  check_float(*mem_z, op, "mem_z", device);
-  TORCH_CHECK(mem_kv->dim() == 4 && mem_kv->size(0) == B && mem_kv->size(1) == H && mem_kv->size(2) == D &&
-                  mem_kv->size(3) == Dv,
-              op, ": mem_kv must be (B, H, D, Dv) = (", B, ", ", H, ", ", D, ", ", Dv, "), got ", mem_kv->sizes());
-  TORCH_CHECK(mem_z->dim() == 3 && mem_z->size(0) == B && mem_z->size(1) == H && mem_z->size(2) == D, op,
-              ": mem_z must be (B, H, D) = (", B, ", ", H, ", ", D, "), got ", mem_z->sizes());
-}
-
-// q, k, v (B, S, H, D) of one clip (same frames and heads) and its optional memory.
-void check_memo(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mem_kv,
-                const std::optional<Tensor>& mem_z, const char* op, at::Device device = at::kCPU) {
-  check_qkv(q, k, v, std::nullopt, std::nullopt, op, device);
-  TORCH_CHECK(k.size(2) == q.size(2), op, ": q, k and v must have the same number of heads");
-  TORCH_CHECK(k.size(1) == q.size(1), op, ": q and k must have the same number of frames");
-  check_memory(mem_kv, mem_z, q.size(0), q.size(2), q.size(3), v.size(3), op, device);
-}
-
-Tensor memory_linear_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
-                                   const std::optional<Tensor>& mem_kv, const std::optional<Tensor>& mem_z,
-                                   double decay) {
-  constexpr const char* op = "dtk.memory_linear_attention";
-  check_memo(q, k, v, mem_kv, mem_z, op);
-  const int64_t D = q.size(3);
-  const auto acc = acc_type(q);
-  Tensor fq = (at::softmax(q.to(acc), -1) * (1.0 / std::sqrt(static_cast<double>(D)))).permute({0, 2, 1, 3});
-  Tensor fk = at::softmax(k.to(acc), 1).permute({0, 2, 3, 1});     // B,H,D,S
-  Tensor va = v.to(acc).permute({0, 2, 1, 3});                      // B,H,S,Dv
-  Tensor kv = at::matmul(fk, va);
-  Tensor z = fk.sum(-1);
-  if (mem_kv) {
-    kv = kv + decay * mem_kv->to(acc);
-    z = z + decay * mem_z->to(acc);
-  }
-  Tensor out = at::matmul(fq, kv) / at::matmul(fq, z.unsqueeze(-1)).clamp_min(1e-10);
-  return out.permute({0, 2, 1, 3}).to(q.scalar_type()).contiguous();
-}
-
-std::tuple<Tensor, Tensor> memory_linear_attention_update_cpu(const Tensor& k, const Tensor& v,
-                                                              const std::optional<Tensor>& mem_kv,
-                                                              const std::optional<Tensor>& mem_z, double decay) {
-  constexpr const char* op = "dtk.memory_linear_attention_update";
-  check_bshd(k, op, "k");
-  check_bshd(v, op, "v");
-  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2), op,
-              ": v must match k in batch, frames and heads, got v ", v.sizes(), " and k ", k.sizes());
-  check_memory(mem_kv, mem_z, k.size(0), k.size(2), k.size(3), v.size(3), op);
-  const auto acc = acc_type(k);
-  const int64_t n = k.size(1);
-  // w_j = decay^(n-1-j)
-  Tensor w = at::pow(at::full({}, decay, k.options().dtype(acc)),
-                     at::arange(n - 1, -1, -1, k.options().dtype(acc)))
-                 .view({1, n, 1, 1});
-  Tensor fk = (at::softmax(k.to(acc), 1) * w).permute({0, 2, 3, 1});  // B,H,D,n
-  Tensor va = (v.to(acc) * w).permute({0, 2, 1, 3});
-  Tensor kv = at::matmul(fk, va);
-  Tensor z = fk.sum(-1);
-  if (mem_kv) {
-    const double dn = std::pow(decay, static_cast<double>(n));
-    kv = kv + dn * mem_kv->to(acc);
-    z = z + dn * mem_z->to(acc);
-  }
-  return {kv.contiguous(), z.contiguous()};
-}
-
-// The CPU step is the two ops (the fusion saves GPU memory traffic); checked first so that errors
-// name this op.
-std::tuple<Tensor, Tensor, Tensor> memory_linear_attention_step_cpu(const Tensor& q, const Tensor& k,
-                                                                    const Tensor& v,
-                                                                    const std::optional<Tensor>& mem_kv,
-                                                                    const std::optional<Tensor>& mem_z,
-                                                                    double decay) {
-  constexpr const char* op = "dtk.memory_linear_attention_step";
-  check_memo(q, k, v, mem_kv, mem_z, op);
-  TORCH_CHECK(decay >= 0 && decay <= 1, op, ": decay must be in [0, 1], got ", decay);
-  auto [kv, z] = memory_linear_attention_update_cpu(k, v, mem_kv, mem_z, decay);
-  return {memory_linear_attention_cpu(q, k, v, mem_kv, mem_z, decay), kv, z};
-}
-
-// MEMO backward: the forward's few batched GEMMs differentiated by hand, in opmath, with ATen
-// ops only, so the same code serves CPU and CUDA tensors (registered CompositeExplicitAutograd;
-// the GEMMs are (S ~ 16) x D x Dv per (batch, head), where cuBLAS' batched GEMM is the kernel).
-
-// Gradient of x = softmax(logits, dim) given y = softmax and dy: y * (dy - sum(y * dy)).
-Tensor softmax_grad(const Tensor& y, const Tensor& dy, int64_t dim) { return y * (dy - (y * dy).sum(dim, true)); }
-
-Tensor empty_grad(const Tensor& like) { return at::empty({0}, like.options()); }
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> memory_linear_attention_backward_any(
-    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mem_kv,
-    const std::optional<Tensor>& mem_z, double decay) {
-  constexpr const char* op = "dtk.memory_linear_attention_backward";
-  check_memo(q, k, v, mem_kv, mem_z, op, q.device());
-  check_bshd(grad_out, op, "grad_out", q.device());
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), v.size(3)}), op,
-              ": grad_out must be the output's shape (B, S, H, Dv), got ", grad_out.sizes());
-  const int64_t D = q.size(3);
-  const auto acc = acc_type(q);
-  const double rs = 1.0 / std::sqrt(static_cast<double>(D));
-  // Recompute the forward in (B, H, S, .) layout.
-  Tensor sq = at::softmax(q.to(acc), -1).permute({0, 2, 1, 3});   // B,H,S,D
-  Tensor fq = sq * rs;
-  Tensor fk = at::softmax(k.to(acc), 1).permute({0, 2, 1, 3});    // B,H,S,D
-  Tensor va = v.to(acc).permute({0, 2, 1, 3});                     // B,H,S,Dv
-  Tensor kv = at::matmul(fk.transpose(-1, -2), va);                // B,H,D,Dv
-  Tensor z = fk.sum(2);                                            // B,H,D
-  if (mem_kv) {
-    kv = kv + decay * mem_kv->to(acc);
-    z = z + decay * mem_z->to(acc);
-  }
-  Tensor den_raw = at::matmul(fq, z.unsqueeze(-1)).squeeze(-1);    // B,H,S
-  Tensor den = den_raw.clamp_min(1e-10);
-  Tensor g = grad_out.to(acc).permute({0, 2, 1, 3});               // B,H,S,Dv
-  Tensor out = at::matmul(fq, kv) / den.unsqueeze(-1);
-  // o = num / den: dnum = g / den; dden = -(g . o) / den where the clamp passes the gradient.
-  Tensor dnum = g / den.unsqueeze(-1);
-  Tensor dden = -(g * out).sum(-1) / den * (den_raw >= 1e-10).to(acc);
-  Tensor dfq = at::matmul(dnum, kv.transpose(-1, -2)) + dden.unsqueeze(-1) * z.unsqueeze(2);
-  Tensor dkv = at::matmul(fq.transpose(-1, -2), dnum);             // B,H,D,Dv
-  Tensor dz = at::matmul(fq.transpose(-1, -2), dden.unsqueeze(-1)).squeeze(-1);  // B,H,D
-  Tensor dv = at::matmul(fk, dkv);                                 // B,H,S,Dv
-  Tensor dfk = at::matmul(va, dkv.transpose(-1, -2)) + dz.unsqueeze(2);
-  Tensor dq = softmax_grad(sq, dfq * rs, -1);
-  Tensor dk = softmax_grad(fk, dfk, 2);
-  const auto back = [](const Tensor& t, const Tensor& like) {
-    return t.permute({0, 2, 1, 3}).to(like.scalar_type()).contiguous();
-  };
-  Tensor dmkv = mem_kv ? (decay * dkv).to(mem_kv->scalar_type()).contiguous() : empty_grad(q);
-  Tensor dmz = mem_z ? (decay * dz).to(mem_z->scalar_type()).contiguous() : empty_grad(q);
-  return {back(dq, q), back(dk, k), back(dv, v), dmkv, dmz};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> memory_linear_attention_update_backward_any(
-    const std::optional<Tensor>& grad_kv, const std::optional<Tensor>& grad_z, const Tensor& k, const Tensor& v,
-    const std::optional<Tensor>& mem_kv, const std::optional<Tensor>& mem_z, double decay) {
-  constexpr const char* op = "dtk.memory_linear_attention_update_backward";
-  check_bshd(k, op, "k", k.device());
-  check_bshd(v, op, "v", k.device());
-  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2), op,
-              ": v must match k in batch, frames and heads, got v ", v.sizes(), " and k ", k.sizes());
-  const int64_t B = k.size(0), n = k.size(1), H = k.size(2), D = k.size(3), Dv = v.size(3);
-  check_memory(mem_kv, mem_z, B, H, D, Dv, op, k.device());
-  const auto acc = acc_type(k);
-  if (grad_kv) {
-    check_float(*grad_kv, op, "grad_kv", k.device());
-    TORCH_CHECK(grad_kv->sizes() == at::IntArrayRef({B, H, D, Dv}), op, ": grad_kv must be (B, H, D, Dv) = (", B,
-                ", ", H, ", ", D, ", ", Dv, "), got ", grad_kv->sizes());
-  }
-  if (grad_z) {
-    check_float(*grad_z, op, "grad_z", k.device());
-    TORCH_CHECK(grad_z->sizes() == at::IntArrayRef({B, H, D}), op, ": grad_z must be (B, H, D) = (", B, ", ", H,
-                ", ", D, "), got ", grad_z->sizes());
-  }
-  Tensor gkv = grad_kv ? grad_kv->to(acc) : at::zeros({B, H, D, Dv}, k.options().dtype(acc));
-  Tensor gz = grad_z ? grad_z->to(acc) : at::zeros({B, H, D}, k.options().dtype(acc));
-  Tensor w = at::pow(at::full({}, decay, k.options().dtype(acc)), at::arange(n - 1, -1, -1, k.options().dtype(acc)))
-                 .view({1, 1, n, 1});
-  Tensor fk = at::softmax(k.to(acc), 1).permute({0, 2, 1, 3});     // B,H,n,D
-  Tensor va = v.to(acc).permute({0, 2, 1, 3});                      // B,H,n,Dv
-  // kv = sum_j (w_j fk_j)(w_j v_j)^T, z = sum_j w_j fk_j
-  Tensor dv = at::matmul(fk * w, gkv) * w;
-  Tensor dfk = (at::matmul(va * w, gkv.transpose(-1, -2)) + gz.unsqueeze(2)) * w;
-  Tensor dk = softmax_grad(fk, dfk, 2);
-  const double dn = std::pow(decay, static_cast<double>(n));
-  Tensor dmkv = mem_kv ? (dn * gkv).to(mem_kv->scalar_type()).contiguous() : empty_grad(k);
-  Tensor dmz = mem_z ? (dn * gz).to(mem_z->scalar_type()).contiguous() : empty_grad(k);
-  return {dk.permute({0, 2, 1, 3}).to(k.scalar_type()).contiguous(),
-          dv.permute({0, 2, 1, 3}).to(v.scalar_type()).contiguous(), dmkv, dmz};
-}
-
 }  // namespace
-
-TORCH_LIBRARY_IMPL(dtk, CompositeExplicitAutograd, m) {
-  m.impl("memory_linear_attention_backward", &memory_linear_attention_backward_any);
-  m.impl("memory_linear_attention_update_backward", &memory_linear_attention_update_backward_any);
-}
 
 TORCH_LIBRARY_IMPL(dtk, CPU, m) {
   m.impl("linear_attention", &linear_attention_cpu);
   m.impl("linear_attention_backward", &linear_attention_backward_cpu);
   m.impl("linear_attention_state", &linear_attention_state_cpu);
   m.impl("linear_attention_apply", &linear_attention_apply_cpu);
-  m.impl("memory_linear_attention", &memory_linear_attention_cpu);
-  m.impl("memory_linear_attention_update", &memory_linear_attention_update_cpu);
-  m.impl("memory_linear_attention_step", &memory_linear_attention_step_cpu);
 }
 
 }  // namespace dtk::linear

@@ -1,7 +1,11 @@
 """The linear sweep tool (benchmarks/linear_sweep.py) is GPU-only; here: its shapes exist, forcing
 one launch configuration is undone afterwards, and without a GPU it says so."""
 from benchmarks import linear_sweep
-from dtk.ops.linear import triton as lt
+from dtk import _config
+from dtk.ops.linear import launch as lt
+from dtk.ops.memo import engine as me
+
+SETTINGS = ("linear_state_ks_by_dot", "linear_apply_den_by_dot", "linear_programs_per_sm", "linear_state_atomic")
 
 
 def test_sweep_shapes():
@@ -27,7 +31,7 @@ def test_needs_a_gpu(capsys, monkeypatch):
 
 def test_sweep_runs_every_variant_checked(monkeypatch):
     """The sweep on CPU tensors (Triton interpreter; the timer replaced): every variant of both
-    kernels runs and matches the default, and the flags are restored."""
+    kernels runs and matches the default, and the settings are unchanged after the sweep."""
     import torch
 
     from benchmarks import sweep_cli
@@ -35,9 +39,9 @@ def test_sweep_runs_every_variant_checked(monkeypatch):
     monkeypatch.setattr(sweep_cli, "bench", lambda fn: 1.0)
     monkeypatch.setattr(sweep_cli, "kernel_times", lambda fn: (fn(), [("_grad_q_kernel", 0.5)])[1])
     rows = []
-    before = (lt.STATE_KS_BY_DOT, lt.APPLY_DEN_BY_DOT, lt.PROGRAMS_PER_SM, lt.STATE_ATOMIC)
+    before = tuple(_config.get(name) for name in SETTINGS)
     linear_sweep.sweep(LinearShape("tiny", 1, 200, 2, 16), rows, device="cpu", dtype=torch.float32)
-    assert (lt.STATE_KS_BY_DOT, lt.APPLY_DEN_BY_DOT, lt.PROGRAMS_PER_SM, lt.STATE_ATOMIC) == before
+    assert tuple(_config.get(name) for name in SETTINGS) == before
     split = [r for r in rows if "PROGRAMS_PER_SM" in r["variant"]]
     assert len(split) == 6 and all(r["max_diff_vs_default"] < 1e-4 for r in split)
     wide = [r for r in rows if r["variant"] == "backward wide kernels"]
@@ -63,4 +67,4 @@ def test_memo_sweep_runs_every_variant_checked(monkeypatch):
     linear_sweep.sweep(LinearShape("memo-tiny", 5, 16, 2, 24, kind="memo"), rows, device="cpu", dtype=torch.float32)
     assert all("error" not in r for r in rows), [r for r in rows if "error" in r]
     variants = [r for r in rows if r["variant"].startswith("memory_step clips=")]
-    assert len(variants) == len(lt.MEMO_STEP_VARIANTS) and all(r["max_diff_vs_default"] == 0 for r in variants)
+    assert len(variants) == len(me.MEMO_STEP_VARIANTS) and all(r["max_diff_vs_default"] == 0 for r in variants)

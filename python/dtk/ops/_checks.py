@@ -87,3 +87,132 @@ def readable(t: torch.Tensor) -> bool:
         return False
     from torch._subclasses.fake_tensor import is_fake
     return not is_fake(t)
+
+
+# ---------------------------------------------------------------- the linear-attention families
+# (ops/linear, ops/memo): every message starts with the op ("dtk.linear_attention: ...").
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+STATE_DTYPES = (torch.float32, torch.float64)
+
+
+def check_tensor(name: str, t, op: str, dims: int = 4, layout: str = "(B, S, H, D)"):
+    """t is a tensor of `dims` dimensions (`layout` names them in the message)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{op}: {name} must be {dims}-D {layout}, got shape {tuple(t.shape)}")
+
+
+def check_floating(name: str, t, op: str, dtype=None):
+    """t is float16/bfloat16/float32/float64, and `dtype` (q's) when given."""
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{op}: {name} must have dtype {dtype} (like q), got {t.dtype}")
+
+
+def check_state_dtype(name: str, t, op: str):
+    """An accumulated state: float32 (float64 for float64 inputs)."""
+    if t.dtype not in STATE_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32 or float64, got {t.dtype}")
+
+
+def check_device(name: str, t, device, op: str):
+    if t.device != device:
+        raise ValueError(f"{op}: {name} must be on {device} (like q), got {t.device}")
+
+
+def check_positive(name: str, value, op: str):
+    """A number > 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{op}: {name} must be a number > 0, got {value!r}")
+
+
+def check_unit_interval(name: str, value, op: str):
+    """A number in [0, 1]."""
+    if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{op}: {name} must be in [0, 1], got {value!r}")
+
+
+def check_cu_seqlens(cu_seqlens, total: int, device, op: str, batch: int, name: str = "cu_seqlens",
+                     values: bool = True):
+    """A FlashAttention packing: int32 (num_seqs + 1,) on `device`, inputs packed (1, total, ., .);
+    with `values` (and outside tracing, not a fake tensor) also its entries: 0 first, non-decreasing,
+    `total` last (a host sync on a GPU)."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be an int32 tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{op}: {name} must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{op}: {name} must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{op}: {name} must be on {device}, got {cu_seqlens.device}")
+    if batch != 1:
+        raise ValueError(f"{op}: with {name} the inputs must be packed as (1, total, H, D), got batch {batch}")
+    if values and not torch.compiler.is_compiling():
+        from torch._subclasses.fake_tensor import is_fake
+        if is_fake(cu_seqlens):
+            return cu_seqlens
+        c = cu_seqlens.tolist()
+        if c[0] != 0:
+            raise ValueError(f"{op}: {name} must start at 0, got {c[0]}")
+        for i in range(1, len(c)):
+            if c[i] < c[i - 1]:
+                raise ValueError(f"{op}: {name} must be non-decreasing, got {c[i - 1]} then {c[i]} at index {i}")
+        if c[-1] != total:
+            raise ValueError(f"{op}: {name} must end at the packed length {total}, got {c[-1]}")
+    return cu_seqlens
+
+
+def check_kv_pair(k, v, op: str, seq: str = "sequence length"):
+    """k and v: (B, S, H, D) floating tensors, same dtype and device, matching in B, S (`seq`) and H."""
+    check_tensor("k", k, op)
+    check_tensor("v", v, op)
+    check_floating("k", k, op)
+    check_floating("v", v, op, k.dtype)
+    check_device("v", v, k.device, op)
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"{op}: v must match k in batch, {seq} and heads, got v {tuple(v.shape)}, k {tuple(k.shape)}")
+
+
+def check_qkv_heads(q, k, v, op: str, same_heads: bool = False):
+    """q (B, S_q, H, D), k (B, S_k, H_kv, D), v (B, S_k, H_kv, D_v): floating, q's dtype and device;
+    H a multiple of H_kv (GQA), or equal with `same_heads`. Any strides."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, op)
+    check_floating("q", q, op)
+    check_floating("k", k, op, q.dtype)
+    check_floating("v", v, op, q.dtype)
+    check_device("k", k, q.device, op)
+    check_device("v", v, q.device, op)
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError(f"{op}: q, k and v must have the same batch size, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"{op}: k must have q's head dim {q.shape[3]}, got k {tuple(k.shape)}")
+    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
+        raise ValueError(f"{op}: v must match k in sequence length and heads, got v {tuple(v.shape)}, "
+                         f"k {tuple(k.shape)}")
+    if same_heads:
+        if k.shape[2] != q.shape[2]:
+            raise ValueError(f"{op}: k and v must have q's number of heads {q.shape[2]}, got {k.shape[2]}")
+    elif k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"{op}: the heads of q ({q.shape[2]}) must be a multiple of the heads of k ({k.shape[2]})")
+
+
+def check_triton_float(op: str, tensors, head_dims: dict, max_head_dim: int = MAX_HEAD_DIM):
+    """What the linear families' Triton kernels take: no float64 (they accumulate in float32, so
+    float64 inputs would silently lose precision and get float32 states), and head dims
+    (`head_dims`: argument name -> head dim) up to `max_head_dim` (their tiles span the padded head
+    dim; larger ones do not fit in registers and shared memory)."""
+    for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            raise TypeError(f"{op}: float64 is CPU-only (the GPU kernels accumulate in float32); use float16, "
+                            "bfloat16 or float32 on CUDA")
+    for name, d in head_dims.items():
+        if d > max_head_dim:
+            raise ValueError(f"{op}: the GPU kernels take head dims up to {max_head_dim}, got {name} head dim "
+                             f"{d} (CPU tensors take any)")

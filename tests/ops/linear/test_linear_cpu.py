@@ -6,8 +6,7 @@ import torch
 
 import dtk
 from dtk.ops.linear.reference import (linear_attention_quadratic_reference, linear_attention_reference,
-                                      linear_attention_state_reference, memo_features,
-                                      memory_linear_attention_reference, memory_update_reference, split_bounds)
+                                      linear_attention_state_reference, split_bounds)
 from ...helpers import assert_matches_reference, bshd, cu_seqlens, max_err, qk_lengths
 
 FMS = ("elu1", "relu", "identity")
@@ -239,12 +238,6 @@ def test_opcheck():
     st = torch.ops.dtk.linear_attention_state(kd, vd, "elu1", None)
     torch.library.opcheck(torch.ops.dtk.linear_attention_state.default, (kd, vd, "elu1", None))
     torch.library.opcheck(torch.ops.dtk.linear_attention_apply.default, (qd, *st, "elu1", True, 1e-4, None, None))
-    m = torch.randn(2, 9, 4, 16)
-    mv = torch.randn(2, 9, 4, 8)
-    mkv, mz = torch.ops.dtk.memory_linear_attention_update(m, mv, None, None, 0.9)
-    torch.library.opcheck(torch.ops.dtk.memory_linear_attention.default, (m, m, mv, mkv, mz, 0.9))
-    torch.library.opcheck(torch.ops.dtk.memory_linear_attention.default, (m, m, mv, None, None, 0.9))
-    torch.library.opcheck(torch.ops.dtk.memory_linear_attention_update.default, (m, mv, mkv, mz, 0.9))
 
 
 def test_opcheck_cu_seqlens_k():
@@ -259,55 +252,6 @@ def test_opcheck_cu_seqlens_k():
     g = torch.randn(1, 6, 4, 8)
     torch.library.opcheck(torch.ops.dtk.linear_attention_backward.default,
                           (g, qd, kd, vd, "elu1", True, 1e-4, None, cu, cu_k))
-
-
-# ---------------------------------------------------------------------------------------- MEMO
-
-def test_memory_matches_reference():
-    B, S, H, D = 300, 16, 2, 40
-    q, k, v = _inputs(B, S, S, H, H, D, D, torch.float32, strided=True)
-    mkv, mz = torch.rand(B, H, D, D), torch.rand(B, H, D)
-    out, st = dtk.memory_linear_attention(q, k, v, (mkv, mz), decay=0.9, update_with=4)
-    ref64 = memory_linear_attention_reference(q.double(), k.double(), v.double(), mkv.double(), mz.double(), 0.9)
-    ref = memory_linear_attention_reference(q, k, v, mkv, mz, 0.9)
-    assert_matches_reference(out, ref64, ref, atol=1e-5)
-    rkv, rz = memory_update_reference(k[:, -4:].double(), v[:, -4:].double(), mkv.double(), mz.double(), 0.9)
-    assert max_err(st[0], rkv) < 1e-5 and max_err(st[1], rz) < 1e-5
-    out0, st0 = dtk.memory_linear_attention(q, k, v, update_with=False)
-    assert st0 is None
-    assert_matches_reference(out0, memory_linear_attention_reference(q.double(), k.double(), v.double()),
-                             memory_linear_attention_reference(q, k, v), atol=1e-5)
-
-
-def test_memory_three_clips_direct():
-    """Memory carried over three clips equals the explicit decayed sum over all past frames."""
-    B, S, H, D, lam = 7, 16, 2, 16, 0.9
-    clips = [_inputs(B, S, S, H, H, D, D, torch.float64) for _ in range(3)]
-    state, outs = None, []
-    for q, k, v in clips:
-        o, state = dtk.memory_linear_attention(q, k, v, state, decay=lam)
-        outs.append(o)
-    # direct: memory before clip c = sum over earlier clips p of decay^(frames after p's frame j) ...
-    for c, (q, k, v) in enumerate(clips):
-        fq, fk = memo_features(q, k)
-        KV = torch.einsum("bshd,bshe->bhde", fk, v)
-        Z = fk.sum(1)
-        if c > 0:
-            MKV = torch.zeros_like(KV)
-            MZ = torch.zeros_like(Z)
-            for p in range(c):
-                _, kp, vp = clips[p]
-                fkp = torch.softmax(kp, 1)
-                after = S * (c - 1 - p)   # frames of later clips already folded into the memory
-                for j in range(S):
-                    w = lam ** (S - 1 - j)
-                    MKV += lam ** after * torch.einsum("bhd,bhe->bhde", w * fkp[:, j], w * vp[:, j])
-                    MZ += lam ** after * w * fkp[:, j]
-            KV = KV + lam * MKV
-            Z = Z + lam * MZ
-        direct = torch.einsum("bshd,bhde->bshe", fq, KV) / torch.einsum("bshd,bhd->bsh", fq, Z).clamp_min(1e-10)[..., None]
-        assert max_err(outs[c], direct) < 1e-12
-    assert state[0].dtype == torch.float64
 
 
 # ---------------------------------------------------------------------------------------- bad input
@@ -350,12 +294,6 @@ def test_bad_inputs_name_the_argument():
     _raises("count must be int64", lambda: dtk.linear_attention_apply(q, st[0], st[1], st[2].int()))
     _raises("kv_sum must have q's head dim", lambda: dtk.linear_attention_apply(q[..., :8], *st))
     _raises("eps", lambda: dtk.linear_attention_apply(q, *st, eps=0))
-    m = torch.randn(4, 16, 2, 8)
-    ml = dtk.memory_linear_attention
-    _raises("state\\[0\\]", lambda: ml(m, m, m, (torch.zeros(4, 2, 8, 7), torch.zeros(4, 2, 8))))
-    _raises("decay", lambda: ml(m, m, m, decay=1.5))
-    _raises("update_with", lambda: ml(m, m, m, update_with=17))
-    _raises("same number of heads|q's number of heads", lambda: ml(m, m[:, :, :1], m[:, :, :1]))
 
 
 def test_cu_seqlens_k_bad_inputs_name_it():
@@ -387,9 +325,30 @@ def test_cu_seqlens_k_bad_inputs_name_it():
 
 
 def test_gpu_entry_check_names_the_oversized_head_dim():
-    """The check every CUDA kernel of the family runs first (its GPU test: test_triton_gpu.py)."""
-    from dtk.ops.linear._register import GPU_MAX_HEAD_DIM, _triton
+    """The check every CUDA call of the family runs first (its GPU test: test_triton_gpu.py)."""
+    from dtk.ops.linear.engine import GPU_MAX_HEAD_DIM, can_run_triton
     q = torch.zeros(1, 2, 1, 8)
-    assert _triton("linear_attention", q, q=GPU_MAX_HEAD_DIM, v=GPU_MAX_HEAD_DIM) is not None
+    assert can_run_triton("linear_attention", q, raise_error=True, q=GPU_MAX_HEAD_DIM, v=GPU_MAX_HEAD_DIM)
+    assert not can_run_triton("linear_attention", q, q=64, v=257)
     with pytest.raises(ValueError, match=r"dtk.linear_attention: .*head dims up to 256, got v head dim 257"):
-        _triton("linear_attention", q, q=64, v=257)
+        can_run_triton("linear_attention", q, raise_error=True, q=64, v=257)
+
+
+def test_cpu_calls_record_the_cpp_engine():
+    q, k, v = _inputs(1, 6, 6, 2, 1, 8, 8, torch.float32)
+    dtk.linear_attention(q, k, v)
+    assert dtk.last_engine("linear_attention") == "cpp"
+    dtk.linear_attention_state(k, v)
+    assert dtk.last_engine("linear_attention_state") == "cpp"
+
+
+def test_launch_params_follow_the_settings():
+    """engine.launch_params reads dtk.config at the call; with autotune off a launcher gets only the
+    first candidate configuration."""
+    from dtk.ops.linear import engine
+    with dtk.config(linear_state_ks_by_dot=False, linear_apply_den_by_dot=False, linear_programs_per_sm=4,
+                    linear_state_atomic=False, autotune=False):
+        p = engine.launch_params()
+    assert (p.ks_dot, p.den_dot, p.programs_per_sm, p.atomic, p.autotune) == (False, False, 4, False, False)
+    assert len(p.candidates("state", 128, 128, torch.bfloat16, gpu=True)) == 1
+    assert len(engine.launch_params().candidates("state", 128, 128, torch.bfloat16, gpu=True)) > 1

@@ -1,6 +1,7 @@
 """Triton kernels under the interpreter (TRITON_INTERPRET=1) on CPU tensors, fp16/fp32 only (the
-interpreter's bf16 tl.dot is wrong, DESIGN §6). Skipped where a GPU is present: there
-test_triton_gpu.py runs the compiled kernels (the interpreter switch is process-wide)."""
+interpreter's bf16 tl.dot is wrong, docs/testing.md). Skipped where a GPU is present: there
+test_triton_gpu.py runs the compiled kernels (the interpreter switch is process-wide). The kernels
+are called through engine.py, which passes the dtk.config settings to the launchers."""
 import importlib.util
 import os
 import random
@@ -14,9 +15,12 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton not installed", allow_module_level=True)
 os.environ["TRITON_INTERPRET"] = "1"  # before Triton is first imported
 
-from dtk.ops.linear import triton as tr  # noqa: E402
+import dtk  # noqa: E402
+from dtk.ops.linear import engine as tr  # noqa: E402
+from dtk.ops.linear import launch as lc  # noqa: E402
+from dtk.ops.linear import triton_common  # noqa: E402
 from dtk.ops.linear.reference import (linear_attention_reference, linear_attention_state_reference,  # noqa: E402
-                                      memory_linear_attention_reference, memory_update_reference, split_bounds)
+                                      split_bounds)
 from ...helpers import assert_matches_reference, bshd, cu_seqlens, max_err, qk_lengths  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16]
@@ -43,7 +47,7 @@ def test_forward(dtype, D, Dv, H, Hkv):
     norm = random.random() < 0.7
     scale = random.choice([None, 0.3])
     kw = dict(feature_map=fm, normalize=norm, scale=scale)
-    out = tr.linear_attention_triton(q, k, v, fm, norm, 1e-4, scale)
+    out = tr.linear_attention(q, k, v, fm, norm, 1e-4, scale)
     ref64 = linear_attention_reference(q.double(), k.double(), v.double(), **kw)
     atol = _atol(dtype) * (1 if norm else max(1.0, ref64.abs().max().item()))
     assert_matches_reference(out, ref64, linear_attention_reference(q, k, v, **kw), atol=atol)
@@ -51,16 +55,16 @@ def test_forward(dtype, D, Dv, H, Hkv):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ks_dot,den_dot", [(False, False), (True, False), (False, True)])
-def test_forward_reduction_variants(dtype, ks_dot, den_dot, monkeypatch):
-    """The other ways the state and apply kernels reduce (STATE_KS_BY_DOT, APPLY_DEN_BY_DOT: what
-    linear_sweep times against the defaults) against the float64 reference; the state sums too."""
-    monkeypatch.setattr(tr, "STATE_KS_BY_DOT", ks_dot)
-    monkeypatch.setattr(tr, "APPLY_DEN_BY_DOT", den_dot)
+def test_forward_reduction_variants(dtype, ks_dot, den_dot):
+    """The other ways the state and apply kernels reduce (linear_state_ks_by_dot,
+    linear_apply_den_by_dot: what linear_sweep times against the defaults) against the float64
+    reference; the state sums too."""
     q, k, v = bshd(2, 97, 2, 40, dtype), bshd(2, 130, 1, 40, dtype), bshd(2, 130, 1, 24, dtype)
-    out = tr.linear_attention_triton(q, k, v, "elu1", True, 1e-4, None)
+    with dtk.config(linear_state_ks_by_dot=ks_dot, linear_apply_den_by_dot=den_dot):
+        out = tr.linear_attention(q, k, v, "elu1", True, 1e-4, None)
+        kv, ksum, _ = tr.linear_attention_state(k, v)
     ref64 = linear_attention_reference(q.double(), k.double(), v.double())
     assert_matches_reference(out, ref64, linear_attention_reference(q, k, v), atol=_atol(dtype))
-    kv, ksum, _ = tr.linear_attention_state_triton(k, v)
     rkv, rks, _ = linear_attention_state_reference(k.double(), v.double())
     assert max_err(kv, rkv) <= 1e-3 * rkv.abs().max().item() and max_err(ksum, rks) <= 1e-3 * rks.abs().max().item()
 
@@ -69,20 +73,20 @@ def test_forward_reduction_variants(dtype, ks_dot, den_dot, monkeypatch):
 def test_varlen_and_states(dtype):
     cu = torch.tensor([0, 7, 7, 100, 130], dtype=torch.int32)
     q, k, v = (bshd(1, 130, 2, 64, dtype) for _ in range(3))
-    out = tr.linear_attention_triton(q, k, v, "elu1", True, 1e-4, None, cu)
+    out = tr.linear_attention(q, k, v, "elu1", True, 1e-4, None, cu)
     ref64 = linear_attention_reference(q.double(), k.double(), v.double(), cu_seqlens=cu)
     assert_matches_reference(out, ref64, linear_attention_reference(q, k, v, cu_seqlens=cu), atol=_atol(dtype))
-    st = tr.linear_attention_state_triton(k, v, "elu1", cu)
+    st = tr.linear_attention_state(k, v, "elu1", cu)
     rst = linear_attention_state_reference(k.double(), v.double(), "elu1", cu)
     assert st[2].tolist() == rst[2].tolist()
     assert max_err(st[0], rst[0]) < 1e-3 * (1 + rst[0].abs().max().item())
     # split into shards, merge, apply == whole
     k2, v2 = bshd(2, 300, 2, 64, dtype), bshd(2, 300, 2, 64, dtype)
     q2 = bshd(2, 40, 2, 64, dtype)
-    parts = [tr.linear_attention_state_triton(k2[:, s:e], v2[:, s:e]) for s, e in split_bounds(300, 3)]
-    merged = tr.linear_attention_apply_triton(q2, sum(p[0] for p in parts), sum(p[1] for p in parts),
+    parts = [tr.linear_attention_state(k2[:, s:e], v2[:, s:e]) for s, e in split_bounds(300, 3)]
+    merged = tr.linear_attention_apply(q2, sum(p[0] for p in parts), sum(p[1] for p in parts),
                                               sum(p[2] for p in parts))
-    whole = tr.linear_attention_triton(q2, k2, v2)
+    whole = tr.linear_attention(q2, k2, v2)
     assert max_err(merged, whole) <= _atol(dtype)
 
 
@@ -91,7 +95,7 @@ def test_varlen_and_states(dtype):
 def test_backward(dtype, norm):
     q, k, v = bshd(2, 50, 4, 40, dtype), bshd(2, 70, 2, 40, dtype), bshd(2, 70, 2, 32, dtype)
     g = bshd(2, 50, 4, 32, dtype)
-    dq, dk, dv = tr.linear_attention_backward_triton(g, q, k, v, "elu1", norm, 1e-4, 0.5)
+    dq, dk, dv = tr.linear_attention_backward(g, q, k, v, "elu1", norm, 1e-4, 0.5)
     rs = [t.double().requires_grad_() for t in (q, k, v)]
     linear_attention_reference(*rs, normalize=norm, scale=0.5).backward(g.double())
     _check_grads((dq, dk, dv), rs, dtype)
@@ -103,7 +107,7 @@ def test_backward_packed_sequences(dtype):
     cu = torch.tensor([0, 13, 13, 60, 81], dtype=torch.int32)
     q, k, v = bshd(1, 81, 4, 40, dtype), bshd(1, 81, 2, 40, dtype), bshd(1, 81, 2, 32, dtype)
     g = bshd(1, 81, 4, 32, dtype)
-    dq, dk, dv = tr.linear_attention_backward_triton(g, q, k, v, "elu1", True, 1e-4, 0.5, cu_seqlens=cu)
+    dq, dk, dv = tr.linear_attention_backward(g, q, k, v, "elu1", True, 1e-4, 0.5, cu_seqlens=cu)
     rs = [t.double().requires_grad_() for t in (q, k, v)]
     linear_attention_reference(*rs, scale=0.5, cu_seqlens=cu).backward(g.double())
     _check_grads((dq, dk, dv), rs, dtype)
@@ -121,7 +125,7 @@ def test_cu_seqlens_k(dtype, norm):
     scale = random.choice([None, 0.3])
     q, k, v = bshd(1, sum(lq), H, D, dtype), bshd(1, sum(lk), Hkv, D, dtype), bshd(1, sum(lk), Hkv, Dv, dtype)
     kw = dict(feature_map=fm, normalize=norm, scale=scale, cu_seqlens=cu, cu_seqlens_k=cu_k)
-    out = tr.linear_attention_triton(q, k, v, fm, norm, 1e-4, scale, cu, cu_k)
+    out = tr.linear_attention(q, k, v, fm, norm, 1e-4, scale, cu, cu_k)
     ref64 = linear_attention_reference(q.double(), k.double(), v.double(), **kw)
     atol = _atol(dtype) * (1 if norm else max(1.0, ref64.abs().max().item()))
     assert_matches_reference(out, ref64, linear_attention_reference(q, k, v, **kw), atol=atol)
@@ -130,7 +134,7 @@ def test_cu_seqlens_k(dtype, norm):
         if lq[i] == 0:
             continue
         rows = out[:, bq[i]:bq[i + 1]]
-        alone = tr.linear_attention_triton(q[:, bq[i]:bq[i + 1]], k[:, bk[i]:bk[i + 1]], v[:, bk[i]:bk[i + 1]], fm,
+        alone = tr.linear_attention(q[:, bq[i]:bq[i + 1]], k[:, bk[i]:bk[i + 1]], v[:, bk[i]:bk[i + 1]], fm,
                                            norm, 1e-4, scale)
         assert max_err(rows, alone) <= atol, i
         if lk[i] == 0:
@@ -145,58 +149,10 @@ def test_backward_cu_seqlens_k(dtype, norm):
     cu, cu_k = cu_seqlens(lq), cu_seqlens(lk)
     q, k, v = bshd(1, sum(lq), 4, 40, dtype), bshd(1, sum(lk), 2, 40, dtype), bshd(1, sum(lk), 2, 32, dtype)
     g = bshd(1, sum(lq), 4, 32, dtype)
-    dq, dk, dv = tr.linear_attention_backward_triton(g, q, k, v, "elu1", norm, 1e-4, 0.5, cu, cu_k)
+    dq, dk, dv = tr.linear_attention_backward(g, q, k, v, "elu1", norm, 1e-4, 0.5, cu, cu_k)
     rs = [t.double().requires_grad_() for t in (q, k, v)]
     linear_attention_reference(*rs, normalize=norm, scale=0.5, cu_seqlens=cu, cu_seqlens_k=cu_k).backward(g.double())
     _check_grads((dq, dk, dv), rs, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_memory(dtype):
-    B, S, H, D = 5, 16, 2, 40
-    q, k, v = (bshd(B, S, H, D, dtype, transposed=True) for _ in range(3))
-    mkv, mz = torch.rand(B, H, D, D), torch.rand(B, H, D)
-    out = tr.memory_linear_attention_triton(q, k, v, mkv, mz, 0.9)
-    ref64 = memory_linear_attention_reference(q.double(), k.double(), v.double(), mkv.double(), mz.double(), 0.9)
-    assert_matches_reference(out, ref64, memory_linear_attention_reference(q, k, v, mkv, mz, 0.9), atol=_atol(dtype))
-    out0 = tr.memory_linear_attention_triton(q, k, v)
-    assert_matches_reference(out0, memory_linear_attention_reference(q.double(), k.double(), v.double()),
-                             memory_linear_attention_reference(q, k, v), atol=_atol(dtype))
-    nkv, nz = tr.memory_linear_attention_update_triton(k[:, 5:], v[:, 5:], mkv, mz, 0.9)
-    rkv, rz = memory_update_reference(k[:, 5:].double(), v[:, 5:].double(), mkv.double(), mz.double(), 0.9)
-    assert max_err(nkv, rkv) < 1e-5 and max_err(nz, rz) < 1e-5
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("with_memory", [False, True])
-@pytest.mark.parametrize("S,D,Dv", [(16, 40, 40), (7, 24, 80), (0, 16, 16)])   # Dv 80: two column blocks
-def test_memory_step(dtype, with_memory, S, D, Dv):
-    """The fused kernel's (out, kv, z) are bitwise those of the two kernels (a result it leaves
-    unwritten stays NaN, DTK_DEBUG_NAN_FILL, and fails the comparison)."""
-    B, H = 3, 2
-    q, k = (bshd(B, S, H, D, dtype, transposed=True) for _ in range(2))
-    v = bshd(B, S, H, Dv, dtype)
-    mem = (torch.rand(B, H, D, Dv), torch.rand(B, H, D)) if with_memory else (None, None)
-    out, kv, z = tr.memory_linear_attention_step_triton(q, k, v, *mem, 0.9)
-    assert torch.equal(out, tr.memory_linear_attention_triton(q, k, v, *mem, 0.9))
-    rkv, rz = tr.memory_linear_attention_update_triton(k, v, *mem, 0.9)
-    assert torch.equal(kv, rkv) and torch.equal(z, rz)
-    assert kv.dtype == z.dtype == torch.float32
-
-
-@pytest.mark.parametrize("clips", [2, 4])
-def test_memory_step_several_clips_per_program(clips, monkeypatch):
-    """CLIPS > 1 (a linear_sweep variant): B*H = 7 clips, not a multiple, so the last program
-    redoes the last clip; the results are bitwise the one-clip-per-program launch's."""
-    B, H, S, D = 7, 1, 16, 24
-    q, k, v = (bshd(B, S, H, D, torch.float32) for _ in range(3))
-    mem = (torch.rand(B, H, D, D), torch.rand(B, H, D))
-    want = tr.memory_linear_attention_step_triton(q, k, v, *mem, 0.9)
-    real = tr.launch_configs
-    monkeypatch.setattr(tr, "launch_configs", lambda *a, **kw: [dict(c, CLIPS=clips) for c in real(*a, **kw)])
-    got = tr.memory_linear_attention_step_triton(q, k, v, *mem, 0.9)
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -204,13 +160,13 @@ def test_memory_step_several_clips_per_program(clips, monkeypatch):
 def test_backward_wide_head_dims(dtype, D, Dv, H, Hkv):
     """Head dims whose D x Dv tiles do not fit on chip: the wide kernels (state read in Dv blocks,
     q-side reduction in its own pass), GQA, transposed q, both modes, a scale or none."""
-    assert not tr.backward_whole_tiles(D, Dv)
+    assert not lc.backward_whole_tiles(D, Dv)
     norm = random.random() < 0.7
     fm = random.choice(["elu1", "relu"])
     scale = random.choice([None, 0.5])
     q, k, v = bshd(2, 45, H, D, dtype, transposed=True), bshd(2, 70, Hkv, D, dtype), bshd(2, 70, Hkv, Dv, dtype)
     g = bshd(2, 45, H, Dv, dtype)
-    got = tr.linear_attention_backward_triton(g, q, k, v, fm, norm, 1e-4, scale)
+    got = tr.linear_attention_backward(g, q, k, v, fm, norm, 1e-4, scale)
     rs = [t.double().requires_grad_() for t in (q, k, v)]
     linear_attention_reference(*rs, feature_map=fm, normalize=norm, scale=scale).backward(g.double())
     _check_grads(got, rs, dtype)
@@ -221,42 +177,38 @@ def test_backward_wide_cu_seqlens_k(norm):
     cu, cu_k = torch.tensor([0, 0, 9, 20, 77], dtype=torch.int32), torch.tensor([0, 6, 6, 30, 95], dtype=torch.int32)
     q, k, v = bshd(1, 77, 2, 160, torch.float16), bshd(1, 95, 1, 160, torch.float16), bshd(1, 95, 1, 160, torch.float16)
     g = bshd(1, 77, 2, 160, torch.float16)
-    got = tr.linear_attention_backward_triton(g, q, k, v, "elu1", norm, 1e-4, None, cu, cu_k)
+    got = tr.linear_attention_backward(g, q, k, v, "elu1", norm, 1e-4, None, cu, cu_k)
     rs = [t.double().requires_grad_() for t in (q, k, v)]
     linear_attention_reference(*rs, normalize=norm, cu_seqlens=cu, cu_seqlens_k=cu_k).backward(g.double())
     _check_grads(got, rs, torch.float16)
 
 
-def test_backward_wide_equals_whole_tiles(monkeypatch):
+def test_backward_wide_equals_whole_tiles():
     """At a head dim both paths serve, the wide kernels (forced) agree with the whole-tile ones."""
     q, k, v = bshd(2, 90, 4, 40, torch.float32), bshd(2, 110, 2, 40, torch.float32), bshd(2, 110, 2, 56, torch.float32)
     g = bshd(2, 90, 4, 56, torch.float32)
-    whole = tr.linear_attention_backward_triton(g, q, k, v, "elu1", True, 1e-4, 0.3)
-    monkeypatch.setattr(tr, "backward_whole_tiles", lambda D, Dv: False)
-    wide = tr.linear_attention_backward_triton(g, q, k, v, "elu1", True, 1e-4, 0.3)
+    whole = tr.linear_attention_backward(g, q, k, v, "elu1", True, 1e-4, 0.3)
+    wide = tr.linear_attention_backward(g, q, k, v, "elu1", True, 1e-4, 0.3, wide=True)
     for a, b in zip(wide, whole):
         assert max_err(a, b) <= 1e-5 * (1 + b.abs().max().item())
 
 
 def test_state_deterministic_mode():
     """Several chunks: fp32 atomics by default, per-chunk partials + a sum under
-    torch.use_deterministic_algorithms or with STATE_ATOMIC off (bitwise reproducible); both
+    torch.use_deterministic_algorithms or with linear_state_atomic off (bitwise reproducible); both
     equal the reference."""
     k, v = bshd(2, 300, 2, 64, torch.float32), bshd(2, 300, 2, 48, torch.float32)
-    assert tr._chunking(300, 2 * 2, k.device)[0] > 1
-    fast = tr.linear_attention_state_triton(k, v)
+    assert lc.chunking(300, 2 * 2, k.device, dtk._config.get("linear_programs_per_sm"))[0] > 1
+    fast = tr.linear_attention_state(k, v)
     torch.use_deterministic_algorithms(True)
     try:
-        det = [tr.linear_attention_state_triton(k, v) for _ in range(2)]
+        det = [tr.linear_attention_state(k, v) for _ in range(2)]
     finally:
         torch.use_deterministic_algorithms(False)
     assert torch.equal(det[0][0], det[1][0]) and torch.equal(det[0][1], det[1][1])
     ref = linear_attention_state_reference(k.double(), v.double())
-    tr.STATE_ATOMIC = False   # the slots and a sum by choice, as in deterministic mode
-    try:
-        slots = tr.linear_attention_state_triton(k, v)
-    finally:
-        tr.STATE_ATOMIC = True
+    with dtk.config(linear_state_atomic=False):   # the slots and a sum by choice, as in deterministic mode
+        slots = tr.linear_attention_state(k, v)
     assert torch.equal(slots[0], det[0][0]) and torch.equal(slots[1], det[0][1])
     for got in (fast, det[0]):
         assert max_err(got[0], ref[0]) < 1e-4 * (1 + ref[0].abs().max().item())
@@ -269,19 +221,25 @@ def test_packed_lengths_read_once_per_packing(D, separate_k, monkeypatch):
     """A packed call reads each packing's longest sequence to the host once (a device sync), in the
     forward and in the backward, however many kernels use it."""
     reads = []
-    real = tr._seqs
+    real = triton_common.seqs
 
     def counting(x, cu_seqlens, max_len=None):
         if cu_seqlens is not None and max_len is None:
             reads.append(1)
         return real(x, cu_seqlens, max_len)
-    monkeypatch.setattr(tr, "_seqs", counting)
+    monkeypatch.setattr(triton_common, "seqs", counting)
     cu = torch.tensor([0, 5, 40], dtype=torch.int32)
     cu_k = torch.tensor([0, 9, 30], dtype=torch.int32) if separate_k else None
     q = bshd(1, 40, 2, D, torch.float32)
     k, v = (bshd(1, 30 if separate_k else 40, 2, D, torch.float32) for _ in range(2))
-    tr.linear_attention_triton(q, k, v, "elu1", True, 1e-4, None, cu, cu_k)
+    tr.linear_attention(q, k, v, "elu1", True, 1e-4, None, cu, cu_k)
     assert len(reads) == 1 + separate_k
     reads.clear()
-    tr.linear_attention_backward_triton(torch.randn_like(q), q, k, v, "elu1", True, 1e-4, None, cu, cu_k)
+    tr.linear_attention_backward(torch.randn_like(q), q, k, v, "elu1", True, 1e-4, None, cu, cu_k)
     assert len(reads) == 1 + separate_k
+
+
+def test_engine_records_triton():
+    k, v = bshd(1, 8, 1, 16, torch.float32), bshd(1, 8, 1, 16, torch.float32)
+    tr.linear_attention_state(k, v)
+    assert dtk.last_engine("linear_attention_state") == "triton"

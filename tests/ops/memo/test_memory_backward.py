@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dtk
-from dtk.ops.linear.reference import memory_linear_attention_reference, memory_update_reference
+from dtk.ops.memo.reference import memory_linear_attention_reference, memory_update_reference
 
 DTYPES = [torch.float64, torch.float32]
 

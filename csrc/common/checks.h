@@ -141,7 +141,7 @@ decltype(auto) checks_of(const char* op, F&& checks) {
 inline void check_same_dtype_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ", ref_name, " (",
                    ref.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (", ref.device(),
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (", ref.device(),
               "), got ", t.device());
 }
 
@@ -200,19 +200,19 @@ inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 // A floating tensor on `device`: the CPU for the CPU kernels; the first input's device for the
 // any-device kernels (the MEMO backward), which the dispatcher also sends mixed CPU / CUDA arguments.
 inline void check_floating_on(const at::Tensor& t, const char* op, const char* name, at::Device device) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
               t.scalar_type());
   if (device.is_cpu()) {
-    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU for this kernel, got ", t.device());
+    TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be on the CPU for this kernel, got ", t.device());
   } else {
-    TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, " with the other inputs, got ", t.device());
+    TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " must be on ", device, " with the other inputs, got ", t.device());
   }
 }
 
 // A (B, S, H, D) floating tensor on `device`, any strides (the linear families' CPU kernels are ATen ops).
 inline void check_bshd_on(const at::Tensor& t, const char* op, const char* name, at::Device device) {
   check_floating_on(t, op, name, device);
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be (B, S, H, D), got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 4, op, ": ", name, " must be (B, S, H, D), got shape ", t.sizes());
 }
 
 // q (B, Sq, H, D), k (B, Sk, H_kv, D), v (B, Sk, H_kv, Dv) on `device`: one dtype, one batch, k with
@@ -222,13 +222,13 @@ inline void check_qkv_gqa(const at::Tensor& q, const at::Tensor& k, const at::Te
   check_bshd_on(q, op, "q", device);
   check_bshd_on(k, op, "k", device);
   check_bshd_on(v, op, "v", device);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
               ": q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), op, ": q, k and v must have the same batch size");
-  TORCH_CHECK(k.size(3) == q.size(3), op, ": k must have q's head dim ", q.size(3), ", got ", k.size(3));
-  TORCH_CHECK(v.size(1) == k.size(1) && v.size(2) == k.size(2), op,
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0), op, ": q, k and v must have the same batch size");
+  TORCH_CHECK_VALUE(k.size(3) == q.size(3), op, ": k must have q's head dim ", q.size(3), ", got ", k.size(3));
+  TORCH_CHECK_VALUE(v.size(1) == k.size(1) && v.size(2) == k.size(2), op,
               ": v must match k in sequence length and heads, got v ", v.sizes(), " and k ", k.sizes());
-  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, op, ": the heads of q (", q.size(2),
+  TORCH_CHECK_VALUE(k.size(2) > 0 && q.size(2) % k.size(2) == 0, op, ": the heads of q (", q.size(2),
               ") must be a multiple of the heads of k (", k.size(2), ")");
 }
 
@@ -236,8 +236,8 @@ inline void check_qkv_gqa(const at::Tensor& q, const at::Tensor& k, const at::Te
 inline void check_kv_on(const at::Tensor& k, const at::Tensor& v, const char* op, const char* seq, at::Device device) {
   check_bshd_on(k, op, "k", device);
   check_bshd_on(v, op, "v", device);
-  TORCH_CHECK(v.scalar_type() == k.scalar_type(), op, ": k and v must share a dtype");
-  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2), op, ": v must match k in batch, ",
+  TORCH_CHECK_TYPE(v.scalar_type() == k.scalar_type(), op, ": k and v must share a dtype");
+  TORCH_CHECK_VALUE(v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2), op, ": v must match k in batch, ",
               seq, " and heads, got v ", v.sizes(), " and k ", k.sizes());
 }
 
@@ -245,21 +245,21 @@ inline void check_kv_on(const at::Tensor& k, const at::Tensor& v, const char* op
 // non-decreasing, `total` last. Returns each sequence's [start, end).
 inline std::vector<std::pair<int64_t, int64_t>> check_cu_seqlens(const at::Tensor& cu, int64_t total, const char* op,
                                                                  const char* name) {
-  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2, op, ": ", name, " must be 1-D with at least 2 entries, got shape ",
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 2, op, ": ", name, " must be 1-D with at least 2 entries, got shape ",
               cu.sizes());
-  TORCH_CHECK(cu.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", cu.scalar_type());
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", cu.scalar_type());
   at::Tensor c = cu.to(at::kCPU, at::kLong).contiguous();
   const int64_t* p = c.data_ptr<int64_t>();
   const int64_t n = c.numel();
-  TORCH_CHECK(p[0] == 0, op, ": ", name, " must start at 0, got ", p[0]);
+  TORCH_CHECK_VALUE(p[0] == 0, op, ": ", name, " must start at 0, got ", p[0]);
   std::vector<std::pair<int64_t, int64_t>> out;
   out.reserve(n - 1);
   for (int64_t i = 1; i < n; ++i) {
-    TORCH_CHECK(p[i] >= p[i - 1], op, ": ", name, " must be non-decreasing, got ", p[i - 1], " then ", p[i],
+    TORCH_CHECK_VALUE(p[i] >= p[i - 1], op, ": ", name, " must be non-decreasing, got ", p[i - 1], " then ", p[i],
                 " at index ", i);
     out.emplace_back(p[i - 1], p[i]);
   }
-  TORCH_CHECK(p[n - 1] == total, op, ": ", name, " must end at the packed length ", total, ", got ", p[n - 1]);
+  TORCH_CHECK_VALUE(p[n - 1] == total, op, ": ", name, " must end at the packed length ", total, ", got ", p[n - 1]);
   return out;
 }
 

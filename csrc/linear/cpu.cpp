@@ -29,7 +29,7 @@ FeatureMap parse_feature_map(std::string_view s, const char* op) {
   if (s == "elu1") return FeatureMap::Elu1;
   if (s == "relu") return FeatureMap::Relu;
   if (s == "identity") return FeatureMap::Identity;
-  TORCH_CHECK(false, op, ": feature_map must be one of 'elu1', 'relu', 'identity', got '", s, "'");
+  TORCH_CHECK_VALUE(false, op, ": feature_map must be one of 'elu1', 'relu', 'identity', got '", s, "'");
 }
 
 Tensor phi(const Tensor& x, FeatureMap fm) {
@@ -65,7 +65,7 @@ std::pair<Bounds, Bounds> packed_bounds(const Tensor& cu, const std::optional<Te
   Bounds qb = check_cu_seqlens(cu, total_q, op, "cu_seqlens");
   if (!cu_k) return {qb, qb};
   Bounds kb = check_cu_seqlens(*cu_k, total_k, op, "cu_seqlens_k");
-  TORCH_CHECK(kb.size() == qb.size(), op, ": cu_seqlens_k must describe as many sequences as cu_seqlens (",
+  TORCH_CHECK_VALUE(kb.size() == qb.size(), op, ": cu_seqlens_k must describe as many sequences as cu_seqlens (",
               qb.size(), "), got ", kb.size());
   return {std::move(qb), std::move(kb)};
 }
@@ -152,10 +152,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_dense(const Tensor& g, const Tensor&
 void check_linear_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& cu,
                          const std::optional<Tensor>& cu_k, const char* op) {
   check_qkv_gqa(q, k, v, op, at::kCPU);
-  TORCH_CHECK(!cu_k || cu, op, ": cu_seqlens_k (the packing of k and v) needs cu_seqlens (the packing of q)");
+  TORCH_CHECK_VALUE(!cu_k || cu, op, ": cu_seqlens_k (the packing of k and v) needs cu_seqlens (the packing of q)");
   if (cu) {
-    TORCH_CHECK(q.size(0) == 1, op, ": with cu_seqlens, q, k and v must be packed as (1, total, H, D)");
-    TORCH_CHECK(cu_k || k.size(1) == q.size(1), op,
+    TORCH_CHECK_VALUE(q.size(0) == 1, op, ": with cu_seqlens, q, k and v must be packed as (1, total, H, D)");
+    TORCH_CHECK_VALUE(cu_k || k.size(1) == q.size(1), op,
                 ": with cu_seqlens alone, q and k share the packing and must have the same length (pass "
                 "cu_seqlens_k to pack k and v apart), got ", q.size(1), " and ", k.size(1));
   }
@@ -168,7 +168,7 @@ Tensor linear_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v, s
                             const std::optional<Tensor>& cu_seqlens, const std::optional<Tensor>& cu_seqlens_k) {
   constexpr const char* op = "dtk.linear_attention";
   const FeatureMap fm = parse_feature_map(feature_map, op);
-  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0, got ", eps);
   check_linear_inputs(q, k, v, cu_seqlens, cu_seqlens_k, op);
   const auto acc = acc_type(q);
   if (!cu_seqlens) {
@@ -198,7 +198,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_attention_backward_cpu(
   constexpr const char* op = "dtk.linear_attention_backward";
   const FeatureMap fm = parse_feature_map(feature_map, op);
   check_linear_inputs(q, k, v, cu_seqlens, cu_seqlens_k, op);
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == q.size(0) && grad_out.size(1) == q.size(1) &&
+  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == q.size(0) && grad_out.size(1) == q.size(1) &&
                   grad_out.size(2) == q.size(2) && grad_out.size(3) == v.size(3),
               op, ": grad_out must have the output's shape");
   const auto acc = acc_type(q);
@@ -236,7 +236,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_attention_state_cpu(const Tensor& k, c
     auto [kv, ks] = state_dense(k, v, fm, acc);
     return {kv.contiguous(), ks.contiguous(), at::full({k.size(0)}, k.size(1), k.options().dtype(at::kLong))};
   }
-  TORCH_CHECK(k.size(0) == 1, op, ": with cu_seqlens, k and v must be packed as (1, total, H, D)");
+  TORCH_CHECK_VALUE(k.size(0) == 1, op, ": with cu_seqlens, k and v must be packed as (1, total, H, D)");
   auto bounds = check_cu_seqlens(*cu_seqlens, k.size(1), op, "cu_seqlens");
   const int64_t n = static_cast<int64_t>(bounds.size()), H = k.size(2), D = k.size(3), Dv = v.size(3);
   Tensor kv = at::zeros({n, H, D, Dv}, k.options().dtype(acc));
@@ -258,24 +258,24 @@ Tensor linear_attention_apply_cpu(const Tensor& q, const Tensor& kv_sum, const T
                                   std::optional<double> scale, const std::optional<Tensor>& cu_seqlens) {
   constexpr const char* op = "dtk.linear_attention_apply";
   const FeatureMap fm = parse_feature_map(feature_map, op);
-  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0, got ", eps);
   check_bshd_on(q, op, "q", at::kCPU);
-  TORCH_CHECK(kv_sum.dim() == 4 && kv_sum.size(2) == q.size(3), op,
+  TORCH_CHECK_VALUE(kv_sum.dim() == 4 && kv_sum.size(2) == q.size(3), op,
               ": kv_sum must be (B, H_kv, D, Dv) with q's head dim, got ", kv_sum.sizes());
   const int64_t Bs = kv_sum.size(0), Hkv = kv_sum.size(1);
-  TORCH_CHECK(k_sum.dim() == 3 && k_sum.size(0) == Bs && k_sum.size(1) == Hkv && k_sum.size(2) == q.size(3), op,
+  TORCH_CHECK_VALUE(k_sum.dim() == 3 && k_sum.size(0) == Bs && k_sum.size(1) == Hkv && k_sum.size(2) == q.size(3), op,
               ": k_sum must be (B, H_kv, D) = ", Bs, ", ", Hkv, ", ", q.size(3), ", got ", k_sum.sizes());
-  TORCH_CHECK(count.dim() == 1 && count.size(0) == Bs, op, ": count must be (", Bs, ",), got ", count.sizes());
-  TORCH_CHECK(Hkv > 0 && q.size(2) % Hkv == 0, op, ": the heads of q (", q.size(2),
+  TORCH_CHECK_VALUE(count.dim() == 1 && count.size(0) == Bs, op, ": count must be (", Bs, ",), got ", count.sizes());
+  TORCH_CHECK_VALUE(Hkv > 0 && q.size(2) % Hkv == 0, op, ": the heads of q (", q.size(2),
               ") must be a multiple of the state's heads (", Hkv, ")");
   const auto acc = acc_type(q);
   if (!cu_seqlens) {
-    TORCH_CHECK(Bs == q.size(0), op, ": the state's batch ", Bs, " must equal q's batch ", q.size(0));
+    TORCH_CHECK_VALUE(Bs == q.size(0), op, ": the state's batch ", Bs, " must equal q's batch ", q.size(0));
     return apply_dense(q, kv_sum, k_sum, count, fm, normalize, eps, scale, acc).to(q.scalar_type()).contiguous();
   }
-  TORCH_CHECK(q.size(0) == 1, op, ": with cu_seqlens, q must be packed as (1, total, H, D)");
+  TORCH_CHECK_VALUE(q.size(0) == 1, op, ": with cu_seqlens, q must be packed as (1, total, H, D)");
   auto bounds = check_cu_seqlens(*cu_seqlens, q.size(1), op, "cu_seqlens");
-  TORCH_CHECK(static_cast<int64_t>(bounds.size()) == Bs, op, ": cu_seqlens describes ", bounds.size(),
+  TORCH_CHECK_VALUE(static_cast<int64_t>(bounds.size()) == Bs, op, ": cu_seqlens describes ", bounds.size(),
               " sequences but the state has ", Bs);
   Tensor out = new_output({1, q.size(1), q.size(2), kv_sum.size(3)}, q.options());
   for (int64_t i = 0; i < Bs; ++i) {

@@ -21,14 +21,14 @@ at::ScalarType acc_type(const Tensor& t) {
 
 void check_memory(const std::optional<Tensor>& mem_kv, const std::optional<Tensor>& mem_z, int64_t B, int64_t H,
                   int64_t D, int64_t Dv, const char* op, at::Device device = at::kCPU) {
-  TORCH_CHECK(mem_kv.has_value() == mem_z.has_value(), op, ": mem_kv and mem_z must be given together");
+  TORCH_CHECK_VALUE(mem_kv.has_value() == mem_z.has_value(), op, ": mem_kv and mem_z must be given together");
   if (!mem_kv) return;
   check_floating_on(*mem_kv, op, "mem_kv", device);
   check_floating_on(*mem_z, op, "mem_z", device);
-  TORCH_CHECK(mem_kv->dim() == 4 && mem_kv->size(0) == B && mem_kv->size(1) == H && mem_kv->size(2) == D &&
+  TORCH_CHECK_VALUE(mem_kv->dim() == 4 && mem_kv->size(0) == B && mem_kv->size(1) == H && mem_kv->size(2) == D &&
                   mem_kv->size(3) == Dv,
               op, ": mem_kv must be (B, H, D, Dv) = (", B, ", ", H, ", ", D, ", ", Dv, "), got ", mem_kv->sizes());
-  TORCH_CHECK(mem_z->dim() == 3 && mem_z->size(0) == B && mem_z->size(1) == H && mem_z->size(2) == D, op,
+  TORCH_CHECK_VALUE(mem_z->dim() == 3 && mem_z->size(0) == B && mem_z->size(1) == H && mem_z->size(2) == D, op,
               ": mem_z must be (B, H, D) = (", B, ", ", H, ", ", D, "), got ", mem_z->sizes());
 }
 
@@ -36,8 +36,8 @@ void check_memory(const std::optional<Tensor>& mem_kv, const std::optional<Tenso
 void check_memo(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mem_kv,
                 const std::optional<Tensor>& mem_z, const char* op, at::Device device = at::kCPU) {
   check_qkv_gqa(q, k, v, op, device);
-  TORCH_CHECK(k.size(2) == q.size(2), op, ": q, k and v must have the same number of heads");
-  TORCH_CHECK(k.size(1) == q.size(1), op, ": q and k must have the same number of frames");
+  TORCH_CHECK_VALUE(k.size(2) == q.size(2), op, ": q, k and v must have the same number of heads");
+  TORCH_CHECK_VALUE(k.size(1) == q.size(1), op, ": q and k must have the same number of frames");
   check_memory(mem_kv, mem_z, q.size(0), q.size(2), q.size(3), v.size(3), op, device);
 }
 
@@ -94,7 +94,7 @@ std::tuple<Tensor, Tensor, Tensor> memory_linear_attention_step_cpu(const Tensor
                                                                     double decay) {
   constexpr const char* op = "dtk.memory_linear_attention_step";
   check_memo(q, k, v, mem_kv, mem_z, op);
-  TORCH_CHECK(decay >= 0 && decay <= 1, op, ": decay must be in [0, 1], got ", decay);
+  TORCH_CHECK_VALUE(decay >= 0 && decay <= 1, op, ": decay must be in [0, 1], got ", decay);
   auto [kv, z] = memory_linear_attention_update_cpu(k, v, mem_kv, mem_z, decay);
   return {memory_linear_attention_cpu(q, k, v, mem_kv, mem_z, decay), kv, z};
 }
@@ -112,7 +112,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> memory_linear_attention_backw
   constexpr const char* op = "dtk.memory_linear_attention_backward";
   check_memo(q, k, v, mem_kv, mem_z, op, q.device());
   check_bshd_on(grad_out, op, "grad_out", q.device());
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), v.size(3)}), op,
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), v.size(3)}), op,
               ": grad_out must be the output's shape (B, S, H, Dv), got ", grad_out.sizes());
   const int64_t D = q.size(3);
   const auto acc = acc_type(q);
@@ -160,12 +160,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> memory_linear_attention_update_backwa
   const auto acc = acc_type(k);
   if (grad_kv) {
     check_floating_on(*grad_kv, op, "grad_kv", k.device());
-    TORCH_CHECK(grad_kv->sizes() == at::IntArrayRef({B, H, D, Dv}), op, ": grad_kv must be (B, H, D, Dv) = (", B,
+    TORCH_CHECK_VALUE(grad_kv->sizes() == at::IntArrayRef({B, H, D, Dv}), op, ": grad_kv must be (B, H, D, Dv) = (", B,
                 ", ", H, ", ", D, ", ", Dv, "), got ", grad_kv->sizes());
   }
   if (grad_z) {
     check_floating_on(*grad_z, op, "grad_z", k.device());
-    TORCH_CHECK(grad_z->sizes() == at::IntArrayRef({B, H, D}), op, ": grad_z must be (B, H, D) = (", B, ", ", H,
+    TORCH_CHECK_VALUE(grad_z->sizes() == at::IntArrayRef({B, H, D}), op, ": grad_z must be (B, H, D) = (", B, ", ", H,
                 ", ", D, "), got ", grad_z->sizes());
   }
   Tensor gkv = grad_kv ? grad_kv->to(acc) : at::zeros({B, H, D, Dv}, k.options().dtype(acc));

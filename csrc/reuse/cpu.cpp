@@ -31,33 +31,33 @@ using dtk::new_output;  // NaN-filled under DTK_DEBUG_NAN_FILL=1 (common/debug.h
 Tensor scatter_blend_cpu(const Tensor& base, Tensor& cache, const Tensor& fresh, const Tensor& index, double lam,
                          const std::optional<Tensor>& lam_per_batch) {
   const char* op = "dtk.scatter_blend";
-  TORCH_CHECK(base.dim() >= 2, op, ": base must be (B, N, ...), got shape ", base.sizes());
-  TORCH_CHECK(at::isFloatingType(base.scalar_type()), op, ": base must be a floating tensor, got ", base.scalar_type());
-  TORCH_CHECK(cache.sizes() == base.sizes(), op, ": cache must have base's shape ", base.sizes(), ", got ",
+  TORCH_CHECK_VALUE(base.dim() >= 2, op, ": base must be (B, N, ...), got shape ", base.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(base.scalar_type()), op, ": base must be a floating tensor, got ", base.scalar_type());
+  TORCH_CHECK_VALUE(cache.sizes() == base.sizes(), op, ": cache must have base's shape ", base.sizes(), ", got ",
               cache.sizes());
-  TORCH_CHECK(cache.scalar_type() == base.scalar_type() && fresh.scalar_type() == base.scalar_type(), op,
+  TORCH_CHECK_TYPE(cache.scalar_type() == base.scalar_type() && fresh.scalar_type() == base.scalar_type(), op,
               ": cache and fresh must have base's dtype ", base.scalar_type(), ", got ", cache.scalar_type(), " and ",
               fresh.scalar_type());
-  TORCH_CHECK(cache.is_contiguous(), op, ": cache must be contiguous (it is updated in place)");
+  TORCH_CHECK_VALUE(cache.is_contiguous(), op, ": cache must be contiguous (it is updated in place)");
   const int64_t B = base.size(0), N = base.size(1);
-  TORCH_CHECK(fresh.dim() == base.dim() && fresh.size(0) == B && fresh.sizes().slice(2) == base.sizes().slice(2), op,
+  TORCH_CHECK_VALUE(fresh.dim() == base.dim() && fresh.size(0) == B && fresh.sizes().slice(2) == base.sizes().slice(2), op,
               ": fresh must be (B=", B, ", n", base.sizes().slice(2), "), got ", fresh.sizes());
   const int64_t n = fresh.size(1);
-  TORCH_CHECK(index.scalar_type() == at::kInt || index.scalar_type() == at::kLong, op,
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kInt || index.scalar_type() == at::kLong, op,
               ": index must be an int32 or int64 tensor, got ", index.scalar_type());
-  TORCH_CHECK((index.dim() == 1 && index.size(0) == n) || (index.dim() == 2 && index.size(0) == B && index.size(1) == n),
+  TORCH_CHECK_VALUE((index.dim() == 1 && index.size(0) == n) || (index.dim() == 2 && index.size(0) == B && index.size(1) == n),
               op, ": index must be (n=", n, ",) or (B=", B, ", n=", n, ") to match fresh, got ", index.sizes());
-  TORCH_CHECK(std::isfinite(lam), op, ": lam must be finite, got ", lam);
+  TORCH_CHECK_VALUE(std::isfinite(lam), op, ": lam must be finite, got ", lam);
   Tensor lam_t;
   if (lam_per_batch.has_value()) {
-    TORCH_CHECK(at::isFloatingType(lam_per_batch->scalar_type()), op, ": lam must be a float or a floating tensor, got ",
+    TORCH_CHECK_TYPE(at::isFloatingType(lam_per_batch->scalar_type()), op, ": lam must be a float or a floating tensor, got ",
                 lam_per_batch->scalar_type());
-    TORCH_CHECK(lam_per_batch->numel() == B, op, ": a lam tensor must hold one value per batch (B=", B, "), got shape ",
+    TORCH_CHECK_VALUE(lam_per_batch->numel() == B, op, ": a lam tensor must hold one value per batch (B=", B, "), got shape ",
                 lam_per_batch->sizes());
     lam_t = lam_per_batch->to(at::kCPU, at::kDouble).reshape({B}).contiguous();
   }
   for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{cache, "cache"}, {fresh, "fresh"}, {index, "index"}})
-    TORCH_CHECK(t.device() == base.device(), op, ": ", name, " is on ", t.device(), ", expected base's device ",
+    TORCH_CHECK_VALUE(t.device() == base.device(), op, ": ", name, " is on ", t.device(), ", expected base's device ",
                 base.device());
   Tensor idx = (index.dim() == 1 ? index.unsqueeze(0).expand({B, n}) : index).to(at::kLong).contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
@@ -66,8 +66,8 @@ Tensor scatter_blend_cpu(const Tensor& base, Tensor& cache, const Tensor& fresh,
     for (int64_t j = 0; j < n; ++j) {
       const int64_t r = ip[b * n + j];
       if (r == -1) continue;  // padding
-      TORCH_CHECK(r >= 0 && r < N, op, ": index out of range: entries must be in [0, ", N, ") or -1, got ", r);
-      TORCH_CHECK(pos[b * N + r] < 0, op, ": index has duplicate entry ", r, " (batch ", b, ")");
+      TORCH_CHECK_INDEX(r >= 0 && r < N, op, ": index out of range: entries must be in [0, ", N, ") or -1, got ", r);
+      TORCH_CHECK_VALUE(pos[b * N + r] < 0, op, ": index has duplicate entry ", r, " (batch ", b, ")");
       pos[b * N + r] = j;
     }
   Tensor bc = base.contiguous(), fc = fresh.contiguous();
@@ -106,30 +106,30 @@ Tensor scatter_blend_cpu(const Tensor& base, Tensor& cache, const Tensor& fresh,
 Tensor token_change_score(at::TensorList features, at::TensorList reference, int64_t pool,
                           at::OptionalIntArrayRef size) {
   const char* op = "dtk.token_change_score";
-  TORCH_CHECK(!features.empty(), op, ": features must hold at least one (B, C, h, w) feature map");
-  TORCH_CHECK(features.size() == reference.size(), op, ": features and reference must have the same length, got ",
+  TORCH_CHECK_VALUE(!features.empty(), op, ": features must hold at least one (B, C, h, w) feature map");
+  TORCH_CHECK_VALUE(features.size() == reference.size(), op, ": features and reference must have the same length, got ",
               features.size(), " and ", reference.size());
-  TORCH_CHECK(pool >= 1, op, ": pool must be >= 1, got ", pool);
+  TORCH_CHECK_VALUE(pool >= 1, op, ": pool must be >= 1, got ", pool);
   const int64_t B = features[0].dim() == 4 ? features[0].size(0) : -1;
   for (size_t i = 0; i < features.size(); ++i) {
     const Tensor& f = features[i];
     const Tensor& r = reference[i];
-    TORCH_CHECK(f.dim() == 4 && f.size(0) == B, op, ": features[", i, "] must be (B=", B, ", C, h, w), got shape ",
+    TORCH_CHECK_VALUE(f.dim() == 4 && f.size(0) == B, op, ": features[", i, "] must be (B=", B, ", C, h, w), got shape ",
                 f.sizes());
-    TORCH_CHECK(r.sizes() == f.sizes(), op, ": reference[", i, "] must have the shape of features[", i, "] ", f.sizes(),
+    TORCH_CHECK_VALUE(r.sizes() == f.sizes(), op, ": reference[", i, "] must have the shape of features[", i, "] ", f.sizes(),
                 ", got ", r.sizes());
-    TORCH_CHECK(at::isFloatingType(f.scalar_type()) && at::isFloatingType(r.scalar_type()), op, ": features[", i,
+    TORCH_CHECK_TYPE(at::isFloatingType(f.scalar_type()) && at::isFloatingType(r.scalar_type()), op, ": features[", i,
                 "] and reference[", i, "] must be floating tensors");
-    TORCH_CHECK(f.device() == features[0].device() && r.device() == features[0].device(), op,
+    TORCH_CHECK_VALUE(f.device() == features[0].device() && r.device() == features[0].device(), op,
                 ": all feature maps must be on one device");
   }
   int64_t oh = features[0].size(2), ow = features[0].size(3);
   if (size.has_value()) {
-    TORCH_CHECK(size->size() == 2 && (*size)[0] > 0 && (*size)[1] > 0, op,
+    TORCH_CHECK_VALUE(size->size() == 2 && (*size)[0] > 0 && (*size)[1] > 0, op,
                 ": size must be (h, w) with positive entries, got ", *size);
     oh = (*size)[0], ow = (*size)[1];
   }
-  TORCH_CHECK(oh % pool == 0 && ow % pool == 0, op, ": the common size (", oh, ", ", ow,
+  TORCH_CHECK_VALUE(oh % pool == 0 && ow % pool == 0, op, ": the common size (", oh, ", ", ow,
               ") must be divisible by pool=", pool);
   const at::ScalarType acc = features[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor total;
@@ -148,12 +148,12 @@ Tensor token_change_score(at::TensorList features, at::TensorList reference, int
 
 std::tuple<Tensor, Tensor> mask_to_index(const Tensor& mask, std::optional<int64_t> max_count, int64_t num_prefix) {
   const char* op = "dtk.mask_to_index";
-  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be a bool tensor, got ", mask.scalar_type());
-  TORCH_CHECK(mask.dim() == 2, op, ": mask must be (B, N), got shape ", mask.sizes(), " (flatten the grid first)");
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, op, ": mask must be a bool tensor, got ", mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.dim() == 2, op, ": mask must be (B, N), got shape ", mask.sizes(), " (flatten the grid first)");
   check_num_prefix(num_prefix);
   const int64_t B = mask.size(0), N = mask.size(1), P = num_prefix;
   const int64_t n_max = max_count.value_or(P + N);
-  TORCH_CHECK(n_max >= 0, op, ": max_count must be >= 0, got ", n_max);
+  TORCH_CHECK_VALUE(n_max >= 0, op, ": max_count must be >= 0, got ", n_max);
   auto iopt = mask.options().dtype(at::kLong);
   Tensor pos = mask.cumsum(1, at::kLong) - 1 + P;                                  // slot of each set token
   Tensor target = at::where(mask & (pos < n_max), pos, at::full({}, n_max, iopt));  // n_max = discard column
@@ -171,15 +171,15 @@ std::tuple<Tensor, Tensor> mask_to_index(const Tensor& mask, std::optional<int64
 
 // A (B, h, w) bool mask, as a (B, 1, h, w) float map for the pooling ops (reuse's own check).
 Tensor check_mask3(const Tensor& mask, const char* op) {
-  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be a bool tensor, got ", mask.scalar_type());
-  TORCH_CHECK(mask.dim() == 3, op, ": mask must be (B, h, w), got shape ", mask.sizes());
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, op, ": mask must be a bool tensor, got ", mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.dim() == 3, op, ": mask must be (B, h, w), got shape ", mask.sizes());
   return mask.to(at::kFloat).unsqueeze(1);
 }
 
 Tensor dilate_mask(const Tensor& mask, int64_t iterations) {
   const char* op = "dtk.dilate_mask";
   Tensor x = check_mask3(mask, op);
-  TORCH_CHECK(iterations >= 0, op, ": iterations must be >= 0, got ", iterations);
+  TORCH_CHECK_VALUE(iterations >= 0, op, ": iterations must be >= 0, got ", iterations);
   for (int64_t i = 0; i < iterations && x.sym_numel() != 0; ++i) x = at::max_pool2d(x, {3, 3}, {1, 1}, {1, 1});
   return (x > 0.5).squeeze(1);
 }
@@ -187,7 +187,7 @@ Tensor dilate_mask(const Tensor& mask, int64_t iterations) {
 Tensor prune_isolated(const Tensor& mask, int64_t min_neighbors) {
   const char* op = "dtk.prune_isolated";
   Tensor x = check_mask3(mask, op);
-  TORCH_CHECK(min_neighbors >= 0 && min_neighbors <= 8, op, ": min_neighbors must be in [0, 8], got ", min_neighbors);
+  TORCH_CHECK_VALUE(min_neighbors >= 0 && min_neighbors <= 8, op, ": min_neighbors must be in [0, 8], got ", min_neighbors);
   if (x.sym_numel() == 0) return mask.clone();
   // 3x3 sum (zero padding) minus the centre = number of set 8-neighbours.
   Tensor cnt = (at::avg_pool2d(x, {3, 3}, {1, 1}, {1, 1}, false, true) * 9.0 - x).round();

@@ -21,10 +21,10 @@ using at::Tensor;
 void check_table(const Tensor& t, const char* name, const Tensor& x) {
   const char* op = "dtk.rms_norm_rope";
   const int64_t S = x.size(1), D = x.size(3);
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
               t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", expected x's device ", x.device());
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == S && t.size(1) == D, op, ": ", name, " must be (S=", S, ", D=", D,
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", expected x's device ", x.device());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == S && t.size(1) == D, op, ": ", name, " must be (S=", S, ", D=", D,
               "), got shape ", t.sizes());
 }
 
@@ -34,22 +34,22 @@ Tensor rms_norm_rope_cpu(const Tensor& x, const std::optional<Tensor>& weight, c
   check_bshd(x, "x");
   check_attention_dtype(x, "x", /*allow_double=*/true);
   const int64_t B = x.size(0), S = x.size(1), H = x.size(2), D = x.size(3);
-  TORCH_CHECK(std::isfinite(eps) && eps > 0, op, ": eps must be a positive finite float, got ", eps);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, op, ": eps must be a positive finite float, got ", eps);
   if (weight.has_value()) {
-    TORCH_CHECK(at::isFloatingType(weight->scalar_type()), op, ": weight must be a floating tensor, got ",
+    TORCH_CHECK_TYPE(at::isFloatingType(weight->scalar_type()), op, ": weight must be a floating tensor, got ",
                 weight->scalar_type());
     const int64_t n = across_heads ? H * D : D;
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == n, op, ": weight must be (", across_heads ? "H*D=" : "D=", n,
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == n, op, ": weight must be (", across_heads ? "H*D=" : "D=", n,
                 ",), got shape ", weight->sizes());
-    TORCH_CHECK(weight->device() == x.device(), op, ": weight is on ", weight->device(), ", expected x's device ",
+    TORCH_CHECK_VALUE(weight->device() == x.device(), op, ": weight is on ", weight->device(), ", expected x's device ",
                 x.device());
   }
-  TORCH_CHECK(cos.has_value() == sin.has_value(), op, ": cos and sin must be given together");
+  TORCH_CHECK_VALUE(cos.has_value() == sin.has_value(), op, ": cos and sin must be given together");
   const bool rope = cos.has_value();
   if (rope) {
     check_table(*cos, "cos", x);
     check_table(*sin, "sin", x);
-    TORCH_CHECK(D % 2 == 0, op, ": the rotary embedding needs an even head dim, got D=", D);
+    TORCH_CHECK_VALUE(D % 2 == 0, op, ": the rotary embedding needs an even head dim, got D=", D);
   }
   Tensor out = dtk::new_output({B, S, H, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;

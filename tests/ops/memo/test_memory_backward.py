@@ -130,11 +130,11 @@ def test_opcheck():
 
 def test_bad_input():
     q, k, v = (torch.randn(2, 4, 2, 5) for _ in range(3))
-    with pytest.raises(RuntimeError, match="grad_out"):
+    with pytest.raises(ValueError, match="grad_out"):
         torch.ops.dtk.memory_linear_attention_backward(torch.randn(2, 4, 2, 3), q, k, v, None, None, 0.9)
-    with pytest.raises(RuntimeError, match="grad_kv"):
+    with pytest.raises(ValueError, match="grad_kv"):
         torch.ops.dtk.memory_linear_attention_update_backward(torch.randn(2, 2, 5), None, k, v, None, None, 0.9)
-    with pytest.raises(RuntimeError, match="mem_kv"):
+    with pytest.raises(ValueError, match="mem_kv"):
         torch.ops.dtk.memory_linear_attention_backward(q, q, k, v, torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5),
                                                        0.9)
 
@@ -219,10 +219,10 @@ def test_step_bad_input():
     for args, name in (((q, k, v, torch.rand(2, 2, 5, 4), z), "mem_kv"), ((q, k, v, kv, torch.rand(2, 3, 5)), "mem_z"),
                        ((q, k, v, kv, None), "mem_kv and mem_z"), ((q, k, torch.randn(2, 3, 2, 5), kv, z), "v"),
                        ((q, torch.randn(2, 4, 2, 6), v, kv, z), "k")):
-        with pytest.raises(RuntimeError, match=f"memory_linear_attention_step: {name}"):
+        with pytest.raises(ValueError, match=f"memory_linear_attention_step: {name}"):
             step(*args, 0.9)
     for decay in (-0.1, 1.5):
-        with pytest.raises(RuntimeError, match="memory_linear_attention_step: decay"):
+        with pytest.raises(ValueError, match="memory_linear_attention_step: decay"):
             step(q, k, v, kv, z, decay)
         with pytest.raises(ValueError, match="memory_linear_attention: decay"):
             dtk.memory_linear_attention(q, k, v, (kv, z), decay=decay)

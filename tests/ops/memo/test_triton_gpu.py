@@ -95,11 +95,11 @@ def test_memory_backward_mixed_devices():
     (the dispatcher sends mixed CPU / CUDA arguments to them)."""
     q = torch.randn(2, 4, 2, 8, device="cuda")
     kv, z = torch.rand(2, 2, 8, 8), torch.rand(2, 2, 8)
-    with pytest.raises(RuntimeError, match="memory_linear_attention_backward: mem_kv must be on cuda"):
+    with pytest.raises(ValueError, match="memory_linear_attention_backward: mem_kv must be on cuda"):
         torch.ops.dtk.memory_linear_attention_backward(q, q, q, q, kv, z, 0.5)
-    with pytest.raises(RuntimeError, match="memory_linear_attention_backward: grad_out must be on cuda"):
+    with pytest.raises(ValueError, match="memory_linear_attention_backward: grad_out must be on cuda"):
         torch.ops.dtk.memory_linear_attention_backward(q.cpu(), q, q, q, None, None, 0.5)
-    with pytest.raises(RuntimeError, match="memory_linear_attention_update_backward: grad_kv must be on cuda"):
+    with pytest.raises(ValueError, match="memory_linear_attention_update_backward: grad_kv must be on cuda"):
         torch.ops.dtk.memory_linear_attention_update_backward(kv, None, q, q, None, None, 0.5)
 
 

@@ -163,7 +163,7 @@ def test_bad_input_cpu_kernel(args, match):
     """The C++ kernel checks for itself (torch.ops.dtk.rms_norm_rope called directly)."""
     x = torch.randn(2, 5, 3, 8)
     cos, sin = _tables(5, 8)
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(ValueError, match=match):
         torch.ops.dtk.rms_norm_rope(*args(x, torch.randn(8), cos, sin))
 
 

@@ -62,7 +62,7 @@ def test_sparse_kernels_compile():
 
 def _backward_jobs(arch):
     """The backward kernels at their GPU blocks (64 x 64) and launch configs."""
-    from dtk.ops.window.triton import backward_launch_configs
+    from dtk.ops._attention.triton import backward_launch_configs
     jobs, names = [], []
     for bd in (64, 128):
         (wq, sq), (wk, sk) = backward_launch_configs(bd)

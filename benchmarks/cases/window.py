@@ -502,7 +502,8 @@ def make_impls(shape: WindowShape, gpu: bool, slow_reps: int = 3):
     impls = [Impl("dtk", _prep_dtk, kind="dtk", check=True)]
     if gpu:
         impls.append(Impl("dtk-ws", _prep_dtk_ws, kind="dtk", check=True, devices=("cuda",),
-                          note="grid queries by the warp-specialized single-loop engine (window_engine=triton-single-loop)"))
+                          note="grid queries by the warp-specialized single-loop engine "
+                               "(window_engine=triton-single-loop)"))
     if shape.tile:
         impls.append(Impl("dtk+permute", _prep_dtk_permute, kind="dtk", check=True, checker=_permute_check,
                           note="row-major tokens in and out: to_tile_order(q, k, v) + op + from_tile_order, all timed"))

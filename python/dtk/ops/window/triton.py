@@ -13,11 +13,10 @@ every choice as an argument (blocks, launch configuration, mask variant, whether
 are its own); engine.py makes those choices (docs/architecture.md, "Engines and configuration")."""
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .._attention.triton import (LOG2E, dense_range, finish, fold, head_indices, key_rows, launch_configs, load_rows,
+from .._attention.triton import (LOG2E, dense_range, fold, head_indices, key_rows, launch_configs, load_rows,
                                  row_state, step, tile_offsets, write_rows)
 from .plan import build_plan
 from .spec import WindowSpec

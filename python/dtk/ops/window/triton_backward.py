@@ -5,7 +5,6 @@ and dv, looping over the GQA group's q heads. The launcher takes its blocks, lau
 configurations and mask variant as arguments (engine.py chooses them)."""
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

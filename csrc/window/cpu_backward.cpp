@@ -271,9 +271,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_at
 }
 
 }  // namespace
-}  // namespace dtk
-
-}  // namespace
 }  // namespace window_cpu
 }  // namespace dtk
 

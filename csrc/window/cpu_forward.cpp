@@ -188,9 +188,10 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cpu(
   return {out, lse};
 }
 
-
 }  // namespace
 }  // namespace window_cpu
 }  // namespace dtk
 
-TORCH_LIBRARY_IMPL(dtk, CPU, m) { m.impl("window_attention", &dtk::window_cpu::window_attention_cpu); }
+TORCH_LIBRARY_IMPL(dtk, CPU, m) {
+  m.impl("window_attention", &dtk::window_cpu::window_attention_cpu);
+}

@@ -26,7 +26,7 @@ import torch
 
 from dtk.ops.window.plan import build_plan, engine_pairs, suggest_tile
 from dtk.ops.window.spec import make_spec, pair_count
-from dtk.ops.window.triton import default_blocks
+from dtk.ops.window.engine import default_blocks
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,12 @@ RESULTS.md).
 
 For each shape it times the Triton engine at every (query block, key block) x (num_warps,
 num_stages) candidate with autotuning off (for box windows also the default with the partial
-blocks' scores tested one by one instead of masked by tensor-core dots: MASK_BY_DOT; with a
-prefix, the default with the prefix rows in the Triton kernel: PREFIX_BY_DENSE; on Hopper, K and V
-blocks by TMA copies or pointer loads, whichever the default is not: TMA_LOADS; and the grid queries
-by the warp-specialized single-loop engine where it applies: WS_ENGINE), checks each
-variant's output against the default variant's (a miscompiled configuration shows as a large
-difference), and prints effective TFLOP/s.
+blocks' scores tested one by one instead of masked by tensor-core dots: window_mask_by_dot; with a
+prefix, the default with the prefix rows in the Triton kernel: window_prefix_by_dense; on Hopper,
+the grid queries by the warp-specialized single-loop engine where it applies:
+window_engine="triton-single-loop"; each through dtk.config), checks each variant's output against
+the default variant's (a miscompiled configuration shows as a large difference), and prints
+effective TFLOP/s.
 The `dense-control` shape has a window covering the whole grid, so every plan entry is a full
 block without any mask: its rate against SDPA (cuDNN, flash) on the same tensors is the engine's
 raw attention speed, separate from plan waste and mask cost; against FlexAttention without a mask
@@ -27,11 +27,15 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import dtk
+from dtk import _config
+from dtk.ops.window import engine
 from dtk.ops.window import triton as wt
-from dtk.ops.window import triton_ws as single_loop
+from dtk.ops.window import triton_single_loop as single_loop
+from dtk.ops.window.engine import window_attention_triton
 from dtk.ops.window.plan import build_plan, engine_pairs
 from dtk.ops.window.spec import pair_count
-from dtk.ops.window.triton import launch_configs, window_attention_triton
+from dtk.ops.window.triton import launch_configs
 
 from . import sweep_cli, ws_probe
 from .cases.window import GPU_SHAPES, WindowShape
@@ -101,32 +105,30 @@ def sweep(shape: WindowShape, out: list, device="cuda", dtype=torch.bfloat16):
     def default():
         return window_attention_triton(q, k, v, spec, scale, launch=launch_configs(bd)[0])
     ref = record("default", default)
-    # the default with one engine switch flipped: boxes' partial-block masks by tensor-core dots
-    # (else per-score tests); a prefix's rows by the dense kernel on a side stream (else Triton's
-    # own); K / V blocks by TMA copies (else pointer loads), where TMA exists: Hopper or later, or
-    # the interpreter (CPU tensors: the tests run these rows too)
-    tma_ok = q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] >= 9
-    for flag, applies in (("MASK_BY_DOT", spec.window is not None), ("PREFIX_BY_DENSE", spec.num_prefix > 0),
-                          ("TMA_LOADS", tma_ok)):
+    # the default with one engine setting flipped: boxes' partial-block masks by tensor-core dots
+    # (else per-score tests); a prefix's rows by the dense kernel on a side stream (else Triton's own)
+    for setting, applies in (("window_mask_by_dot", spec.window is not None),
+                             ("window_prefix_by_dense", spec.num_prefix > 0)):
         if not applies:
             continue
-        was = getattr(wt, flag)
-        try:
-            setattr(wt, flag, not was)
-            record(f"default, {flag}={int(not was)}", default, ref)
-        finally:
-            setattr(wt, flag, was)
+        flipped = not _config.get(setting)
+
+        def variant(setting=setting, flipped=flipped):
+            with dtk.config(**{setting: flipped}):
+                return default()
+        record(f"default, {setting}={int(flipped)}", variant, ref)
     # the grid queries by the warp-specialized single-loop engine (64 x 64 blocks, 4 warps per
-    # group), at 2, 3 and 4 pipeline stages (all within sm_90's shared memory, no spills)
-    if tma_ok and wt.WS_ENGINE is not True and wt._ws_setup(q, k, v, spec, None) is not None:
-        stages, was = single_loop.NUM_STAGES, wt.WS_ENGINE
-        try:
-            wt.WS_ENGINE = True
-            for single_loop.NUM_STAGES in (2, 3, 4):
-                record(f"single-loop engine (WS_ENGINE=1, 64x64 w4 s{single_loop.NUM_STAGES}, warp-specialized)",
-                       lambda: window_attention_triton(q, k, v, spec, scale), ref)
-        finally:
-            wt.WS_ENGINE, single_loop.NUM_STAGES = was, stages
+    # group), at 2, 3 and 4 pipeline stages (all within sm_90's shared memory, no spills), where it
+    # serves: Hopper or later, or the interpreter (CPU tensors: the tests run these rows too)
+    with dtk.config(window_engine="triton-single-loop"):
+        single_loop_ok = engine.can_run_single_loop(q, k, v, spec, None)
+    if single_loop_ok:
+        for stages in (2, 3, 4):
+            def run_single_loop(stages=stages):
+                with dtk.config(window_engine="triton-single-loop"):
+                    return window_attention_triton(q, k, v, spec, scale, launch=(single_loop.NUM_WARPS, stages))
+            record(f"single-loop engine (window_engine=triton-single-loop, 64x64 w{single_loop.NUM_WARPS} "
+                   f"s{stages}, warp-specialized)", run_single_loop, ref)
     for bq, bk in BLOCKS:
         eff = pair_count(spec) / engine_pairs(build_plan(spec, bq, bk, q.device), spec)
         print(f"{shape.name:34s} blocks {bq}x{bk}: plan efficiency {eff:.3f} (the mask's pairs / computed pairs)")

@@ -334,7 +334,7 @@ def _main():
 _INTERPRET = r"""
 import math, torch, dtk
 from dtk.ops.linear import engine as LT, reference as LR
-from dtk.ops.window import triton as WT, reference as WR
+from dtk.ops.window import engine as WT, reference as WR
 from dtk.ops.window.spec import make_spec
 q, k, v = (torch.randn(1, 33, 2, 32) for _ in range(3))
 o = LT.linear_attention(q, k, v)

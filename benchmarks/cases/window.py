@@ -2,11 +2,9 @@
 
 Implementations, all run in one process on the same tensors:
   dtk              the op (CPU tensors: C++ engine; CUDA tensors: Triton engine); checked first.
-  dtk-tma          (GPU set, Hopper) the op with K and V blocks read by TMA copies instead of
-                   pointer loads (window.triton.TMA_LOADS, off by default until measured).
   dtk-ws           (GPU set, Hopper) the op with the grid queries' forward by the warp-specialized
-                   single-loop engine (window.triton.WS_ENGINE, off by default until measured;
-                   skipped where it does not apply).
+                   single-loop engine (dtk.config(window_engine="triton-single-loop"), served only
+                   where pinned until measured; skipped where it does not apply).
   dtk+permute      (tile-order cases) the same from row-major tokens: q, k, v permuted to tile
                    order and the output back (dtk.to/from_tile_order) inside the timed call.
   sdpa-<backend>   dense SDPA (no mask: the cost of ignoring locality) for flash, cudnn,
@@ -72,7 +70,7 @@ CPU_SHAPES = [
     WindowShape("circle-r4-20x20-p16-clip", 1, 2, 64, (20, 20), radius=4, border="clip", num_prefix=16),
 ]
 
-# --gpu set (bf16, d=128): DESIGN §4 shapes, the issue targets' first.
+# --gpu set (bf16, d=128): the shapes of docs/benchmarks.md, the issue targets' first.
 GPU_SHAPES = [
     WindowShape("flux1024-r16-clip-p512-tile8x16", 1, 24, 128, (64, 64), radius=16, border="clip",
                 num_prefix=512, tile=(8, 16), note="CLEAR on FLUX 1024^2"),
@@ -87,7 +85,7 @@ GPU_SHAPES = [
     WindowShape("freeswim-1080p-rowmajor", 1, 12, 128, (21, 68, 120), window=(-1, 31, 53)),
     WindowShape("clear8k-r16-clip-p512-tile8x16", 1, 24, 128, (512, 512), radius=16, border="clip",
                 num_prefix=512, tile=(8, 16), note="CLEAR at 8K"),
-    # more DESIGN §4 shapes, after the targets' (a --budget-s run reaches these last)
+    # more of docs/benchmarks.md's shapes, after the targets' (a --budget-s run reaches these last)
     WindowShape("flux2048-r16-clip-p512-tile8x16", 1, 24, 128, (128, 128), radius=16, border="clip",
                 num_prefix=512, tile=(8, 16), note="CLEAR on FLUX 2048^2"),
     WindowShape("flux4096-r16-clip-p512-tile8x16", 1, 24, 128, (256, 256), radius=16, border="clip",
@@ -154,8 +152,9 @@ def reference_rows(state, dtype) -> torch.Tensor:
 
 
 def check(state, out) -> CheckResult:
-    """DESIGN §6 rule on the check rows: error vs the float64 reference <= 2 x (error of the
-    reference computed in the run's dtype) + atol; NaN anywhere in the output fails."""
+    """The correctness rule of docs/testing.md on the check rows: error vs the float64 reference
+    <= 2 x (error of the reference computed in the run's dtype) + atol; NaN anywhere in the output
+    fails."""
     if isinstance(out, (tuple, list)):
         out = out[0]
     rows = state["rows"]
@@ -200,7 +199,7 @@ def _prep_dtk(state):
     info = first_call(fn, state["device"], "window_attention")
     if state["device"].startswith("cuda"):   # the Triton engine's plan: the share of its work the mask needs
         from dtk.ops.window.plan import build_plan, engine_pairs
-        from dtk.ops.window.triton import choose_blocks
+        from dtk.ops.window.engine import choose_blocks
 
         spec = state["spec"]
         blocks = choose_blocks(q, k, v, spec, state["scale"])   # what the first call chose (cached)
@@ -210,54 +209,40 @@ def _prep_dtk(state):
     return Prepared(fn, info)
 
 
-def _engine_switched(name: str):
-    """A callable running its argument with the window engine's switch `name` (window.triton) on,
-    restoring it after."""
-    from dtk.ops.window import triton as wt
+def _prep_dtk_switched(state, settings: dict, label: str, check_applies=None):
+    """The dtk row with `settings` of dtk.config in force (Hopper only): a variant of the engine
+    that is not the default until a GPU run measures it. `check_applies(state)`: why the variant
+    does not take this problem, or ""."""
+    import dtk
 
-    def run(fn):
-        was = getattr(wt, name)
-        setattr(wt, name, True)
-        try:
-            return fn()
-        finally:
-            setattr(wt, name, was)
-    return run
-
-
-def _prep_dtk_switched(state, name: str, label: str, check_applies=None):
-    """The dtk row with the engine switch `name` on (Hopper only): a variant of the engine that is
-    off by default until a GPU run measures it. `check_applies(state)`: why the variant does not
-    take this problem, or ""."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         raise Skip(f"{label} needs Hopper (sm_90) or newer")
-    switched = _engine_switched(name)
-    why = switched(lambda: check_applies(state)) if check_applies else ""
+    with dtk.config(**settings):
+        why = check_applies(state) if check_applies else ""
     if why:
         raise Skip(why)
     inner = _prep_dtk(state).fn
 
     def fn():
-        return switched(inner)
+        with dtk.config(**settings):
+            return inner()
     return Prepared(fn, first_call(fn, state["device"], f"window_attention ({label})"))
 
 
-def _prep_dtk_tma(state):
-    """dtk with the engine's K / V blocks read by TMA copies (window.triton.TMA_LOADS)."""
-    return _prep_dtk_switched(state, "TMA_LOADS", "TMA loads")
-
-
 def _ws_declines(state) -> str:
-    from dtk.ops.window import triton as wt
-    if wt._ws_setup(state["q"], state["k"], state["v"], state["spec"], None) is None:
-        return "the single-loop engine does not take this problem (edge tiles or layout): the main engine runs"
+    from dtk.ops.window import engine
+    try:
+        engine.can_run_single_loop(state["q"], state["k"], state["v"], state["spec"], None, raise_error=True)
+    except ValueError as e:
+        return str(e)
     return ""
 
 
 def _prep_dtk_ws(state):
     """dtk with the grid queries' forward by the warp-specialized single-loop engine
-    (window.triton.WS_ENGINE); skipped where the engine does not apply (edge tiles, extra keys)."""
-    return _prep_dtk_switched(state, "WS_ENGINE", "single-loop engine", _ws_declines)
+    (window_engine="triton-single-loop"); skipped where the engine does not apply (edge tiles,
+    extra keys)."""
+    return _prep_dtk_switched(state, dict(window_engine="triton-single-loop"), "single-loop engine", _ws_declines)
 
 
 def _prep_dtk_permute(state):
@@ -516,10 +501,9 @@ def make_impls(shape: WindowShape, gpu: bool, slow_reps: int = 3):
     dense_flops = 4.0 * shape.B * shape.H * S * S * shape.D
     impls = [Impl("dtk", _prep_dtk, kind="dtk", check=True)]
     if gpu:
-        impls.append(Impl("dtk-tma", _prep_dtk_tma, kind="dtk", check=True, devices=("cuda",),
-                          note="K / V blocks by TMA copies (window.triton.TMA_LOADS)"))
         impls.append(Impl("dtk-ws", _prep_dtk_ws, kind="dtk", check=True, devices=("cuda",),
-                          note="grid queries by the warp-specialized single-loop engine (window.triton.WS_ENGINE)"))
+                          note="grid queries by the warp-specialized single-loop engine "
+                               "(window_engine=triton-single-loop)"))
     if shape.tile:
         impls.append(Impl("dtk+permute", _prep_dtk_permute, kind="dtk", check=True, checker=_permute_check,
                           note="row-major tokens in and out: to_tile_order(q, k, v) + op + from_tile_order, all timed"))

@@ -39,30 +39,28 @@ def test_sweep_runs_every_variant_checked(monkeypatch):
     assert all("error" not in r for r in rows), [r for r in rows if "error" in r]
     assert len([r for r in rows if "plan_eff" in r]) == len(window_sweep.BLOCKS)
     assert len(timed) > len(window_sweep.BLOCKS) and all(r["max_diff_vs_default"] < 1e-4 for r in timed)
-    assert any(r["variant"] == "default, MASK_BY_DOT=0" for r in timed)   # a box: both mask paths timed
-    assert any(r["variant"] == "default, TMA_LOADS=1" for r in timed)     # K / V by TMA copies
+    assert any(r["variant"] == "default, window_mask_by_dot=0" for r in timed)   # a box: both mask paths timed
     assert len([r for r in timed if r["variant"].startswith("single-loop engine")]) == 3   # at 2, 3, 4 stages
-    from dtk.ops.window import triton as wt
-    from dtk.ops.window import triton_ws
-    assert wt.MASK_BY_DOT is True, "the sweep must restore the default"
-    assert (wt.TMA_LOADS, wt.WS_ENGINE, triton_ws.NUM_STAGES) == (False, False, 2), "the sweep must restore them"
+    from dtk import _config
+    assert _config.get("window_mask_by_dot") is True, "the sweep must restore the default"
+    assert _config.get("window_engine") == "auto", "the sweep must restore it"
 
 
 def test_sweep_times_the_prefix_both_ways(monkeypatch):
-    """With a prefix the sweep also times the prefix rows in the Triton kernel (PREFIX_BY_DENSE=0),
-    same output, and restores the default."""
+    """With a prefix the sweep also times the prefix rows in the Triton kernel
+    (window_prefix_by_dense=0), same output, and restores the default."""
     import torch
 
     from benchmarks import sweep_cli
     from benchmarks.cases.window import WindowShape
-    from dtk.ops.window import triton as wt
+    from dtk import _config
     monkeypatch.setattr(sweep_cli, "bench", lambda fn: 1.0)
     monkeypatch.setattr(window_sweep, "BLOCKS", [(16, 16)])
     rows = []
     window_sweep.sweep(WindowShape("tiny-prefix", 1, 2, 16, (6, 8), radius=2, border="clip", num_prefix=5), rows,
                        device="cpu", dtype=torch.float32)
-    (row,) = [r for r in rows if r["variant"] == "default, PREFIX_BY_DENSE=0"]
-    assert row["max_diff_vs_default"] < 1e-4 and wt.PREFIX_BY_DENSE is True
+    (row,) = [r for r in rows if r["variant"] == "default, window_prefix_by_dense=0"]
+    assert row["max_diff_vs_default"] < 1e-4 and _config.get("window_prefix_by_dense") is True
 
 
 def test_dense_control_adds_the_triton_ceiling_row(monkeypatch):

@@ -7,7 +7,7 @@ import torch
 import dtk
 from dtk.ops.window.reference import window_attention_reference
 
-from ...helpers import assert_matches_reference, graph_replay_equals_eager, record_results
+from ...helpers import assert_matches_reference, graph_replay_equals_eager
 from .cases import as_dtype, kwargs, make_inputs, random_case
 
 pytestmark = pytest.mark.gpu
@@ -172,61 +172,39 @@ def test_gpu_every_block_candidate(blocks, case, monkeypatch):
 def test_gpu_block_autotuning_keeps_a_candidate(monkeypatch):
     """With autotuning on, the first call times block_candidates on its own tensors and keeps the
     fastest for the problem; the result is the reference's."""
-    from dtk.ops.window import triton as wt
+    from dtk import _tuning
+    from dtk.ops.window.engine import block_candidates
     from dtk.ops.window.spec import make_spec
     monkeypatch.setenv("DTK_TRITON_AUTOTUNE", "1")
     monkeypatch.delenv("DTK_WINDOW_BLOCKS", raising=False)
     case = dict(grid=(32, 48), window=(9, 13), radius=None, border="inward", num_prefix=0, tile=(8, 16),
                 num_extra=0, heads=(2, 2), D=64, B=1, transposed=False, scale=None)
-    before = set(wt._TUNED_BLOCKS)
+    before = set(_tuning.entries("window.blocks"))
     check(case, torch.float16)
-    new = [key for key in wt._TUNED_BLOCKS if key not in before]
-    assert len(new) == 1 and new[0][0] == make_spec((32, 48), (9, 13), tile=(8, 16))
-    assert wt._TUNED_BLOCKS[new[0]] in wt.block_candidates(64, new[0][0])
+    tuned = _tuning.entries("window.blocks")
+    new = [key for key in tuned if key not in before]   # key: (problem, settings); problem[0]: the spec
+    assert len(new) == 1 and new[0][0][0] == make_spec((32, 48), (9, 13), tile=(8, 16))
+    assert tuned[new[0]] in block_candidates(64, new[0][0][0])
 
 
-def test_gpu_prefix_rows_by_cudnn_on_a_side_stream(monkeypatch):
+def test_gpu_prefix_rows_by_cudnn_on_a_side_stream():
     """The prefix (text) rows by one cuDNN call on a side stream beside the Triton kernel: the
     reference's result, the same as the Triton kernel's own prefix programs up to rounding, and
     inside a CUDA graph (no side stream) a replay gives the eager result."""
-    from dtk.ops.window import triton as wt
-
     case = dict(grid=(24, 32), window=None, radius=5, border="clip", num_prefix=200, tile=(8, 16), num_extra=0,
                 heads=(4, 4), D=128, B=1, transposed=False, scale=None)
     check(case, torch.bfloat16)
     q, k, v, _, _ = make_inputs(case, torch.bfloat16, "cuda")
     args = dict(radius=5, border="clip", num_prefix=200, tile=(8, 16))
     by_dense = dtk.window_attention(q, k, v, (24, 32), **args)
-    monkeypatch.setattr(wt, "PREFIX_BY_DENSE", False)
-    by_triton = dtk.window_attention(q, k, v, (24, 32), **args)
+    with dtk.config(window_prefix_by_dense=False):
+        by_triton = dtk.window_attention(q, k, v, (24, 32), **args)
     assert (by_dense.float() - by_triton.float()).abs().max() < 2e-2
-    monkeypatch.setattr(wt, "PREFIX_BY_DENSE", True)
     assert graph_replay_equals_eager(lambda x: dtk.window_attention(x, k, v, (24, 32), **args), q)
 
 
 def _hopper():
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-
-
-@pytest.mark.skipif(not _hopper(), reason="TMA loads need Hopper (sm_90) or newer")
-@pytest.mark.parametrize("blocks", ["128,64", "128,128", "64,64"])
-@pytest.mark.parametrize("case", [
-    dict(grid=(48, 64), window=(17, 17), radius=None, border="inward", num_prefix=0, tile=(8, 16), num_extra=0),
-    dict(grid=(40, 56), window=None, radius=8, border="clip", num_prefix=64, tile=(8, 16), num_extra=24),
-    dict(grid=(21, 10, 13), window=(-1, 5, 7), radius=None, border="inward", num_prefix=0, tile=(21, 3, 2), num_extra=0),
-])
-def test_gpu_tma_loads(blocks, case, monkeypatch):
-    """K / V blocks by TMA copies (TMA_LOADS) at every block size the engine may pick, both layouts:
-    the reference's result; in a CUDA graph a replay gives the eager result."""
-    from dtk.ops.window import triton as wt
-    monkeypatch.setattr(wt, "TMA_LOADS", True)
-    monkeypatch.setenv("DTK_WINDOW_BLOCKS", blocks)
-    for transposed in (False, True):
-        check(dict(case, heads=(4, 2), D=128, B=1, transposed=transposed, scale=None), torch.bfloat16)
-    c = dict(case, heads=(4, 2), D=128, B=1, transposed=False, scale=None)
-    q, k, v, ek, ev = make_inputs(c, torch.bfloat16, "cuda")
-    assert graph_replay_equals_eager(lambda x: dtk.window_attention(x, k, v, c["grid"], c["window"], extra_k=ek,
-                                                                    extra_v=ev, **kwargs(c)), q)
 
 
 @pytest.mark.skipif(not _hopper(), reason="the single-loop engine needs Hopper (sm_90) or newer")
@@ -236,33 +214,15 @@ def test_gpu_tma_loads(blocks, case, monkeypatch):
     dict(grid=(48, 64), window=None, radius=16, border="clip", num_prefix=100, tile=(8, 16), num_extra=0),
     dict(grid=(21, 9, 12), window=(-1, 5, 7), radius=None, border="inward", num_prefix=0, tile=(21, 3, 2), num_extra=0),
 ])
-def test_gpu_single_loop_engine(case, monkeypatch):
-    """The warp-specialized single-loop engine (WS_ENGINE): the reference's result in both layouts
-    (d = 128 and 64), and in a CUDA graph a replay gives the eager result."""
-    from dtk.ops.window import triton as wt
-    monkeypatch.setattr(wt, "WS_ENGINE", True)
-    used = record_results(monkeypatch, wt, "_ws_forward")
-    for transposed, D in ((False, 128), (True, 128), (False, 64)):
-        check(dict(case, heads=(4, 4), D=D, B=1, transposed=transposed, scale=None), torch.bfloat16)
-    assert used and all(r is not None for r in used), "the single-loop engine did not run"
+def test_gpu_single_loop_engine(case):
+    """The warp-specialized single-loop engine (window_engine="triton-single-loop"): the
+    reference's result in both layouts (d = 128 and 64), and in a CUDA graph a replay gives the
+    eager result."""
+    with dtk.config(window_engine="triton-single-loop"):
+        for transposed, D in ((False, 128), (True, 128), (False, 64)):
+            check(dict(case, heads=(4, 4), D=D, B=1, transposed=transposed, scale=None), torch.bfloat16)
+            assert dtk.last_engine("window_attention") == "triton-single-loop", "the single-loop engine did not run"
     c = dict(case, heads=(4, 4), D=128, B=1, transposed=False, scale=None)
     q, k, v, _, _ = make_inputs(c, torch.bfloat16, "cuda")
-    assert graph_replay_equals_eager(lambda x: dtk.window_attention(x, k, v, c["grid"], c["window"], **kwargs(c)), q)
-
-
-@pytest.mark.skipif(not _hopper(), reason="the single-loop engine needs Hopper (sm_90) or newer")
-def test_gpu_single_loop_engine_auto(monkeypatch):
-    """WS_ENGINE="auto": the first call of a problem times the single-loop engine against the main
-    one and keeps the choice; results are the reference's either way."""
-    from dtk.ops.window import triton as wt
-    monkeypatch.setattr(wt, "WS_ENGINE", "auto")
-    monkeypatch.setenv("DTK_TRITON_AUTOTUNE", "1")
-    monkeypatch.delenv("DTK_WINDOW_BLOCKS", raising=False)
-    case = dict(grid=(48, 64), window=None, radius=8, border="clip", num_prefix=64, tile=(8, 16), num_extra=0,
-                heads=(4, 4), D=128, B=1, transposed=False, scale=None)
-    before = set(wt._TUNED_ENGINE)
-    check(case, torch.bfloat16)
-    new = [key for key in wt._TUNED_ENGINE if key not in before]
-    assert len(new) == 1 and isinstance(wt._TUNED_ENGINE[new[0]], bool)
-    check(case, torch.bfloat16)   # the cached choice
-    assert len(wt._TUNED_ENGINE) == len(before) + 1
+    assert graph_replay_equals_eager(lambda x: dtk.window_attention(x, k, v, c["grid"], c["window"], **kwargs(c),
+                                                                    engine="triton-single-loop"), q)

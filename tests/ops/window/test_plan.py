@@ -113,7 +113,7 @@ def test_block_fill_and_key_block_choice():
     (21, 3, 2) tile is one 126-token block, or three 42-token ones) or box windows' tiles hold
     whole 128-key blocks, else 64 (finer edges)."""
     from dtk.ops.window.plan import block_fill
-    from dtk.ops.window.triton import default_blocks
+    from dtk.ops.window.engine import default_blocks
     cuda = torch.device("cuda")   # only the block rule, nothing runs on it
     swim = make_spec((21, 68, 120), (-1, 31, 53), tile=(21, 3, 2))
     # 22 x 60 full layout tiles (126 tokens: three 42-token 64-blocks) + 60 edge tiles of 2 rows
@@ -143,7 +143,7 @@ def test_suggest_tile_beats_the_alternatives(grid, window, radius, others):
     """The host-only estimate picks a tile whose exact plan efficiency (default GPU blocks) is at
     least that of row-major and of other plausible tiles."""
     from dtk.ops.layout import suggest_tile
-    from dtk.ops.window.triton import default_blocks
+    from dtk.ops.window.engine import default_blocks
     tile = suggest_tile(grid, window, radius=radius)
     assert tile is not None and all(1 <= u <= n for u, n in zip(tile, grid)) and len(tile) == len(grid)
 
@@ -187,7 +187,7 @@ def test_suggested_tiles_give_valid_plans(seed):
 def test_block_candidates_and_cpu_choice():
     """The block sizes the GPU block autotuning times: the rule's first, no duplicates, no 128-key
     blocks above D = 128; off the GPU the rule's choice without timing anything."""
-    from dtk.ops.window.triton import block_candidates, choose_blocks, default_blocks
+    from dtk.ops.window.engine import block_candidates, choose_blocks, default_blocks
     swim = make_spec((21, 68, 120), (-1, 31, 53), tile=(21, 3, 2))
     clear = make_spec((64, 64), radius=16, border="clip", num_prefix=8, tile=(8, 16))
     assert block_candidates(128, swim) == [(128, 128), (128, 64), (64, 64)]

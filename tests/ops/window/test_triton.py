@@ -6,12 +6,13 @@ import random
 import pytest
 import torch
 
+import dtk
 from dtk.ops.window.reference import window_attention_reference
 from dtk.ops.window.spec import make_spec
-from dtk.ops.window.triton import window_attention_triton
+from dtk.ops.window.engine import window_attention_triton
 
 from ..window.cases import as_dtype, kwargs, make_inputs, random_case
-from ...helpers import assert_matches_reference, record_results
+from ...helpers import assert_matches_reference
 
 pytestmark = pytest.mark.triton_engine
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,7 +28,7 @@ def run_case(case, dtype, block, launch=None):
         q.to(dt), k.to(dt), v.to(dt), case["grid"], case["window"], extra_k=as_dtype(ek, dt),
         extra_v=as_dtype(ev, dt), **kwargs(case))
     r64, l64 = ref(torch.float64)
-    rlow, llow = ref(dtype)  # the reference evaluated in the kernel's dtype (DESIGN §6)
+    rlow, llow = ref(dtype)  # the reference evaluated in the kernel's dtype (docs/testing.md)
     assert_matches_reference(out, r64, rlow, atol=1e-3 if dtype != torch.float32 else 1e-5)
     fin = torch.isfinite(l64)
     assert torch.equal(torch.isfinite(lse), fin), "lse -inf rows differ"
@@ -58,58 +59,63 @@ def test_triton_head_dims(D):
     dict(grid=(6, 10), window=None, radius=3, border="clip", num_prefix=520, tile=(2, 4), num_extra=4),
 ])
 @pytest.mark.parametrize("prefix_by_dense", [True, False])
-def test_triton_named(case, prefix_by_dense, monkeypatch):
+def test_triton_named(case, prefix_by_dense):
     """prefix_by_dense: the prefix rows as one dense attention call (cuDNN on a side stream on a
     GPU, torch's flash attention on the CPU), or the Triton kernel's own prefix programs."""
-    from dtk.ops.window import triton as wt
-    monkeypatch.setattr(wt, "PREFIX_BY_DENSE", prefix_by_dense)
-    run_case(dict(case, heads=(2, 2), D=16, B=2, transposed=False, scale=None), DTYPES[0], block=16)
+    with dtk.config(window_prefix_by_dense=prefix_by_dense):
+        run_case(dict(case, heads=(2, 2), D=16, B=2, transposed=False, scale=None), DTYPES[0], block=16)
+
+
+def _broken_dense(monkeypatch):
+    """The prefix rows' dense kernel replaced by one that fails (a build or card without it);
+    returns the list of its calls."""
+    from dtk.ops.window import prefix
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no dense attention here")
+    monkeypatch.setattr(prefix, "dense_with_lse", broken)
+    return calls
 
 
 def test_triton_prefix_falls_back_when_the_dense_kernel_fails(monkeypatch):
-    """A dense-kernel error on the prefix rows (a build or card without it) is said once and the
-    Triton kernel's own prefix programs run then and from then on."""
-    from dtk.ops._attention import dense as _dense
-    from dtk.ops.window import triton as wt
+    """A dense-kernel error on the prefix rows (a build or card without it) is said once per
+    problem and the Triton kernel's own prefix programs give that call's rows; a later call tries
+    the dense kernel again (no process-wide switch), without a second warning."""
+    import warnings
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("no dense attention here")
-    monkeypatch.setattr(wt, "dense_with_lse", broken)
-    monkeypatch.setattr(_dense, "DENSE_FAILED", [])
+    calls = _broken_dense(monkeypatch)
     case = dict(grid=(9, 11), window=None, radius=3, border="clip", num_prefix=5, tile=(4, 4), num_extra=3,
                 heads=(2, 2), D=16, B=1, transposed=False, scale=None)
-    with pytest.warns(UserWarning, match="no dense attention here"):
+    with pytest.warns(RuntimeWarning, match="no dense attention here"):
         run_case(case, DTYPES[0], block=16)
-    assert len(_dense.DENSE_FAILED) == 1
-    run_case(case, DTYPES[0], block=16)   # no second attempt, no second warning
-    assert len(_dense.DENSE_FAILED) == 1
+    assert len(calls) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)   # said once per problem
+        run_case(case, DTYPES[0], block=16)
+    assert len(calls) == 2                            # tried again, and the result is still right
 
 
 def test_triton_single_loop_engine_falls_back_when_the_dense_kernel_fails(monkeypatch):
-    """The single-loop engine hands prefix rows to the dense kernel: when that kernel fails, the
-    failure is said once and the main engine (its own prefix programs) gives the result; from then
-    on the single-loop engine declines prefix problems."""
-    from dtk.ops._attention import dense as _dense
-    from dtk.ops.window import triton as wt
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("no dense attention here")
-    monkeypatch.setattr(wt, "dense_with_lse", broken)
-    monkeypatch.setattr(_dense, "DENSE_FAILED", [])
-    monkeypatch.setattr(wt, "WS_ENGINE", True)
-    used = record_results(monkeypatch, wt, "_ws_forward")
+    """The single-loop engine hands prefix rows to the dense kernel: when that kernel fails on a
+    call, the failure is said once per problem and the main engine (its own prefix programs) gives
+    that call's result; the next call tries the dense kernel again."""
+    calls = _broken_dense(monkeypatch)
     case = {**WS_CASES[1], "heads": (2, 2), "D": 16, "B": 1, "transposed": False, "scale": None}
-    with pytest.warns(UserWarning, match="no dense attention here"):
+    with dtk.config(window_engine="triton-single-loop"):
+        with pytest.warns(RuntimeWarning, match="no dense attention here"):
+            run_case(case, DTYPES[0], block=None)
+        assert dtk.last_engine("window_attention") == "triton" and len(calls) == 1
         run_case(case, DTYPES[0], block=None)
-    assert used == [None] and len(_dense.DENSE_FAILED) == 1
-    run_case(case, DTYPES[0], block=None)
-    assert used == [None, None] and len(_dense.DENSE_FAILED) == 1
+        assert dtk.last_engine("window_attention") == "triton" and len(calls) == 2
 
 
 def test_triton_gpu_blocks_on_freeswim_tiles():
     """The GPU's block choice for tiles spanning the time axis (128 x 128: one 126-token tile per
     block) on a FreeSwim-like geometry with partial edge tiles."""
-    from dtk.ops.window.triton import default_blocks
+    from dtk.ops.window.engine import default_blocks
     case = dict(grid=(21, 10, 13), window=(-1, 5, 7), radius=None, border="inward", num_prefix=0, tile=(21, 3, 2),
                 num_extra=0, heads=(2, 2), D=32, B=1, transposed=False, scale=None)
     spec = make_spec(case["grid"], case["window"], None, "inward", 0, case["tile"])
@@ -136,7 +142,7 @@ def test_limiting_axes_only_drops_axes_the_window_spans_whole():
     """The kernel skips the mask test of axes where no key can be excluded (AXES): a wrong bit
     would silently drop keys, so check it against the dense mask on every axis."""
     from dtk.ops.window.reference import window_mask
-    from dtk.ops.window.triton import _limiting_axes
+    from dtk.ops.window.triton_geometry import limiting_axes
 
     for grid, window, radius, border in [((1, 5, 7), (1, 6, 7), None, "clip"),       # w=6 on n=5: clip limits
                                          ((1, 5, 7), (1, 9, 13), None, "clip"),      # 2n-1: whole axis
@@ -145,7 +151,7 @@ def test_limiting_axes_only_drops_axes_the_window_spans_whole():
                                          ((1, 6, 6), None, 3, "inward"),
                                          ((2, 6, 6), None, 3, "inward"), ((2, 6, 6), None, 3, "clip")]:
         spec = make_spec(grid, window, radius, border)
-        bits = _limiting_axes(spec)
+        bits = limiting_axes(spec)
         m = window_mask(spec).reshape(*spec.grid, *spec.grid)
         for a in range(3):
             # axis a is free iff moving a key along it never changes the mask
@@ -174,8 +180,8 @@ def test_coord_table_unpacks_to_the_grid_coordinates(grid, tile):
 ])
 def test_triton_without_coord_table(case, monkeypatch):
     """Grids whose coordinates do not fit the packed table take the division path: same results."""
-    import dtk.ops.window.triton as wt
-    monkeypatch.setattr(wt, "coord_table", lambda spec, device: None)
+    import dtk.ops.window.triton_geometry as geometry
+    monkeypatch.setattr(geometry, "coord_table", lambda spec, device: None)
     base = dict(heads=(2, 1), D=16, B=1, transposed=False, scale=None)
     run_case({**base, **case}, DTYPES[0], block=16)
 
@@ -196,16 +202,16 @@ MASK_DOT_CASES = [
 
 @pytest.mark.parametrize("by_dot", [True, False])
 @pytest.mark.parametrize("case", MASK_DOT_CASES)
-def test_triton_box_mask_by_dot_or_per_score(case, by_dot, monkeypatch):
+def test_triton_box_mask_by_dot_or_per_score(case, by_dot):
     """Box windows' partial blocks of the plan's key shape: the mask added by tensor-core dots
-    (MASK_BY_DOT; these cases take that path) and tested per score give the reference's output,
-    with large scores too (scale 4: the masked scores' offset must stay far below them)."""
-    import dtk.ops.window.triton as wt
+    (window_mask_by_dot; these cases take that path) and tested per score give the reference's
+    output, with large scores too (scale 4: the masked scores' offset must stay far below them)."""
+    from dtk.ops._attention.triton import LOG2E
     from dtk.ops.window.plan import build_plan
-    monkeypatch.setattr(wt, "MASK_BY_DOT", by_dot)
+    from dtk.ops.window.triton_geometry import mask_args
     spec = make_spec(case["grid"], case["window"], case["radius"], case["border"], case["num_prefix"], case["tile"])
     plan = build_plan(spec, 16, 16, torch.device(DEVICE))
-    flags = wt._mask_args(spec, plan, 4.0 * wt.LOG2E, torch.device(DEVICE))[1]
+    flags = mask_args(spec, plan, 4.0 * LOG2E, torch.device(DEVICE), by_dot)[1]
     assert flags["MASK_DOT"] == by_dot, flags
     assert (plan.kv_count[:, 3] > plan.kv_count[:, 2]).any(), "no partial block of the key shape"
     if math.prod(plan.key_shape) < 16:   # columns past the key shape's keys: the DEAD group
@@ -213,8 +219,10 @@ def test_triton_box_mask_by_dot_or_per_score(case, by_dot, monkeypatch):
     if case.get("full_short"):           # full blocks of that shape (one mask dot for the DEAD columns)
         assert (plan.kv_count[:, 1] > plan.kv_count[:, 0]).any(), "no full block of the short key shape"
     case = {k: v for k, v in case.items() if k != "full_short"}
-    for scale in (None, 4.0):
-        run_case({**case, "heads": (4, 2), "D": 16, "B": 2, "transposed": True, "scale": scale}, DTYPES[0], block=16)
+    with dtk.config(window_mask_by_dot=by_dot):
+        for scale in (None, 4.0):
+            run_case({**case, "heads": (4, 2), "D": 16, "B": 2, "transposed": True, "scale": scale}, DTYPES[0],
+                     block=16)
 
 
 @pytest.mark.parametrize("case", [
@@ -222,17 +230,16 @@ def test_triton_box_mask_by_dot_or_per_score(case, by_dot, monkeypatch):
     dict(grid=(3, 6, 7), window=None, radius=2, border="inward", num_prefix=0, tile=(3, 2, 2), num_extra=0),
     dict(grid=(9, 11), window=(4, 3), radius=None, border="inward", num_prefix=0, tile=(3, 5), num_extra=0),
 ])
-def test_triton_short_key_shape_scores_tested(case, monkeypatch):
+def test_triton_short_key_shape_scores_tested(case):
     """Partial blocks of a key shape shorter than the key block, masks tested per score (circles,
-    and boxes with MASK_BY_DOT off): the columns past the shape's keys are excluded (circles: by
-    the per-column term of the distance test)."""
-    import dtk.ops.window.triton as wt
+    and boxes with window_mask_by_dot off): the columns past the shape's keys are excluded
+    (circles: by the per-column term of the distance test)."""
     from dtk.ops.window.plan import build_plan
-    monkeypatch.setattr(wt, "MASK_BY_DOT", False)
     spec = make_spec(case["grid"], case["window"], case["radius"], case["border"], case["num_prefix"], case["tile"])
     plan = build_plan(spec, 16, 16, torch.device(DEVICE))
     assert math.prod(plan.key_shape) < 16 and (plan.kv_count[:, 3] > plan.kv_count[:, 2]).any()
-    run_case({**case, "heads": (2, 1), "D": 16, "B": 1, "transposed": False, "scale": None}, DTYPES[0], block=16)
+    with dtk.config(window_mask_by_dot=False):
+        run_case({**case, "heads": (2, 1), "D": 16, "B": 1, "transposed": False, "scale": None}, DTYPES[0], block=16)
 
 
 @pytest.mark.parametrize("case", MASK_DOT_CASES[1:3] + [
@@ -241,48 +248,14 @@ def test_triton_without_key_shape_loops(case, monkeypatch):
     """Wide key blocks tested per score skip the key-shape loops (LOCAL off: their blocks go through
     the general full-short and partial loops): same results."""
     import dtk.ops.window.triton as wt
-    real = wt._mask_args
+    real = wt.mask_args
 
     def general(*args):
         vals, flags = real(*args)
         return vals, dict(flags, MASK_DOT=False, DEAD=-1, LOCAL=False)
-    monkeypatch.setattr(wt, "_mask_args", general)
+    monkeypatch.setattr(wt, "mask_args", general)
     case = {k: v for k, v in case.items() if k != "full_short"}
     run_case({**case, "heads": (2, 1), "D": 16, "B": 1, "transposed": False, "scale": None}, DTYPES[0], block=16)
-
-
-@pytest.mark.parametrize("case", MASK_DOT_CASES + [
-    dict(grid=(9, 11), window=None, radius=3, border="clip", num_prefix=5, tile=(3, 5), num_extra=3, D=40),
-    dict(grid=(3, 6, 7), window=None, radius=2, border="inward", num_prefix=0, tile=(3, 2, 2), num_extra=0),
-    dict(grid=(2, 3), window=None, radius=4, border="inward", num_prefix=0, tile=None, num_extra=0),  # empty rows
-])
-@pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_triton_tma_loads(case, transposed, dtype, monkeypatch):
-    """K and V blocks by tensor-descriptor (TMA) loads: rows past the sequence and head-dim columns
-    past D arrive as zeros instead of clamped or masked loads; same results in every loop (full,
-    short, partial and edge blocks, prefix keys), for BSHD and SDPA-layout (transposed) inputs."""
-    import dtk.ops.window.triton as wt
-    monkeypatch.setattr(wt, "TMA_LOADS", True)
-    monkeypatch.setattr(wt, "PREFIX_BY_DENSE", False)   # the prefix rows in the kernel too
-    used = record_results(monkeypatch, wt, "_tma_descriptors")
-    case = {k: v for k, v in case.items() if k != "full_short"}
-    run_case({"heads": (4, 2), "D": 16, "B": 2, "scale": None, **case, "transposed": transposed}, dtype, block=16)
-    assert [d is not None for d in used] == [True], used
-
-
-def test_triton_tma_loads_fall_back_on_unaligned_strides(monkeypatch):
-    """A K whose row stride is not a multiple of 16 bytes cannot be a TMA descriptor: pointer loads."""
-    import dtk.ops.window.triton as wt
-    monkeypatch.setattr(wt, "TMA_LOADS", True)
-    dt = DTYPES[0]
-    k = torch.randn(1, 10, 3, 18, dtype=dt, device=DEVICE)[..., :16]   # heads 18 elements apart
-    assert wt._tma_descriptors((k, k), 16, 16) is None
-    assert wt._tma_descriptors((k.contiguous(), k.contiguous()), 16, 16) is not None
-    assert wt._tma_descriptors((k,), 16, 16, force=True) is None   # force: the flag only, never the layout
-    monkeypatch.setattr(wt, "TMA_LOADS", False)
-    assert wt._tma_descriptors((k.contiguous(), k.contiguous()), 16, 16) is None
-    assert wt._tma_descriptors((k.contiguous(),), 16, 16, force=True) is not None
 
 
 def test_autotuner_drops_four_warp_configs_at_128_row_blocks():
@@ -313,18 +286,16 @@ WS_CASES = [
 @pytest.mark.parametrize("case", WS_CASES)
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_triton_single_loop_engine(case, transposed, dtype, monkeypatch):
-    """The single-loop engine (WS_ENGINE, triton_ws.py): prefix key blocks, full and partial blocks
-    of the key shape in one loop, the prefix rows by the dense kernel; the reference's result with
-    GQA, in both layouts, with large scores (scale 4) too."""
-    import dtk.ops.window.triton as wt
-    monkeypatch.setattr(wt, "WS_ENGINE", True)
-    used = record_results(monkeypatch, wt, "_ws_forward")
+def test_triton_single_loop_engine(case, transposed, dtype):
+    """The single-loop engine (window_engine="triton-single-loop", triton_single_loop.py): prefix
+    key blocks, full and partial blocks of the key shape in one loop, the prefix rows by the dense
+    kernel; the reference's result with GQA, in both layouts, with large scores (scale 4) too."""
     heads = (4, 2) if not case["num_prefix"] else (2, 2)   # prefix rows by the dense kernel: no GQA
-    for scale in (None, 4.0):
-        run_case({**case, "heads": heads, "D": 16, "B": 2, "transposed": transposed, "scale": scale}, dtype,
-                 block=None)
-    assert [r is not None for r in used] == [True, True]
+    with dtk.config(window_engine="triton-single-loop"):
+        for scale in (None, 4.0):
+            run_case({**case, "heads": heads, "D": 16, "B": 2, "transposed": transposed, "scale": scale}, dtype,
+                     block=None)
+            assert dtk.last_engine("window_attention") == "triton-single-loop"
 
 
 @pytest.mark.parametrize("case", [
@@ -333,23 +304,22 @@ def test_triton_single_loop_engine(case, transposed, dtype, monkeypatch):
     dict(grid=(8, 12), window=(3, 5), radius=None, border="inward", num_prefix=3, tile=(4, 4), num_extra=0,
          heads=(4, 2)),
 ])
-def test_triton_single_loop_engine_declines(case, monkeypatch):
+def test_triton_single_loop_engine_declines(case):
     """Edge tiles with partial blocks of another shape, extra keys, or GQA with prefix rows (the
-    dense kernel takes one K/V head per q head): the main engine runs, with the same result."""
-    import dtk.ops.window.triton as wt
-    monkeypatch.setattr(wt, "WS_ENGINE", True)
-    used = record_results(monkeypatch, wt, "_ws_forward")
-    run_case({"heads": (2, 1), "D": 16, "B": 1, "transposed": False, "scale": None, **case}, DTYPES[0], block=None)
-    assert used == [None]
+    dense kernel takes one K/V head per q head): the pinned single-loop engine declines with its
+    reason; the default engine ("auto": the main one) runs, with the reference's result."""
+    case = {"heads": (2, 1), "D": 16, "B": 1, "transposed": False, "scale": None, **case}
+    with dtk.config(window_engine="triton-single-loop"), pytest.raises(ValueError, match="cannot serve this call"):
+        run_case(case, DTYPES[0], block=None)
+    run_case(case, DTYPES[0], block=None)
+    assert dtk.last_engine("window_attention") == "triton"
 
 
-def test_triton_single_loop_engine_auto_off_the_gpu(monkeypatch):
-    """WS_ENGINE="auto" times the engines on a GPU only: elsewhere (the interpreter) the main engine
-    runs and nothing is cached."""
-    import dtk.ops.window.triton as wt
-    monkeypatch.setattr(wt, "WS_ENGINE", "auto")
-    used = record_results(monkeypatch, wt, "_ws_forward")
-    before = dict(wt._TUNED_ENGINE)
+def test_triton_default_engine_is_the_main_one():
+    """window_engine "auto" (the default) runs the main engine, also where the single-loop engine
+    could serve the problem; nothing is timed off the GPU."""
+    from dtk import _tuning
+    before = _tuning.entries("window.blocks")
     run_case({**WS_CASES[0], "heads": (2, 2), "D": 16, "B": 1, "transposed": False, "scale": None}, DTYPES[0],
              block=None)
-    assert used == [] and wt._TUNED_ENGINE == before
+    assert dtk.last_engine("window_attention") == "triton" and _tuning.entries("window.blocks") == before

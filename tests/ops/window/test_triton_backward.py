@@ -10,7 +10,7 @@ import torch
 from dtk.ops.window.plan import build_key_plan
 from dtk.ops.window.reference import window_attention_reference
 from dtk.ops.window.spec import make_spec
-from dtk.ops.window.triton import window_attention_backward_triton, window_attention_triton
+from dtk.ops.window.engine import window_attention_backward_triton, window_attention_triton
 
 from ..window.cases import kwargs, make_inputs, random_case
 from ...helpers import assert_matches_reference
@@ -107,8 +107,8 @@ def test_key_plan_is_the_plan_transposed(geo):
 
 def test_backward_without_coord_table(monkeypatch):
     """The dk/dv walk's division path (grids too large for the packed coordinate table)."""
-    import dtk.ops.window.triton as wt
-    monkeypatch.setattr(wt, "coord_table", lambda spec, device: None)
+    import dtk.ops.window.triton_geometry as geometry
+    monkeypatch.setattr(geometry, "coord_table", lambda spec, device: None)
     case = dict(grid=(9, 11), window=None, radius=3, border="clip", num_prefix=5, tile=(4, 4), num_extra=3,
                 heads=(2, 1), D=16, B=1, transposed=False, scale=None)
     run_case(case, DTYPES[0], block=16)

@@ -3,7 +3,7 @@ from dtk.ops.window.triton import launch_configs
 
 from ...triton_aot import compile_all, job
 
-PTRS = {n: "*bf16" for n in ("Q", "K", "V", "EK", "EV", "O", "DO", "DK", "DV", "KD", "VD")}
+PTRS = {n: "*bf16" for n in ("Q", "K", "V", "EK", "EV", "O", "DO", "DK", "DV")}
 PTRS.update({"LSE": "*fp32", "LSE2": "*fp32", "DELTA": "*fp32", "QB": "*i32", "ENT": "*i32", "CNT": "*i32",
              "ORDER": "*i32", "TQ": "*i32", "TOFF": "*i32", "CT": "*i32", "qk_scale": "fp32", "dq_scale": "fp32", "dk_scale": "fp32",
              "mask_big": "fp32", "mask_floor": "fp32",
@@ -46,7 +46,7 @@ def test_window_kernel_compiles_with_every_launch_config():
 def test_backward_kernels_compile():
     """The backward's dq walk (_window_fwd with BWD) and dk/dv walk at their GPU blocks (64 x 64)
     and launch configs: within shared memory on Ampere and Hopper, wgmma not serialised."""
-    from dtk.ops.window.triton import backward_launch_configs
+    from dtk.ops._attention.triton import backward_launch_configs
     configs = [(arch, is_box, bd) for arch in (90, 80) for is_box in (True, False) for bd in (64, 128, 256)]
     jobs = []
     for arch, is_box, bd in configs:
@@ -54,7 +54,7 @@ def test_backward_kernels_compile():
         c = dict(IS_BOX=is_box, BLOCK_M=64, BLOCK_N=64, BLOCK_D=bd, EVEN_D=bd != 256, AXES=7, COORDS=True)
         jobs.append(job("dtk.ops.window.triton:_window_fwd", arch, PTRS, dict(c, BWD=True, **MASK_FLAGS[is_box]),
                         num_warps=wq, num_stages=sq))
-        jobs.append(job("dtk.ops.window.triton:_window_bwd_dkdv", arch, PTRS, c, num_warps=wk, num_stages=sk))
+        jobs.append(job("dtk.ops.window.triton_backward:_window_bwd_dkdv", arch, PTRS, c, num_warps=wk, num_stages=sk))
     results = compile_all(jobs)
     for i, cfg in enumerate(configs):
         for name, res in (("dq", results[2 * i]), ("dkdv", results[2 * i + 1])):
@@ -80,40 +80,19 @@ def test_fp16_inputs_with_bf16_mask_dots_compile():
             assert res["wgmma"] > 0 and not res["serialized"] and res["loop_spills"] == 0, res
 
 
-def test_tma_loads_compile_for_hopper():
-    """The forward with TMA_LOADS (K and V blocks by tensor-descriptor copies) at the GPU blocks
-    and the default launch configs, boxes (mask dots) and circles, on sm_90: TMA copies in the
-    PTX, within shared memory, wgmma not serialised, at most a few spilled bytes."""
-    configs = [(is_box, bn) for is_box in (True, False) for bn in (64, 128)]
-    jobs = []
-    for is_box, bn in configs:
-        w, st = launch_configs(128, bn)[0]
-        types = dict(PTRS, KD=f"tensordesc<bf16[1,1,{bn},128]>", VD=f"tensordesc<bf16[1,1,{bn},128]>")
-        jobs.append(job("dtk.ops.window.triton:_window_fwd", 90, types,
-                        dict(IS_BOX=is_box, BLOCK_M=128, BLOCK_N=bn, BLOCK_D=128, EVEN_D=True, AXES=7, COORDS=True,
-                             BWD=False, TMA=True, **dict(MASK_FLAGS[is_box], LOCAL=is_box or bn <= 64)),
-                        num_warps=w, num_stages=st))
-    for cfg, res in zip(configs, compile_all(jobs)):
-        print(cfg, res)
-        assert res["tma"] > 0, (cfg, "no TMA copy in the PTX", res)
-        assert res["shared"] <= SHARED_LIMIT[90], (cfg, res)
-        assert res["wgmma"] > 0 and not res["serialized"], (cfg, res)
-        assert res["spill_bytes"] <= 512, (cfg, "spills registers", res)
-
-
 def test_single_loop_engine_is_warp_specialized_on_hopper():
-    """The single-loop engine (triton_ws.py) at its GPU launch (64-row query blocks, 64-key blocks,
+    """The single-loop engine (triton_single_loop.py) at its GPU launch (64-row query blocks, 64-key blocks,
     4 warps, 2 stages), boxes and circles, 2D and 3D windows, d = 64 and 128, on sm_90: Triton
     splits the loop into producer / consumer warp groups (more warps than launched), TMA copies,
     within shared memory, wgmma not serialised, no spills."""
-    from dtk.ops.window import triton_ws as ws
+    from dtk.ops.window import triton_single_loop as ws
     configs = [(is_box, axes, bd) for is_box in (True, False) for axes in (6, 7) for bd in (64, 128)]
     jobs = []
     bn = ws.BLOCK_K
     for is_box, axes, bd in configs:
         types = dict(PTRS, KD=f"tensordesc<bf16[1,1,{bn},{bd}]>", VD=f"tensordesc<bf16[1,1,{bn},{bd}]>",
                      QD=f"tensordesc<bf16[1,1,{ws.BLOCK_Q},{bd}]>", WENT="*i32", WCNT="*i32")
-        jobs.append(job("dtk.ops.window.triton_ws:_window_fwd_ws", 90, types,
+        jobs.append(job("dtk.ops.window.triton_single_loop:_window_fwd_ws", 90, types,
                         dict(IS_BOX=is_box, BLOCK_M=ws.BLOCK_Q, BLOCK_N=bn, BLOCK_D=bd, AXES=axes, WS=True),
                         num_warps=ws.NUM_WARPS, num_stages=ws.NUM_STAGES))
     for cfg, res in zip(configs, compile_all(jobs)):

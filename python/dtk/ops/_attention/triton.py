@@ -73,37 +73,30 @@ def finish(acc, m_i, l_i):
 
 @triton.jit
 def dense_range(q, do, acc, m_i, l_i, k_ptr, v_ptr, sk, sv, lo, hi, qk_scale, offs_n, offs_d, d_mask,
-                 BLOCK_N: tl.constexpr, BWD: tl.constexpr, kd=None, vd=None, b=0, kvh=0,
-                 BLOCK_D: tl.constexpr = 16, TMA: tl.constexpr = False):
-    """Attend to every key in [lo, hi) of one (batch, kv head) row pointer pair (TMA: of the
-    descriptors kd, vd at (b, kvh)): whole blocks without any mask, then the last partial block
-    masked."""
+                 BLOCK_N: tl.constexpr, BWD: tl.constexpr):
+    """Attend to every key in [lo, hi) of one (batch, kv head) row pointer pair: whole blocks
+    without any mask, then the last partial block masked."""
     full_end = lo + (tl.maximum(hi - lo, 0) // BLOCK_N) * BLOCK_N
     for start in range(lo, full_end, BLOCK_N):
         rows = (start + offs_n).to(tl.int64)
-        k = key_rows(kd, b, kvh, start, k_ptr, rows, sk, offs_d, d_mask, False, BLOCK_N, BLOCK_D, TMA)
-        v = key_rows(vd, b, kvh, start, v_ptr, rows, sv, offs_d, d_mask, False, BLOCK_N, BLOCK_D, TMA)
+        k = key_rows(k_ptr, rows, sk, offs_d, d_mask, False)
+        v = key_rows(v_ptr, rows, sv, offs_d, d_mask, False)
         acc, m_i, l_i = step(q, do, acc, m_i, l_i, k, v, None, False, qk_scale, BWD)
     for start in range(full_end, hi, BLOCK_N):
         n = start + offs_n
         n_ok = n < hi
         rows = tl.minimum(n, hi - 1).to(tl.int64)   # rows past the range: the last row, masked scores
-        k = key_rows(kd, b, kvh, start, k_ptr, rows, sk, offs_d, d_mask, False, BLOCK_N, BLOCK_D, TMA)
-        v = key_rows(vd, b, kvh, start, v_ptr, rows, sv, offs_d, d_mask, False, BLOCK_N, BLOCK_D, TMA)
+        k = key_rows(k_ptr, rows, sk, offs_d, d_mask, False)
+        v = key_rows(v_ptr, rows, sv, offs_d, d_mask, False)
         acc, m_i, l_i = step(q, do, acc, m_i, l_i, k, v, n_ok[None, :], True, qk_scale, BWD)
     return acc, m_i, l_i
 
 
 @triton.jit
-def key_rows(desc, b, kvh, start, ptr, rows, stride, offs_d, d_mask, EVEN_D: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
-    """A key block's K or V rows: with TMA one tensor-memory-accelerator copy of rows
-    [start, start + BLOCK_N) of (b, kvh) from the (B, H_kv, S, D) descriptor (rows past S and
-    head-dim columns past D arrive as zeros), else pointer loads of `rows` (int64)."""
-    if TMA:
-        return desc.load([b.to(tl.int32), kvh.to(tl.int32), start, 0]).reshape(BLOCK_N, BLOCK_D)
-    else:
-        return load_rows(ptr, rows, stride, offs_d, None, d_mask, False, EVEN_D)
+def key_rows(ptr, rows, stride, offs_d, d_mask, EVEN_D: tl.constexpr):
+    """A key block's K or V rows `rows` (int64, every one a real row: the caller clamps rows past
+    its range and masks their scores instead), head-dim columns past D read as zeros."""
+    return load_rows(ptr, rows, stride, offs_d, None, d_mask, False, EVEN_D)
 
 
 @triton.jit

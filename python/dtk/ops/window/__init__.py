@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from ... import _config
 from .._checks import check_scale
 from . import _register  # noqa: F401  (fake kernel and Triton CUDA kernel of dtk::window_attention)
 from .spec import IntOrTuple, tile_permutation  # noqa: F401
@@ -17,7 +18,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: In
                      window: Optional[IntOrTuple] = None, *, radius: Optional[int] = None,
                      border: str = "inward", num_prefix: int = 0, tile: Optional[IntOrTuple] = None,
                      scale: Optional[float] = None, extra_k: Optional[torch.Tensor] = None,
-                     extra_v: Optional[torch.Tensor] = None, return_lse: bool = False):
+                     extra_v: Optional[torch.Tensor] = None, return_lse: bool = False,
+                     engine: Optional[str] = None):
     """Attention where each grid query sees a window of the token grid.
 
     Args:
@@ -39,6 +41,12 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: In
         extra_k, extra_v: (B, E, H_kv, D) extra keys seen by the grid queries only (CLEAR's pooled
             tokens).
         return_lse: also return the log-sum-exp (B, H, S) float32 (natural log).
+        engine: the GPU engine of this call: None or "auto" (the ``window_engine`` setting of
+            ``dtk.config``, by default the main Triton engine), "triton" (the main engine) or
+            "triton-single-loop" (the warp-specialized single-loop forward, Hopper; a problem it
+            cannot take is a ValueError that says why: extra keys, edge tiles, ...). CPU tensors
+            are always served by the C++ engine. ``dtk.last_engine("window_attention")`` names
+            the engine that served the latest call.
 
     A query that sees no key at all (possible for inward circles on grids smaller than the
     circle) gets a zero output and lse = -inf (and zero gradients).
@@ -57,7 +65,18 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: In
         window = (window,) * ndim
     if isinstance(tile, int):
         tile = (tile,) * ndim
-    out, lse = torch.ops.dtk.window_attention(
-        q, k, v, list(grid), None if window is None else list(window), radius, border, num_prefix,
-        None if tile is None else list(tile), None if scale is None else check_scale(scale, 1), extra_k, extra_v)
+    if engine is not None and engine not in _ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(map(repr, (None,) + _ENGINES))}, got {engine!r}")
+    args = (q, k, v, list(grid), None if window is None else list(window), radius, border, num_prefix,
+            None if tile is None else list(tile), None if scale is None else check_scale(scale, 1), extra_k, extra_v)
+    if engine is None:
+        out, lse = torch.ops.dtk.window_attention(*args)
+    else:
+        with _config.config(window_engine=engine):
+            out, lse = torch.ops.dtk.window_attention(*args)
+    if not q.is_cuda:   # the C++ kernel, dispatched by torch
+        _config.record_engine("window_attention", "cpp")
     return (out, lse) if return_lse else out
+
+
+_ENGINES = _config.OPTIONS["window_engine"].choices

@@ -1,10 +1,14 @@
 """Python-side registrations of dtk::window_attention and its backward: argument checks shared by
-the fake and the Triton (CUDA) kernels, and the autograd formula. The CPU kernels are C++
-(csrc/window/cpu.cpp) with the same checks."""
+the fake and the CUDA kernels, the CUDA kernels (served by the engine engine.py chooses; Triton is
+imported only where CUDA runs and only where it is installed), and the autograd formula. The CPU
+kernels are C++ (csrc/window/) with the same checks."""
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
+from ... import _config
 from .._checks import check_bshd, check_gpu, check_grads, check_kv_like_q, check_scale
 from .spec import make_spec
 
@@ -40,10 +44,9 @@ def _fake(q, k, v, grid, window, radius, border, num_prefix, tile, scale, extra_
     return q.new_empty(B, S, H, D), q.new_empty(B, H, S, dtype=torch.float32)
 
 
-@torch.library.register_kernel("dtk::window_attention", "cuda")
 def _cuda(q, k, v, grid, window, radius, border, num_prefix, tile, scale, extra_k, extra_v):
     spec, scale = check_inputs(q, k, v, grid, window, radius, border, num_prefix, tile, scale, extra_k, extra_v)
-    from .triton import window_attention_triton  # Triton compiles lazily, only where CUDA runs
+    from .engine import window_attention_triton  # Triton compiles lazily, only where CUDA runs
     return window_attention_triton(q, k, v, spec, scale, extra_k, extra_v)
 
 
@@ -69,13 +72,17 @@ def _backward_fake(grad_out, grad_lse, q, k, v, out, lse, grid, window, radius, 
             v.new_empty(B, E, Hkv, D))
 
 
-@torch.library.register_kernel("dtk::window_attention_backward", "cuda")
 def _backward_cuda(grad_out, grad_lse, q, k, v, out, lse, grid, window, radius, border, num_prefix, tile, scale,
                    extra_k, extra_v):
     spec, scale = check_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, grid, window, radius, border,
                                         num_prefix, tile, scale, extra_k, extra_v)
-    from .triton import window_attention_backward_triton
+    from .engine import window_attention_backward_triton
     return window_attention_backward_triton(grad_out, grad_lse, q, k, v, out, lse, spec, scale, extra_k, extra_v)
+
+
+if importlib.util.find_spec("triton") is not None:
+    torch.library.register_kernel("dtk::window_attention", "cuda")(_cuda)
+    torch.library.register_kernel("dtk::window_attention_backward", "cuda")(_backward_cuda)
 
 
 def _setup_context(ctx, inputs, output):
@@ -87,6 +94,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, extra_k, extra_v = ctx.saved_tensors
+    if not q.is_cuda:   # the C++ kernel, dispatched by torch
+        _config.record_engine("window_attention_backward", "cpp")
     dq, dk, dv, dek, dev = torch.ops.dtk.window_attention_backward(
         grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out, grad_lse, q, k, v, out, lse, *ctx.args,
         extra_k, extra_v)

@@ -24,7 +24,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from dtk.ops.window.plan import build_plan, engine_pairs, suggest_tile
+from dtk.ops.layout import suggest_tile
+from dtk.ops.window.plan import build_plan, engine_pairs
 from dtk.ops.window.spec import make_spec, pair_count
 from dtk.ops.window.engine import default_blocks
 

@@ -32,9 +32,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from dtk.ops.layout import tile_permutation
 from dtk.ops.window.reference import grid_allowed, masked_attention, window_mask
-from dtk.ops.window.spec import (box_range, circle_center, grid_coords, make_spec, pair_count,
-                                 tile_permutation)
+from dtk.ops.window.spec import box_range, circle_center, grid_coords, make_spec, pair_count
 
 from ..registry import Case, CheckResult, Impl, Prepared, Skip, first_call, probe, register
 

@@ -12,10 +12,10 @@ except ImportError as _e:  # most often: built against another torch (the C++ AB
                       f"`python setup.py build_ext --inplace` for a checkout used via PYTHONPATH=python.") from _e
 from ._config import config, config_options, last_engine
 from ._info import info
-from .ops.layout import from_tile_order, to_tile_order
+from .ops.layout import from_tile_order, suggest_tile, tile_permutation, to_tile_order
 from .ops.linear import linear_attention, linear_attention_apply, linear_attention_state
 from .ops.memo import memory_linear_attention, memory_linear_attention_update
-from .ops.window import suggest_tile, tile_permutation, window_attention
+from .ops.window import window_attention
 from .ops.sparse import multi_kv_attention, ominicontrol_group_mask, segment_attention
 from .ops.rotary import rms_norm_rope
 from .ops.reuse import dilate_mask, mask_to_index, prune_isolated, scatter_blend, token_change_score

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from dtk.ops.window.reference import window_attention_reference, window_mask
-from dtk.ops.window.spec import make_spec, pair_count, tile_permutation
+from dtk.ops.layout import tile_permutation
+from dtk.ops.window.spec import make_spec, pair_count
 
 
 @pytest.mark.parametrize("r,count", [(8, 193), (16, 793), (32, 3205)])

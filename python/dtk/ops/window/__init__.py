@@ -9,8 +9,7 @@ import torch
 from ... import _config
 from .._checks import check_scale
 from . import _register  # noqa: F401  (fake kernel and Triton CUDA kernel of dtk::window_attention)
-from .spec import IntOrTuple, tile_permutation  # noqa: F401
-from .plan import suggest_tile  # noqa: F401
+from ..layout import IntOrTuple, as_tuple, suggest_tile, tile_permutation  # noqa: F401  (window re-exports both)
 from .pool import pool_grid_tokens  # noqa: F401
 
 
@@ -54,17 +53,12 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: In
     Differentiable in q, k, v, extra_k and extra_v, through out and lse (FlashAttention-2
     backward from the saved lse: C++ on the CPU, Triton dq and dk/dv passes on the GPU).
     """
-    for name, value in (("grid", grid), ("window", window), ("tile", tile), ("radius", radius),
-                        ("num_prefix", num_prefix)):
-        if isinstance(value, bool) or (isinstance(value, (tuple, list)) and any(isinstance(x, bool) for x in value)):
-            raise TypeError(f"{name} must be made of ints, got {value!r}")
-    if isinstance(grid, int):
-        grid = (grid,)
-    ndim = len(grid)
-    if isinstance(window, int):
-        window = (window,) * ndim
-    if isinstance(tile, int):
-        tile = (tile,) * ndim
+    for name, value in (("radius", radius), ("num_prefix", num_prefix)):
+        if isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    grid = as_tuple("grid", grid, None)
+    window = None if window is None else as_tuple("window", window, len(grid))
+    tile = None if tile is None else as_tuple("tile", tile, len(grid))
     if engine is not None and engine not in _ENGINES:
         raise ValueError(f"engine must be one of {', '.join(map(repr, (None,) + _ENGINES))}, got {engine!r}")
     args = (q, k, v, list(grid), None if window is None else list(window), radius, border, num_prefix,

@@ -28,7 +28,7 @@ from functools import lru_cache
 import torch
 
 from ..layout import block_fill as _layout_block_fill
-from ..layout import block_geometry, block_shape, suggest_tile  # noqa: F401  (suggest_tile: window re-exports it)
+from ..layout import block_geometry, block_shape
 from .spec import WindowSpec, box_range, circle_center, grid_coords
 
 

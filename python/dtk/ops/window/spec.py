@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..layout import IntOrTuple, as_tuple, check_grid, check_tile, tile_order_index, tile_permutation  # noqa: F401
+from ..layout import IntOrTuple, as_tuple, check_grid, check_tile, tile_order_index
 
 BORDERS = ("inward", "clip")
 

@@ -28,6 +28,23 @@ def job(kernel: str, arch: int, types: dict, constexprs: dict, default="i32", **
     return dict(kernel=kernel, arch=arch, types=types, constexprs=constexprs, default=default, options=options)
 
 
+# Shared memory a program may use: sm_90 227 KiB, sm_80 163 KiB.
+SMEM_LIMIT = {90: 232448, 80: 166912}
+
+
+def case_report(arch: int, cases, results) -> list:
+    """One line per compiled (kernel, function, D, config) case: shared memory, wgmma, cp.async,
+    whether the wgmma pipeline is serialised, registers and spills."""
+    return [f"sm_{arch} {k} D={D} {cfg}: shared {r['shared']} wgmma {r['wgmma']} cp.async {r['cp_async']}"
+            f" serialised {r['serialized']} registers {r['registers']} spills {r['spill_bytes']}"
+            for (k, _, D, cfg), r in zip(cases, results)]
+
+
+def over_shared_memory(arch: int, report, results) -> list:
+    """The report lines of the cases over sm_`arch`'s shared-memory limit."""
+    return [line for line, r in zip(report, results) if r["shared"] > SMEM_LIMIT[arch]]
+
+
 def compile_all(jobs) -> list:
     """Compiles every job in one subprocess; returns per job {"wgmma": count of wgmma
     instructions in the PTX, "cp_async": count of cp.async (TMA copies included), "tma": count of

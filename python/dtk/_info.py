@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from . import _config
+
 # CUDA kernels registered from Python (torch.library.register_kernel): which engine each one is.
 # Anything not listed here and registered from Python is a Triton kernel.
 _PY_CUDA_ENGINE = {"tile_reorder": "torch (fallback)",
@@ -150,6 +152,7 @@ def collect() -> Dict[str, Any]:
         torch=torch.__version__, torch_cuda=torch.version.cuda, built_against_torch=built_torch,
         torch_mismatch=bool(built_torch) and built_torch.split("+")[0] != torch.__version__.split("+")[0],
         triton=tr, gpu=gpu, engines=engines, ops=ops,
+        settings=_config.current(), last_engines={op: _config.last_engine(op) for op in ops if _config.last_engine(op)},
     )
 
 
@@ -175,13 +178,19 @@ def format_info(d: Dict[str, Any]) -> str:
     lines += ["", "ops (torch.ops.dtk.*):", f"  {'op':<34} {'CPU':<18} CUDA"]
     for op, k in d["ops"].items():
         lines.append(f"  {op:<34} {k['cpu'] or '-':<18} {k['cuda'] or '-'}")
+    lines += ["", "settings (dtk.config; dtk.config_options() explains each):"]
+    lines += [f"  {name:<24} {value!r}" for name, value in d["settings"].items()]
+    if d["last_engines"]:
+        lines += ["", "engines that served the latest calls (dtk.last_engine):"]
+        lines += [f"  {op:<34} {engine}" for op, engine in d["last_engines"].items()]
     return "\n".join(lines)
 
 
 def info(file=None, *, quiet: bool = False) -> Dict[str, Any]:
     """Prints dtk's version, torch / Triton / CUDA versions, which engines are available (C++ CPU
     kernels; CUDA C++ kernels compiled or not and for which archs; Triton; GPU) and why not, and
-    each op's CPU / CUDA engine. Returns the same facts as a dict (``quiet=True``: no printing)."""
+    each op's CPU / CUDA engine, the dtk.config settings in force and which engine served each op's
+    latest call in this process. Returns the same facts as a dict (``quiet=True``: no printing)."""
     d = collect()
     if not quiet:
         print(format_info(d), file=file or sys.stdout)

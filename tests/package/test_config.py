@@ -115,3 +115,13 @@ def test_tuning_cache_measures_once_per_key_and_settings(monkeypatch):
         assert _tuning.choice("test.kind", ("p",), gpu, measure, lambda: 0, settings=("window_mask_by_dot",)) == 1
     finally:
         _tuning.clear()
+
+
+def test_info_reports_settings_and_last_engines():
+    q = torch.randn(1, 16, 2, 8)
+    dtk.window_attention(q, q, q, 16, 3)
+    with dtk.config(sparse_engine="triton"):
+        d = dtk.info(quiet=True)
+        text = dtk._info.format_info(d)
+    assert d["settings"]["sparse_engine"] == "triton" and "sparse_engine            'triton'" in text
+    assert d["last_engines"]["window_attention"] == "cpp" and "dtk.last_engine" in text

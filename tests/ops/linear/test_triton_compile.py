@@ -9,12 +9,10 @@ import torch
 from dtk import _config
 from dtk.ops._linear_core import dtype_flags
 from dtk.ops.linear import launch as lc
-from ...triton_aot import compile_all, job
+from ...triton_aot import case_report, compile_all, job, over_shared_memory
 
 pytest.importorskip("triton")
 
-# Shared memory a block may use: sm_90 (H100/H200) 227 KiB, sm_80 (A100) 163 KiB.
-SMEM_LIMIT = {90: 232448, 80: 166912}
 HEAD_DIMS = [40, 64, 80, 128, 160]
 FP32_HEAD_DIMS = [128, 160]  # fp32 inputs (rarely used on a GPU): the largest tiles
 
@@ -74,11 +72,9 @@ def test_linear_kernels_compile_and_fit(arch, dtype):
                         {**blocks, **_flags(kernel, dtype, D, D, cfg)},
                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     results = compile_all(jobs)
-    report = [f"sm_{arch} {k} D={D} {cfg}: shared {r['shared']} wgmma {r['wgmma']} cp.async {r['cp_async']}"
-              f" serialised {r['serialized']} registers {r['registers']} spills {r['spill_bytes']}"
-              for (k, _, D, cfg), r in zip(cases, results)]
+    report = case_report(arch, cases, results)
     print("\n".join(report))
-    over = [line for line, (k, _, D, cfg), r in zip(report, cases, results) if r["shared"] > SMEM_LIMIT[arch]]
+    over = over_shared_memory(arch, report, results)
     assert not over, "over the shared-memory limit:\n" + "\n".join(over)
     # Every streaming kernel of the bf16 Hopper build runs its dots on wgmma.
     if arch == 90 and dtype == torch.bfloat16:

@@ -8,12 +8,10 @@ import torch
 
 from dtk.ops._linear_core import dtype_flags
 from dtk.ops.memo import engine
-from ...triton_aot import compile_all, job
+from ...triton_aot import case_report, compile_all, job, over_shared_memory
 
 pytest.importorskip("triton")
 
-# Shared memory a block may use: sm_90 (H100/H200) 227 KiB, sm_80 (A100) 163 KiB.
-SMEM_LIMIT = {90: 232448, 80: 166912}
 HEAD_DIMS = [40, 64, 80, 128, 160]
 FP32_HEAD_DIMS = [128, 160]  # fp32 inputs (rarely used on a GPU): the largest tiles
 MEMO_FRAMES = 16  # MEMO: B=8192 x 16 frames x 8 heads x D=40 (the timing script's shape)
@@ -54,11 +52,9 @@ def test_memo_kernels_compile_and_fit(arch, dtype):
                         {**blocks, "HAS_MEM": True, "LOWP": lowp, "IEEE": ieee},
                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     results = compile_all(jobs)
-    report = [f"sm_{arch} {k} D={D} {cfg}: shared {r['shared']} wgmma {r['wgmma']} cp.async {r['cp_async']}"
-              f" serialised {r['serialized']} registers {r['registers']} spills {r['spill_bytes']}"
-              for (k, _, D, cfg), r in zip(cases, results)]
+    report = case_report(arch, cases, results)
     print("\n".join(report))
-    over = [line for line, (k, _, D, cfg), r in zip(report, cases, results) if r["shared"] > SMEM_LIMIT[arch]]
+    over = over_shared_memory(arch, report, results)
     assert not over, "over the shared-memory limit:\n" + "\n".join(over)
     if arch == 90 and dtype == torch.bfloat16:
         # MEMO's products on tensor cores: as fp32 FMAs they took 255 registers at D = 40 (two

@@ -11,6 +11,7 @@ from typing import Optional
 
 from ... import _config
 from .._checks import MAX_HEAD_DIM, check_triton_float
+from .._engine import verdict_of_check
 from . import launch as _launch_mod
 from .checks import check_apply, check_linear_attention, check_linear_attention_backward, check_state
 from .launch import Launch, backward_whole_tiles
@@ -31,13 +32,7 @@ def can_run_triton(op: str, *tensors, raise_error: bool = False, **head_dims) ->
     """Whether the Triton kernels serve `op` on these tensors: no float64 (they accumulate in
     float32) and head dims (`head_dims`: argument name -> head dim) up to GPU_MAX_HEAD_DIM; with
     raise_error, the reason they cannot (an error naming the op and the argument)."""
-    try:
-        check_triton_float(f"dtk.{op}", tensors, head_dims, GPU_MAX_HEAD_DIM)
-    except (TypeError, ValueError):
-        if raise_error:
-            raise
-        return False
-    return True
+    return verdict_of_check(lambda: check_triton_float(f"dtk.{op}", tensors, head_dims, GPU_MAX_HEAD_DIM), raise_error)
 
 
 def _serve(op: str, *tensors, **head_dims) -> Launch:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ... import _config
 from .._checks import MAX_HEAD_DIM, check_triton_float
+from .._engine import verdict_of_check
 from .._linear_core import next_pow2
 from .checks import check_memory_attention, check_memory_update
 
@@ -36,13 +37,7 @@ def launch_config(kernel: str, D: int, Dv: int, frames: int = 16) -> dict:
 def can_run_triton(op: str, *tensors, raise_error: bool = False, **head_dims) -> bool:
     """Whether the Triton kernels serve `op` on these tensors (no float64, head dims up to
     MAX_HEAD_DIM: `head_dims` maps argument names to head dims); with raise_error, why not."""
-    try:
-        check_triton_float(f"dtk.{op}", tensors, head_dims, MAX_HEAD_DIM)
-    except (TypeError, ValueError):
-        if raise_error:
-            raise
-        return False
-    return True
+    return verdict_of_check(lambda: check_triton_float(f"dtk.{op}", tensors, head_dims, MAX_HEAD_DIM), raise_error)
 
 
 def _serve(op: str, *tensors, **head_dims):

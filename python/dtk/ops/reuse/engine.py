@@ -4,12 +4,12 @@ mask_to_index, dilate_mask and prune_isolated are device-generic C++ composition
 (CompositeExplicitAutograd): "cpp" on every device."""
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
 
 from ... import _config
+from .._engine import triton_reason, verdict
 
 BLEND_BLOCK = 1024          # elements per program of the blend pass
 SCATTER_BLOCK_MAX = 1024    # elements per step of a fresh row's copy
@@ -17,14 +17,7 @@ SCATTER_BLOCK_MAX = 1024    # elements per step of a fresh row's copy
 
 def can_run_triton(base: torch.Tensor, raise_error: bool = False) -> bool:
     """Whether the Triton kernel can serve scatter_blend on base's device."""
-    why = None
-    if importlib.util.find_spec("triton") is None:
-        why = "Triton is not installed"
-    elif base.device.type != "cuda":
-        why = f"the Triton kernel runs on CUDA tensors, got {base.device}"
-    if why and raise_error:
-        raise RuntimeError(f"dtk.scatter_blend: {why}")
-    return why is None
+    return verdict("scatter_blend", triton_reason(base), raise_error)
 
 
 def scatter_blend_cuda(base, cache, fresh, index, lam, lam_per_batch):

@@ -5,24 +5,16 @@ per (D, flags, dtypes, device): timed on a problem's first call on a GPU with au
 middle configuration otherwise (autotune off, or a first call during CUDA-graph capture)."""
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from ... import _config, _tuning
+from .._engine import triton_reason, verdict
 
 
 def can_run_triton(x: torch.Tensor, raise_error: bool = False) -> bool:
     """Whether the Triton kernel can serve a call on x (the arguments checked already: x's dtype is
     one of _register.GPU_DTYPES on CUDA)."""
-    why = None
-    if importlib.util.find_spec("triton") is None:
-        why = "Triton is not installed"
-    elif x.device.type != "cuda":
-        why = f"the Triton kernel runs on CUDA tensors, got {x.device}"
-    if why and raise_error:
-        raise RuntimeError(f"dtk.rms_norm_rope: {why}")
-    return why is None
+    return verdict("rms_norm_rope", triton_reason(x), raise_error)
 
 
 def launch_config(x, weight, cos, sin, eps, interleaved, across_heads):

@@ -40,9 +40,16 @@ def case_report(arch: int, cases, results) -> list:
             for (k, _, D, cfg), r in zip(cases, results)]
 
 
-def over_shared_memory(arch: int, report, results) -> list:
-    """The report lines of the cases over sm_`arch`'s shared-memory limit."""
-    return [line for line, r in zip(report, results) if r["shared"] > SMEM_LIMIT[arch]]
+def compile_and_check_fit(arch: int, cases, jobs):
+    """Compiles the jobs of `cases` ((kernel, function, D, config) each), prints a report line per
+    case (case_report) and asserts that none is over sm_`arch`'s shared-memory limit; returns
+    (report, results)."""
+    results = compile_all(jobs)
+    report = case_report(arch, cases, results)
+    print("\n".join(report))
+    over = [line for line, r in zip(report, results) if r["shared"] > SMEM_LIMIT[arch]]
+    assert not over, "over the shared-memory limit:\n" + "\n".join(over)
+    return report, results
 
 
 def compile_all(jobs) -> list:

@@ -9,7 +9,7 @@ import torch
 from dtk import _config
 from dtk.ops._linear_core import dtype_flags
 from dtk.ops.linear import launch as lc
-from ...triton_aot import case_report, compile_all, job, over_shared_memory
+from ...triton_aot import compile_and_check_fit, job
 
 pytest.importorskip("triton")
 
@@ -71,11 +71,7 @@ def test_linear_kernels_compile_and_fit(arch, dtype):
         jobs.append(job(f"dtk.ops.linear.{fn}", arch, _types(kernel, dtype),
                         {**blocks, **_flags(kernel, dtype, D, D, cfg)},
                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-    results = compile_all(jobs)
-    report = case_report(arch, cases, results)
-    print("\n".join(report))
-    over = over_shared_memory(arch, report, results)
-    assert not over, "over the shared-memory limit:\n" + "\n".join(over)
+    report, results = compile_and_check_fit(arch, cases, jobs)
     # Every streaming kernel of the bf16 Hopper build runs its dots on wgmma.
     if arch == 90 and dtype == torch.bfloat16:
         no_wgmma = [line for line, (k, _, D, cfg), r in zip(report, cases, results) if r["wgmma"] == 0]

@@ -8,7 +8,7 @@ import torch
 
 from dtk.ops._linear_core import dtype_flags
 from dtk.ops.memo import engine
-from ...triton_aot import case_report, compile_all, job, over_shared_memory
+from ...triton_aot import compile_and_check_fit, job
 
 pytest.importorskip("triton")
 
@@ -51,11 +51,7 @@ def test_memo_kernels_compile_and_fit(arch, dtype):
         jobs.append(job(f"dtk.ops.memo.triton:{fn}", arch, _types(kernel, dtype),
                         {**blocks, "HAS_MEM": True, "LOWP": lowp, "IEEE": ieee},
                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-    results = compile_all(jobs)
-    report = case_report(arch, cases, results)
-    print("\n".join(report))
-    over = over_shared_memory(arch, report, results)
-    assert not over, "over the shared-memory limit:\n" + "\n".join(over)
+    report, results = compile_and_check_fit(arch, cases, jobs)
     if arch == 90 and dtype == torch.bfloat16:
         # MEMO's products on tensor cores: as fp32 FMAs they took 255 registers at D = 40 (two
         # programs per SM) and spilled kilobytes from D = 80

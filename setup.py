@@ -1,5 +1,6 @@
 """Builds dtk._C by running CMakeLists.txt (the single build description)."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,20 @@ def _cuda_home():
         if cand and (Path(cand) / "bin" / "nvcc").exists():
             return cand
     return None
+
+
+def _cmake() -> str:
+    """The CMake to run: the build requirement `cmake` installed for this Python (pip puts it in
+    the build environment or the venv), whatever PATH says, since an older system CMake may not
+    know the flags of a newer nvcc (C++20 for CUDA 13); else the first cmake on PATH."""
+    try:
+        import cmake
+        exe = os.path.join(cmake.CMAKE_BIN_DIR, "cmake")
+        if os.path.exists(exe):
+            return exe
+    except ImportError:
+        pass
+    return shutil.which("cmake") or "cmake"
 
 
 class CMakeBuild(build_ext):
@@ -46,9 +61,10 @@ class CMakeBuild(build_ext):
                 a.replace(".", "").replace("+PTX", "") for a in archs.replace(" ", ";").split(";") if a))
         else:      # CMakeLists.txt's default, not an earlier build's cached TORCH_CUDA_ARCH_LIST
             cfg.append("-UCMAKE_CUDA_ARCHITECTURES")
-        subprocess.run(["cmake", str(ROOT), *cfg], cwd=build_dir, check=True)
+        cmake = _cmake()
+        subprocess.run([cmake, str(ROOT), *cfg], cwd=build_dir, check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))
-        subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
+        subprocess.run([cmake, "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
 
 
 setup(ext_modules=[CMakeExtension("dtk._C")], cmdclass={"build_ext": CMakeBuild})

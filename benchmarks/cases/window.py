@@ -334,8 +334,9 @@ def _flex_fn():
 
 
 def flex_mask_mod(spec, device):
-    """mask_mod equivalent to window_mask(spec), looking up per-token coordinate tensors (as in
-    shared/anchors/h200_anchors.py); the grid tokens are in the spec's storage order."""
+    """mask_mod equivalent to window_mask(spec), looking up per-token coordinate tensors (the way
+    FlexAttention masks for 2D/3D grids are usually written); the grid tokens are in the spec's
+    storage order."""
     P = spec.num_prefix
     coords = grid_coords(spec, device)
     zeros = torch.zeros(P, dtype=torch.int64, device=device)

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.gpu   # skipped without a GPU (conftest); selected by g
 
 import dtk  # noqa: E402
 from dtk.ops.linear.reference import linear_attention_reference, split_bounds  # noqa: E402
-from ...helpers import assert_matches_reference, bshd, cu_seqlens, max_err, qk_lengths  # noqa: E402
+from ...helpers import assert_matches_reference, bshd, cu_seqlens, qk_lengths  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16]
 

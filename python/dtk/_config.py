@@ -71,7 +71,7 @@ class Option:
             return value
         return self.check(name, value) if self.check else value
 
-    def default_value(self, name: str):
+    def default_value(self):
         if self.env is None or os.environ.get(self.env) in (None, ""):
             return self.default
         if self.from_env is not None:
@@ -151,7 +151,7 @@ def get(name: str):
         opt = OPTIONS[name]
     except KeyError:
         raise KeyError(f"dtk has no setting {name!r}; settings: {', '.join(OPTIONS)}") from None
-    return opt.default_value(name)
+    return opt.default_value()
 
 
 def current() -> Dict[str, Any]:
